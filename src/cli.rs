@@ -1,0 +1,93 @@
+//! Command-line interface (clap derive). Raw values only; `config` validates them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// A native Prefect worker that runs flow runs as Docker containers.
+///
+/// Drop-in replacement for `prefect worker start --type docker`. Reads the same settings from
+/// the environment (PREFECT_API_URL, PREFECT_API_KEY, PREFECT_WORKER_QUERY_SECONDS, DOCKER_HOST, …).
+#[derive(Debug, Parser)]
+#[command(name = "docker-worker", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the worker: poll a work pool and run its flow runs in Docker containers.
+    Start(StartArgs),
+}
+
+/// Arguments of `docker-worker start`.
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// The work pool to poll for flow runs.
+    #[arg(short = 'p', long)]
+    pub pool: String,
+
+    /// The worker's name (its identity in heartbeats). Default: `DockerWorker <uuid>`.
+    #[arg(short = 'n', long)]
+    pub name: Option<String>,
+
+    /// A work queue to poll (repeatable). Default: every queue of the pool.
+    #[arg(short = 'q', long = "work-queue")]
+    pub work_queue: Vec<String>,
+
+    /// Maximum number of flow runs to run at once.
+    #[arg(short = 'l', long)]
+    pub limit: Option<usize>,
+
+    /// Claim runs scheduled up to this many seconds ahead [env: PREFECT_WORKER_PREFETCH_SECONDS; default: 10].
+    #[arg(long)]
+    pub prefetch_seconds: Option<f64>,
+
+    /// Poll once, wait for the runs it started to finish, then exit.
+    #[arg(long)]
+    pub run_once: bool,
+
+    /// JSON base job template used only when this worker creates the pool.
+    #[arg(long, value_name = "PATH")]
+    pub base_job_template: Option<PathBuf>,
+
+    /// Create the work pool if it does not exist (the default).
+    #[arg(long, overrides_with = "no_create_pool_if_not_found")]
+    pub create_pool_if_not_found: bool,
+
+    /// Do not create the work pool if it does not exist.
+    #[arg(long, overrides_with = "create_pool_if_not_found")]
+    pub no_create_pool_if_not_found: bool,
+
+    /// Image for jobs that name none [env: DOCKER_WORKER_DEFAULT_IMAGE; default: prefecthq/prefect:3.9.1-python3.11].
+    #[arg(long, value_name = "IMAGE")]
+    pub default_image: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn create_pool_flags_override_each_other() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["docker-worker", "start", "-p", "x"];
+            argv.extend_from_slice(extra);
+            match Cli::parse_from(argv).command {
+                Command::Start(a) => a.no_create_pool_if_not_found,
+            }
+        };
+        assert!(!parse(&[]));
+        assert!(parse(&["--no-create-pool-if-not-found"]));
+        assert!(!parse(&["--no-create-pool-if-not-found", "--create-pool-if-not-found"]));
+    }
+}

@@ -1,0 +1,354 @@
+//! Validated, typed settings built from the command line and an injectable environment.
+//!
+//! Names and defaults are Prefect's (`PREFECT_API_URL`, `PREFECT_WORKER_QUERY_SECONDS`, …) so
+//! an existing worker's environment works unchanged. Anything invalid is a [`ConfigError`]
+//! that `main` turns into exit code 64.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+use url::Url;
+
+use crate::cli::StartArgs;
+use crate::prefect::ClientConfig;
+
+/// The image used when a job names none: the Prefect release this worker implements, on the
+/// Python the reference worker runs on.
+pub const DEFAULT_IMAGE: &str = "prefecthq/prefect:3.9.1-python3.11";
+
+/// A setting that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `PREFECT_API_URL` is not set.
+    #[error("`PREFECT_API_URL` must be set to start a Worker (for example `export PREFECT_API_URL=http://127.0.0.1:4200/api`)")]
+    MissingApiUrl,
+    /// A setting has a value of the wrong form.
+    #[error("invalid value for {name}: {value:?} ({reason})")]
+    Invalid {
+        /// Setting or flag.
+        name: String,
+        /// The value given.
+        value: String,
+        /// What is expected.
+        reason: String,
+    },
+    /// The `--base-job-template` file cannot be used.
+    #[error("cannot use base job template {path}: {reason}")]
+    BaseJobTemplate {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Settings of the worker loop.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Work pool name.
+    pub pool: String,
+    /// Worker name (heartbeat identity).
+    pub name: String,
+    /// Queues to poll; empty = all.
+    pub work_queues: Vec<String>,
+    /// Maximum concurrent runs.
+    pub limit: Option<usize>,
+    /// Look-ahead for scheduled runs.
+    pub prefetch: Duration,
+    /// Poll once, wait for the runs, exit.
+    pub run_once: bool,
+    /// Template to create the pool with.
+    pub base_job_template: Option<Value>,
+    /// Create a missing pool.
+    pub create_pool_if_not_found: bool,
+    /// Poll interval (`PREFECT_WORKER_QUERY_SECONDS`).
+    pub query_interval: Duration,
+    /// Heartbeat interval (`PREFECT_WORKER_HEARTBEAT_SECONDS`).
+    pub heartbeat_interval: Duration,
+    /// Image when the job names none.
+    pub default_image: String,
+    /// Send flow-run logs to the API.
+    pub logging_to_api: bool,
+    /// Interval of log batches.
+    pub log_batch_interval: Duration,
+    /// The worker's `PREFECT_*` settings handed to every flow-run container.
+    pub settings_env: Vec<(String, String)>,
+    /// Directory relative bind mounts are resolved against.
+    pub cwd: PathBuf,
+}
+
+/// Settings of the Docker connection.
+#[derive(Debug, Clone)]
+pub struct DockerSettings {
+    /// `DOCKER_HOST`; `None` = the default socket.
+    pub host: Option<String>,
+    /// Per-call timeout (`DOCKER_CLIENT_TIMEOUT`); streams are not cut.
+    pub timeout: Duration,
+}
+
+/// Everything `docker-worker start` needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Prefect API client settings.
+    pub api: ClientConfig,
+    /// Worker loop settings.
+    pub worker: WorkerSettings,
+    /// Docker settings.
+    pub docker: DockerSettings,
+}
+
+fn seconds(env: &BTreeMap<String, String>, name: &str, default: f64) -> Result<Duration, ConfigError> {
+    match env.get(name).map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        None => Ok(Duration::from_secs_f64(default)),
+        Some(text) => text
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| ConfigError::Invalid {
+                name: name.to_owned(),
+                value: text.to_owned(),
+                reason: "expected a non-negative number of seconds".into(),
+            }),
+    }
+}
+
+fn boolean(env: &BTreeMap<String, String>, name: &str, default: bool) -> Result<bool, ConfigError> {
+    match env.get(name).map(|s| s.trim().to_ascii_lowercase()) {
+        None => Ok(default),
+        Some(v) if v.is_empty() => Ok(default),
+        Some(v) => match v.as_str() {
+            "1" | "true" | "t" | "yes" | "y" | "on" => Ok(true),
+            "0" | "false" | "f" | "no" | "n" | "off" => Ok(false),
+            _ => Err(ConfigError::Invalid {
+                name: name.to_owned(),
+                value: v,
+                reason: "expected true or false".into(),
+            }),
+        },
+    }
+}
+
+fn non_empty(env: &BTreeMap<String, String>, name: &str) -> Option<String> {
+    env.get(name).filter(|v| !v.trim().is_empty()).cloned()
+}
+
+impl Settings {
+    /// Builds settings from `docker-worker start` arguments and an environment.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for a missing API URL or any malformed value.
+    pub fn from_start_args(args: &StartArgs, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let api_url_text = non_empty(env, "PREFECT_API_URL").ok_or(ConfigError::MissingApiUrl)?;
+        let api_url = Url::parse(api_url_text.trim())
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+            .ok_or_else(|| ConfigError::Invalid {
+                name: "PREFECT_API_URL".into(),
+                value: api_url_text.clone(),
+                reason: "expected an http(s) URL such as http://127.0.0.1:4200/api".into(),
+            })?;
+
+        let name = match &args.name {
+            Some(n) => n.clone(),
+            None => format!("DockerWorker {}", uuid::Uuid::new_v4()),
+        };
+        if name.contains('/') || name.contains('%') {
+            return Err(ConfigError::Invalid {
+                name: "--name".into(),
+                value: name,
+                reason: "Worker name cannot contain '/' or '%'".into(),
+            });
+        }
+        if args.pool.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                name: "--pool".into(),
+                value: args.pool.clone(),
+                reason: "the work pool name cannot be empty".into(),
+            });
+        }
+        if args.limit == Some(0) {
+            return Err(ConfigError::Invalid {
+                name: "--limit".into(),
+                value: "0".into(),
+                reason: "the limit must be at least 1".into(),
+            });
+        }
+
+        let base_job_template = match &args.base_job_template {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::BaseJobTemplate {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                let value: Value = serde_json::from_str(&text).map_err(|e| ConfigError::BaseJobTemplate {
+                    path: path.clone(),
+                    reason: format!("not valid JSON: {e}"),
+                })?;
+                if !value.get("job_configuration").is_some_and(Value::is_object) {
+                    return Err(ConfigError::BaseJobTemplate {
+                        path: path.clone(),
+                        reason: "expected an object with `job_configuration` and `variables`".into(),
+                    });
+                }
+                Some(value)
+            }
+        };
+
+        let prefetch = match args.prefetch_seconds {
+            Some(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s),
+            Some(s) => {
+                return Err(ConfigError::Invalid {
+                    name: "--prefetch-seconds".into(),
+                    value: s.to_string(),
+                    reason: "expected a non-negative number".into(),
+                });
+            }
+            None => seconds(env, "PREFECT_WORKER_PREFETCH_SECONDS", 10.0)?,
+        };
+        // The Python CLI truncates the heartbeat interval to whole seconds.
+        let heartbeat = seconds(env, "PREFECT_WORKER_HEARTBEAT_SECONDS", 30.0)?;
+        let heartbeat = Duration::from_secs(heartbeat.as_secs().max(1));
+
+        // Every explicitly set Prefect setting goes to the flow-run container, as the reference
+        // does, so the engine inside talks to the same API with the same credentials. Internal
+        // `PREFECT__*` variables are the worker's own and are set per run instead.
+        let settings_env: Vec<(String, String)> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("PREFECT_") && !k.starts_with("PREFECT__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+
+        let default_image = args
+            .default_image
+            .clone()
+            .or_else(|| non_empty(env, "DOCKER_WORKER_DEFAULT_IMAGE"))
+            .unwrap_or_else(|| DEFAULT_IMAGE.to_owned());
+
+        let max_retries = match env.get("PREFECT_CLIENT_MAX_RETRIES").map(|s| s.trim()) {
+            None | Some("") => 5,
+            Some(v) => v.parse().map_err(|_| ConfigError::Invalid {
+                name: "PREFECT_CLIENT_MAX_RETRIES".into(),
+                value: v.into(),
+                reason: "expected a whole number".into(),
+            })?,
+        };
+
+        Ok(Self {
+            api: ClientConfig {
+                api_url,
+                api_key: non_empty(env, "PREFECT_API_KEY"),
+                auth_string: non_empty(env, "PREFECT_API_AUTH_STRING"),
+                timeout: seconds(env, "PREFECT_API_REQUEST_TIMEOUT", 60.0)?,
+                max_retries,
+                worker_name: Some(name.clone()),
+                csrf_enabled: boolean(env, "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", true)?,
+            },
+            worker: WorkerSettings {
+                pool: args.pool.clone(),
+                name,
+                work_queues: args.work_queue.clone(),
+                limit: args.limit,
+                prefetch,
+                run_once: args.run_once,
+                base_job_template,
+                create_pool_if_not_found: !args.no_create_pool_if_not_found,
+                query_interval: seconds(env, "PREFECT_WORKER_QUERY_SECONDS", 10.0)?,
+                heartbeat_interval: heartbeat,
+                default_image,
+                logging_to_api: boolean(env, "PREFECT_LOGGING_TO_API_ENABLED", true)?,
+                log_batch_interval: seconds(env, "PREFECT_LOGGING_TO_API_BATCH_INTERVAL", 2.0)?,
+                settings_env,
+                cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+            },
+            docker: DockerSettings {
+                host: non_empty(env, "DOCKER_HOST"),
+                timeout: seconds(env, "DOCKER_CLIENT_TIMEOUT", 60.0)?,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> StartArgs {
+        let mut argv = vec!["docker-worker", "start", "--pool", "p"];
+        argv.extend_from_slice(extra);
+        match crate::cli::Cli::parse_from(argv).command {
+            crate::cli::Command::Start(a) => a,
+        }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn defaults() {
+        let s = Settings::from_start_args(&args(&[]), &env(&[("PREFECT_API_URL", "http://127.0.0.1:4200/api")])).unwrap();
+        assert!(s.worker.name.starts_with("DockerWorker "));
+        assert_eq!(s.worker.query_interval, Duration::from_secs(10));
+        assert_eq!(s.worker.heartbeat_interval, Duration::from_secs(30));
+        assert_eq!(s.worker.prefetch, Duration::from_secs(10));
+        assert_eq!(s.api.timeout, Duration::from_secs(60));
+        assert!(s.worker.create_pool_if_not_found);
+        assert_eq!(s.worker.default_image, DEFAULT_IMAGE);
+        assert_eq!(
+            s.worker.settings_env,
+            vec![("PREFECT_API_URL".to_owned(), "http://127.0.0.1:4200/api".to_owned())]
+        );
+    }
+
+    #[test]
+    fn missing_api_url() {
+        assert_eq!(
+            Settings::from_start_args(&args(&[]), &env(&[])).unwrap_err(),
+            ConfigError::MissingApiUrl
+        );
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let base = [("PREFECT_API_URL", "http://x/api")];
+        let e = Settings::from_start_args(&args(&["--name", "a/b"]), &env(&base)).unwrap_err();
+        assert!(e.to_string().contains("Worker name cannot contain '/' or '%'"), "{e}");
+        let e = Settings::from_start_args(
+            &args(&[]),
+            &env(&[("PREFECT_API_URL", "http://x/api"), ("PREFECT_WORKER_QUERY_SECONDS", "soon")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("PREFECT_WORKER_QUERY_SECONDS"), "{e}");
+        let e = Settings::from_start_args(&args(&[]), &env(&[("PREFECT_API_URL", "not a url")])).unwrap_err();
+        assert!(e.to_string().contains("PREFECT_API_URL"), "{e}");
+        let e = Settings::from_start_args(&args(&["--limit", "0"]), &env(&base)).unwrap_err();
+        assert!(e.to_string().contains("--limit"), "{e}");
+    }
+
+    #[test]
+    fn flags_and_env() {
+        let s = Settings::from_start_args(
+            &args(&["-n", "w1", "-q", "a", "-q", "b", "-l", "2", "--run-once", "--no-create-pool-if-not-found", "--prefetch-seconds", "3"]),
+            &env(&[
+                ("PREFECT_API_URL", "http://x/api"),
+                ("PREFECT_API_KEY", "k"),
+                ("PREFECT_WORKER_HEARTBEAT_SECONDS", "15.7"),
+                ("PREFECT__FLOW_RUN_ID", "not-passed"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.worker.name, "w1");
+        assert_eq!(s.worker.work_queues, vec!["a", "b"]);
+        assert_eq!(s.worker.limit, Some(2));
+        assert!(s.worker.run_once && !s.worker.create_pool_if_not_found);
+        assert_eq!(s.worker.prefetch, Duration::from_secs(3));
+        assert_eq!(s.worker.heartbeat_interval, Duration::from_secs(15));
+        assert_eq!(s.api.api_key.as_deref(), Some("k"));
+        assert!(!s.worker.settings_env.iter().any(|(k, _)| k.starts_with("PREFECT__")));
+    }
+}

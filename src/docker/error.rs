@@ -1,0 +1,178 @@
+//! Docker runtime errors: one variant per step, each carrying what a user needs to act.
+
+/// A bollard error reduced to what callers branch on: the HTTP status (if the Engine
+/// answered) and its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineFailure {
+    /// HTTP status from the Engine, `None` for transport or stream errors.
+    pub status: Option<u16>,
+    /// The Engine's message (or the transport error's text).
+    pub message: String,
+}
+
+impl std::fmt::Display for EngineFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.status {
+            Some(status) => write!(f, "{} (HTTP {status})", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl From<bollard::errors::Error> for EngineFailure {
+    fn from(error: bollard::errors::Error) -> Self {
+        use bollard::errors::Error as E;
+        match error {
+            E::DockerResponseServerError { status_code, message } => Self {
+                status: Some(status_code),
+                message,
+            },
+            E::DockerStreamError { error } => Self {
+                status: None,
+                message: error,
+            },
+            other => Self {
+                status: None,
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+impl EngineFailure {
+    /// 404, or Podman's "no such container" wording.
+    pub fn is_not_found(&self) -> bool {
+        self.status == Some(404) || self.message.to_ascii_lowercase().contains("no such container")
+    }
+
+    /// The Engine's answer to a create whose name is taken.
+    pub fn is_name_conflict(&self) -> bool {
+        self.status == Some(409)
+            && self.message.contains("Conflict")
+            && self.message.contains("container name")
+    }
+}
+
+/// Everything the Docker runtime can fail at.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    /// No Engine answers at the configured host.
+    #[error("Could not connect to Docker at {host}: {failure}")]
+    Connect {
+        /// `DOCKER_HOST` or the default socket.
+        host: String,
+        /// What happened.
+        failure: EngineFailure,
+    },
+    /// The registry or the Engine refused a pull.
+    #[error("Docker pull failed for {image}: {failure}")]
+    PullFailed {
+        /// Image reference.
+        image: String,
+        /// What the Engine said.
+        failure: EngineFailure,
+    },
+    /// `IfPossible`: the pull failed and there is no local copy either.
+    #[error(
+        "Docker operation completely failed for '{image}': the pull failed ({pull}) and the image is not present locally ({local}); image_pull_policy IfPossible allows a local fallback, but there was none"
+    )]
+    PullAndLocalFailed {
+        /// Image reference.
+        image: String,
+        /// Why the pull failed.
+        pull: EngineFailure,
+        /// Why the local lookup failed.
+        local: EngineFailure,
+    },
+    /// The image is not on this Docker host and the policy did not allow pulling it.
+    #[error("No such image: {image} (image_pull_policy is {policy}, so the worker did not pull it)")]
+    ImageNotFound {
+        /// Image reference.
+        image: String,
+        /// The effective pull policy.
+        policy: &'static str,
+    },
+    /// Every name suffix tried was taken.
+    #[error("Docker container name '{name}' is already in use and {attempts} suffixed names were taken too")]
+    NameConflict {
+        /// The configured name.
+        name: String,
+        /// How many names were tried.
+        attempts: u32,
+    },
+    /// `container_create_kwargs` produced fields the Engine API model rejects.
+    #[error("invalid container options: {message}")]
+    InvalidOptions {
+        /// What did not fit.
+        message: String,
+    },
+    /// The Engine refused to create the container.
+    #[error("Docker could not create container '{name}': {failure}")]
+    CreateFailed {
+        /// Requested name (or `<auto>`).
+        name: String,
+        /// What the Engine said.
+        failure: EngineFailure,
+    },
+    /// A network to connect does not exist.
+    #[error("Docker network '{network}' not found")]
+    NetworkNotFound {
+        /// Network name.
+        network: String,
+    },
+    /// Connecting the container to a network failed.
+    #[error("Docker could not connect container '{container}' to network '{network}': {failure}")]
+    NetworkConnectFailed {
+        /// Container name or id.
+        container: String,
+        /// Network name.
+        network: String,
+        /// What the Engine said.
+        failure: EngineFailure,
+    },
+    /// The container was created but would not start.
+    #[error("Docker could not start container '{container}': {failure}")]
+    StartFailed {
+        /// Container name or id.
+        container: String,
+        /// What the Engine said.
+        failure: EngineFailure,
+    },
+    /// Waiting for the container failed; its outcome is unknown.
+    #[error("lost track of container '{container}': {failure}")]
+    WatchFailed {
+        /// Container name or id.
+        container: String,
+        /// What the Engine said.
+        failure: EngineFailure,
+    },
+    /// Any other Engine call.
+    #[error("Docker API call {operation} failed: {failure}")]
+    Api {
+        /// The call (`inspect container`, `version`, …).
+        operation: &'static str,
+        /// What the Engine said.
+        failure: EngineFailure,
+    },
+}
+
+impl DockerError {
+    /// A short class name for Prefect state messages, in the spirit of the Python worker's
+    /// `<ExceptionClass>: <message>` (`ImageNotFound`, `PullFailed`, …).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect { .. } => "DockerConnectionError",
+            Self::PullFailed { .. } => "PullFailed",
+            Self::PullAndLocalFailed { .. } => "PullFailed",
+            Self::ImageNotFound { .. } => "ImageNotFound",
+            Self::NameConflict { .. } => "NameConflict",
+            Self::InvalidOptions { .. } => "InvalidContainerOptions",
+            Self::CreateFailed { .. } => "CreateFailed",
+            Self::NetworkNotFound { .. } => "NetworkNotFound",
+            Self::NetworkConnectFailed { .. } => "NetworkConnectFailed",
+            Self::StartFailed { .. } => "StartFailed",
+            Self::WatchFailed { .. } => "WatchFailed",
+            Self::Api { .. } => "DockerAPIError",
+        }
+    }
+}

@@ -1,0 +1,547 @@
+//! The Docker runtime: pull, create (with name-conflict retries), connect networks, start,
+//! stream output and wait, through bollard. bollard types never leave this module; the
+//! input is a [`ContainerSpec`], the outputs are plain Rust values.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::auth::DockerCredentials;
+use bollard::models::{ContainerCreateBody, NetworkConnectRequest};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder, LogsOptionsBuilder,
+    WaitContainerOptionsBuilder,
+};
+use futures_util::StreamExt;
+use serde_json::{Map, Value, json};
+
+use super::error::{DockerError, EngineFailure};
+use crate::job::{ContainerSpec, PullPolicy};
+
+/// How many suffixed names (`-1`, `-2`, …) to try after a name conflict.
+const NAME_CONFLICT_ATTEMPTS: u32 = 50;
+
+/// A container that was created (and maybe started).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedContainer {
+    /// Full container id.
+    pub id: String,
+    /// The name it got (after conflict retries), if one was requested.
+    pub name: Option<String>,
+}
+
+impl CreatedContainer {
+    /// The name for messages: the container name, else the short id.
+    pub fn display_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.id[..self.id.len().min(12)])
+    }
+}
+
+/// How a watched container ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// The process's exit code (-1 when Docker did not know it).
+    pub code: i64,
+}
+
+/// A connection to one Docker Engine.
+#[derive(Debug, Clone)]
+pub struct DockerRuntime {
+    docker: Docker,
+    host: String,
+    base_url: String,
+    engine_version: String,
+}
+
+/// The `base_url` the Python worker puts in infrastructure pids, so pids stay comparable.
+fn base_url_for(host: &str, tls: bool) -> String {
+    if host.starts_with("unix://") || host.starts_with('/') {
+        "http+docker://localhost".to_owned()
+    } else if host.starts_with("npipe://") {
+        "http+docker://localnpipe".to_owned()
+    } else if host.starts_with("ssh://") {
+        "http+docker://ssh".to_owned()
+    } else {
+        let rest = host.split_once("://").map_or(host, |(_, r)| r);
+        let scheme = if tls || host.starts_with("https://") { "https" } else { "http" };
+        format!("{scheme}://{}", rest.trim_end_matches('/'))
+    }
+}
+
+impl DockerRuntime {
+    /// Connects to `host` (a `DOCKER_HOST` value; `None` = the default socket) and reads the
+    /// Engine's version, so an unreachable daemon is reported at start-up.
+    ///
+    /// # Errors
+    /// [`DockerError::Connect`] when no Engine answers.
+    pub async fn connect(host: Option<&str>, timeout: Duration) -> Result<Self, DockerError> {
+        let host = host
+            .filter(|h| !h.is_empty())
+            .unwrap_or("unix:///var/run/docker.sock")
+            .to_owned();
+        let connect_error = |failure: EngineFailure| DockerError::Connect {
+            host: host.clone(),
+            failure,
+        };
+        let docker = if host.starts_with('/') {
+            Docker::connect_with_host(&format!("unix://{host}"))
+        } else {
+            Docker::connect_with_host(&host)
+        }
+        .map_err(|e| connect_error(e.into()))?
+        .with_timeout(timeout);
+        let version = docker.version().await.map_err(|e| connect_error(e.into()))?;
+        let tls = std::env::var_os("DOCKER_TLS_VERIFY").is_some_and(|v| !v.is_empty());
+        Ok(Self {
+            base_url: base_url_for(&host, tls),
+            engine_version: version.version.unwrap_or_default(),
+            docker,
+            host,
+        })
+    }
+
+    /// The `DOCKER_HOST` this runtime talks to.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The Python worker's `base_url` for this host (used in infrastructure pids).
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// The Engine's version string as it reports it (`20.10.24+dfsg1`).
+    pub fn engine_version(&self) -> &str {
+        &self.engine_version
+    }
+
+    /// Makes sure the image is available according to the spec's pull policy.
+    ///
+    /// # Errors
+    /// [`DockerError::PullFailed`], [`DockerError::PullAndLocalFailed`] or an API error.
+    pub async fn ensure_image(&self, spec: &ContainerSpec) -> Result<(), DockerError> {
+        match spec.pull_policy {
+            PullPolicy::Never => Ok(()),
+            PullPolicy::Always => self.pull_image(spec).await,
+            PullPolicy::IfNotPresent => match self.docker.inspect_image(&spec.image).await {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    let failure = EngineFailure::from(e);
+                    if failure.status == Some(404) {
+                        self.pull_image(spec).await
+                    } else {
+                        Err(DockerError::Api {
+                            operation: "inspect image",
+                            failure,
+                        })
+                    }
+                }
+            },
+            PullPolicy::IfPossible => match self.pull_image(spec).await {
+                Ok(()) => Ok(()),
+                Err(pull_error) => {
+                    tracing::warn!(image = %spec.image, error = %pull_error, "could not pull the image; image_pull_policy is IfPossible, so a local image will be used if there is one");
+                    let pull = match pull_error {
+                        DockerError::PullFailed { failure, .. } => failure,
+                        other => EngineFailure {
+                            status: None,
+                            message: other.to_string(),
+                        },
+                    };
+                    match self.docker.inspect_image(&spec.image).await {
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(DockerError::PullAndLocalFailed {
+                            image: spec.image.clone(),
+                            pull,
+                            local: e.into(),
+                        }),
+                    }
+                }
+            },
+        }
+    }
+
+    async fn pull_image(&self, spec: &ContainerSpec) -> Result<(), DockerError> {
+        let image_ref = crate::job::image::ImageRef::parse(&spec.image).map_err(|e| DockerError::PullFailed {
+            image: spec.image.clone(),
+            failure: EngineFailure {
+                status: None,
+                message: e.to_string(),
+            },
+        })?;
+        let options = CreateImageOptionsBuilder::default()
+            .from_image(&image_ref.repository)
+            .tag(image_ref.tag.as_deref().unwrap_or("latest"))
+            .build();
+        let credentials = spec.registry_credentials.as_ref().map(|c| DockerCredentials {
+            username: Some(c.username.clone()),
+            password: Some(c.password.clone()),
+            serveraddress: Some(c.registry_url.clone()),
+            ..DockerCredentials::default()
+        });
+        tracing::info!(image = %spec.image, "Pulling image");
+        let mut stream = self.docker.create_image(Some(options), None, credentials);
+        while let Some(item) = stream.next().await {
+            if let Err(e) = item {
+                return Err(DockerError::PullFailed {
+                    image: spec.image.clone(),
+                    failure: e.into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The Engine create body for a spec (what `POST /containers/create` receives).
+    ///
+    /// # Errors
+    /// [`DockerError::InvalidOptions`] when `container_create_kwargs` fields do not fit the API model.
+    pub fn create_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, DockerError> {
+        let mut host_config = Map::new();
+        host_config.insert("NetworkMode".into(), json!(spec.network_mode));
+        if let Some(m) = spec.mem_limit {
+            host_config.insert("Memory".into(), json!(m));
+        }
+        if let Some(m) = spec.memswap_limit {
+            host_config.insert("MemorySwap".into(), json!(m));
+        }
+        if spec.privileged {
+            host_config.insert("Privileged".into(), json!(true));
+        }
+        if !spec.binds.is_empty() {
+            host_config.insert("Binds".into(), json!(spec.binds));
+        }
+        if let Some(hosts) = &spec.extra_hosts {
+            host_config.insert("ExtraHosts".into(), json!(hosts));
+        }
+        if spec.auto_remove {
+            host_config.insert("AutoRemove".into(), json!(true));
+        }
+        for (k, v) in &spec.host_config_overrides {
+            host_config.insert(k.clone(), v.clone());
+        }
+
+        let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut body = Map::new();
+        body.insert("Tty".into(), json!(false));
+        body.insert("OpenStdin".into(), json!(false));
+        body.insert("StdinOnce".into(), json!(false));
+        body.insert("AttachStdin".into(), json!(false));
+        body.insert("AttachStdout".into(), json!(true));
+        body.insert("AttachStderr".into(), json!(true));
+        body.insert("Env".into(), json!(env));
+        body.insert("Cmd".into(), json!(spec.command));
+        body.insert("Image".into(), json!(spec.image));
+        body.insert("NetworkDisabled".into(), json!(false));
+        if !spec.volume_paths.is_empty() {
+            let volumes: Map<String, Value> = spec.volume_paths.iter().map(|p| (p.clone(), json!({}))).collect();
+            body.insert("Volumes".into(), Value::Object(volumes));
+        }
+        body.insert("Labels".into(), json!(spec.labels));
+        body.insert("HostConfig".into(), Value::Object(host_config));
+        for (k, v) in &spec.config_overrides {
+            body.insert(k.clone(), v.clone());
+        }
+        serde_json::from_value(Value::Object(body)).map_err(|e| DockerError::InvalidOptions { message: e.to_string() })
+    }
+
+    /// Creates the container, retrying with `<name>-1`, `<name>-2`, … while the name is taken.
+    ///
+    /// # Errors
+    /// [`DockerError::ImageNotFound`], [`DockerError::NameConflict`], [`DockerError::CreateFailed`].
+    pub async fn create_container(&self, spec: &ContainerSpec) -> Result<CreatedContainer, DockerError> {
+        let body = Self::create_body(spec)?;
+        let mut attempt = 0;
+        loop {
+            let name = spec.name.as_ref().map(|n| if attempt == 0 { n.clone() } else { format!("{n}-{attempt}") });
+            let options = name.as_ref().map(|n| CreateContainerOptionsBuilder::default().name(n).build());
+            tracing::info!(container = name.as_deref().unwrap_or("<auto>"), "Creating Docker container");
+            match self.docker.create_container(options, body.clone()).await {
+                Ok(resp) => {
+                    return Ok(CreatedContainer { id: resp.id, name });
+                }
+                Err(e) => {
+                    let failure = EngineFailure::from(e);
+                    if failure.is_name_conflict() && spec.name.is_some() {
+                        attempt += 1;
+                        if attempt > NAME_CONFLICT_ATTEMPTS {
+                            return Err(DockerError::NameConflict {
+                                name: spec.name.clone().unwrap_or_default(),
+                                attempts: NAME_CONFLICT_ATTEMPTS,
+                            });
+                        }
+                        tracing::info!(container = name.as_deref().unwrap_or_default(), "Docker container name already exists; retrying");
+                        continue;
+                    }
+                    if failure.status == Some(404) && failure.message.contains("No such image") {
+                        return Err(DockerError::ImageNotFound {
+                            image: spec.image.clone(),
+                            policy: spec.pull_policy.as_str(),
+                        });
+                    }
+                    return Err(DockerError::CreateFailed {
+                        name: name.unwrap_or_else(|| "<auto>".into()),
+                        failure,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Connects the container to each network, in order.
+    ///
+    /// # Errors
+    /// [`DockerError::NetworkNotFound`] or [`DockerError::NetworkConnectFailed`].
+    pub async fn connect_networks(&self, container: &CreatedContainer, networks: &[String]) -> Result<(), DockerError> {
+        for network in networks {
+            let inspected = self
+                .docker
+                .inspect_network(network, None)
+                .await
+                .map_err(|e| match EngineFailure::from(e) {
+                    f if f.status == Some(404) => DockerError::NetworkNotFound {
+                        network: network.clone(),
+                    },
+                    failure => DockerError::NetworkConnectFailed {
+                        container: container.display_name().to_owned(),
+                        network: network.clone(),
+                        failure,
+                    },
+                })?;
+            let id = inspected.id.unwrap_or_else(|| network.clone());
+            let request = NetworkConnectRequest {
+                container: container.id.clone(),
+                endpoint_config: Some(Default::default()),
+            };
+            self.docker
+                .connect_network(&id, request)
+                .await
+                .map_err(|e| DockerError::NetworkConnectFailed {
+                    container: container.display_name().to_owned(),
+                    network: network.clone(),
+                    failure: e.into(),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Starts a created container.
+    ///
+    /// # Errors
+    /// [`DockerError::StartFailed`].
+    pub async fn start_container(&self, container: &CreatedContainer) -> Result<(), DockerError> {
+        self.docker
+            .start_container(&container.id, None)
+            .await
+            .map_err(|e| DockerError::StartFailed {
+                container: container.display_name().to_owned(),
+                failure: e.into(),
+            })
+    }
+
+    /// Pull (per policy), create, connect the extra networks and start: everything up to a
+    /// running container. A container created before a later step failed is left in place, as
+    /// the Python worker leaves it, so its state can be inspected.
+    ///
+    /// # Errors
+    /// The failing step's [`DockerError`].
+    pub async fn create_and_start_container(&self, spec: &ContainerSpec) -> Result<CreatedContainer, DockerError> {
+        self.ensure_image(spec).await?;
+        let container = self.create_container(spec).await?;
+        self.connect_networks(&container, &spec.extra_networks).await?;
+        self.start_container(&container).await?;
+        Ok(container)
+    }
+
+    /// Streams the container's output to `output` (one call per chunk of lines, right-trimmed)
+    /// if `stream_output`, and waits for it to exit. The exit code comes from the wait itself,
+    /// not from an earlier inspect, so it is right even without streaming. For `auto_remove`
+    /// containers it waits for removal; if the container was already gone, the code is
+    /// recovered from the Engine's `die` event.
+    ///
+    /// # Errors
+    /// [`DockerError::WatchFailed`] when the outcome cannot be learned.
+    pub async fn watch_container(
+        &self,
+        container: &CreatedContainer,
+        auto_remove: bool,
+        stream_output: bool,
+        output: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<ExitStatus, DockerError> {
+        let condition = if auto_remove { "removed" } else { "not-running" };
+        let wait = async {
+            let options = WaitContainerOptionsBuilder::default().condition(condition).build();
+            let mut stream = self.docker.wait_container(&container.id, Some(options));
+            match stream.next().await {
+                Some(Ok(resp)) => Ok(resp.status_code),
+                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+                Some(Err(e)) => Err(EngineFailure::from(e)),
+                None => Err(EngineFailure {
+                    status: None,
+                    message: "the wait stream ended without a result".into(),
+                }),
+            }
+        };
+        let logs = async {
+            if stream_output {
+                self.stream_logs(container, auto_remove, output).await;
+            }
+        };
+        let (waited, ()) = tokio::join!(wait, logs);
+        match waited {
+            Ok(code) => Ok(ExitStatus { code }),
+            Err(failure) if auto_remove && failure.is_not_found() => {
+                // Removed before the wait registered: the exit code is still in the event log.
+                self.exit_code_from_events(&container.id)
+                    .await
+                    .map(|code| ExitStatus { code })
+                    .ok_or(DockerError::WatchFailed {
+                        container: container.display_name().to_owned(),
+                        failure,
+                    })
+            }
+            Err(failure) => Err(DockerError::WatchFailed {
+                container: container.display_name().to_owned(),
+                failure,
+            }),
+        }
+    }
+
+    async fn stream_logs(&self, container: &CreatedContainer, auto_remove: bool, output: &(dyn Fn(&str) + Send + Sync)) {
+        let options = LogsOptionsBuilder::default()
+            .follow(true)
+            .stdout(true)
+            .stderr(true)
+            .tail("all")
+            .build();
+        let mut stream = self.docker.logs(&container.id, Some(options));
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(chunk) => {
+                    let bytes = chunk.into_bytes();
+                    let text = String::from_utf8_lossy(&bytes);
+                    output(text.trim_end());
+                }
+                Err(e) => {
+                    let failure = EngineFailure::from(e);
+                    let name = container.display_name();
+                    if failure.message.contains("marked for removal") {
+                        tracing::warn!(container = name, "Docker container was marked for removal before logs could be retrieved. Output will not be streamed.");
+                    } else if auto_remove && failure.is_not_found() {
+                        tracing::warn!(container = name, "Docker container was removed before logs could be retrieved. Output will not be streamed.");
+                    } else {
+                        tracing::error!(container = name, error = %failure, "An unexpected Docker API error occurred while streaming output from the container");
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The exit code from the most recent `die` event of a container (within the last day).
+    async fn exit_code_from_events(&self, id: &str) -> Option<i64> {
+        let now = chrono::Utc::now().timestamp();
+        let filters = HashMap::from([
+            ("container".to_owned(), vec![id.to_owned()]),
+            ("event".to_owned(), vec!["die".to_owned()]),
+        ]);
+        let options = EventsOptionsBuilder::default()
+            .since(&(now - 86_400).to_string())
+            .until(&(now + 1).to_string())
+            .filters(&filters)
+            .build();
+        let mut stream = self.docker.events(Some(options));
+        let mut code = None;
+        while let Some(Ok(event)) = stream.next().await {
+            if let Some(c) = event
+                .actor
+                .and_then(|a| a.attributes)
+                .and_then(|attrs| attrs.get("exitCode").and_then(|c| c.parse().ok()))
+            {
+                code = Some(c);
+            }
+        }
+        code
+    }
+
+    /// Whether a container exists (for tests and reattachment).
+    ///
+    /// # Errors
+    /// [`DockerError::Api`] for anything but 404.
+    pub async fn container_exists(&self, id: &str) -> Result<bool, DockerError> {
+        match self.docker.inspect_container(id, None).await {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let failure = EngineFailure::from(e);
+                if failure.status == Some(404) {
+                    Ok(false)
+                } else {
+                    Err(DockerError::Api {
+                        operation: "inspect container",
+                        failure,
+                    })
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn spec() -> ContainerSpec {
+        ContainerSpec {
+            image: "local/busybox:dw".into(),
+            pull_policy: PullPolicy::Never,
+            registry_credentials: None,
+            name: Some("n".into()),
+            command: vec!["true".into()],
+            env: vec![("A".into(), "1".into())],
+            labels: BTreeMap::from([("l".into(), "v".into())]),
+            network_mode: "host".into(),
+            extra_networks: vec![],
+            binds: vec!["/tmp:/t".into()],
+            volume_paths: vec!["/t".into()],
+            mem_limit: Some(1 << 26),
+            memswap_limit: None,
+            privileged: false,
+            auto_remove: true,
+            stream_output: true,
+            extra_hosts: Some(vec!["host.docker.internal:host-gateway".into()]),
+            config_overrides: Map::from_iter([("User".to_owned(), json!("1000"))]),
+            host_config_overrides: Map::from_iter([("ShmSize".to_owned(), json!(1024))]),
+        }
+    }
+
+    #[test]
+    fn create_body_has_the_reference_shape() {
+        let body = serde_json::to_value(DockerRuntime::create_body(&spec()).unwrap()).unwrap();
+        assert_eq!(body["Env"], json!(["A=1"]));
+        assert_eq!(body["Cmd"], json!(["true"]));
+        assert_eq!(body["Volumes"], json!({"/t": {}}));
+        assert_eq!(body["User"], json!("1000"));
+        let hc = &body["HostConfig"];
+        assert_eq!(hc["NetworkMode"], json!("host"));
+        assert_eq!(hc["Memory"], json!(1 << 26));
+        assert_eq!(hc["AutoRemove"], json!(true));
+        assert_eq!(hc["ShmSize"], json!(1024));
+        assert_eq!(hc["ExtraHosts"], json!(["host.docker.internal:host-gateway"]));
+        assert!(hc.get("Privileged").is_none() && hc.get("MemorySwap").is_none());
+    }
+
+    #[test]
+    fn bad_overrides_are_reported() {
+        let mut s = spec();
+        s.host_config_overrides.insert("ShmSize".into(), json!("not a number"));
+        assert!(matches!(DockerRuntime::create_body(&s), Err(DockerError::InvalidOptions { .. })));
+    }
+
+    #[test]
+    fn base_urls() {
+        assert_eq!(base_url_for("unix:///var/run/docker.sock", false), "http+docker://localhost");
+        assert_eq!(base_url_for("tcp://127.0.0.1:2376", false), "http://127.0.0.1:2376");
+        assert_eq!(base_url_for("tcp://127.0.0.1:2376", true), "https://127.0.0.1:2376");
+    }
+}

@@ -1,0 +1,513 @@
+//! From a validated job configuration and the run's context to the exact container to create.
+//!
+//! Pure. This is `prepare_for_flow_run` plus the Docker worker's rules: environment and
+//! attribution variables, the API-URL rewrite, labels, the container name, network mode
+//! inference and the `host.docker.internal` extra host.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value, json};
+
+use super::config::{DockerJobConfiguration, RegistryCredentials};
+use super::image::{ImageRef, InvalidImage, PullPolicy};
+use super::labels::docker_label_key;
+use super::slug::container_name;
+use super::template::{apply_values, python_str};
+
+/// The Prefect release whose behaviour (and version labels) this worker reproduces.
+pub const PREFECT_VERSION: &str = "3.9.1";
+
+/// Everything about the run that the job configuration does not say.
+#[derive(Debug, Clone, Copy)]
+pub struct RunContext<'a> {
+    /// The flow run as the API returned it.
+    pub flow_run: &'a Value,
+    /// The run's flow.
+    pub flow: Option<&'a Value>,
+    /// The run's deployment, if any.
+    pub deployment: Option<&'a Value>,
+    /// This worker's name.
+    pub worker_name: &'a str,
+    /// The work pool's name.
+    pub work_pool_name: &'a str,
+    /// The work pool's id.
+    pub work_pool_id: &'a str,
+    /// The worker's Prefect settings to hand to the container (`PREFECT_API_URL`, key, …).
+    pub settings_env: &'a [(String, String)],
+    /// Image used when the job names none.
+    pub default_image: &'a str,
+    /// The Docker Engine's version string (`20.10.24+dfsg1`), for the host-gateway rule.
+    pub engine_version: Option<&'a str>,
+}
+
+/// The container to create, in terms the Docker runtime understands (no Prefect types).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerSpec {
+    /// Image reference.
+    pub image: String,
+    /// Effective pull policy (the by-tag default already applied).
+    pub pull_policy: PullPolicy,
+    /// Login for pulls.
+    pub registry_credentials: Option<RegistryCredentials>,
+    /// Container name; `None` lets Docker choose.
+    pub name: Option<String>,
+    /// `Cmd`.
+    pub command: Vec<String>,
+    /// `Env`, in order.
+    pub env: Vec<(String, String)>,
+    /// `Labels`.
+    pub labels: BTreeMap<String, String>,
+    /// `HostConfig.NetworkMode` (`default` when none was chosen).
+    pub network_mode: String,
+    /// Networks to connect after create (all but the first).
+    pub extra_networks: Vec<String>,
+    /// `HostConfig.Binds`.
+    pub binds: Vec<String>,
+    /// `Volumes`: container paths.
+    pub volume_paths: Vec<String>,
+    /// `HostConfig.Memory`.
+    pub mem_limit: Option<i64>,
+    /// `HostConfig.MemorySwap`.
+    pub memswap_limit: Option<i64>,
+    /// `HostConfig.Privileged`.
+    pub privileged: bool,
+    /// `HostConfig.AutoRemove`.
+    pub auto_remove: bool,
+    /// Print the output on the worker's stdout.
+    pub stream_output: bool,
+    /// `HostConfig.ExtraHosts`; `None` omits the key.
+    pub extra_hosts: Option<Vec<String>>,
+    /// Extra create-body fields from `container_create_kwargs`.
+    pub config_overrides: Map<String, Value>,
+    /// Extra `HostConfig` fields from `container_create_kwargs`.
+    pub host_config_overrides: Map<String, Value>,
+}
+
+/// Why a valid configuration still cannot become a container.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrepareError {
+    /// The image reference cannot be split into name and tag.
+    #[error(transparent)]
+    InvalidImage(#[from] InvalidImage),
+    /// The command is not valid shell words.
+    #[error("invalid command {command:?}: unbalanced quotes")]
+    InvalidCommand {
+        /// The command as configured.
+        command: String,
+    },
+    /// `extra_hosts` is neither an object nor a list of `host:ip`.
+    #[error("container_create_kwargs.extra_hosts must be an object or a list of 'host:ip' strings")]
+    InvalidExtraHosts,
+}
+
+fn str_field<'v>(value: Option<&'v Value>, key: &str) -> Option<&'v str> {
+    value?.get(key)?.as_str()
+}
+
+/// Does an API URL point at this host (the reference's unanchored pattern, dots as wildcards)?
+fn looks_local(api_url: &str) -> bool {
+    let matches_at = |pattern: &str| {
+        let p: Vec<char> = pattern.chars().collect();
+        let t: Vec<char> = api_url.chars().collect();
+        t.windows(p.len())
+            .any(|w| w.iter().zip(&p).all(|(c, pc)| *pc == '.' || c == pc))
+    };
+    matches_at("localhost") || matches_at("127.0.0.1") || matches_at("host.docker.internal")
+}
+
+/// Parses Docker's non-semver version strings (`20.10.24+dfsg1`, `17.03.0-ce`).
+pub fn engine_version(text: &str) -> Option<semver::Version> {
+    let core = text
+        .trim()
+        .trim_start_matches('v')
+        .split(['+', '-', '~'])
+        .next()?;
+    let mut nums = core.split('.').map(|p| {
+        p.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u64>()
+            .ok()
+    });
+    let major = nums.next()??;
+    let minor = nums.next().flatten().unwrap_or(0);
+    let patch = nums.next().flatten().unwrap_or(0);
+    Some(semver::Version::new(major, minor, patch))
+}
+
+fn api_url_host(url: &str) -> &str {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let netloc = after_scheme.split('/').next().unwrap_or_default();
+    netloc.split(':').next().unwrap_or_default()
+}
+
+/// Python `datetime.isoformat()` of a UTC timestamp from the API (`+00:00`, no zero micros).
+fn python_isoformat_utc(text: &str) -> String {
+    match chrono::DateTime::parse_from_rfc3339(text) {
+        Ok(dt) => {
+            let dt = dt.with_timezone(&chrono::Utc);
+            if dt.timestamp_subsec_micros() == 0 {
+                dt.format("%Y-%m-%dT%H:%M:%S+00:00").to_string()
+            } else {
+                dt.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
+            }
+        }
+        Err(_) => text.to_owned(),
+    }
+}
+
+fn extra_host_entries(value: &Value) -> Result<Vec<(String, String)>, PrepareError> {
+    match value {
+        Value::Object(map) => Ok(map.iter().map(|(k, v)| (k.clone(), python_str(v))).collect()),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| {
+                i.as_str()
+                    .and_then(|s| s.split_once(':'))
+                    .map(|(h, ip)| (h.to_owned(), ip.to_owned()))
+                    .ok_or(PrepareError::InvalidExtraHosts)
+            })
+            .collect(),
+        _ => Err(PrepareError::InvalidExtraHosts),
+    }
+}
+
+impl DockerJobConfiguration {
+    /// Applies the per-run additions and Docker rules, producing the container to create.
+    ///
+    /// # Errors
+    /// [`PrepareError`] for an unparsable image, command or `extra_hosts`.
+    pub fn prepare(&self, ctx: &RunContext<'_>) -> Result<ContainerSpec, PrepareError> {
+        let flow_run_id = str_field(Some(ctx.flow_run), "id").unwrap_or_default();
+        let flow_run_name = str_field(Some(ctx.flow_run), "name").unwrap_or_default();
+
+        // Network mode: explicit, else none when networks are given, else host for a local API.
+        let job_api_url = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "PREFECT_API_URL")
+            .and_then(|(_, v)| v.clone());
+        let worker_api_url = ctx
+            .settings_env
+            .iter()
+            .find(|(k, _)| k == "PREFECT_API_URL")
+            .map(|(_, v)| v.clone());
+        let inferred_mode = match (&self.network_mode, self.networks.is_empty()) {
+            (Some(mode), _) => Some(mode.clone()),
+            (None, false) => None,
+            (None, true) => job_api_url
+                .as_deref()
+                .or(worker_api_url.as_deref())
+                .filter(|url| matches!(api_url_host(url), "localhost" | "127.0.0.1"))
+                .filter(|_| cfg!(target_os = "linux"))
+                .map(|_| "host".to_owned()),
+        };
+        let network_mode = match self.networks.first() {
+            Some(first) => first.clone(),
+            None => inferred_mode.clone().unwrap_or_else(|| "default".to_owned()),
+        };
+        let host_mode = network_mode == "host";
+
+        // Environment: settings, run id, attribution, then the job's own (which wins).
+        let mut env: Map<String, Value> = Map::new();
+        for (k, v) in ctx.settings_env {
+            let value = if k == "PREFECT_API_URL" && !host_mode {
+                v.replace("localhost", "host.docker.internal")
+                    .replace("127.0.0.1", "host.docker.internal")
+            } else {
+                v.clone()
+            };
+            env.insert(k.clone(), json!(value));
+        }
+        env.insert("PREFECT__FLOW_RUN_ID".into(), json!(flow_run_id));
+        env.insert("PREFECT__WORKER_NAME".into(), json!(ctx.worker_name));
+        if let Some(id) = str_field(ctx.flow, "id") {
+            env.insert("PREFECT__FLOW_ID".into(), json!(id));
+        }
+        if let Some(name) = str_field(ctx.flow, "name") {
+            env.insert("PREFECT__FLOW_NAME".into(), json!(name));
+        }
+        if let Some(id) = str_field(ctx.deployment, "id") {
+            env.insert("PREFECT__DEPLOYMENT_ID".into(), json!(id));
+        }
+        if let Some(name) = str_field(ctx.deployment, "name") {
+            env.insert("PREFECT__DEPLOYMENT_NAME".into(), json!(name));
+        }
+        for (k, v) in &self.env {
+            env.insert(k.clone(), v.clone().map_or(Value::Null, Value::String));
+        }
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_owned())))
+            .collect();
+
+        // Labels: Prefect's, then the user's, then the version; keys in Docker's convention.
+        let mut prefect_labels: Vec<(String, String)> = vec![
+            ("prefect.io/flow-run-id".into(), flow_run_id.into()),
+            ("prefect.io/flow-run-name".into(), flow_run_name.into()),
+            ("prefect.io/version".into(), PREFECT_VERSION.into()),
+            ("prefect.io/work-pool-name".into(), ctx.work_pool_name.into()),
+            ("prefect.io/work-pool-id".into(), ctx.work_pool_id.into()),
+            ("prefect.io/worker-name".into(), ctx.worker_name.into()),
+        ];
+        let optional = [
+            ("prefect.io/flow-id", str_field(ctx.flow, "id").map(str::to_owned)),
+            ("prefect.io/flow-name", str_field(ctx.flow, "name").map(str::to_owned)),
+            ("prefect.io/deployment-id", str_field(ctx.deployment, "id").map(str::to_owned)),
+            ("prefect.io/deployment-name", str_field(ctx.deployment, "name").map(str::to_owned)),
+            (
+                "prefect.io/deployment-updated",
+                str_field(ctx.deployment, "updated").map(python_isoformat_utc),
+            ),
+        ];
+        prefect_labels.extend(optional.into_iter().filter_map(|(k, v)| Some((k.to_owned(), v?))));
+        let mut labels = BTreeMap::new();
+        for (k, v) in prefect_labels.into_iter().chain(self.labels.iter().cloned()) {
+            labels.insert(docker_label_key(&k), v);
+        }
+        labels.insert("io.prefect.version".into(), PREFECT_VERSION.into());
+
+        // Name: rendered with ctx.flow / ctx.flow_run, defaulting to the run's name.
+        let rendered_name = self.name.as_deref().map(|template| {
+            let mut ctx_values = Map::new();
+            ctx_values.insert(
+                "ctx".into(),
+                json!({"flow": ctx.flow.cloned().unwrap_or(Value::Null), "flow_run": ctx.flow_run}),
+            );
+            match apply_values(&json!(template), &ctx_values, &|_| None) {
+                Some(Value::String(s)) => s,
+                Some(Value::Null) | None => String::new(),
+                Some(other) => python_str(&other),
+            }
+        });
+        let name_source = rendered_name
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| flow_run_name.to_owned());
+        let name = container_name(&name_source);
+
+        let command = match &self.command {
+            None => vec!["prefect".into(), "flow-run".into(), "execute".into()],
+            Some(cmd) => shlex::split(cmd).ok_or_else(|| PrepareError::InvalidCommand {
+                command: cmd.clone(),
+            })?,
+        };
+
+        let image = self.image.clone().unwrap_or_else(|| ctx.default_image.to_owned());
+        let image_ref = ImageRef::parse(&image)?;
+        let pull_policy = self
+            .image_pull_policy
+            .unwrap_or_else(|| image_ref.default_pull_policy());
+
+        // host.docker.internal → host-gateway when the container's API URL looks local.
+        let final_api_url = env.iter().find(|(k, _)| k == "PREFECT_API_URL").map(|(_, v)| v.as_str());
+        let automatic: Option<BTreeMap<String, String>> =
+            if cfg!(target_os = "linux") && final_api_url.is_none_or(looks_local) {
+                let supported = ctx
+                    .engine_version
+                    .and_then(engine_version)
+                    .is_none_or(|v| v >= semver::Version::new(20, 10, 0));
+                Some(if supported {
+                    BTreeMap::from([("host.docker.internal".to_owned(), "host-gateway".to_owned())])
+                } else {
+                    BTreeMap::new()
+                })
+            } else {
+                None
+            };
+        let user_hosts = self.overrides.extra_hosts.as_ref();
+        let extra_hosts = match (automatic, user_hosts) {
+            (Some(mut auto), Some(user)) if !auto.is_empty() => {
+                auto.extend(extra_host_entries(user)?);
+                Some(auto.into_iter().map(|(h, ip)| format!("{h}:{ip}")).collect())
+            }
+            (_, Some(Value::Object(map))) => {
+                let sorted: BTreeMap<_, _> = map.iter().map(|(k, v)| (k.clone(), python_str(v))).collect();
+                Some(sorted.into_iter().map(|(h, ip)| format!("{h}:{ip}")).collect())
+            }
+            (_, Some(list)) => Some(
+                extra_host_entries(list)?
+                    .into_iter()
+                    .map(|(h, ip)| format!("{h}:{ip}"))
+                    .collect(),
+            ),
+            (Some(auto), None) => Some(auto.into_iter().map(|(h, ip)| format!("{h}:{ip}")).collect()),
+            (None, None) => None,
+        };
+
+        Ok(ContainerSpec {
+            image,
+            pull_policy,
+            registry_credentials: self.registry_credentials.clone(),
+            name,
+            command,
+            env,
+            labels,
+            network_mode,
+            extra_networks: self.networks.iter().skip(1).cloned().collect(),
+            binds: self.volumes.iter().map(|v| v.bind.clone()).collect(),
+            volume_paths: self.volumes.iter().map(|v| v.container_path.clone()).collect(),
+            mem_limit: self.mem_limit,
+            memswap_limit: self.memswap_limit,
+            privileged: self.privileged,
+            auto_remove: self.auto_remove,
+            stream_output: self.stream_output,
+            extra_hosts,
+            config_overrides: self.overrides.config.clone(),
+            host_config_overrides: self.overrides.host_config.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(v: Value) -> DockerJobConfiguration {
+        DockerJobConfiguration::from_rendered(v.as_object().unwrap(), Path::new("/w")).unwrap()
+    }
+
+    struct Fixture {
+        flow_run: Value,
+        flow: Value,
+        deployment: Value,
+        settings: Vec<(String, String)>,
+    }
+
+    fn fixture(api_url: &str) -> Fixture {
+        Fixture {
+            flow_run: json!({"id": "run-1", "name": "my run/1 ü", "tags": []}),
+            flow: json!({"id": "flow-1", "name": "demo-flow"}),
+            deployment: json!({"id": "dep-1", "name": "dep1", "updated": "2026-11-27T22:51:24.000000Z"}),
+            settings: vec![
+                ("PREFECT_API_URL".into(), api_url.into()),
+                ("PREFECT_API_KEY".into(), "k".into()),
+            ],
+        }
+    }
+
+    fn prepare(c: &DockerJobConfiguration, f: &Fixture, engine: Option<&str>) -> ContainerSpec {
+        c.prepare(&RunContext {
+            flow_run: &f.flow_run,
+            flow: Some(&f.flow),
+            deployment: Some(&f.deployment),
+            worker_name: "w1",
+            work_pool_name: "p1",
+            work_pool_id: "pool-1",
+            settings_env: &f.settings,
+            default_image: "prefecthq/prefect:3.9.1-python3.11",
+            engine_version: engine,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults_for_a_local_api() {
+        let f = fixture("http://127.0.0.1:4200/api");
+        let spec = prepare(&config(json!({})), &f, Some("20.10.24+dfsg1"));
+        assert_eq!(spec.image, "prefecthq/prefect:3.9.1-python3.11");
+        assert_eq!(spec.pull_policy, PullPolicy::IfNotPresent);
+        assert_eq!(spec.command, vec!["prefect", "flow-run", "execute"]);
+        assert_eq!(spec.name.as_deref(), Some("my-run-1-u"));
+        assert_eq!(spec.network_mode, "host");
+        assert_eq!(spec.extra_hosts, Some(vec!["host.docker.internal:host-gateway".to_owned()]));
+        let env: Vec<&str> = spec.env.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            env,
+            vec![
+                "PREFECT_API_URL",
+                "PREFECT_API_KEY",
+                "PREFECT__FLOW_RUN_ID",
+                "PREFECT__WORKER_NAME",
+                "PREFECT__FLOW_ID",
+                "PREFECT__FLOW_NAME",
+                "PREFECT__DEPLOYMENT_ID",
+                "PREFECT__DEPLOYMENT_NAME"
+            ]
+        );
+        assert_eq!(spec.env[0].1, "http://127.0.0.1:4200/api");
+        assert_eq!(spec.labels["io.prefect.flow-run-id"], "run-1");
+        assert_eq!(spec.labels["io.prefect.deployment-updated"], "2026-11-27T22:51:24+00:00");
+        assert_eq!(spec.labels["io.prefect.version"], PREFECT_VERSION);
+    }
+
+    #[test]
+    fn networks_rewrite_the_api_url_and_job_env_wins() {
+        let f = fixture("http://localhost:4200/api");
+        let spec = prepare(
+            &config(json!({"networks": ["n1", "n2"], "env": {"PREFECT_API_KEY": null, "X": "1"}})),
+            &f,
+            Some("20.10.24"),
+        );
+        assert_eq!(spec.network_mode, "n1");
+        assert_eq!(spec.extra_networks, vec!["n2"]);
+        assert_eq!(spec.env[0], ("PREFECT_API_URL".into(), "http://host.docker.internal:4200/api".into()));
+        assert!(!spec.env.iter().any(|(k, _)| k == "PREFECT_API_KEY"));
+        assert_eq!(spec.env.last().unwrap(), &("X".to_owned(), "1".to_owned()));
+    }
+
+    #[test]
+    fn remote_api_gets_no_extra_hosts_and_default_network() {
+        let f = fixture("https://api.example.com/api");
+        let spec = prepare(&config(json!({"image": "busybox"})), &f, Some("20.10.24"));
+        assert_eq!(spec.network_mode, "default");
+        assert_eq!(spec.extra_hosts, None);
+        assert_eq!(spec.pull_policy, PullPolicy::Always);
+    }
+
+    #[test]
+    fn old_engine_gets_empty_extra_hosts_and_user_hosts_merge() {
+        let f = fixture("http://127.0.0.1:4200/api");
+        let spec = prepare(&config(json!({})), &f, Some("17.03.0-ce"));
+        assert_eq!(spec.extra_hosts, Some(vec![]));
+        let spec = prepare(
+            &config(json!({"container_create_kwargs": {"extra_hosts": {"foo": "1.2.3.4"}}})),
+            &f,
+            Some("20.10.24"),
+        );
+        assert_eq!(
+            spec.extra_hosts,
+            Some(vec!["foo:1.2.3.4".to_owned(), "host.docker.internal:host-gateway".to_owned()])
+        );
+    }
+
+    #[test]
+    fn name_template_and_command() {
+        let f = fixture("http://127.0.0.1:4200/api");
+        let spec = prepare(
+            &config(json!({"name": ".{{ ctx.flow.name }}/{{ ctx.flow_run.id }}", "command": "sh -c 'exit 3'"})),
+            &f,
+            None,
+        );
+        assert_eq!(spec.name.as_deref(), Some("demo-flow-run-1"));
+        assert_eq!(spec.command, vec!["sh", "-c", "exit 3"]);
+        let bad = config(json!({"command": "sh -c 'oops"})).prepare(&RunContext {
+            flow_run: &f.flow_run,
+            flow: None,
+            deployment: None,
+            worker_name: "w",
+            work_pool_name: "p",
+            work_pool_id: "i",
+            settings_env: &[],
+            default_image: "x:1",
+            engine_version: None,
+        });
+        assert!(matches!(bad, Err(PrepareError::InvalidCommand { .. })));
+    }
+
+    #[test]
+    fn docker_versions() {
+        assert_eq!(engine_version("20.10.24+dfsg1"), Some(semver::Version::new(20, 10, 24)));
+        assert_eq!(engine_version("17.03.0-ce"), Some(semver::Version::new(17, 3, 0)));
+        assert_eq!(engine_version("24.0"), Some(semver::Version::new(24, 0, 0)));
+        assert_eq!(engine_version("junk"), None);
+    }
+
+    #[test]
+    fn local_pattern() {
+        assert!(looks_local("http://127.0.0.1:4200/api"));
+        assert!(looks_local("http://localhost/api"));
+        assert!(looks_local("http://host.docker.internal:4200/api"));
+        assert!(!looks_local("https://api.prefect.cloud/api"));
+    }
+}

@@ -1,0 +1,15 @@
+//! docker-worker: a native Prefect worker that runs flow runs as Docker containers.
+//!
+//! Boundaries: [`job`] is pure (template → [`job::ContainerSpec`]); [`prefect`] knows HTTP and
+//! nothing of Docker; [`docker`] knows bollard and nothing of Prefect; [`worker`] wires the two.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod docker;
+pub mod job;
+pub mod logs;
+pub mod prefect;
+pub mod shutdown;
+pub mod worker;

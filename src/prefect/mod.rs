@@ -1,0 +1,8 @@
+//! The Prefect side: a REST client for the endpoints a worker uses and their models.
+//! Depends on HTTP and serde only; nothing here knows about Docker.
+
+pub mod client;
+pub mod models;
+
+pub use client::{ApiError, ClientConfig, PrefectClient};
+pub use models::{FlowRun, LogEntry, OrchestrationResult, SetStateStatus, StateProposal, WorkPool};

@@ -1,0 +1,338 @@
+//! The orchestrator: keeps the work pool in sync (heartbeats), polls for scheduled flow runs,
+//! and runs each one in its own task. The only module that knows both Prefect and Docker.
+//!
+//! Error policy: a failed flow run never stops the worker; transient API errors (no answer,
+//! 5xx) back off and recover; 401/403 stop the worker with a message saying so, since
+//! retrying with the same credentials cannot help.
+
+mod exit_codes;
+mod jitter;
+mod run;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use exit_codes::{crash_message, explain};
+pub use jitter::clamped_poisson_interval;
+
+use crate::config::WorkerSettings;
+use crate::docker::DockerRuntime;
+use crate::job::default_base_job_template;
+use crate::logs::ApiLogs;
+use crate::prefect::{ApiError, PrefectClient, WorkPool};
+
+/// Why the worker stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The API refused the worker's credentials.
+    #[error("the Prefect API rejected the worker's credentials or permissions ({0}); check PREFECT_API_KEY / PREFECT_API_AUTH_STRING")]
+    Unauthorized(#[source] ApiError),
+    /// Start-up could not complete (bad pool name, pool missing and not to be created, …).
+    #[error("could not start the worker: {0}")]
+    Startup(#[source] ApiError),
+}
+
+/// After this many consecutive failures a loop starts backing off.
+const FAILURES_BEFORE_BACKOFF: u32 = 3;
+/// The longest back-off multiplier (2^4 × interval).
+const MAX_BACKOFF_EXPONENT: u32 = 4;
+/// How long shutdown waits for runs that are mid-submission to get their container started.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// A running worker. Shared by its loops and run tasks behind an `Arc`.
+pub struct Worker {
+    settings: WorkerSettings,
+    api: Arc<PrefectClient>,
+    docker: DockerRuntime,
+    logs: ApiLogs,
+    /// The pool as of the last successful sync; `None` until one succeeded.
+    pool: RwLock<Option<WorkPool>>,
+    /// Runs this process is handling (claim through exit), so a re-poll never submits twice.
+    in_progress: Mutex<HashSet<String>>,
+    /// `--limit` slots.
+    limiter: Option<Arc<Semaphore>>,
+    /// Every run task, so shutdown and `--run-once` can wait for them.
+    tasks: TaskTracker,
+    /// Cancelled on SIGINT/SIGTERM: stop claiming, stop watching, leave containers running.
+    shutdown: CancellationToken,
+}
+
+impl Worker {
+    /// Wires a worker from its parts.
+    pub fn new(
+        settings: WorkerSettings,
+        api: Arc<PrefectClient>,
+        docker: DockerRuntime,
+        logs: ApiLogs,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let limiter = settings.limit.map(|n| Arc::new(Semaphore::new(n)));
+        Arc::new(Self {
+            settings,
+            api,
+            docker,
+            logs,
+            pool: RwLock::new(None),
+            in_progress: Mutex::new(HashSet::new()),
+            limiter,
+            tasks: TaskTracker::new(),
+            shutdown,
+        })
+    }
+
+    /// The worker's name.
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    fn current_pool(&self) -> Option<WorkPool> {
+        self.pool.read().ok().and_then(|p| p.clone())
+    }
+
+    /// Runs until the shutdown token is cancelled (or, with `--run-once`, until one poll's
+    /// runs finished).
+    ///
+    /// # Errors
+    /// [`WorkerError`] when the worker cannot go on (credentials, start-up).
+    pub async fn run(self: &Arc<Self>) -> Result<(), WorkerError> {
+        let shutdown = self.shutdown.clone();
+        match self.sync().await {
+            Ok(()) => {}
+            // A 403 here can also be a refusal of the pool itself (reserved names): say so as is.
+            Err(e) if e.status() == Some(401) => return Err(WorkerError::Unauthorized(e)),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "first work pool sync failed; will retry");
+            }
+            Err(e) => return Err(WorkerError::Startup(e)),
+        }
+        tracing::info!(worker = %self.settings.name, pool = %self.settings.pool, "Worker '{}' started!", self.settings.name);
+
+        let result = if self.settings.run_once {
+            let result = self.poll_once().await;
+            self.tasks.close();
+            // Run tasks stop watching on shutdown, so this wait ends promptly on a signal too.
+            self.tasks.wait().await;
+            match result {
+                Err(e) if e.is_auth() => Err(WorkerError::Unauthorized(e)),
+                Err(e) => {
+                    tracing::error!(error = %e, "polling for flow runs failed");
+                    Ok(())
+                }
+                Ok(_) => Ok(()),
+            }
+        } else {
+            let loops = shutdown.child_token();
+            let outcome = tokio::select! {
+                r = self.sync_loop(loops.clone()) => r,
+                r = self.poll_loop(loops.clone()) => r,
+                () = shutdown.cancelled() => Ok(()),
+            };
+            loops.cancel();
+            self.tasks.close();
+            if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait()).await.is_err() {
+                tracing::warn!("some flow runs were still being submitted when the shutdown grace period ended");
+            }
+            outcome
+        };
+        tracing::info!(worker = %self.settings.name, "Worker '{}' stopped!", self.settings.name);
+        result
+    }
+
+    /// Reads (or creates) the pool, fills an empty base job template, and sends a heartbeat.
+    async fn sync(&self) -> Result<(), ApiError> {
+        let name = &self.settings.pool;
+        let mut pool = match self.api.read_work_pool(name).await? {
+            Some(pool) => pool,
+            None if self.settings.create_pool_if_not_found => {
+                tracing::info!(pool = %name, "Work pool not found; creating it");
+                match self
+                    .api
+                    .create_work_pool(name, "docker", self.settings.base_job_template.as_ref())
+                    .await
+                {
+                    Ok(pool) => pool,
+                    Err(e) if e.status() == Some(409) => match self.api.read_work_pool(name).await? {
+                        Some(pool) => pool,
+                        None => return Err(e),
+                    },
+                    Err(e) => return Err(e),
+                }
+            }
+            None => {
+                tracing::warn!(pool = %name, "Work pool '{name}' not found!");
+                return Ok(());
+            }
+        };
+        if pool.base_job_template.as_object().is_none_or(|t| t.is_empty()) {
+            let template = self
+                .settings
+                .base_job_template
+                .clone()
+                .unwrap_or_else(default_base_job_template);
+            self.api.update_work_pool_template(name, &template).await?;
+            pool.base_job_template = template;
+        }
+        if pool.pool_type != "docker" {
+            tracing::warn!(
+                "Worker type mismatch! This worker process expects type 'docker' but received '{}' from the server. Unexpected behavior may occur.",
+                pool.pool_type
+            );
+        }
+        if pool.is_paused {
+            tracing::warn!(pool = %name, "Work pool is paused; no flow runs will be handed out until it is resumed");
+        }
+        self.api
+            .send_worker_heartbeat(name, &self.settings.name, self.settings.heartbeat_interval.as_secs())
+            .await?;
+        if let Ok(mut guard) = self.pool.write() {
+            *guard = Some(pool);
+        }
+        Ok(())
+    }
+
+    async fn sync_loop(&self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let mut failures = 0;
+        loop {
+            let delay = backoff(self.settings.heartbeat_interval, failures);
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.cancelled() => return Ok(()),
+            }
+            match self.sync().await {
+                Ok(()) => failures = 0,
+                Err(e) if e.is_auth() => return Err(WorkerError::Unauthorized(e)),
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, consecutive_failures = failures, "work pool sync failed");
+                }
+            }
+        }
+    }
+
+    async fn poll_loop(self: &Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let mut failures = 0;
+        loop {
+            match self.poll_once().await {
+                Ok(_) => failures = 0,
+                Err(e) if e.is_auth() => return Err(WorkerError::Unauthorized(e)),
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, consecutive_failures = failures, "polling for flow runs failed");
+                }
+            }
+            let delay = backoff(self.settings.query_interval, failures);
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    /// One poll: fetch due runs and submit each (in response order) until `--limit` is reached.
+    /// Returns how many runs were submitted.
+    async fn poll_once(self: &Arc<Self>) -> Result<usize, ApiError> {
+        let pool = match self.current_pool() {
+            Some(pool) => pool,
+            None => {
+                // No successful sync yet: try one now rather than idling a whole interval.
+                self.sync().await?;
+                match self.current_pool() {
+                    Some(pool) => pool,
+                    None => return Ok(0),
+                }
+            }
+        };
+        let scheduled_before = chrono::Utc::now()
+            + chrono::Duration::seconds(self.settings.prefetch.as_secs().try_into().unwrap_or(i64::MAX / 2));
+        let runs = self
+            .api
+            .get_scheduled_flow_runs(&pool.name, &self.settings.work_queues, scheduled_before)
+            .await?;
+        tracing::debug!(count = runs.len(), "polled for scheduled flow runs");
+        let mut submitted = 0;
+        for flow_run in runs {
+            if self.in_progress.lock().is_ok_and(|set| set.contains(&flow_run.id)) {
+                continue;
+            }
+            let permit = match &self.limiter {
+                None => None,
+                Some(limiter) => match limiter.clone().try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => {
+                        tracing::debug!(
+                            limit = self.settings.limit.unwrap_or_default(),
+                            "Flow run limit reached; {} flow runs in progress.",
+                            self.settings.limit.unwrap_or_default()
+                        );
+                        break;
+                    }
+                },
+            };
+            if let Ok(mut set) = self.in_progress.lock() {
+                set.insert(flow_run.id.clone());
+            }
+            let worker = Arc::clone(self);
+            let template = pool.base_job_template.clone();
+            let pool_ref = PoolRef {
+                id: pool.id.clone(),
+                name: pool.name.clone(),
+            };
+            self.tasks.spawn(async move {
+                let id = flow_run.id.clone();
+                run::submit_and_watch(&worker, flow_run, &pool_ref, &template).await;
+                if let Ok(mut set) = worker.in_progress.lock() {
+                    set.remove(&id);
+                }
+                drop(permit);
+            });
+            submitted += 1;
+        }
+        Ok(submitted)
+    }
+}
+
+/// The pool facts a run needs, fixed at claim time.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolRef {
+    pub id: String,
+    pub name: String,
+}
+
+/// The jittered interval, doubled per failure once failures pile up.
+fn backoff(interval: Duration, failures: u32) -> Duration {
+    let base = clamped_poisson_interval(interval);
+    if failures < FAILURES_BEFORE_BACKOFF {
+        return base;
+    }
+    let exponent = (failures - FAILURES_BEFORE_BACKOFF + 1).min(MAX_BACKOFF_EXPONENT);
+    base * 2u32.pow(exponent)
+}
+
+/// The labels PATCHed onto a flow run so the UI shows which worker and pool ran it.
+pub(crate) fn flow_run_labels(worker: &str, pool: &PoolRef) -> Value {
+    serde_json::json!({
+        "prefect.worker.name": worker,
+        "prefect.worker.type": "docker",
+        "prefect.work-pool.name": pool.name,
+        "prefect.work-pool.id": pool.id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_after_three_failures_and_caps() {
+        let i = Duration::from_secs(10);
+        assert!(backoff(i, 2) <= Duration::from_secs(13));
+        assert!(backoff(i, 3) >= Duration::from_secs(15));
+        assert!(backoff(i, 100) <= Duration::from_secs(13 * 16));
+    }
+}

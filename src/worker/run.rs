@@ -1,0 +1,245 @@
+//! One flow run's lifecycle: claim (Pending), resolve the job configuration, label, mark
+//! Submitting, create and start the container, record its id, watch it, and report a non-zero
+//! exit as Crashed. Names follow the Python worker's steps so the two can be compared.
+
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tracing::Instrument as _;
+
+use super::{PoolRef, Worker, crash_message, explain, flow_run_labels};
+use crate::docker::{CreatedContainer, DockerError};
+use crate::job::render::{merge_job_variables, render_job_configuration};
+use crate::job::{ContainerSpec, DockerJobConfiguration, RunContext};
+use crate::prefect::{ApiError, FlowRun, SetStateStatus, StateProposal};
+
+/// Why a run could not be started; becomes the Crashed message.
+#[derive(Debug, thiserror::Error)]
+enum SubmitError {
+    #[error(transparent)]
+    Template(#[from] crate::job::render::TemplateError),
+    #[error(transparent)]
+    Validation(#[from] crate::job::ValidationError),
+    #[error(transparent)]
+    Prepare(#[from] crate::job::PrepareError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+}
+
+impl SubmitError {
+    /// The class name shown before the message, like the Python worker's exception class.
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Template(_) | Self::Prepare(_) => "ValueError",
+            Self::Validation(_) => "ValidationError",
+            Self::Api(_) => "PrefectHTTPStatusError",
+            Self::Docker(e) => e.kind(),
+        }
+    }
+}
+
+/// Claims, runs and watches one flow run. Never fails: every problem is logged and, where
+/// the run is involved, reported to Prefect.
+pub(crate) async fn submit_and_watch(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: &Value) {
+    let span = tracing::info_span!("flow_run", flow_run_id = %flow_run.id);
+    run(worker, flow_run, pool, template).instrument(span).await;
+}
+
+async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: &Value) {
+    let id = flow_run.id.as_str();
+    let logs = &worker.logs;
+    logs.info(id, format!("Worker '{}' submitting flow run '{id}'", worker.name()));
+
+    let deployment = match &flow_run.deployment_id {
+        None => None,
+        Some(deployment_id) => match worker.api.read_deployment(deployment_id).await {
+            Ok(Some(d)) => Some(d),
+            Ok(None) => {
+                logs.error(
+                    id,
+                    format!("Deployment {deployment_id} no longer exists. Flow run {id} will not be submitted for execution"),
+                );
+                let state = StateProposal::cancelled(format!("Deployment {deployment_id} no longer exists, cancelled run."));
+                if let Err(e) = worker.api.set_flow_run_state(id, &state, true).await {
+                    logs.error(id, format!("Failed to mark flow run '{id}' as cancelled: {e}"));
+                }
+                return;
+            }
+            Err(e) => {
+                // Not claimed yet: the run stays Scheduled and is picked up by a later poll.
+                logs.error(id, format!("Failed to read deployment {deployment_id} for flow run '{id}': {e}"));
+                return;
+            }
+        },
+    };
+
+    if !claim(worker, id).await {
+        return;
+    }
+
+    let spec = match resolve_configuration(worker, &flow_run, deployment.as_ref(), pool, template).await {
+        Ok(spec) => spec,
+        Err(e) => return report_submission_failure(worker, &flow_run, &e).await,
+    };
+
+    if let Err(e) = worker
+        .api
+        .update_flow_run_labels(id, &flow_run_labels(worker.name(), pool))
+        .await
+    {
+        tracing::warn!(error = %e, "could not label the flow run with this worker and pool");
+    }
+    if let Err(e) = worker.api.set_flow_run_state(id, &StateProposal::submitting(), false).await {
+        tracing::debug!(error = %e, "could not set the Submitting state; continuing");
+    }
+
+    let container = match worker.docker.create_and_start_container(&spec).await {
+        Ok(c) => c,
+        Err(e) => return report_submission_failure(worker, &flow_run, &SubmitError::Docker(e)).await,
+    };
+    let pid = format!("{}:{}", worker.docker.base_url(), container.id);
+    if let Err(e) = worker.api.set_infrastructure_pid(id, &pid).await {
+        logs.error(
+            id,
+            format!("An error occurred while setting the `infrastructure_pid` on flow run '{id}'. The flow run will not be cancellable. ({e})"),
+        );
+    }
+    logs.info(id, format!("Flow run '{}' submitted to infrastructure", flow_run.name));
+
+    watch(worker, &flow_run, &spec, &container).await;
+}
+
+/// Proposes Pending until the server answers ACCEPT/REJECT/ABORT. True when the run is ours.
+async fn claim(worker: &Worker, id: &str) -> bool {
+    let logs = &worker.logs;
+    loop {
+        match worker.api.set_flow_run_state(id, &StateProposal::pending(), false).await {
+            Ok(result) => match result.status {
+                SetStateStatus::Accept if result.state_type() == Some("PENDING") => return true,
+                SetStateStatus::Accept | SetStateStatus::Reject => {
+                    logs.info(
+                        id,
+                        format!(
+                            "Aborted submission of flow run '{id}': Server returned a non-pending state '{}'",
+                            result.state_type().unwrap_or("unknown")
+                        ),
+                    );
+                    return false;
+                }
+                SetStateStatus::Abort => {
+                    logs.info(
+                        id,
+                        format!("Aborted submission of flow run '{id}'. Server sent an abort signal: {}", result.reason()),
+                    );
+                    return false;
+                }
+                SetStateStatus::Wait => {
+                    let delay = Duration::from_secs_f64(result.delay_seconds().clamp(0.0, 3600.0));
+                    tracing::debug!(delay_s = delay.as_secs_f64(), "server asked to wait before claiming");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = worker.shutdown.cancelled() => return false,
+                    }
+                }
+            },
+            Err(e) => {
+                logs.error(id, format!("Failed to update state of flow run '{id}': {e}"));
+                return false;
+            }
+        }
+    }
+}
+
+async fn resolve_configuration(
+    worker: &Worker,
+    flow_run: &FlowRun,
+    deployment: Option<&Value>,
+    pool: &PoolRef,
+    template: &Value,
+) -> Result<ContainerSpec, SubmitError> {
+    let flow = worker.api.read_flow(&flow_run.flow_id).await?;
+    let deployment_vars = deployment.and_then(|d| d.get("job_variables")).and_then(Value::as_object);
+    let variables = merge_job_variables(deployment_vars, Some(&flow_run.job_variables));
+    let rendered = render_job_configuration(template, &variables, &|name| std::env::var(name).ok())?;
+    let config = DockerJobConfiguration::from_rendered(&rendered, &worker.settings.cwd)?;
+    for warning in &config.overrides.warnings {
+        worker.logs.warn(&flow_run.id, warning.clone());
+    }
+    let spec = config.prepare(&RunContext {
+        flow_run: &flow_run.raw,
+        flow: Some(&flow),
+        deployment,
+        worker_name: worker.name(),
+        work_pool_name: &pool.name,
+        work_pool_id: &pool.id,
+        settings_env: &worker.settings.settings_env,
+        default_image: &worker.settings.default_image,
+        engine_version: Some(worker.docker.engine_version()),
+    })?;
+    Ok(spec)
+}
+
+async fn report_submission_failure(worker: &Worker, flow_run: &FlowRun, error: &SubmitError) {
+    let id = flow_run.id.as_str();
+    worker
+        .logs
+        .error(id, format!("Failed to submit flow run '{}' to infrastructure: {error}", flow_run.name));
+    let message = format!("Failed to submit flow run to infrastructure: {}: {error}", error.kind());
+    propose_crashed(worker, id, message).await;
+}
+
+async fn propose_crashed(worker: &Worker, id: &str, message: String) {
+    match worker
+        .api
+        .set_flow_run_state(id, &StateProposal::crashed(message.clone()), false)
+        .await
+    {
+        Ok(result) if result.state_type() == Some("CRASHED") => {
+            worker.logs.info(id, format!("Reported flow run '{id}' as crashed: {message}"));
+        }
+        Ok(result) => {
+            tracing::debug!(status = ?result.status, reason = result.reason(), "Crashed state not accepted");
+        }
+        Err(e) if e.is_not_found() => tracing::debug!("flow run no longer exists; not reporting Crashed"),
+        Err(e) => worker.logs.error(id, format!("Failed to report flow run '{id}' as crashed: {e}")),
+    }
+}
+
+/// Prints container output on the worker's stdout; errors (a closed pipe) are ignored.
+fn print_output(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+}
+
+async fn watch(worker: &Worker, flow_run: &FlowRun, spec: &ContainerSpec, container: &CreatedContainer) {
+    let id = flow_run.id.as_str();
+    let outcome = tokio::select! {
+        r = worker.docker.watch_container(container, spec.auto_remove, spec.stream_output, &print_output) => r,
+        () = worker.shutdown.cancelled() => {
+            tracing::info!(container = container.display_name(), "worker stopping; the container keeps running");
+            return;
+        }
+    };
+    match outcome {
+        Ok(status) if status.code == 0 => {
+            tracing::info!(container = container.display_name(), "container exited with status code 0");
+        }
+        Ok(status) => {
+            propose_crashed(worker, id, crash_message(status.code)).await;
+            worker.logs.info(id, explain(status.code).resolution);
+        }
+        Err(e) => {
+            worker.logs.error(
+                id,
+                format!(
+                    "Lost connection to flow run '{}' infrastructure. The flow run's final state will be determined by the execution environment. ({e})",
+                    flow_run.name
+                ),
+            );
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! The binary's command line: help, version, and configuration errors (exit 64).
+
+use std::process::Command;
+
+fn worker() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_docker-worker"));
+    cmd.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    cmd
+}
+
+#[test]
+fn version_and_help() {
+    let out = worker().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("docker-worker {}", env!("CARGO_PKG_VERSION"))
+    );
+    let out = worker().args(["start", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--pool", "--work-queue", "--limit", "--run-once", "--prefetch-seconds", "--base-job-template", "--no-create-pool-if-not-found"] {
+        assert!(help.contains(flag), "{flag} missing from help:\n{help}");
+    }
+}
+
+#[test]
+fn missing_api_url_exits_64_with_a_clear_message() {
+    let out = worker().args(["start", "--pool", "p"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`PREFECT_API_URL` must be set to start a Worker"));
+}
+
+#[test]
+fn bad_settings_exit_64() {
+    for (args, env, expected) in [
+        (vec!["start", "--pool", "p", "--name", "a%b"], vec![], "Worker name cannot contain"),
+        (vec!["start", "--pool", "p"], vec![("PREFECT_WORKER_QUERY_SECONDS", "x")], "PREFECT_WORKER_QUERY_SECONDS"),
+        (vec!["start", "--pool", "p", "--base-job-template", "/no/such/file.json"], vec![], "/no/such/file.json"),
+    ] {
+        let out = worker()
+            .args(&args)
+            .env("PREFECT_API_URL", "http://127.0.0.1:9/api")
+            .envs(env)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(expected), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
+fn missing_pool_flag_is_a_usage_error() {
+    let out = worker().arg("start").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pool"));
+}
+
+#[test]
+fn unreachable_docker_fails_with_a_message() {
+    let out = worker()
+        .args(["start", "--pool", "p"])
+        .env("PREFECT_API_URL", "http://127.0.0.1:9/api")
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("connecting to the Docker Engine") && err.contains("/nonexistent/docker.sock"), "{err}");
+}

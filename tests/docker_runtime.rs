@@ -1,0 +1,233 @@
+//! The Docker runtime against the real daemon: local images only, unique names and a test
+//! label, containers and networks removed by guards even when a test fails.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use docker_worker::docker::{DockerError, DockerRuntime};
+use docker_worker::job::{ContainerSpec, PullPolicy};
+use serde_json::{Map, json};
+use support::*;
+
+const TEST_LABEL: &str = "dev.docker-worker.test";
+
+async fn runtime() -> DockerRuntime {
+    require_docker();
+    DockerRuntime::connect(std::env::var("DOCKER_HOST").ok().as_deref(), Duration::from_secs(60))
+        .await
+        .expect("connect to the Docker daemon")
+}
+
+fn spec(run: &str, command: &str) -> ContainerSpec {
+    ContainerSpec {
+        image: BUSYBOX.into(),
+        pull_policy: PullPolicy::IfNotPresent,
+        registry_credentials: None,
+        name: Some(run.to_owned()),
+        command: vec!["sh".into(), "-c".into(), command.into()],
+        env: vec![("GREETING".into(), "hello from env".into())],
+        labels: BTreeMap::from([(TEST_LABEL.to_owned(), run.to_owned())]),
+        network_mode: "default".into(),
+        extra_networks: vec![],
+        binds: vec![],
+        volume_paths: vec![],
+        mem_limit: None,
+        memswap_limit: None,
+        privileged: false,
+        auto_remove: false,
+        stream_output: true,
+        extra_hosts: None,
+        config_overrides: Map::new(),
+        host_config_overrides: Map::new(),
+    }
+}
+
+struct NetworkGuard(Vec<String>);
+impl Drop for NetworkGuard {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("docker").args(["network", "rm", n]).output();
+        }
+    }
+}
+
+#[tokio::test]
+async fn streams_output_and_reports_the_exit_code() {
+    let docker = runtime().await;
+    let run = unique("dw-rt-logs");
+    let _guard = ContainerGuard::for_label(TEST_LABEL, &run);
+    let s = spec(&run, "echo \"$GREETING\"; echo to-stderr >&2; printf 'a\\nb\\n'; exit 7");
+    let container = docker.create_and_start_container(&s).await.expect("start");
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = {
+        let lines = Arc::clone(&lines);
+        move |text: &str| lines.lock().unwrap().push(text.to_owned())
+    };
+    let status = docker.watch_container(&container, false, true, &sink).await.expect("watch");
+    assert_eq!(status.code, 7);
+    let all = lines.lock().unwrap().join("\n");
+    for expected in ["hello from env", "to-stderr", "a\nb"] {
+        assert!(all.contains(expected), "missing {expected:?} in {all:?}");
+    }
+}
+
+#[tokio::test]
+async fn exit_code_is_right_without_streaming() {
+    let docker = runtime().await;
+    let run = unique("dw-rt-nostream");
+    let _guard = ContainerGuard::for_label(TEST_LABEL, &run);
+    let mut s = spec(&run, "sleep 1; exit 42");
+    s.stream_output = false;
+    let container = docker.create_and_start_container(&s).await.expect("start");
+    let status = docker
+        .watch_container(&container, false, false, &|_: &str| panic!("no output expected"))
+        .await
+        .expect("watch");
+    assert_eq!(status.code, 42);
+    let status = docker.watch_container(&container, false, false, &|_: &str| {}).await.expect("second watch");
+    assert_eq!(status.code, 42, "watching an exited container reports its code again");
+}
+
+#[tokio::test]
+async fn auto_remove_reports_the_code_and_the_container_is_gone() {
+    let docker = runtime().await;
+    let run = unique("dw-rt-autorm");
+    let guard = ContainerGuard::for_label(TEST_LABEL, &run);
+    let mut s = spec(&run, "echo bye; exit 5");
+    s.auto_remove = true;
+    let container = docker.create_and_start_container(&s).await.expect("start");
+    // Let it exit and be removed before we even start watching: the hardest case.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = docker.watch_container(&container, true, true, &|_: &str| {}).await.expect("watch");
+    assert_eq!(status.code, 5);
+    assert!(!docker.container_exists(&container.id).await.unwrap());
+    assert!(guard.containers().is_empty());
+}
+
+#[tokio::test]
+async fn name_conflicts_get_a_numbered_suffix() {
+    let docker = runtime().await;
+    let run = unique("dw-rt-conflict");
+    let _guard = ContainerGuard::for_label(TEST_LABEL, &run);
+    let s = spec(&run, "true");
+    let first = docker.create_container(&s).await.expect("first");
+    let second = docker.create_container(&s).await.expect("second");
+    let third = docker.create_container(&s).await.expect("third");
+    assert_eq!(first.name.as_deref(), Some(run.as_str()));
+    assert_eq!(second.name, Some(format!("{run}-1")));
+    assert_eq!(third.name, Some(format!("{run}-2")));
+    assert_eq!(inspect(&second.id)["Name"], json!(format!("/{run}-1")));
+}
+
+#[tokio::test]
+async fn first_network_at_create_and_the_rest_connected() {
+    let docker = runtime().await;
+    let run = unique("dw-rt-nets");
+    let _guard = ContainerGuard::for_label(TEST_LABEL, &run);
+    let nets = vec![format!("{run}-a"), format!("{run}-b")];
+    let _nets = NetworkGuard(nets.clone());
+    for n in &nets {
+        run_ok(Command::new("docker").args(["network", "create", n]));
+    }
+    let mut s = spec(&run, "sleep 30");
+    s.network_mode = nets[0].clone();
+    s.extra_networks = vec![nets[1].clone()];
+    let container = docker.create_and_start_container(&s).await.expect("start");
+    let info = inspect(&container.id);
+    let attached = info["NetworkSettings"]["Networks"].as_object().cloned().unwrap_or_default();
+    assert!(attached.contains_key(&nets[0]) && attached.contains_key(&nets[1]), "{attached:?}");
+    assert_eq!(info["HostConfig"]["NetworkMode"], json!(nets[0]));
+}
+
+#[tokio::test]
+async fn missing_second_network_is_a_clear_error() {
+    let docker = runtime().await;
+    let run = unique("dw-rt-nonet");
+    let _guard = ContainerGuard::for_label(TEST_LABEL, &run);
+    let mut s = spec(&run, "true");
+    s.extra_networks = vec![format!("{run}-missing")];
+    let err = docker.create_and_start_container(&s).await.unwrap_err();
+    assert!(matches!(err, DockerError::NetworkNotFound { .. }), "{err}");
+    assert_eq!(err.to_string(), format!("Docker network '{run}-missing' not found"));
+}
+
+#[tokio::test]
+async fn never_policy_with_a_missing_image_is_image_not_found() {
+    let docker = runtime().await;
+    let run = unique("dw-rt-noimage");
+    let _guard = ContainerGuard::for_label(TEST_LABEL, &run);
+    let mut s = spec(&run, "true");
+    s.image = "local/no-such-image:1".into();
+    s.pull_policy = PullPolicy::Never;
+    let err = docker.create_and_start_container(&s).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "No such image: local/no-such-image:1 (image_pull_policy is Never, so the worker did not pull it)"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_pull_names_the_image_and_the_registry_error() {
+    let docker = runtime().await;
+    let run = unique("dw-rt-pull");
+    let _guard = ContainerGuard::for_label(TEST_LABEL, &run);
+    let mut s = spec(&run, "true");
+    // Nothing listens on this port: the Engine's pull fails without leaving the machine.
+    s.image = format!("127.0.0.1:{}/nothing/here:1", free_port());
+    s.pull_policy = PullPolicy::Always;
+    let err = docker.create_and_start_container(&s).await.unwrap_err();
+    assert!(matches!(err, DockerError::PullFailed { .. }), "{err}");
+    assert!(err.to_string().starts_with(&format!("Docker pull failed for {}", s.image)), "{err}");
+}
+
+#[tokio::test]
+async fn start_failure_is_reported_and_the_container_left_behind() {
+    let docker = runtime().await;
+    let run = unique("dw-rt-startfail");
+    let guard = ContainerGuard::for_label(TEST_LABEL, &run);
+    let mut s = spec(&run, "true");
+    s.command = vec!["/no/such/binary".into()];
+    let err = docker.create_and_start_container(&s).await.unwrap_err();
+    assert!(matches!(err, DockerError::StartFailed { .. }), "{err}");
+    assert!(err.to_string().contains("/no/such/binary"), "{err}");
+    assert_eq!(guard.containers().len(), 1);
+}
+
+#[tokio::test]
+async fn create_options_reach_the_engine() {
+    let docker = runtime().await;
+    let run = unique("dw-rt-opts");
+    let _guard = ContainerGuard::for_label(TEST_LABEL, &run);
+    let mut s = spec(&run, "id -u; pwd");
+    s.mem_limit = Some(64 * 1024 * 1024);
+    s.extra_hosts = Some(vec!["host.docker.internal:host-gateway".into()]);
+    s.config_overrides.insert("User".into(), json!("1234"));
+    s.config_overrides.insert("WorkingDir".into(), json!("/tmp"));
+    s.host_config_overrides.insert("ShmSize".into(), json!(16 * 1024 * 1024));
+    let container = docker.create_and_start_container(&s).await.expect("start");
+    let lines = Arc::new(Mutex::new(String::new()));
+    let sink = {
+        let lines = Arc::clone(&lines);
+        move |t: &str| lines.lock().unwrap().push_str(&format!("{t}\n"))
+    };
+    assert_eq!(docker.watch_container(&container, false, true, &sink).await.unwrap().code, 0);
+    let out = lines.lock().unwrap().clone();
+    assert!(out.contains("1234") && out.contains("/tmp"), "{out}");
+    let info = inspect(&container.id);
+    assert_eq!(info["HostConfig"]["Memory"], json!(64 * 1024 * 1024));
+    assert_eq!(info["HostConfig"]["ShmSize"], json!(16 * 1024 * 1024));
+    assert_eq!(info["HostConfig"]["ExtraHosts"], json!(["host.docker.internal:host-gateway"]));
+    assert_eq!(info["Config"]["Labels"][TEST_LABEL], json!(run));
+}
+
+#[tokio::test]
+async fn unreachable_daemon_is_a_connect_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = format!("unix://{}/nothing.sock", dir.path().display());
+    let err = DockerRuntime::connect(Some(&sock), Duration::from_secs(5)).await.unwrap_err();
+    assert!(err.to_string().starts_with("Could not connect to Docker at unix://"), "{err}");
+}

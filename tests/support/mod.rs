@@ -1,0 +1,378 @@
+//! Test support: the real peers. A Prefect server started from the test venv on a free
+//! loopback port (one per test binary), the real Docker daemon through the `docker` CLI,
+//! and the built `docker-worker` binary. A missing peer fails the test with a message
+//! saying what is missing and how to get it; nothing is skipped.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// Where `scripts/test-env.sh` puts things.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python venv with prefect 3.9.1 and prefect-docker 0.7.4.
+pub fn venv() -> PathBuf {
+    let venv = std::env::var_os("DW_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".test-env/venv"));
+    assert!(
+        venv.join("bin/prefect").exists(),
+        "the Prefect test venv is missing at {} — run `scripts/test-env.sh` first (or set DW_TEST_VENV)",
+        venv.display()
+    );
+    venv
+}
+
+/// Fails loudly unless the Docker daemon answers and the test images exist.
+pub fn require_docker() {
+    let out = Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]).output();
+    match out {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => panic!(
+            "the Docker daemon does not answer (`docker info` failed: {}) — start it or run `scripts/test-env.sh`",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => panic!("the `docker` CLI is not available ({e}) — run `scripts/test-env.sh`"),
+    }
+    for image in [BUSYBOX, FLOW_IMAGE] {
+        let ok = Command::new("docker")
+            .args(["image", "inspect", image])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "the test image {image} is missing — run `scripts/test-env.sh` to build it");
+    }
+}
+
+/// Static busybox image, built FROM scratch by the test-env script.
+pub const BUSYBOX: &str = "local/busybox:dw";
+/// Prefect 3.9.1 runtime image with tests/flows baked in at /opt/flows.
+pub const FLOW_IMAGE: &str = "local/prefect-flow:3.9.1";
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+/// A unique, readable name for pools, deployments and containers of one test.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+}
+
+/// A Prefect server process, stopped when the test process exits (a watchdog shell ends it
+/// when its parent is gone, so even a panicking test leaves nothing behind).
+pub struct PrefectServer {
+    pub port: u16,
+    pub api_url: String,
+    home: PathBuf,
+    log: PathBuf,
+    child: Child,
+}
+
+fn http_get_status(port: u16, path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut buf = [0u8; 64];
+    let n = stream.read(&mut buf).ok()?;
+    let head = String::from_utf8_lossy(&buf[..n]);
+    head.split_whitespace().nth(1)?.parse().ok()
+}
+
+impl PrefectServer {
+    fn start() -> Self {
+        let venv = venv();
+        let port = free_port();
+        let home = std::env::temp_dir().join(unique("dw-prefect-home"));
+        std::fs::create_dir_all(&home).expect("temp PREFECT_HOME");
+        let log = home.join("server.log");
+        let log_file = std::fs::File::create(&log).expect("server log");
+        let script = r#"parent=$1; shift; "$@" & child=$!; trap 'kill $child 2>/dev/null; exit 0' TERM INT
+while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 1; done
+kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("sh")
+            .arg(std::process::id().to_string())
+            .arg(venv.join("bin/prefect"))
+            .args(["server", "start", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .env("PREFECT_HOME", &home)
+            .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+            .env("PREFECT_UI_ENABLED", "false")
+            .env("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+            .env_remove("PREFECT_API_URL")
+            .stdout(log_file.try_clone().expect("log fd"))
+            .stderr(log_file)
+            .spawn()
+            .expect("start `prefect server start`");
+        let mut server = Self {
+            port,
+            api_url: format!("http://127.0.0.1:{port}/api"),
+            home,
+            log,
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while Instant::now() < deadline {
+            if http_get_status(port, "/api/health") == Some(200) {
+                return server;
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("the Prefect server exited ({status}) before it was ready:\n{}", server.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        panic!("the Prefect server did not answer /api/health within 180 s:\n{}", server.log_tail());
+    }
+
+    /// The last lines the server printed.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+/// The one server of this test binary, started on first use.
+pub fn server() -> &'static PrefectServer {
+    static SERVER: OnceLock<PrefectServer> = OnceLock::new();
+    SERVER.get_or_init(PrefectServer::start)
+}
+
+/// A tiny blocking-free REST helper for setting up pools, deployments and runs in tests.
+pub struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(server: &PrefectServer) -> Self {
+        Self {
+            base: server.api_url.clone(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method.clone(), format!("{}/{}", self.base, path));
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn ok(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let (status, value) = self.call(method.clone(), path, body).await;
+        assert!((200..300).contains(&status), "{method} {path} → {status}: {value}");
+        value
+    }
+
+    pub async fn create_flow(&self, name: &str) -> String {
+        let flow = self.ok(reqwest::Method::POST, "flows/", Some(json!({"name": name}))).await;
+        flow["id"].as_str().expect("flow id").to_owned()
+    }
+
+    /// A deployment of a flow baked into the test image (`/opt/flows/flows.py:<function>`).
+    pub async fn create_deployment(&self, pool: &str, flow: &str, entrypoint: &str, job_variables: Value) -> String {
+        let flow_id = self.create_flow(flow).await;
+        let body = json!({
+            "flow_id": flow_id,
+            "name": unique("dep"),
+            "work_pool_name": pool,
+            "entrypoint": entrypoint,
+            "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/flows"}}],
+            "job_variables": job_variables,
+        });
+        let dep = self.ok(reqwest::Method::POST, "deployments/", Some(body)).await;
+        dep["id"].as_str().expect("deployment id").to_owned()
+    }
+
+    pub async fn create_flow_run(&self, deployment_id: &str, job_variables: Value) -> String {
+        let run = self
+            .ok(
+                reqwest::Method::POST,
+                &format!("deployments/{deployment_id}/create_flow_run"),
+                Some(json!({"job_variables": job_variables})),
+            )
+            .await;
+        run["id"].as_str().expect("flow run id").to_owned()
+    }
+
+    pub async fn read_flow_run(&self, id: &str) -> Value {
+        self.ok(reqwest::Method::GET, &format!("flow_runs/{id}"), None).await
+    }
+
+    pub async fn read_work_pool(&self, name: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, &format!("work_pools/{name}"), None).await
+    }
+
+    pub async fn flow_run_logs(&self, id: &str) -> Vec<String> {
+        let body = json!({"logs": {"flow_run_id": {"any_": [id]}}, "sort": "TIMESTAMP_ASC", "limit": 200});
+        let logs = self.ok(reqwest::Method::POST, "logs/filter", Some(body)).await;
+        logs.as_array()
+            .map(|a| a.iter().filter_map(|l| l["message"].as_str().map(str::to_owned)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the run's state is final (or `timeout`), returning the run.
+    pub async fn wait_for_final_state(&self, id: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let run = self.read_flow_run(id).await;
+            let state = run["state"]["type"].as_str().unwrap_or_default();
+            if matches!(state, "COMPLETED" | "FAILED" | "CRASHED" | "CANCELLED") || Instant::now() > deadline {
+                return run;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// The built worker binary running against a server; killed when dropped.
+pub struct WorkerProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProcess {
+    pub fn start(server: &PrefectServer, args: &[&str], extra_env: &[(&str, &str)]) -> Self {
+        let log = std::env::temp_dir().join(format!("{}.log", unique("dw-worker")));
+        let file = std::fs::File::create(&log).expect("worker log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_docker-worker"));
+        cmd.arg("start")
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("PREFECT_API_URL", &server.api_url)
+            .env("PREFECT_WORKER_QUERY_SECONDS", "1")
+            .env("PREFECT_WORKER_HEARTBEAT_SECONDS", "5")
+            .env("RUST_LOG", "info,docker_worker=debug")
+            .stdout(file.try_clone().expect("log fd"))
+            .stderr(file);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start the docker-worker binary");
+        Self { child, log }
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`) to this process only.
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "could not send SIG{name} to the worker");
+    }
+
+    /// Waits for exit up to `timeout`; `None` if still running.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Removes every container carrying `label=value` when dropped (even when the test panicked).
+pub struct ContainerGuard {
+    pub filter: String,
+}
+
+impl ContainerGuard {
+    pub fn for_pool(pool: &str) -> Self {
+        Self {
+            filter: format!("label=io.prefect.work-pool-name={pool}"),
+        }
+    }
+
+    pub fn for_label(label: &str, value: &str) -> Self {
+        Self {
+            filter: format!("label={label}={value}"),
+        }
+    }
+
+    /// Ids of the matching containers (running or not).
+    pub fn containers(&self) -> Vec<String> {
+        docker_ids(&["ps", "-aq", "--no-trunc", "--filter", &self.filter])
+    }
+
+    /// Ids of the matching running containers.
+    pub fn running(&self) -> Vec<String> {
+        docker_ids(&["ps", "-q", "--no-trunc", "--filter", &self.filter])
+    }
+}
+
+fn docker_ids(args: &[&str]) -> Vec<String> {
+    let out = Command::new("docker").args(args).output().expect("docker ps");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+impl Drop for ContainerGuard {
+    fn drop(&mut self) {
+        let ids = self.containers();
+        if !ids.is_empty() {
+            let _ = Command::new("docker").arg("rm").arg("-f").args(&ids).output();
+        }
+    }
+}
+
+/// `docker inspect` of one container as JSON.
+pub fn inspect(id: &str) -> Value {
+    let out = Command::new("docker").args(["inspect", id]).output().expect("docker inspect");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v.get(0).cloned().unwrap_or(Value::Null)
+}
+
+/// Runs a command and returns its stdout, failing the test on error.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A path inside the repository.
+pub fn repo_path(rel: &str) -> PathBuf {
+    repo_root().join(Path::new(rel))
+}
