@@ -25,12 +25,13 @@ async fn hello_flow_completes_and_pool_gets_the_default_template() {
     let api = Api::new(server);
     let pool = unique("e2e-hello");
     let _guard = ContainerGuard::for_pool(&pool);
+    // The worker creates the pool itself.
+    let worker = WorkerProcess::start(server, &["--pool", &pool, "--name", "e2e-hello-worker"], &[]);
+    api.wait_for_pool(&pool, Duration::from_secs(60)).await;
     let dep = api
         .create_deployment(&pool, "hello", "flows.py:hello", json!({"image": FLOW_IMAGE}))
         .await;
     let run_id = api.create_flow_run(&dep, json!({})).await;
-
-    let worker = WorkerProcess::start(server, &["--pool", &pool, "--name", "e2e-hello-worker"], &[]);
     let run = api.wait_for_final_state(&run_id, RUN_TIMEOUT).await;
     assert_eq!(
         state(&run).0,

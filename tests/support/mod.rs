@@ -188,8 +188,31 @@ impl Api {
         flow["id"].as_str().expect("flow id").to_owned()
     }
 
+    /// Creates a docker pool with no template (as `prefect work-pool create` without one
+    /// would; the worker fills in its default). An existing pool is fine.
+    pub async fn ensure_pool(&self, pool: &str) {
+        let (status, body) = self
+            .call(reqwest::Method::POST, "work_pools/", Some(json!({"name": pool, "type": "docker"})))
+            .await;
+        assert!(status == 201 || status == 409, "create pool {pool}: {status} {body}");
+    }
+
+    /// Waits until `pool` exists (for example once a worker created it).
+    pub async fn wait_for_pool(&self, pool: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, body) = self.read_work_pool(pool).await;
+            if status == 200 && body["base_job_template"].as_object().is_some_and(|t| !t.is_empty()) {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "pool {pool} did not appear within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// A deployment of a flow baked into the test image (`/opt/flows/flows.py:<function>`).
     pub async fn create_deployment(&self, pool: &str, flow: &str, entrypoint: &str, job_variables: Value) -> String {
+        self.ensure_pool(pool).await;
         let flow_id = self.create_flow(flow).await;
         let body = json!({
             "flow_id": flow_id,
