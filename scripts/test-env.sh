@@ -16,7 +16,7 @@ ENV_DIR=${DW_TEST_ENV_DIR:-$REPO/.test-env}
 VENV=$ENV_DIR/venv
 PREFECT_VERSION=3.9.1
 PREFECT_DOCKER_VERSION=0.7.4
-log() { printf '[test-env %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+log() { printf '[test-env %s] %s\n' "$(date +%T)" "$*" >&2; }
 
 mkdir -p "$ENV_DIR"
 

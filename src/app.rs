@@ -18,10 +18,13 @@ use crate::worker::Worker;
 /// Start-up failures (Docker unreachable, API rejected the worker) and fatal worker errors,
 /// with context for the user.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let api = Arc::new(PrefectClient::new(&settings.api).context("building the Prefect API client")?);
+    let api =
+        Arc::new(PrefectClient::new(&settings.api).context("building the Prefect API client")?);
     let docker = DockerRuntime::connect(settings.docker.host.as_deref(), settings.docker.timeout)
         .await
-        .context("connecting to the Docker Engine (is the daemon running and is DOCKER_HOST right?)")?;
+        .context(
+            "connecting to the Docker Engine (is the daemon running and is DOCKER_HOST right?)",
+        )?;
     tracing::info!(
         docker_host = docker.host(),
         engine_version = docker.engine_version(),
@@ -31,7 +34,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
     let log_shutdown = CancellationToken::new();
     let (logs, log_task) = if settings.worker.logging_to_api {
-        let (logs, task) = ApiLogs::spawn(Arc::clone(&api), settings.worker.log_batch_interval, log_shutdown.clone());
+        let (logs, task) = ApiLogs::spawn(
+            Arc::clone(&api),
+            settings.worker.log_batch_interval,
+            log_shutdown.clone(),
+        );
         (logs, Some(task))
     } else {
         (ApiLogs::disabled(), None)

@@ -88,6 +88,9 @@ mod tests {
         };
         assert!(!parse(&[]));
         assert!(parse(&["--no-create-pool-if-not-found"]));
-        assert!(!parse(&["--no-create-pool-if-not-found", "--create-pool-if-not-found"]));
+        assert!(!parse(&[
+            "--no-create-pool-if-not-found",
+            "--create-pool-if-not-found"
+        ]));
     }
 }

@@ -22,7 +22,9 @@ pub const DEFAULT_IMAGE: &str = "prefecthq/prefect:3.9.1-python3.11";
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// `PREFECT_API_URL` is not set.
-    #[error("`PREFECT_API_URL` must be set to start a Worker (for example `export PREFECT_API_URL=http://127.0.0.1:4200/api`)")]
+    #[error(
+        "`PREFECT_API_URL` must be set to start a Worker (for example `export PREFECT_API_URL=http://127.0.0.1:4200/api`)"
+    )]
     MissingApiUrl,
     /// A setting has a value of the wrong form.
     #[error("invalid value for {name}: {value:?} ({reason})")]
@@ -99,7 +101,11 @@ pub struct Settings {
     pub docker: DockerSettings,
 }
 
-fn seconds(env: &BTreeMap<String, String>, name: &str, default: f64) -> Result<Duration, ConfigError> {
+fn seconds(
+    env: &BTreeMap<String, String>,
+    name: &str,
+    default: f64,
+) -> Result<Duration, ConfigError> {
     match env.get(name).map(|s| s.trim()).filter(|s| !s.is_empty()) {
         None => Ok(Duration::from_secs_f64(default)),
         Some(text) => text
@@ -140,7 +146,10 @@ impl Settings {
     ///
     /// # Errors
     /// [`ConfigError`] for a missing API URL or any malformed value.
-    pub fn from_start_args(args: &StartArgs, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+    pub fn from_start_args(
+        args: &StartArgs,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Self, ConfigError> {
         let api_url_text = non_empty(env, "PREFECT_API_URL").ok_or(ConfigError::MissingApiUrl)?;
         let api_url = Url::parse(api_url_text.trim())
             .ok()
@@ -180,18 +189,21 @@ impl Settings {
         let base_job_template = match &args.base_job_template {
             None => None,
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::BaseJobTemplate {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-                let value: Value = serde_json::from_str(&text).map_err(|e| ConfigError::BaseJobTemplate {
-                    path: path.clone(),
-                    reason: format!("not valid JSON: {e}"),
-                })?;
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| ConfigError::BaseJobTemplate {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                let value: Value =
+                    serde_json::from_str(&text).map_err(|e| ConfigError::BaseJobTemplate {
+                        path: path.clone(),
+                        reason: format!("not valid JSON: {e}"),
+                    })?;
                 if !value.get("job_configuration").is_some_and(Value::is_object) {
                     return Err(ConfigError::BaseJobTemplate {
                         path: path.clone(),
-                        reason: "expected an object with `job_configuration` and `variables`".into(),
+                        reason: "expected an object with `job_configuration` and `variables`"
+                            .into(),
                     });
                 }
                 Some(value)
@@ -286,12 +298,19 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     #[test]
     fn defaults() {
-        let s = Settings::from_start_args(&args(&[]), &env(&[("PREFECT_API_URL", "http://127.0.0.1:4200/api")])).unwrap();
+        let s = Settings::from_start_args(
+            &args(&[]),
+            &env(&[("PREFECT_API_URL", "http://127.0.0.1:4200/api")]),
+        )
+        .unwrap();
         assert!(s.worker.name.starts_with("DockerWorker "));
         assert_eq!(s.worker.query_interval, Duration::from_secs(10));
         assert_eq!(s.worker.heartbeat_interval, Duration::from_secs(30));
@@ -301,7 +320,10 @@ mod tests {
         assert_eq!(s.worker.default_image, DEFAULT_IMAGE);
         assert_eq!(
             s.worker.settings_env,
-            vec![("PREFECT_API_URL".to_owned(), "http://127.0.0.1:4200/api".to_owned())]
+            vec![(
+                "PREFECT_API_URL".to_owned(),
+                "http://127.0.0.1:4200/api".to_owned()
+            )]
         );
     }
 
@@ -317,14 +339,25 @@ mod tests {
     fn bad_values_are_named() {
         let base = [("PREFECT_API_URL", "http://x/api")];
         let e = Settings::from_start_args(&args(&["--name", "a/b"]), &env(&base)).unwrap_err();
-        assert!(e.to_string().contains("Worker name cannot contain '/' or '%'"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("Worker name cannot contain '/' or '%'"),
+            "{e}"
+        );
         let e = Settings::from_start_args(
             &args(&[]),
-            &env(&[("PREFECT_API_URL", "http://x/api"), ("PREFECT_WORKER_QUERY_SECONDS", "soon")]),
+            &env(&[
+                ("PREFECT_API_URL", "http://x/api"),
+                ("PREFECT_WORKER_QUERY_SECONDS", "soon"),
+            ]),
         )
         .unwrap_err();
-        assert!(e.to_string().contains("PREFECT_WORKER_QUERY_SECONDS"), "{e}");
-        let e = Settings::from_start_args(&args(&[]), &env(&[("PREFECT_API_URL", "not a url")])).unwrap_err();
+        assert!(
+            e.to_string().contains("PREFECT_WORKER_QUERY_SECONDS"),
+            "{e}"
+        );
+        let e = Settings::from_start_args(&args(&[]), &env(&[("PREFECT_API_URL", "not a url")]))
+            .unwrap_err();
         assert!(e.to_string().contains("PREFECT_API_URL"), "{e}");
         let e = Settings::from_start_args(&args(&["--limit", "0"]), &env(&base)).unwrap_err();
         assert!(e.to_string().contains("--limit"), "{e}");
@@ -333,7 +366,20 @@ mod tests {
     #[test]
     fn flags_and_env() {
         let s = Settings::from_start_args(
-            &args(&["-n", "w1", "-q", "a", "-q", "b", "-l", "2", "--run-once", "--no-create-pool-if-not-found", "--prefetch-seconds", "3"]),
+            &args(&[
+                "-n",
+                "w1",
+                "-q",
+                "a",
+                "-q",
+                "b",
+                "-l",
+                "2",
+                "--run-once",
+                "--no-create-pool-if-not-found",
+                "--prefetch-seconds",
+                "3",
+            ]),
             &env(&[
                 ("PREFECT_API_URL", "http://x/api"),
                 ("PREFECT_API_KEY", "k"),
@@ -349,6 +395,11 @@ mod tests {
         assert_eq!(s.worker.prefetch, Duration::from_secs(3));
         assert_eq!(s.worker.heartbeat_interval, Duration::from_secs(15));
         assert_eq!(s.api.api_key.as_deref(), Some("k"));
-        assert!(!s.worker.settings_env.iter().any(|(k, _)| k.starts_with("PREFECT__")));
+        assert!(
+            !s.worker
+                .settings_env
+                .iter()
+                .any(|(k, _)| k.starts_with("PREFECT__"))
+        );
     }
 }

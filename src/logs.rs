@@ -54,7 +54,11 @@ impl ApiLogs {
     }
 
     /// Starts the background sender, flushing every `interval` and once more at shutdown.
-    pub fn spawn(api: Arc<PrefectClient>, interval: Duration, shutdown: CancellationToken) -> (Self, JoinHandle<()>) {
+    pub fn spawn(
+        api: Arc<PrefectClient>,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let handle = tokio::spawn(send_loop(api, rx, interval, shutdown));
         (
@@ -95,7 +99,10 @@ impl ApiLogs {
         if tx.try_send(entry).is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n == 1 || n.is_power_of_two() {
-                tracing::warn!(dropped = n, "flow-run log queue is full; dropping log lines for the API");
+                tracing::warn!(
+                    dropped = n,
+                    "flow-run log queue is full; dropping log lines for the API"
+                );
             }
         }
     }

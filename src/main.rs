@@ -18,7 +18,10 @@ fn init_tracing(env: &BTreeMap<String, String>) {
     let filter = env
         .get("RUST_LOG")
         .cloned()
-        .or_else(|| env.get("PREFECT_LOGGING_LEVEL").map(|l| l.to_ascii_lowercase()))
+        .or_else(|| {
+            env.get("PREFECT_LOGGING_LEVEL")
+                .map(|l| l.to_ascii_lowercase())
+        })
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
     tracing_subscriber::fmt()

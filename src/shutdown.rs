@@ -23,7 +23,9 @@ pub fn spawn_signal_handler(root: CancellationToken) -> std::io::Result<()> {
             }
             seen += 1;
             if seen == 1 {
-                tracing::info!("shutdown requested; stopping (send the signal again to exit at once)");
+                tracing::info!(
+                    "shutdown requested; stopping (send the signal again to exit at once)"
+                );
                 root.cancel();
             } else {
                 tracing::warn!("second signal; exiting now");

@@ -4,7 +4,8 @@ use std::process::Command;
 
 fn worker() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_docker-worker"));
-    cmd.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
     cmd
 }
 
@@ -18,7 +19,15 @@ fn version_and_help() {
     );
     let out = worker().args(["start", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--pool", "--work-queue", "--limit", "--run-once", "--prefetch-seconds", "--base-job-template", "--no-create-pool-if-not-found"] {
+    for flag in [
+        "--pool",
+        "--work-queue",
+        "--limit",
+        "--run-once",
+        "--prefetch-seconds",
+        "--base-job-template",
+        "--no-create-pool-if-not-found",
+    ] {
         assert!(help.contains(flag), "{flag} missing from help:\n{help}");
     }
 }
@@ -27,15 +36,36 @@ fn version_and_help() {
 fn missing_api_url_exits_64_with_a_clear_message() {
     let out = worker().args(["start", "--pool", "p"]).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("`PREFECT_API_URL` must be set to start a Worker"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("`PREFECT_API_URL` must be set to start a Worker")
+    );
 }
 
 #[test]
 fn bad_settings_exit_64() {
     for (args, env, expected) in [
-        (vec!["start", "--pool", "p", "--name", "a%b"], vec![], "Worker name cannot contain"),
-        (vec!["start", "--pool", "p"], vec![("PREFECT_WORKER_QUERY_SECONDS", "x")], "PREFECT_WORKER_QUERY_SECONDS"),
-        (vec!["start", "--pool", "p", "--base-job-template", "/no/such/file.json"], vec![], "/no/such/file.json"),
+        (
+            vec!["start", "--pool", "p", "--name", "a%b"],
+            vec![],
+            "Worker name cannot contain",
+        ),
+        (
+            vec!["start", "--pool", "p"],
+            vec![("PREFECT_WORKER_QUERY_SECONDS", "x")],
+            "PREFECT_WORKER_QUERY_SECONDS",
+        ),
+        (
+            vec![
+                "start",
+                "--pool",
+                "p",
+                "--base-job-template",
+                "/no/such/file.json",
+            ],
+            vec![],
+            "/no/such/file.json",
+        ),
     ] {
         let out = worker()
             .args(&args)
@@ -44,7 +74,11 @@ fn bad_settings_exit_64() {
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(64), "{args:?}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains(expected), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(expected),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -65,5 +99,8 @@ fn unreachable_docker_fails_with_a_message() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("connecting to the Docker Engine") && err.contains("/nonexistent/docker.sock"), "{err}");
+    assert!(
+        err.contains("connecting to the Docker Engine") && err.contains("/nonexistent/docker.sock"),
+        "{err}"
+    );
 }

@@ -17,9 +17,12 @@ const TEST_LABEL: &str = "dev.docker-worker.test";
 
 async fn runtime() -> DockerRuntime {
     require_docker();
-    DockerRuntime::connect(std::env::var("DOCKER_HOST").ok().as_deref(), Duration::from_secs(60))
-        .await
-        .expect("connect to the Docker daemon")
+    DockerRuntime::connect(
+        std::env::var("DOCKER_HOST").ok().as_deref(),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("connect to the Docker daemon")
 }
 
 fn spec(run: &str, command: &str) -> ContainerSpec {
@@ -60,14 +63,20 @@ async fn streams_output_and_reports_the_exit_code() {
     let docker = runtime().await;
     let run = unique("dw-rt-logs");
     let _guard = ContainerGuard::for_label(TEST_LABEL, &run);
-    let s = spec(&run, "echo \"$GREETING\"; echo to-stderr >&2; printf 'a\\nb\\n'; exit 7");
+    let s = spec(
+        &run,
+        "echo \"$GREETING\"; echo to-stderr >&2; printf 'a\\nb\\n'; exit 7",
+    );
     let container = docker.create_and_start_container(&s).await.expect("start");
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let sink = {
         let lines = Arc::clone(&lines);
         move |text: &str| lines.lock().unwrap().push(text.to_owned())
     };
-    let status = docker.watch_container(&container, false, true, &sink).await.expect("watch");
+    let status = docker
+        .watch_container(&container, false, true, &sink)
+        .await
+        .expect("watch");
     assert_eq!(status.code, 7);
     let all = lines.lock().unwrap().join("\n");
     for expected in ["hello from env", "to-stderr", "a\nb"] {
@@ -84,12 +93,20 @@ async fn exit_code_is_right_without_streaming() {
     s.stream_output = false;
     let container = docker.create_and_start_container(&s).await.expect("start");
     let status = docker
-        .watch_container(&container, false, false, &|_: &str| panic!("no output expected"))
+        .watch_container(&container, false, false, &|_: &str| {
+            panic!("no output expected")
+        })
         .await
         .expect("watch");
     assert_eq!(status.code, 42);
-    let status = docker.watch_container(&container, false, false, &|_: &str| {}).await.expect("second watch");
-    assert_eq!(status.code, 42, "watching an exited container reports its code again");
+    let status = docker
+        .watch_container(&container, false, false, &|_: &str| {})
+        .await
+        .expect("second watch");
+    assert_eq!(
+        status.code, 42,
+        "watching an exited container reports its code again"
+    );
 }
 
 #[tokio::test]
@@ -102,7 +119,10 @@ async fn auto_remove_reports_the_code_and_the_container_is_gone() {
     let container = docker.create_and_start_container(&s).await.expect("start");
     // Let it exit and be removed before we even start watching: the hardest case.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let status = docker.watch_container(&container, true, true, &|_: &str| {}).await.expect("watch");
+    let status = docker
+        .watch_container(&container, true, true, &|_: &str| {})
+        .await
+        .expect("watch");
     assert_eq!(status.code, 5);
     assert!(!docker.container_exists(&container.id).await.unwrap());
     assert!(guard.containers().is_empty());
@@ -138,8 +158,14 @@ async fn first_network_at_create_and_the_rest_connected() {
     s.extra_networks = vec![nets[1].clone()];
     let container = docker.create_and_start_container(&s).await.expect("start");
     let info = inspect(&container.id);
-    let attached = info["NetworkSettings"]["Networks"].as_object().cloned().unwrap_or_default();
-    assert!(attached.contains_key(&nets[0]) && attached.contains_key(&nets[1]), "{attached:?}");
+    let attached = info["NetworkSettings"]["Networks"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        attached.contains_key(&nets[0]) && attached.contains_key(&nets[1]),
+        "{attached:?}"
+    );
     assert_eq!(info["HostConfig"]["NetworkMode"], json!(nets[0]));
 }
 
@@ -152,7 +178,10 @@ async fn missing_second_network_is_a_clear_error() {
     s.extra_networks = vec![format!("{run}-missing")];
     let err = docker.create_and_start_container(&s).await.unwrap_err();
     assert!(matches!(err, DockerError::NetworkNotFound { .. }), "{err}");
-    assert_eq!(err.to_string(), format!("Docker network '{run}-missing' not found"));
+    assert_eq!(
+        err.to_string(),
+        format!("Docker network '{run}-missing' not found")
+    );
 }
 
 #[tokio::test]
@@ -181,7 +210,11 @@ async fn a_failed_pull_names_the_image_and_the_registry_error() {
     s.pull_policy = PullPolicy::Always;
     let err = docker.create_and_start_container(&s).await.unwrap_err();
     assert!(matches!(err, DockerError::PullFailed { .. }), "{err}");
-    assert!(err.to_string().starts_with(&format!("Docker pull failed for {}", s.image)), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("Docker pull failed for {}", s.image)),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -206,21 +239,33 @@ async fn create_options_reach_the_engine() {
     s.mem_limit = Some(64 * 1024 * 1024);
     s.extra_hosts = Some(vec!["host.docker.internal:host-gateway".into()]);
     s.config_overrides.insert("User".into(), json!("1234"));
-    s.config_overrides.insert("WorkingDir".into(), json!("/tmp"));
-    s.host_config_overrides.insert("ShmSize".into(), json!(16 * 1024 * 1024));
+    s.config_overrides
+        .insert("WorkingDir".into(), json!("/tmp"));
+    s.host_config_overrides
+        .insert("ShmSize".into(), json!(16 * 1024 * 1024));
     let container = docker.create_and_start_container(&s).await.expect("start");
     let lines = Arc::new(Mutex::new(String::new()));
     let sink = {
         let lines = Arc::clone(&lines);
         move |t: &str| lines.lock().unwrap().push_str(&format!("{t}\n"))
     };
-    assert_eq!(docker.watch_container(&container, false, true, &sink).await.unwrap().code, 0);
+    assert_eq!(
+        docker
+            .watch_container(&container, false, true, &sink)
+            .await
+            .unwrap()
+            .code,
+        0
+    );
     let out = lines.lock().unwrap().clone();
     assert!(out.contains("1234") && out.contains("/tmp"), "{out}");
     let info = inspect(&container.id);
     assert_eq!(info["HostConfig"]["Memory"], json!(64 * 1024 * 1024));
     assert_eq!(info["HostConfig"]["ShmSize"], json!(16 * 1024 * 1024));
-    assert_eq!(info["HostConfig"]["ExtraHosts"], json!(["host.docker.internal:host-gateway"]));
+    assert_eq!(
+        info["HostConfig"]["ExtraHosts"],
+        json!(["host.docker.internal:host-gateway"])
+    );
     assert_eq!(info["Config"]["Labels"][TEST_LABEL], json!(run));
 }
 
@@ -228,6 +273,12 @@ async fn create_options_reach_the_engine() {
 async fn unreachable_daemon_is_a_connect_error() {
     let dir = tempfile::tempdir().unwrap();
     let sock = format!("unix://{}/nothing.sock", dir.path().display());
-    let err = DockerRuntime::connect(Some(&sock), Duration::from_secs(5)).await.unwrap_err();
-    assert!(err.to_string().starts_with("Could not connect to Docker at unix://"), "{err}");
+    let err = DockerRuntime::connect(Some(&sock), Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("Could not connect to Docker at unix://"),
+        "{err}"
+    );
 }

@@ -26,10 +26,19 @@ async fn hello_flow_completes_and_pool_gets_the_default_template() {
     let pool = unique("e2e-hello");
     let _guard = ContainerGuard::for_pool(&pool);
     // The worker creates the pool itself.
-    let worker = WorkerProcess::start(server, &["--pool", &pool, "--name", "e2e-hello-worker"], &[]);
+    let worker = WorkerProcess::start(
+        server,
+        &["--pool", &pool, "--name", "e2e-hello-worker"],
+        &[],
+    );
     api.wait_for_pool(&pool, Duration::from_secs(60)).await;
     let dep = api
-        .create_deployment(&pool, "hello", "flows.py:hello", json!({"image": FLOW_IMAGE}))
+        .create_deployment(
+            &pool,
+            "hello",
+            "flows.py:hello",
+            json!({"image": FLOW_IMAGE}),
+        )
         .await;
     let run_id = api.create_flow_run(&dep, json!({})).await;
     let run = api.wait_for_final_state(&run_id, RUN_TIMEOUT).await;
@@ -41,16 +50,27 @@ async fn hello_flow_completes_and_pool_gets_the_default_template() {
     );
     // The worker recorded the container and labelled the run.
     let pid = run["infrastructure_pid"].as_str().unwrap_or_default();
-    assert!(pid.starts_with("http+docker://localhost:"), "infrastructure_pid {pid:?}");
-    assert_eq!(run["labels"]["prefect.worker.name"], json!("e2e-hello-worker"));
+    assert!(
+        pid.starts_with("http+docker://localhost:"),
+        "infrastructure_pid {pid:?}"
+    );
+    assert_eq!(
+        run["labels"]["prefect.worker.name"],
+        json!("e2e-hello-worker")
+    );
     assert_eq!(run["labels"]["prefect.work-pool.name"], json!(pool));
     // Container output was streamed to the worker's stdout.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(worker.output().contains("hello world from"), "worker output:\n{}", worker.output());
+    assert!(
+        worker.output().contains("hello world from"),
+        "worker output:\n{}",
+        worker.output()
+    );
     // The worker's flow-run logs reached the API.
     let logs = api.flow_run_logs(&run_id).await;
     assert!(
-        logs.iter().any(|l| l == &format!("Worker 'e2e-hello-worker' submitting flow run '{run_id}'")),
+        logs.iter()
+            .any(|l| l == &format!("Worker 'e2e-hello-worker' submitting flow run '{run_id}'")),
         "logs: {logs:?}"
     );
 
@@ -58,12 +78,22 @@ async fn hello_flow_completes_and_pool_gets_the_default_template() {
     let (status, pool_json) = api.read_work_pool(&pool).await;
     assert_eq!(status, 200);
     let reference = Command::new(venv().join("bin/prefect"))
-        .args(["work-pool", "get-default-base-job-template", "--type", "docker"])
+        .args([
+            "work-pool",
+            "get-default-base-job-template",
+            "--type",
+            "docker",
+        ])
         .env("PREFECT_API_URL", &server.api_url)
         .output()
         .expect("run prefect CLI");
-    assert!(reference.status.success(), "{}", String::from_utf8_lossy(&reference.stderr));
-    let reference: Value = serde_json::from_slice(&reference.stdout).expect("reference template JSON");
+    assert!(
+        reference.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reference.stderr)
+    );
+    let reference: Value =
+        serde_json::from_slice(&reference.stdout).expect("reference template JSON");
     assert_eq!(pool_json["base_job_template"], reference);
     assert_eq!(
         serde_json::from_str::<Value>(docker_worker::job::DEFAULT_BASE_JOB_TEMPLATE).unwrap(),
@@ -141,7 +171,12 @@ async fn missing_image_crashes_with_a_specific_message_and_the_worker_goes_on() 
         )
         .await;
     let good = api
-        .create_deployment(&pool, "hello", "flows.py:hello", json!({"image": FLOW_IMAGE}))
+        .create_deployment(
+            &pool,
+            "hello",
+            "flows.py:hello",
+            json!({"image": FLOW_IMAGE}),
+        )
         .await;
     let bad_run = api.create_flow_run(&bad, json!({})).await;
     let worker = WorkerProcess::start(server, &["--pool", &pool], &[]);
@@ -155,7 +190,12 @@ async fn missing_image_crashes_with_a_specific_message_and_the_worker_goes_on() 
     // The same worker process completes the next run.
     let good_run = api.create_flow_run(&good, json!({})).await;
     let run = api.wait_for_final_state(&good_run, RUN_TIMEOUT).await;
-    assert_eq!(state(&run).0, "COMPLETED", "run: {run}\nworker:\n{}", worker.output());
+    assert_eq!(
+        state(&run).0,
+        "COMPLETED",
+        "run: {run}\nworker:\n{}",
+        worker.output()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -179,8 +219,9 @@ async fn invalid_job_variables_crash_with_the_validation_message() {
     let (ty, message) = state(&run);
     assert_eq!(ty, "CRASHED", "run: {run}\nworker:\n{}", worker.output());
     assert!(
-        message.starts_with("Failed to submit flow run to infrastructure: ValidationError: 1 validation error")
-            && message.contains("unknown key 'bogus_option'"),
+        message.starts_with(
+            "Failed to submit flow run to infrastructure: ValidationError: 1 validation error"
+        ) && message.contains("unknown key 'bogus_option'"),
         "{message}"
     );
 }
@@ -205,7 +246,12 @@ async fn limit_one_never_runs_two_containers_at_once() {
     let worker = WorkerProcess::start(server, &["--pool", &pool, "--limit", "1"], &[]);
     for id in [&a, &b] {
         let run = api.wait_for_final_state(id, RUN_TIMEOUT).await;
-        assert_eq!(state(&run).0, "CRASHED", "run: {run}\nworker:\n{}", worker.output());
+        assert_eq!(
+            state(&run).0,
+            "CRASHED",
+            "run: {run}\nworker:\n{}",
+            worker.output()
+        );
     }
     let ids = guard.containers();
     assert_eq!(ids.len(), 2, "expected two containers");
@@ -214,8 +260,14 @@ async fn limit_one_never_runs_two_containers_at_once() {
         .map(|id| {
             let s = inspect(id);
             (
-                s["State"]["StartedAt"].as_str().unwrap_or_default().to_owned(),
-                s["State"]["FinishedAt"].as_str().unwrap_or_default().to_owned(),
+                s["State"]["StartedAt"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                s["State"]["FinishedAt"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
             )
         })
         .collect();
@@ -247,10 +299,19 @@ async fn run_once_exits_after_its_runs_finish() {
     let run_id = api.create_flow_run(&dep, json!({})).await;
     let mut worker = WorkerProcess::start(server, &["--pool", &pool, "--run-once"], &[]);
     let status = worker.wait_timeout(RUN_TIMEOUT);
-    assert!(status.is_some_and(|s| s.success()), "worker did not exit cleanly: {status:?}\n{}", worker.output());
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "worker did not exit cleanly: {status:?}\n{}",
+        worker.output()
+    );
     // By the time it exited, its run had finished and been reported.
     let run = api.read_flow_run(&run_id).await;
-    assert_eq!(state(&run).0, "CRASHED", "run: {run}\nworker:\n{}", worker.output());
+    assert_eq!(
+        state(&run).0,
+        "CRASHED",
+        "run: {run}\nworker:\n{}",
+        worker.output()
+    );
     assert!(guard.running().is_empty());
 }
 
@@ -275,18 +336,37 @@ async fn sigterm_stops_claiming_and_leaves_containers_running() {
     while guard.running().is_empty() && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(guard.running().len(), 1, "container never started:\n{}", worker.output());
+    assert_eq!(
+        guard.running().len(),
+        1,
+        "container never started:\n{}",
+        worker.output()
+    );
     // Wait until the pid is recorded, so the run is fully handed to the container.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while api.read_flow_run(&run_id).await["infrastructure_pid"].is_null() && std::time::Instant::now() < deadline {
+    while api.read_flow_run(&run_id).await["infrastructure_pid"].is_null()
+        && std::time::Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     worker.signal("TERM");
     let status = worker.wait_timeout(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "worker did not exit 0 on SIGTERM: {status:?}\n{}", worker.output());
-    assert_eq!(guard.running().len(), 1, "the container must keep running after the worker stops");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "worker did not exit 0 on SIGTERM: {status:?}\n{}",
+        worker.output()
+    );
+    assert_eq!(
+        guard.running().len(),
+        1,
+        "the container must keep running after the worker stops"
+    );
     let run = api.read_flow_run(&run_id).await;
-    assert_eq!(state(&run).0, "PENDING", "the run is left to the container: {run}");
+    assert_eq!(
+        state(&run).0,
+        "PENDING",
+        "the run is left to the container: {run}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -295,10 +375,29 @@ async fn missing_pool_without_creation_is_not_created() {
     let server = server();
     let api = Api::new(server);
     let pool = unique("e2e-nopool");
-    let mut worker = WorkerProcess::start(server, &["--pool", &pool, "--no-create-pool-if-not-found", "--run-once"], &[]);
+    let mut worker = WorkerProcess::start(
+        server,
+        &[
+            "--pool",
+            &pool,
+            "--no-create-pool-if-not-found",
+            "--run-once",
+        ],
+        &[],
+    );
     let status = worker.wait_timeout(Duration::from_secs(60));
-    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{}", worker.output());
-    assert!(worker.output().contains(&format!("Work pool '{pool}' not found!")), "{}", worker.output());
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        worker.output()
+    );
+    assert!(
+        worker
+            .output()
+            .contains(&format!("Work pool '{pool}' not found!")),
+        "{}",
+        worker.output()
+    );
     assert_eq!(api.read_work_pool(&pool).await.0, 404);
 }
 
@@ -306,8 +405,17 @@ async fn missing_pool_without_creation_is_not_created() {
 async fn reserved_pool_name_stops_the_worker_with_the_servers_reason() {
     require_docker();
     let server = server();
-    let mut worker = WorkerProcess::start(server, &["--pool", "prefect-reserved", "--run-once"], &[]);
+    let mut worker =
+        WorkerProcess::start(server, &["--pool", "prefect-reserved", "--run-once"], &[]);
     let status = worker.wait_timeout(Duration::from_secs(60));
-    assert!(status.is_some_and(|s| !s.success()), "{status:?}\n{}", worker.output());
-    assert!(worker.output().contains("reserved for internal use"), "{}", worker.output());
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "{status:?}\n{}",
+        worker.output()
+    );
+    assert!(
+        worker.output().contains("reserved for internal use"),
+        "{}",
+        worker.output()
+    );
 }

@@ -23,7 +23,10 @@ impl From<bollard::errors::Error> for EngineFailure {
     fn from(error: bollard::errors::Error) -> Self {
         use bollard::errors::Error as E;
         match error {
-            E::DockerResponseServerError { status_code, message } => Self {
+            E::DockerResponseServerError {
+                status_code,
+                message,
+            } => Self {
                 status: Some(status_code),
                 message,
             },
@@ -42,7 +45,11 @@ impl From<bollard::errors::Error> for EngineFailure {
 impl EngineFailure {
     /// 404, or Podman's "no such container" wording.
     pub fn is_not_found(&self) -> bool {
-        self.status == Some(404) || self.message.to_ascii_lowercase().contains("no such container")
+        self.status == Some(404)
+            || self
+                .message
+                .to_ascii_lowercase()
+                .contains("no such container")
     }
 
     /// The Engine's answer to a create whose name is taken.
@@ -85,7 +92,9 @@ pub enum DockerError {
         local: EngineFailure,
     },
     /// The image is not on this Docker host and the policy did not allow pulling it.
-    #[error("No such image: {image} (image_pull_policy is {policy}, so the worker did not pull it)")]
+    #[error(
+        "No such image: {image} (image_pull_policy is {policy}, so the worker did not pull it)"
+    )]
     ImageNotFound {
         /// Image reference.
         image: String,
@@ -93,7 +102,9 @@ pub enum DockerError {
         policy: &'static str,
     },
     /// Every name suffix tried was taken.
-    #[error("Docker container name '{name}' is already in use and {attempts} suffixed names were taken too")]
+    #[error(
+        "Docker container name '{name}' is already in use and {attempts} suffixed names were taken too"
+    )]
     NameConflict {
         /// The configured name.
         name: String,

@@ -9,8 +9,8 @@ use bollard::Docker;
 use bollard::auth::DockerCredentials;
 use bollard::models::{ContainerCreateBody, NetworkConnectRequest};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder, LogsOptionsBuilder,
-    WaitContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
+    LogsOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
@@ -33,7 +33,9 @@ pub struct CreatedContainer {
 impl CreatedContainer {
     /// The name for messages: the container name, else the short id.
     pub fn display_name(&self) -> &str {
-        self.name.as_deref().unwrap_or(&self.id[..self.id.len().min(12)])
+        self.name
+            .as_deref()
+            .unwrap_or(&self.id[..self.id.len().min(12)])
     }
 }
 
@@ -63,7 +65,11 @@ fn base_url_for(host: &str, tls: bool) -> String {
         "http+docker://ssh".to_owned()
     } else {
         let rest = host.split_once("://").map_or(host, |(_, r)| r);
-        let scheme = if tls || host.starts_with("https://") { "https" } else { "http" };
+        let scheme = if tls || host.starts_with("https://") {
+            "https"
+        } else {
+            "http"
+        };
         format!("{scheme}://{}", rest.trim_end_matches('/'))
     }
 }
@@ -90,7 +96,10 @@ impl DockerRuntime {
         }
         .map_err(|e| connect_error(e.into()))?
         .with_timeout(timeout);
-        let version = docker.version().await.map_err(|e| connect_error(e.into()))?;
+        let version = docker
+            .version()
+            .await
+            .map_err(|e| connect_error(e.into()))?;
         let tls = std::env::var_os("DOCKER_TLS_VERIFY").is_some_and(|v| !v.is_empty());
         Ok(Self {
             base_url: base_url_for(&host, tls),
@@ -162,23 +171,28 @@ impl DockerRuntime {
     }
 
     async fn pull_image(&self, spec: &ContainerSpec) -> Result<(), DockerError> {
-        let image_ref = crate::job::image::ImageRef::parse(&spec.image).map_err(|e| DockerError::PullFailed {
-            image: spec.image.clone(),
-            failure: EngineFailure {
-                status: None,
-                message: e.to_string(),
-            },
+        let image_ref = crate::job::image::ImageRef::parse(&spec.image).map_err(|e| {
+            DockerError::PullFailed {
+                image: spec.image.clone(),
+                failure: EngineFailure {
+                    status: None,
+                    message: e.to_string(),
+                },
+            }
         })?;
         let options = CreateImageOptionsBuilder::default()
             .from_image(&image_ref.repository)
             .tag(image_ref.tag.as_deref().unwrap_or("latest"))
             .build();
-        let credentials = spec.registry_credentials.as_ref().map(|c| DockerCredentials {
-            username: Some(c.username.clone()),
-            password: Some(c.password.clone()),
-            serveraddress: Some(c.registry_url.clone()),
-            ..DockerCredentials::default()
-        });
+        let credentials = spec
+            .registry_credentials
+            .as_ref()
+            .map(|c| DockerCredentials {
+                username: Some(c.username.clone()),
+                password: Some(c.password.clone()),
+                serveraddress: Some(c.registry_url.clone()),
+                ..DockerCredentials::default()
+            });
         tracing::info!(image = %spec.image, "Pulling image");
         let mut stream = self.docker.create_image(Some(options), None, credentials);
         while let Some(item) = stream.next().await {
@@ -234,7 +248,11 @@ impl DockerRuntime {
         body.insert("Image".into(), json!(spec.image));
         body.insert("NetworkDisabled".into(), json!(false));
         if !spec.volume_paths.is_empty() {
-            let volumes: Map<String, Value> = spec.volume_paths.iter().map(|p| (p.clone(), json!({}))).collect();
+            let volumes: Map<String, Value> = spec
+                .volume_paths
+                .iter()
+                .map(|p| (p.clone(), json!({})))
+                .collect();
             body.insert("Volumes".into(), Value::Object(volumes));
         }
         body.insert("Labels".into(), json!(spec.labels));
@@ -242,20 +260,36 @@ impl DockerRuntime {
         for (k, v) in &spec.config_overrides {
             body.insert(k.clone(), v.clone());
         }
-        serde_json::from_value(Value::Object(body)).map_err(|e| DockerError::InvalidOptions { message: e.to_string() })
+        serde_json::from_value(Value::Object(body)).map_err(|e| DockerError::InvalidOptions {
+            message: e.to_string(),
+        })
     }
 
     /// Creates the container, retrying with `<name>-1`, `<name>-2`, … while the name is taken.
     ///
     /// # Errors
     /// [`DockerError::ImageNotFound`], [`DockerError::NameConflict`], [`DockerError::CreateFailed`].
-    pub async fn create_container(&self, spec: &ContainerSpec) -> Result<CreatedContainer, DockerError> {
+    pub async fn create_container(
+        &self,
+        spec: &ContainerSpec,
+    ) -> Result<CreatedContainer, DockerError> {
         let body = Self::create_body(spec)?;
         let mut attempt = 0;
         loop {
-            let name = spec.name.as_ref().map(|n| if attempt == 0 { n.clone() } else { format!("{n}-{attempt}") });
-            let options = name.as_ref().map(|n| CreateContainerOptionsBuilder::default().name(n).build());
-            tracing::info!(container = name.as_deref().unwrap_or("<auto>"), "Creating Docker container");
+            let name = spec.name.as_ref().map(|n| {
+                if attempt == 0 {
+                    n.clone()
+                } else {
+                    format!("{n}-{attempt}")
+                }
+            });
+            let options = name
+                .as_ref()
+                .map(|n| CreateContainerOptionsBuilder::default().name(n).build());
+            tracing::info!(
+                container = name.as_deref().unwrap_or("<auto>"),
+                "Creating Docker container"
+            );
             match self.docker.create_container(options, body.clone()).await {
                 Ok(resp) => {
                     return Ok(CreatedContainer { id: resp.id, name });
@@ -270,7 +304,10 @@ impl DockerRuntime {
                                 attempts: NAME_CONFLICT_ATTEMPTS,
                             });
                         }
-                        tracing::info!(container = name.as_deref().unwrap_or_default(), "Docker container name already exists; retrying");
+                        tracing::info!(
+                            container = name.as_deref().unwrap_or_default(),
+                            "Docker container name already exists; retrying"
+                        );
                         continue;
                     }
                     if failure.status == Some(404) && failure.message.contains("No such image") {
@@ -292,7 +329,11 @@ impl DockerRuntime {
     ///
     /// # Errors
     /// [`DockerError::NetworkNotFound`] or [`DockerError::NetworkConnectFailed`].
-    pub async fn connect_networks(&self, container: &CreatedContainer, networks: &[String]) -> Result<(), DockerError> {
+    pub async fn connect_networks(
+        &self,
+        container: &CreatedContainer,
+        networks: &[String],
+    ) -> Result<(), DockerError> {
         for network in networks {
             let inspected = self
                 .docker
@@ -345,10 +386,14 @@ impl DockerRuntime {
     ///
     /// # Errors
     /// The failing step's [`DockerError`].
-    pub async fn create_and_start_container(&self, spec: &ContainerSpec) -> Result<CreatedContainer, DockerError> {
+    pub async fn create_and_start_container(
+        &self,
+        spec: &ContainerSpec,
+    ) -> Result<CreatedContainer, DockerError> {
         self.ensure_image(spec).await?;
         let container = self.create_container(spec).await?;
-        self.connect_networks(&container, &spec.extra_networks).await?;
+        self.connect_networks(&container, &spec.extra_networks)
+            .await?;
         self.start_container(&container).await?;
         Ok(container)
     }
@@ -368,13 +413,21 @@ impl DockerRuntime {
         stream_output: bool,
         output: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<ExitStatus, DockerError> {
-        let condition = if auto_remove { "removed" } else { "not-running" };
+        let condition = if auto_remove {
+            "removed"
+        } else {
+            "not-running"
+        };
         let wait = async {
-            let options = WaitContainerOptionsBuilder::default().condition(condition).build();
+            let options = WaitContainerOptionsBuilder::default()
+                .condition(condition)
+                .build();
             let mut stream = self.docker.wait_container(&container.id, Some(options));
             match stream.next().await {
                 Some(Ok(resp)) => Ok(resp.status_code),
-                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
+                    Ok(code)
+                }
                 Some(Err(e)) => Err(EngineFailure::from(e)),
                 None => Err(EngineFailure {
                     status: None,
@@ -407,7 +460,12 @@ impl DockerRuntime {
         }
     }
 
-    async fn stream_logs(&self, container: &CreatedContainer, auto_remove: bool, output: &(dyn Fn(&str) + Send + Sync)) {
+    async fn stream_logs(
+        &self,
+        container: &CreatedContainer,
+        auto_remove: bool,
+        output: &(dyn Fn(&str) + Send + Sync),
+    ) {
         let options = LogsOptionsBuilder::default()
             .follow(true)
             .stdout(true)
@@ -426,9 +484,15 @@ impl DockerRuntime {
                     let failure = EngineFailure::from(e);
                     let name = container.display_name();
                     if failure.message.contains("marked for removal") {
-                        tracing::warn!(container = name, "Docker container was marked for removal before logs could be retrieved. Output will not be streamed.");
+                        tracing::warn!(
+                            container = name,
+                            "Docker container was marked for removal before logs could be retrieved. Output will not be streamed."
+                        );
                     } else if auto_remove && failure.is_not_found() {
-                        tracing::warn!(container = name, "Docker container was removed before logs could be retrieved. Output will not be streamed.");
+                        tracing::warn!(
+                            container = name,
+                            "Docker container was removed before logs could be retrieved. Output will not be streamed."
+                        );
                     } else {
                         tracing::error!(container = name, error = %failure, "An unexpected Docker API error occurred while streaming output from the container");
                     }
@@ -527,21 +591,37 @@ mod tests {
         assert_eq!(hc["Memory"], json!(1 << 26));
         assert_eq!(hc["AutoRemove"], json!(true));
         assert_eq!(hc["ShmSize"], json!(1024));
-        assert_eq!(hc["ExtraHosts"], json!(["host.docker.internal:host-gateway"]));
+        assert_eq!(
+            hc["ExtraHosts"],
+            json!(["host.docker.internal:host-gateway"])
+        );
         assert!(hc.get("Privileged").is_none() && hc.get("MemorySwap").is_none());
     }
 
     #[test]
     fn bad_overrides_are_reported() {
         let mut s = spec();
-        s.host_config_overrides.insert("ShmSize".into(), json!("not a number"));
-        assert!(matches!(DockerRuntime::create_body(&s), Err(DockerError::InvalidOptions { .. })));
+        s.host_config_overrides
+            .insert("ShmSize".into(), json!("not a number"));
+        assert!(matches!(
+            DockerRuntime::create_body(&s),
+            Err(DockerError::InvalidOptions { .. })
+        ));
     }
 
     #[test]
     fn base_urls() {
-        assert_eq!(base_url_for("unix:///var/run/docker.sock", false), "http+docker://localhost");
-        assert_eq!(base_url_for("tcp://127.0.0.1:2376", false), "http://127.0.0.1:2376");
-        assert_eq!(base_url_for("tcp://127.0.0.1:2376", true), "https://127.0.0.1:2376");
+        assert_eq!(
+            base_url_for("unix:///var/run/docker.sock", false),
+            "http+docker://localhost"
+        );
+        assert_eq!(
+            base_url_for("tcp://127.0.0.1:2376", false),
+            "http://127.0.0.1:2376"
+        );
+        assert_eq!(
+            base_url_for("tcp://127.0.0.1:2376", true),
+            "https://127.0.0.1:2376"
+        );
     }
 }

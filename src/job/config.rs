@@ -242,7 +242,10 @@ impl DockerJobConfiguration {
             let mut field = |name: &str| match map.get(name) {
                 Some(Value::String(s)) => Some(s.clone()),
                 Some(_) => {
-                    c.fail(&format!("registry_credentials.{name}"), "Input should be a valid string");
+                    c.fail(
+                        &format!("registry_credentials.{name}"),
+                        "Input should be a valid string",
+                    );
                     None
                 }
                 None => {
@@ -407,7 +410,10 @@ mod tests {
         ] {
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }
-        assert!(text.starts_with("8 validation errors for DockerWorkerJobConfiguration"), "{text}");
+        assert!(
+            text.starts_with("8 validation errors for DockerWorkerJobConfiguration"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -160,19 +160,31 @@ fn convert(key: &str, value: &Value, conv: Conv) -> Result<Value, String> {
         Conv::Bytes => match value {
             Value::String(s) => json!(parse_bytes(s)?),
             Value::Number(_) => value.clone(),
-            _ => return Err(format!("container_create_kwargs.{key}: expected a size such as \"1g\" or a number of bytes")),
+            _ => {
+                return Err(format!(
+                    "container_create_kwargs.{key}: expected a size such as \"1g\" or a number of bytes"
+                ));
+            }
         },
         Conv::Stringify => match value {
             Value::String(_) => value.clone(),
             Value::Number(n) => json!(n.to_string()),
-            _ => return Err(format!("container_create_kwargs.{key}: expected a string or a number")),
+            _ => {
+                return Err(format!(
+                    "container_create_kwargs.{key}: expected a string or a number"
+                ));
+            }
         },
         Conv::ShellList => match value {
-            Value::String(s) => json!(
-                shlex::split(s).ok_or_else(|| format!("container_create_kwargs.{key}: unbalanced quotes in {s:?}"))?
-            ),
+            Value::String(s) => json!(shlex::split(s).ok_or_else(|| format!(
+                "container_create_kwargs.{key}: unbalanced quotes in {s:?}"
+            ))?),
             Value::Array(_) | Value::Null => value.clone(),
-            _ => return Err(format!("container_create_kwargs.{key}: expected a string or a list of strings")),
+            _ => {
+                return Err(format!(
+                    "container_create_kwargs.{key}: expected a string or a list of strings"
+                ));
+            }
         },
         Conv::StringList => match value {
             Value::String(s) => json!([s]),
@@ -185,27 +197,39 @@ fn convert(key: &str, value: &Value, conv: Conv) -> Result<Value, String> {
                     })
                     .collect(),
             ),
-            _ => return Err(format!("container_create_kwargs.{key}: expected a list of strings")),
+            _ => {
+                return Err(format!(
+                    "container_create_kwargs.{key}: expected a list of strings"
+                ));
+            }
         },
     })
 }
 
 /// `ports` as docker-py takes it: `{"80/tcp": 8080, "81": ["127.0.0.1", 81], "82/udp": [1, 2], "83": null}`.
 fn convert_ports(value: &Value) -> Result<(Value, Value), String> {
-    let map = value
-        .as_object()
-        .ok_or("container_create_kwargs.ports: expected an object of container port to host port")?;
+    let map = value.as_object().ok_or(
+        "container_create_kwargs.ports: expected an object of container port to host port",
+    )?;
     let mut exposed = Map::new();
     let mut bindings = Map::new();
     for (port, host) in map {
-        let key = if port.contains('/') { port.clone() } else { format!("{port}/tcp") };
+        let key = if port.contains('/') {
+            port.clone()
+        } else {
+            format!("{port}/tcp")
+        };
         exposed.insert(key.clone(), json!({}));
         let binding = |ip: &str, port: &Value| -> Result<Value, String> {
             let host_port = match port {
                 Value::Null => String::new(),
                 Value::Number(n) => n.to_string(),
                 Value::String(s) => s.clone(),
-                _ => return Err(format!("container_create_kwargs.ports.{key}: bad host port {port}")),
+                _ => {
+                    return Err(format!(
+                        "container_create_kwargs.ports.{key}: bad host port {port}"
+                    ));
+                }
             };
             Ok(json!({"HostIp": ip, "HostPort": host_port}))
         };
@@ -218,13 +242,20 @@ fn convert_ports(value: &Value) -> Result<(Value, Value), String> {
                 vec![binding(items[0].as_str().unwrap_or_default(), &items[1])?]
             }
             Value::Array(items) if items.len() == 1 && items[0].is_string() => {
-                vec![binding(items[0].as_str().unwrap_or_default(), &Value::Null)?]
+                vec![binding(
+                    items[0].as_str().unwrap_or_default(),
+                    &Value::Null,
+                )?]
             }
             Value::Array(items) => items
                 .iter()
                 .map(|p| binding("", p))
                 .collect::<Result<Vec<_>, _>>()?,
-            other => return Err(format!("container_create_kwargs.ports.{key}: bad host port {other}")),
+            other => {
+                return Err(format!(
+                    "container_create_kwargs.ports.{key}: bad host port {other}"
+                ));
+            }
         };
         bindings.insert(key, Value::Array(list));
     }
@@ -233,7 +264,9 @@ fn convert_ports(value: &Value) -> Result<(Value, Value), String> {
 
 /// `devices` strings (`/dev/x[:/dev/y[:rwm]]`) to Engine device mappings.
 fn convert_devices(value: &Value) -> Result<Value, String> {
-    let items = value.as_array().ok_or("container_create_kwargs.devices: expected a list")?;
+    let items = value
+        .as_array()
+        .ok_or("container_create_kwargs.devices: expected a list")?;
     items
         .iter()
         .map(|item| match item {
@@ -252,7 +285,9 @@ fn convert_devices(value: &Value) -> Result<Value, String> {
 }
 
 fn convert_device_requests(value: &Value) -> Result<Value, String> {
-    let items = value.as_array().ok_or("container_create_kwargs.device_requests: expected a list")?;
+    let items = value
+        .as_array()
+        .ok_or("container_create_kwargs.device_requests: expected a list")?;
     items
         .iter()
         .map(|item| {
@@ -283,7 +318,9 @@ fn convert_tmpfs(value: &Value) -> Result<Value, String> {
         Value::Array(items) => {
             let mut out = Map::new();
             for item in items {
-                let s = item.as_str().ok_or("container_create_kwargs.tmpfs: expected strings")?;
+                let s = item
+                    .as_str()
+                    .ok_or("container_create_kwargs.tmpfs: expected strings")?;
                 let (path, opts) = s.split_once(':').unwrap_or((s, ""));
                 out.insert(path.to_owned(), json!(opts));
             }
@@ -294,7 +331,9 @@ fn convert_tmpfs(value: &Value) -> Result<Value, String> {
 }
 
 fn convert_ulimits(value: &Value) -> Result<Value, String> {
-    let items = value.as_array().ok_or("container_create_kwargs.ulimits: expected a list")?;
+    let items = value
+        .as_array()
+        .ok_or("container_create_kwargs.ulimits: expected a list")?;
     Ok(Value::Array(items.iter().map(capitalize_keys).collect()))
 }
 
@@ -322,25 +361,35 @@ pub fn map_create_kwargs(kwargs: &Map<String, Value>) -> Result<EngineOverrides,
                 out.host_config.insert("PortBindings".into(), bindings);
             }
             "devices" => {
-                out.host_config.insert("Devices".into(), convert_devices(value)?);
+                out.host_config
+                    .insert("Devices".into(), convert_devices(value)?);
             }
             "device_requests" => {
-                out.host_config.insert("DeviceRequests".into(), convert_device_requests(value)?);
+                out.host_config
+                    .insert("DeviceRequests".into(), convert_device_requests(value)?);
             }
             "tmpfs" => {
-                out.host_config.insert("Tmpfs".into(), convert_tmpfs(value)?);
+                out.host_config
+                    .insert("Tmpfs".into(), convert_tmpfs(value)?);
             }
             "ulimits" => {
-                out.host_config.insert("Ulimits".into(), convert_ulimits(value)?);
+                out.host_config
+                    .insert("Ulimits".into(), convert_ulimits(value)?);
             }
             "environment" | "network" => {
                 return Err(format!(
                     "container_create_kwargs.{key} is not allowed: use the `{}` job variable instead",
-                    if key == "environment" { "env" } else { "networks" }
+                    if key == "environment" {
+                        "env"
+                    } else {
+                        "networks"
+                    }
                 ));
             }
             "detach" | "remove" | "use_config_proxy" | "version" => {
-                out.warnings.push(format!("container_create_kwargs.{key} has no effect and is ignored"));
+                out.warnings.push(format!(
+                    "container_create_kwargs.{key} has no effect and is ignored"
+                ));
             }
             other => {
                 let (host, field, conv) = lookup_keyword(other).ok_or_else(|| {
@@ -384,8 +433,14 @@ mod tests {
         assert_eq!(out.host_config["NanoCpus"], json!(500_000_000));
         assert_eq!(out.host_config["CapAdd"], json!(["NET_ADMIN"]));
         assert_eq!(out.host_config["ReadonlyRootfs"], json!(true));
-        assert_eq!(out.host_config["RestartPolicy"], json!({"Name": "on-failure", "MaximumRetryCount": 3}));
-        assert_eq!(out.host_config["Ulimits"], json!([{"Name": "nofile", "Soft": 1024, "Hard": 2048}]));
+        assert_eq!(
+            out.host_config["RestartPolicy"],
+            json!({"Name": "on-failure", "MaximumRetryCount": 3})
+        );
+        assert_eq!(
+            out.host_config["Ulimits"],
+            json!([{"Name": "nofile", "Soft": 1024, "Hard": 2048}])
+        );
         assert_eq!(
             out.host_config["DeviceRequests"],
             json!([{"Driver": "nvidia", "Count": -1, "Capabilities": [["gpu"]]}])
@@ -401,19 +456,33 @@ mod tests {
             out.config["ExposedPorts"],
             json!({"80/tcp": {}, "81/tcp": {}, "82/udp": {}, "83/tcp": {}})
         );
-        assert_eq!(out.host_config["PortBindings"]["81/tcp"], json!([{"HostIp": "127.0.0.1", "HostPort": "8181"}]));
+        assert_eq!(
+            out.host_config["PortBindings"]["81/tcp"],
+            json!([{"HostIp": "127.0.0.1", "HostPort": "8181"}])
+        );
         assert_eq!(
             out.host_config["PortBindings"]["82/udp"],
             json!([{"HostIp": "", "HostPort": "1"}, {"HostIp": "", "HostPort": "2"}])
         );
-        assert_eq!(out.host_config["PortBindings"]["83/tcp"], json!([{"HostIp": "", "HostPort": ""}]));
+        assert_eq!(
+            out.host_config["PortBindings"]["83/tcp"],
+            json!([{"HostIp": "", "HostPort": ""}])
+        );
     }
 
     #[test]
     fn unknown_and_clashing_keys_are_named() {
         assert!(map(json!({"bogus": 1})).unwrap_err().contains("'bogus'"));
-        assert!(map(json!({"environment": {}})).unwrap_err().contains("environment"));
-        assert!(map(json!({"shm_size": "1q"})).unwrap_err().contains("should specify the units"));
+        assert!(
+            map(json!({"environment": {}}))
+                .unwrap_err()
+                .contains("environment")
+        );
+        assert!(
+            map(json!({"shm_size": "1q"}))
+                .unwrap_err()
+                .contains("should specify the units")
+        );
         let out = map(json!({"volumes": ["/x"]})).unwrap();
         assert_eq!(out.warnings.len(), 1);
     }

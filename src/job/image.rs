@@ -115,10 +115,22 @@ mod tests {
     #[test]
     fn tag_parsing_edge_cases() {
         assert_eq!(split("busybox"), ("busybox".into(), None));
-        assert_eq!(split("busybox:1.36"), ("busybox".into(), Some("1.36".into())));
-        assert_eq!(split("localhost:5000/img"), ("localhost:5000/img".into(), None));
-        assert_eq!(split("localhost:5000/img:v1"), ("localhost:5000/img".into(), Some("v1".into())));
-        assert_eq!(split("repo/img@sha256:abc"), ("repo/img".into(), Some("sha256:abc".into())));
+        assert_eq!(
+            split("busybox:1.36"),
+            ("busybox".into(), Some("1.36".into()))
+        );
+        assert_eq!(
+            split("localhost:5000/img"),
+            ("localhost:5000/img".into(), None)
+        );
+        assert_eq!(
+            split("localhost:5000/img:v1"),
+            ("localhost:5000/img".into(), Some("v1".into()))
+        );
+        assert_eq!(
+            split("repo/img@sha256:abc"),
+            ("repo/img".into(), Some("sha256:abc".into()))
+        );
         assert_eq!(
             split("registry:5000/ns/img:tag@sha256:abc"),
             ("registry:5000/ns/img:tag".into(), Some("sha256:abc".into()))
@@ -139,7 +151,12 @@ mod tests {
 
     #[test]
     fn policy_names_round_trip() {
-        for p in [PullPolicy::IfNotPresent, PullPolicy::Always, PullPolicy::IfPossible, PullPolicy::Never] {
+        for p in [
+            PullPolicy::IfNotPresent,
+            PullPolicy::Always,
+            PullPolicy::IfPossible,
+            PullPolicy::Never,
+        ] {
             assert_eq!(PullPolicy::parse(p.as_str()), Some(p));
         }
         assert_eq!(PullPolicy::parse("always"), None);

@@ -20,7 +20,10 @@ mod tests {
 
     #[test]
     fn conversion() {
-        assert_eq!(docker_label_key("prefect.io/flow-run-id"), "io.prefect.flow-run-id");
+        assert_eq!(
+            docker_label_key("prefect.io/flow-run-id"),
+            "io.prefect.flow-run-id"
+        );
         assert_eq!(docker_label_key("a.b.c/d/e"), "c.b.a.d/e");
         assert_eq!(docker_label_key("plain"), "plain");
         assert_eq!(docker_label_key("x/y"), "x.y");

@@ -36,6 +36,9 @@ mod tests {
     fn default_template_parses() {
         let t = super::default_base_job_template();
         assert!(t["job_configuration"].is_object());
-        assert_eq!(t["variables"]["properties"].as_object().map(|p| p.len()), Some(16));
+        assert_eq!(
+            t["variables"]["properties"].as_object().map(|p| p.len()),
+            Some(16)
+        );
     }
 }

@@ -161,7 +161,8 @@ mod tests {
 
     #[test]
     fn flow_run_env_merges_other_keys_replace() {
-        let dep = obj(json!({"env": {"A": "1", "B": "2"}, "container_create_kwargs": {"x": 1, "y": 2}}));
+        let dep =
+            obj(json!({"env": {"A": "1", "B": "2"}, "container_create_kwargs": {"x": 1, "y": 2}}));
         let run = obj(json!({"env": {"B": "3"}, "container_create_kwargs": {"x": 9}}));
         let merged = merge_job_variables(Some(&dep), Some(&run));
         assert_eq!(
@@ -192,8 +193,11 @@ mod tests {
 
     #[test]
     fn job_variables_fill_the_template() {
-        let vars = obj(json!({"image": "local/busybox:dw", "env.X": "1", "command": "echo hi", "mem_limit": "1g"}));
-        let rendered = render_job_configuration(&default_base_job_template(), &vars, &|_| None).unwrap();
+        let vars = obj(
+            json!({"image": "local/busybox:dw", "env.X": "1", "command": "echo hi", "mem_limit": "1g"}),
+        );
+        let rendered =
+            render_job_configuration(&default_base_job_template(), &vars, &|_| None).unwrap();
         assert_eq!(rendered["image"], json!("local/busybox:dw"));
         assert_eq!(rendered["env"], json!({"X": "1"}));
         assert_eq!(rendered["command"], json!("echo hi"));

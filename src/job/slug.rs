@@ -5,15 +5,30 @@
 
 /// Slugifies `text` keeping case, allowing `[a-zA-Z0-9_.-]`, at most 250 characters.
 pub fn slugify_container_name(text: &str) -> String {
-    slugify(text, false, |c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'), 250)
+    slugify(
+        text,
+        false,
+        |c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'),
+        250,
+    )
 }
 
 /// Lower-case slug with `[-a-z0-9]` only (the form Prefect uses in resource ids).
 pub fn slugify_lower(text: &str) -> String {
-    slugify(text, true, |c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-', 0)
+    slugify(
+        text,
+        true,
+        |c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-',
+        0,
+    )
 }
 
-fn slugify(text: &str, lowercase: bool, allowed: impl Fn(char) -> bool, max_length: usize) -> String {
+fn slugify(
+    text: &str,
+    lowercase: bool,
+    allowed: impl Fn(char) -> bool,
+    max_length: usize,
+) -> String {
     // Quotes become dashes before transliteration.
     let text = collapse_runs(text, |c| c == '\'', "-");
     let text = deunicode::deunicode(&text);
@@ -26,7 +41,12 @@ fn slugify(text: &str, lowercase: bool, allowed: impl Fn(char) -> bool, max_leng
     let text = collapse_runs(&text, |c| c == '-', "-");
     let mut text = text.trim_matches('-').to_owned();
     if max_length > 0 && text.chars().count() > max_length {
-        text = text.chars().take(max_length).collect::<String>().trim_matches('-').to_owned();
+        text = text
+            .chars()
+            .take(max_length)
+            .collect::<String>()
+            .trim_matches('-')
+            .to_owned();
     }
     text
 }
@@ -78,19 +98,28 @@ mod tests {
     #[test]
     fn reference_examples() {
         assert_eq!(container_name("my run/1 ü").as_deref(), Some("my-run-1-u"));
-        assert_eq!(container_name("Hello World!!").as_deref(), Some("Hello-World"));
+        assert_eq!(
+            container_name("Hello World!!").as_deref(),
+            Some("Hello-World")
+        );
         assert_eq!(container_name("straße").as_deref(), Some("strasse"));
         assert_eq!(container_name("日本語").as_deref(), Some("Ri-Ben-Yu"));
         assert_eq!(container_name("a &amp; b").as_deref(), Some("a-b"));
         assert_eq!(container_name("it's 1,000").as_deref(), Some("it-s-1000"));
-        assert_eq!(container_name(".hidden_name").as_deref(), Some("hidden_name"));
+        assert_eq!(
+            container_name(".hidden_name").as_deref(),
+            Some("hidden_name")
+        );
         assert_eq!(container_name("!!!"), None);
         assert_eq!(container_name(&"x".repeat(300)).map(|s| s.len()), Some(250));
     }
 
     #[test]
     fn lower_slug_for_resource_ids() {
-        assert_eq!(slugify_lower("DockerWorker 0b5d-11"), "dockerworker-0b5d-11");
+        assert_eq!(
+            slugify_lower("DockerWorker 0b5d-11"),
+            "dockerworker-0b5d-11"
+        );
         assert_eq!(slugify_lower("w_1.x"), "w-1-x");
     }
 }

@@ -158,7 +158,10 @@ fn python_isoformat_utc(text: &str) -> String {
 
 fn extra_host_entries(value: &Value) -> Result<Vec<(String, String)>, PrepareError> {
     match value {
-        Value::Object(map) => Ok(map.iter().map(|(k, v)| (k.clone(), python_str(v))).collect()),
+        Value::Object(map) => Ok(map
+            .iter()
+            .map(|(k, v)| (k.clone(), python_str(v)))
+            .collect()),
         Value::Array(items) => items
             .iter()
             .map(|i| {
@@ -204,7 +207,9 @@ impl DockerJobConfiguration {
         };
         let network_mode = match self.networks.first() {
             Some(first) => first.clone(),
-            None => inferred_mode.clone().unwrap_or_else(|| "default".to_owned()),
+            None => inferred_mode
+                .clone()
+                .unwrap_or_else(|| "default".to_owned()),
         };
         let host_mode = network_mode == "host";
 
@@ -246,23 +251,45 @@ impl DockerJobConfiguration {
             ("prefect.io/flow-run-id".into(), flow_run_id.into()),
             ("prefect.io/flow-run-name".into(), flow_run_name.into()),
             ("prefect.io/version".into(), PREFECT_VERSION.into()),
-            ("prefect.io/work-pool-name".into(), ctx.work_pool_name.into()),
+            (
+                "prefect.io/work-pool-name".into(),
+                ctx.work_pool_name.into(),
+            ),
             ("prefect.io/work-pool-id".into(), ctx.work_pool_id.into()),
             ("prefect.io/worker-name".into(), ctx.worker_name.into()),
         ];
         let optional = [
-            ("prefect.io/flow-id", str_field(ctx.flow, "id").map(str::to_owned)),
-            ("prefect.io/flow-name", str_field(ctx.flow, "name").map(str::to_owned)),
-            ("prefect.io/deployment-id", str_field(ctx.deployment, "id").map(str::to_owned)),
-            ("prefect.io/deployment-name", str_field(ctx.deployment, "name").map(str::to_owned)),
+            (
+                "prefect.io/flow-id",
+                str_field(ctx.flow, "id").map(str::to_owned),
+            ),
+            (
+                "prefect.io/flow-name",
+                str_field(ctx.flow, "name").map(str::to_owned),
+            ),
+            (
+                "prefect.io/deployment-id",
+                str_field(ctx.deployment, "id").map(str::to_owned),
+            ),
+            (
+                "prefect.io/deployment-name",
+                str_field(ctx.deployment, "name").map(str::to_owned),
+            ),
             (
                 "prefect.io/deployment-updated",
                 str_field(ctx.deployment, "updated").map(python_isoformat_utc),
             ),
         ];
-        prefect_labels.extend(optional.into_iter().filter_map(|(k, v)| Some((k.to_owned(), v?))));
+        prefect_labels.extend(
+            optional
+                .into_iter()
+                .filter_map(|(k, v)| Some((k.to_owned(), v?))),
+        );
         let mut labels = BTreeMap::new();
-        for (k, v) in prefect_labels.into_iter().chain(self.labels.iter().cloned()) {
+        for (k, v) in prefect_labels
+            .into_iter()
+            .chain(self.labels.iter().cloned())
+        {
             labels.insert(docker_label_key(&k), v);
         }
         labels.insert("io.prefect.version".into(), PREFECT_VERSION.into());
@@ -292,14 +319,20 @@ impl DockerJobConfiguration {
             })?,
         };
 
-        let image = self.image.clone().unwrap_or_else(|| ctx.default_image.to_owned());
+        let image = self
+            .image
+            .clone()
+            .unwrap_or_else(|| ctx.default_image.to_owned());
         let image_ref = ImageRef::parse(&image)?;
         let pull_policy = self
             .image_pull_policy
             .unwrap_or_else(|| image_ref.default_pull_policy());
 
         // host.docker.internal → host-gateway when the container's API URL looks local.
-        let final_api_url = env.iter().find(|(k, _)| k == "PREFECT_API_URL").map(|(_, v)| v.as_str());
+        let final_api_url = env
+            .iter()
+            .find(|(k, _)| k == "PREFECT_API_URL")
+            .map(|(_, v)| v.as_str());
         let automatic: Option<BTreeMap<String, String>> =
             if cfg!(target_os = "linux") && final_api_url.is_none_or(looks_local) {
                 let supported = ctx
@@ -318,11 +351,23 @@ impl DockerJobConfiguration {
         let extra_hosts = match (automatic, user_hosts) {
             (Some(mut auto), Some(user)) if !auto.is_empty() => {
                 auto.extend(extra_host_entries(user)?);
-                Some(auto.into_iter().map(|(h, ip)| format!("{h}:{ip}")).collect())
+                Some(
+                    auto.into_iter()
+                        .map(|(h, ip)| format!("{h}:{ip}"))
+                        .collect(),
+                )
             }
             (_, Some(Value::Object(map))) => {
-                let sorted: BTreeMap<_, _> = map.iter().map(|(k, v)| (k.clone(), python_str(v))).collect();
-                Some(sorted.into_iter().map(|(h, ip)| format!("{h}:{ip}")).collect())
+                let sorted: BTreeMap<_, _> = map
+                    .iter()
+                    .map(|(k, v)| (k.clone(), python_str(v)))
+                    .collect();
+                Some(
+                    sorted
+                        .into_iter()
+                        .map(|(h, ip)| format!("{h}:{ip}"))
+                        .collect(),
+                )
             }
             (_, Some(list)) => Some(
                 extra_host_entries(list)?
@@ -330,7 +375,11 @@ impl DockerJobConfiguration {
                     .map(|(h, ip)| format!("{h}:{ip}"))
                     .collect(),
             ),
-            (Some(auto), None) => Some(auto.into_iter().map(|(h, ip)| format!("{h}:{ip}")).collect()),
+            (Some(auto), None) => Some(
+                auto.into_iter()
+                    .map(|(h, ip)| format!("{h}:{ip}"))
+                    .collect(),
+            ),
             (None, None) => None,
         };
 
@@ -345,7 +394,11 @@ impl DockerJobConfiguration {
             network_mode,
             extra_networks: self.networks.iter().skip(1).cloned().collect(),
             binds: self.volumes.iter().map(|v| v.bind.clone()).collect(),
-            volume_paths: self.volumes.iter().map(|v| v.container_path.clone()).collect(),
+            volume_paths: self
+                .volumes
+                .iter()
+                .map(|v| v.container_path.clone())
+                .collect(),
             mem_limit: self.mem_limit,
             memswap_limit: self.memswap_limit,
             privileged: self.privileged,
@@ -410,7 +463,10 @@ mod tests {
         assert_eq!(spec.command, vec!["prefect", "flow-run", "execute"]);
         assert_eq!(spec.name.as_deref(), Some("my-run-1-u"));
         assert_eq!(spec.network_mode, "host");
-        assert_eq!(spec.extra_hosts, Some(vec!["host.docker.internal:host-gateway".to_owned()]));
+        assert_eq!(
+            spec.extra_hosts,
+            Some(vec!["host.docker.internal:host-gateway".to_owned()])
+        );
         let env: Vec<&str> = spec.env.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             env,
@@ -427,7 +483,10 @@ mod tests {
         );
         assert_eq!(spec.env[0].1, "http://127.0.0.1:4200/api");
         assert_eq!(spec.labels["io.prefect.flow-run-id"], "run-1");
-        assert_eq!(spec.labels["io.prefect.deployment-updated"], "2026-11-27T22:51:24+00:00");
+        assert_eq!(
+            spec.labels["io.prefect.deployment-updated"],
+            "2026-11-27T22:51:24+00:00"
+        );
         assert_eq!(spec.labels["io.prefect.version"], PREFECT_VERSION);
     }
 
@@ -441,7 +500,13 @@ mod tests {
         );
         assert_eq!(spec.network_mode, "n1");
         assert_eq!(spec.extra_networks, vec!["n2"]);
-        assert_eq!(spec.env[0], ("PREFECT_API_URL".into(), "http://host.docker.internal:4200/api".into()));
+        assert_eq!(
+            spec.env[0],
+            (
+                "PREFECT_API_URL".into(),
+                "http://host.docker.internal:4200/api".into()
+            )
+        );
         assert!(!spec.env.iter().any(|(k, _)| k == "PREFECT_API_KEY"));
         assert_eq!(spec.env.last().unwrap(), &("X".to_owned(), "1".to_owned()));
     }
@@ -467,7 +532,10 @@ mod tests {
         );
         assert_eq!(
             spec.extra_hosts,
-            Some(vec!["foo:1.2.3.4".to_owned(), "host.docker.internal:host-gateway".to_owned()])
+            Some(vec![
+                "foo:1.2.3.4".to_owned(),
+                "host.docker.internal:host-gateway".to_owned()
+            ])
         );
     }
 
@@ -475,7 +543,9 @@ mod tests {
     fn name_template_and_command() {
         let f = fixture("http://127.0.0.1:4200/api");
         let spec = prepare(
-            &config(json!({"name": ".{{ ctx.flow.name }}/{{ ctx.flow_run.id }}", "command": "sh -c 'exit 3'"})),
+            &config(
+                json!({"name": ".{{ ctx.flow.name }}/{{ ctx.flow_run.id }}", "command": "sh -c 'exit 3'"}),
+            ),
             &f,
             None,
         );
@@ -497,8 +567,14 @@ mod tests {
 
     #[test]
     fn docker_versions() {
-        assert_eq!(engine_version("20.10.24+dfsg1"), Some(semver::Version::new(20, 10, 24)));
-        assert_eq!(engine_version("17.03.0-ce"), Some(semver::Version::new(17, 3, 0)));
+        assert_eq!(
+            engine_version("20.10.24+dfsg1"),
+            Some(semver::Version::new(20, 10, 24))
+        );
+        assert_eq!(
+            engine_version("17.03.0-ce"),
+            Some(semver::Version::new(17, 3, 0))
+        );
         assert_eq!(engine_version("24.0"), Some(semver::Version::new(24, 0, 0)));
         assert_eq!(engine_version("junk"), None);
     }

@@ -230,7 +230,9 @@ fn apply_to_string(
             PlaceholderKind::Standard => lookup(values, placeholder.name)
                 .map(python_str)
                 .unwrap_or_default(),
-            PlaceholderKind::EnvVar => env(placeholder.name.trim_start_matches('$')).unwrap_or_default(),
+            PlaceholderKind::EnvVar => {
+                env(placeholder.name.trim_start_matches('$')).unwrap_or_default()
+            }
             PlaceholderKind::Block | PlaceholderKind::Variable => continue,
         };
         out = out.replace(placeholder.full_match, &replacement);
@@ -268,7 +270,9 @@ mod tests {
 
     #[test]
     fn classifies_prefect_placeholders() {
-        let found = find_placeholders("{{ prefect.blocks.docker-registry-credentials.x }} {{ prefect.variables.v }}");
+        let found = find_placeholders(
+            "{{ prefect.blocks.docker-registry-credentials.x }} {{ prefect.variables.v }}",
+        );
         assert_eq!(found[0].kind, PlaceholderKind::Block);
         assert_eq!(found[1].kind, PlaceholderKind::Variable);
     }
@@ -297,7 +301,8 @@ mod tests {
 
     #[test]
     fn embedded_placeholders_use_python_str() {
-        let values = vars(json!({"myvar": 7, "t": true, "n": null, "d": {"a": 1, "b": "it's"}, "f": 1.0}));
+        let values =
+            vars(json!({"myvar": 7, "t": true, "n": null, "d": {"a": 1, "b": "it's"}, "f": 1.0}));
         let t = json!("x{{ myvar }}y {{t}} {{n}} {{d}} {{f}}");
         assert_eq!(
             apply_values(&t, &values, &no_env),
@@ -314,7 +319,10 @@ mod tests {
             Some(json!("prefix---/home/x"))
         );
         // A lone env placeholder is always a string.
-        assert_eq!(apply_values(&json!("{{ $NOPE }}"), &vars(json!({})), &env), Some(json!("")));
+        assert_eq!(
+            apply_values(&json!("{{ $NOPE }}"), &vars(json!({})), &env),
+            Some(json!(""))
+        );
     }
 
     #[test]

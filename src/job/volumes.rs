@@ -17,15 +17,24 @@ pub struct Volume {
 fn is_bind_source(host: &str) -> bool {
     let b = host.as_bytes();
     host.starts_with('/')
-        || (b.len() >= 3 && b[0].is_ascii_alphabetic() && b[1] == b':' && (b[2] == b'\\' || b[2] == b'/'))
+        || (b.len() >= 3
+            && b[0].is_ascii_alphabetic()
+            && b[1] == b':'
+            && (b[2] == b'\\' || b[2] == b'/'))
         || host.starts_with("\\\\")
         || host == "."
         || host == ".."
-        || ["./", "../", ".\\", "..\\"].iter().any(|p| host.starts_with(p))
+        || ["./", "../", ".\\", "..\\"]
+            .iter()
+            .any(|p| host.starts_with(p))
 }
 
 fn is_relative_bind(host: &str) -> bool {
-    host == "." || host == ".." || ["./", "../", ".\\", "..\\"].iter().any(|p| host.starts_with(p))
+    host == "."
+        || host == ".."
+        || ["./", "../", ".\\", "..\\"]
+            .iter()
+            .any(|p| host.starts_with(p))
 }
 
 fn is_volume_name(host: &str) -> bool {
@@ -67,7 +76,9 @@ pub fn parse_volume(raw: &str, cwd: &Path) -> Result<Volume, String> {
     if let Some(option) = parts.get(2)
         && !matches!(*option, "ro" | "rw")
     {
-        return Err(format!("Invalid volume option: '{option}'. Must be 'ro' or 'rw'"));
+        return Err(format!(
+            "Invalid volume option: '{option}'. Must be 'ro' or 'rw'"
+        ));
     }
     if is_bind_source(&host) {
         if !container.starts_with('/') {
@@ -141,8 +152,16 @@ mod tests {
         assert_eq!(err("  "), "Invalid volume specification: cannot be empty");
         assert_eq!(err("relative"), "Invalid volume specification: relative");
         assert_eq!(err("a:b:c:d"), "Invalid volume specification: a:b:c:d");
-        assert_eq!(err("/tmp:rel"), "For bind mounts, container path must be absolute");
-        assert_eq!(err("/tmp:/x:rx"), "Invalid volume option: 'rx'. Must be 'ro' or 'rw'");
-        assert!(err("$(pwd):/x").starts_with("Invalid volume name: '$(pwd)'. Named volumes must match"));
+        assert_eq!(
+            err("/tmp:rel"),
+            "For bind mounts, container path must be absolute"
+        );
+        assert_eq!(
+            err("/tmp:/x:rx"),
+            "Invalid volume option: 'rx'. Must be 'ro' or 'rw'"
+        );
+        assert!(
+            err("$(pwd):/x").starts_with("Invalid volume name: '$(pwd)'. Named volumes must match")
+        );
     }
 }

@@ -45,7 +45,10 @@ impl std::fmt::Debug for ClientConfig {
         f.debug_struct("ClientConfig")
             .field("api_url", &self.api_url.as_str())
             .field("api_key", &self.api_key.as_ref().map(|_| "********"))
-            .field("auth_string", &self.auth_string.as_ref().map(|_| "********"))
+            .field(
+                "auth_string",
+                &self.auth_string.as_ref().map(|_| "********"),
+            )
             .field("timeout", &self.timeout)
             .field("max_retries", &self.max_retries)
             .finish()
@@ -194,13 +197,20 @@ impl PrefectClient {
             value.set_sensitive(true);
             add((reqwest::header::AUTHORIZATION, value));
         }
-        if let Some(name) = config.worker_name.as_deref().filter(|s| !s.trim().is_empty()) {
+        if let Some(name) = config
+            .worker_name
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+        {
             add(header("x-prefect-worker-name", name)?);
         }
         let http = reqwest::Client::builder()
             // The server reads `prefect/<version> (API <version>)` to decide orchestration rules
             // for the client; we present as the Prefect release whose behaviour we implement.
-            .user_agent(format!("prefect/{} (API {API_VERSION})", crate::job::PREFECT_VERSION))
+            .user_agent(format!(
+                "prefect/{} (API {API_VERSION})",
+                crate::job::PREFECT_VERSION
+            ))
             .default_headers(headers)
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
@@ -259,7 +269,8 @@ impl PrefectClient {
         let status = resp.status();
         let body = resp.text().await.unwrap_or_default();
         if status == StatusCode::NOT_FOUND
-            || (status == StatusCode::UNPROCESSABLE_ENTITY && body.contains("CSRF protection is disabled"))
+            || (status == StatusCode::UNPROCESSABLE_ENTITY
+                && body.contains("CSRF protection is disabled"))
         {
             csrf.disabled = true;
             return Ok(None);
@@ -276,7 +287,10 @@ impl PrefectClient {
             path: path.into(),
             message: e.to_string(),
         })?;
-        csrf.token = parsed.get("token").and_then(Value::as_str).map(str::to_owned);
+        csrf.token = parsed
+            .get("token")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         csrf.expires = parsed
             .get("expiration")
             .and_then(Value::as_str)
@@ -286,7 +300,12 @@ impl PrefectClient {
     }
 
     /// Sends one request with Prefect's retry policy; returns status and body of the final answer.
-    async fn request(&self, method: Method, path: &str, body: Option<&Value>) -> Result<(u16, Vec<u8>), ApiError> {
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Vec<u8>), ApiError> {
         let url = self.url(path)?;
         let mutating = method != Method::GET;
         let mut csrf_retried = false;
@@ -325,8 +344,15 @@ impl PrefectClient {
                             }
                             let delay = retry_after(&headers)
                                 .map(|d| jittered(d, 0.2))
-                                .unwrap_or_else(|| jittered(Duration::from_secs(1 << attempt.min(6)), 0.2));
-                            tracing::debug!(path, status, delay_ms = delay.as_millis() as u64, "retrying Prefect API request");
+                                .unwrap_or_else(|| {
+                                    jittered(Duration::from_secs(1 << attempt.min(6)), 0.2)
+                                });
+                            tracing::debug!(
+                                path,
+                                status,
+                                delay_ms = delay.as_millis() as u64,
+                                "retrying Prefect API request"
+                            );
                             tokio::time::sleep(delay).await;
                             continue;
                         }
@@ -355,7 +381,12 @@ impl PrefectClient {
     }
 
     /// A request whose non-2xx answer is an error; returns the body.
-    async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Vec<u8>, ApiError> {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Vec<u8>, ApiError> {
         let (status, bytes) = self.request(method.clone(), path, body).await?;
         if !(200..300).contains(&status) {
             return Err(ApiError::Status {
@@ -416,17 +447,24 @@ impl PrefectClient {
         if let Some(template) = base_job_template {
             body["base_job_template"] = template.clone();
         }
-        self.call_json(Method::POST, "work_pools/", Some(&body)).await
+        self.call_json(Method::POST, "work_pools/", Some(&body))
+            .await
     }
 
     /// `PATCH /work_pools/{name}` with a base job template.
     ///
     /// # Errors
     /// Any [`ApiError`].
-    pub async fn update_work_pool_template(&self, name: &str, template: &Value) -> Result<(), ApiError> {
+    pub async fn update_work_pool_template(
+        &self,
+        name: &str,
+        template: &Value,
+    ) -> Result<(), ApiError> {
         let path = format!("work_pools/{}", encode(name));
         let body = json!({"base_job_template": template});
-        self.call(Method::PATCH, &path, Some(&body)).await.map(|_| ())
+        self.call(Method::PATCH, &path, Some(&body))
+            .await
+            .map(|_| ())
     }
 
     /// `POST /work_pools/{pool}/workers/heartbeat`.
@@ -440,8 +478,11 @@ impl PrefectClient {
         heartbeat_interval_seconds: u64,
     ) -> Result<(), ApiError> {
         let path = format!("work_pools/{}/workers/heartbeat", encode(pool));
-        let body = json!({"name": worker_name, "heartbeat_interval_seconds": heartbeat_interval_seconds});
-        self.call(Method::POST, &path, Some(&body)).await.map(|_| ())
+        let body =
+            json!({"name": worker_name, "heartbeat_interval_seconds": heartbeat_interval_seconds});
+        self.call(Method::POST, &path, Some(&body))
+            .await
+            .map(|_| ())
     }
 
     /// `POST /work_pools/{pool}/get_scheduled_flow_runs`: runs due before `scheduled_before`.
@@ -469,12 +510,11 @@ impl PrefectClient {
         responses
             .into_iter()
             .map(|mut r| {
-                FlowRun::from_value(r.get_mut("flow_run").map(Value::take).unwrap_or_default()).map_err(|message| {
-                    ApiError::Decode {
+                FlowRun::from_value(r.get_mut("flow_run").map(Value::take).unwrap_or_default())
+                    .map_err(|message| ApiError::Decode {
                         path: path.clone(),
                         message,
-                    }
-                })
+                    })
             })
             .collect()
     }
@@ -484,7 +524,10 @@ impl PrefectClient {
     /// # Errors
     /// Any [`ApiError`] but 404.
     pub async fn read_deployment(&self, id: &str) -> Result<Option<Value>, ApiError> {
-        match self.call_json(Method::GET, &format!("deployments/{}", encode(id)), None).await {
+        match self
+            .call_json(Method::GET, &format!("deployments/{}", encode(id)), None)
+            .await
+        {
             Ok(v) => Ok(Some(v)),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
@@ -496,7 +539,8 @@ impl PrefectClient {
     /// # Errors
     /// Any [`ApiError`].
     pub async fn read_flow(&self, id: &str) -> Result<Value, ApiError> {
-        self.call_json(Method::GET, &format!("flows/{}", encode(id)), None).await
+        self.call_json(Method::GET, &format!("flows/{}", encode(id)), None)
+            .await
     }
 
     /// `GET /flow_runs/{id}`.
@@ -550,18 +594,30 @@ impl PrefectClient {
     ///
     /// # Errors
     /// Any [`ApiError`].
-    pub async fn set_infrastructure_pid(&self, flow_run_id: &str, pid: &str) -> Result<(), ApiError> {
+    pub async fn set_infrastructure_pid(
+        &self,
+        flow_run_id: &str,
+        pid: &str,
+    ) -> Result<(), ApiError> {
         let body = json!({"infrastructure_pid": pid});
-        self.call(Method::PATCH, &format!("flow_runs/{}", encode(flow_run_id)), Some(&body))
-            .await
-            .map(|_| ())
+        self.call(
+            Method::PATCH,
+            &format!("flow_runs/{}", encode(flow_run_id)),
+            Some(&body),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// `PATCH /flow_runs/{id}/labels`.
     ///
     /// # Errors
     /// Any [`ApiError`].
-    pub async fn update_flow_run_labels(&self, flow_run_id: &str, labels: &Value) -> Result<(), ApiError> {
+    pub async fn update_flow_run_labels(
+        &self,
+        flow_run_id: &str,
+        labels: &Value,
+    ) -> Result<(), ApiError> {
         self.call(
             Method::PATCH,
             &format!("flow_runs/{}/labels", encode(flow_run_id)),
@@ -580,7 +636,9 @@ impl PrefectClient {
             path: "logs/".into(),
             message: e.to_string(),
         })?;
-        self.call(Method::POST, "logs/", Some(&body)).await.map(|_| ())
+        self.call(Method::POST, "logs/", Some(&body))
+            .await
+            .map(|_| ())
     }
 }
 
@@ -600,7 +658,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("retry-after", HeaderValue::from_static("3"));
         assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
-        h.insert("retry-after", HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        h.insert(
+            "retry-after",
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
     }
 

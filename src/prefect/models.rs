@@ -103,7 +103,10 @@ impl OrchestrationResult {
 
     /// The server's reason for a REJECT, ABORT or WAIT.
     pub fn reason(&self) -> &str {
-        self.details.get("reason").and_then(Value::as_str).unwrap_or("")
+        self.details
+            .get("reason")
+            .and_then(Value::as_str)
+            .unwrap_or("")
     }
 
     /// Seconds to wait before proposing again (WAIT).
@@ -203,7 +206,11 @@ mod tests {
         assert_eq!(run.deployment_id, None);
         assert_eq!(run.job_variables["image"], json!("x"));
         assert_eq!(run.state_type(), Some("SCHEDULED"));
-        assert!(FlowRun::from_value(json!({"name": "x"})).unwrap_err().contains("id"));
+        assert!(
+            FlowRun::from_value(json!({"name": "x"}))
+                .unwrap_err()
+                .contains("id")
+        );
     }
 
     #[test]

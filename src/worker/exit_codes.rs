@@ -82,6 +82,9 @@ mod tests {
             "Flow run infrastructure exited with non-zero status code 3. Process exited with an unexpected status code."
         );
         assert!(crash_message(137).contains("out-of-memory"));
-        assert_eq!(explain(1).resolution, "Check the flow run logs for an unhandled exception or assertion error.");
+        assert_eq!(
+            explain(1).resolution,
+            "Check the flow run logs for an unhandled exception or assertion error."
+        );
     }
 }

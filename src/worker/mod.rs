@@ -31,7 +31,9 @@ use crate::prefect::{ApiError, PrefectClient, WorkPool};
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     /// The API refused the worker's credentials.
-    #[error("the Prefect API rejected the worker's credentials or permissions ({0}); check PREFECT_API_KEY / PREFECT_API_AUTH_STRING")]
+    #[error(
+        "the Prefect API rejected the worker's credentials or permissions ({0}); check PREFECT_API_KEY / PREFECT_API_AUTH_STRING"
+    )]
     Unauthorized(#[source] ApiError),
     /// Start-up could not complete (bad pool name, pool missing and not to be created, …).
     #[error("could not start the worker: {0}")]
@@ -135,8 +137,13 @@ impl Worker {
             };
             loops.cancel();
             self.tasks.close();
-            if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait()).await.is_err() {
-                tracing::warn!("some flow runs were still being submitted when the shutdown grace period ended");
+            if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "some flow runs were still being submitted when the shutdown grace period ended"
+                );
             }
             outcome
         };
@@ -157,7 +164,8 @@ impl Worker {
                     .await
                 {
                     Ok(pool) => pool,
-                    Err(e) if e.status() == Some(409) => match self.api.read_work_pool(name).await? {
+                    Err(e) if e.status() == Some(409) => match self.api.read_work_pool(name).await?
+                    {
                         Some(pool) => pool,
                         None => return Err(e),
                     },
@@ -169,7 +177,11 @@ impl Worker {
                 return Ok(());
             }
         };
-        if pool.base_job_template.as_object().is_none_or(|t| t.is_empty()) {
+        if pool
+            .base_job_template
+            .as_object()
+            .is_none_or(|t| t.is_empty())
+        {
             let template = self
                 .settings
                 .base_job_template
@@ -188,7 +200,11 @@ impl Worker {
             tracing::warn!(pool = %name, "Work pool is paused; no flow runs will be handed out until it is resumed");
         }
         self.api
-            .send_worker_heartbeat(name, &self.settings.name, self.settings.heartbeat_interval.as_secs())
+            .send_worker_heartbeat(
+                name,
+                &self.settings.name,
+                self.settings.heartbeat_interval.as_secs(),
+            )
             .await?;
         if let Ok(mut guard) = self.pool.write() {
             *guard = Some(pool);
@@ -249,7 +265,13 @@ impl Worker {
             }
         };
         let scheduled_before = chrono::Utc::now()
-            + chrono::Duration::seconds(self.settings.prefetch.as_secs().try_into().unwrap_or(i64::MAX / 2));
+            + chrono::Duration::seconds(
+                self.settings
+                    .prefetch
+                    .as_secs()
+                    .try_into()
+                    .unwrap_or(i64::MAX / 2),
+            );
         let runs = self
             .api
             .get_scheduled_flow_runs(&pool.name, &self.settings.work_queues, scheduled_before)
@@ -257,7 +279,11 @@ impl Worker {
         tracing::debug!(count = runs.len(), "polled for scheduled flow runs");
         let mut submitted = 0;
         for flow_run in runs {
-            if self.in_progress.lock().is_ok_and(|set| set.contains(&flow_run.id)) {
+            if self
+                .in_progress
+                .lock()
+                .is_ok_and(|set| set.contains(&flow_run.id))
+            {
                 continue;
             }
             let permit = match &self.limiter {

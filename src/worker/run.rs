@@ -44,7 +44,12 @@ impl SubmitError {
 
 /// Claims, runs and watches one flow run. Never fails: every problem is logged and, where
 /// the run is involved, reported to Prefect.
-pub(crate) async fn submit_and_watch(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: &Value) {
+pub(crate) async fn submit_and_watch(
+    worker: &Arc<Worker>,
+    flow_run: FlowRun,
+    pool: &PoolRef,
+    template: &Value,
+) {
     let span = tracing::info_span!("flow_run", flow_run_id = %flow_run.id);
     run(worker, flow_run, pool, template).instrument(span).await;
 }
@@ -52,7 +57,10 @@ pub(crate) async fn submit_and_watch(worker: &Arc<Worker>, flow_run: FlowRun, po
 async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: &Value) {
     let id = flow_run.id.as_str();
     let logs = &worker.logs;
-    logs.info(id, format!("Worker '{}' submitting flow run '{id}'", worker.name()));
+    logs.info(
+        id,
+        format!("Worker '{}' submitting flow run '{id}'", worker.name()),
+    );
 
     let deployment = match &flow_run.deployment_id {
         None => None,
@@ -63,15 +71,23 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
                     id,
                     format!("Deployment {deployment_id} no longer exists. Flow run {id} will not be submitted for execution"),
                 );
-                let state = StateProposal::cancelled(format!("Deployment {deployment_id} no longer exists, cancelled run."));
+                let state = StateProposal::cancelled(format!(
+                    "Deployment {deployment_id} no longer exists, cancelled run."
+                ));
                 if let Err(e) = worker.api.set_flow_run_state(id, &state, true).await {
-                    logs.error(id, format!("Failed to mark flow run '{id}' as cancelled: {e}"));
+                    logs.error(
+                        id,
+                        format!("Failed to mark flow run '{id}' as cancelled: {e}"),
+                    );
                 }
                 return;
             }
             Err(e) => {
                 // Not claimed yet: the run stays Scheduled and is picked up by a later poll.
-                logs.error(id, format!("Failed to read deployment {deployment_id} for flow run '{id}': {e}"));
+                logs.error(
+                    id,
+                    format!("Failed to read deployment {deployment_id} for flow run '{id}': {e}"),
+                );
                 return;
             }
         },
@@ -81,10 +97,11 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
         return;
     }
 
-    let spec = match resolve_configuration(worker, &flow_run, deployment.as_ref(), pool, template).await {
-        Ok(spec) => spec,
-        Err(e) => return report_submission_failure(worker, &flow_run, &e).await,
-    };
+    let spec =
+        match resolve_configuration(worker, &flow_run, deployment.as_ref(), pool, template).await {
+            Ok(spec) => spec,
+            Err(e) => return report_submission_failure(worker, &flow_run, &e).await,
+        };
 
     if let Err(e) = worker
         .api
@@ -93,13 +110,19 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
     {
         tracing::warn!(error = %e, "could not label the flow run with this worker and pool");
     }
-    if let Err(e) = worker.api.set_flow_run_state(id, &StateProposal::submitting(), false).await {
+    if let Err(e) = worker
+        .api
+        .set_flow_run_state(id, &StateProposal::submitting(), false)
+        .await
+    {
         tracing::debug!(error = %e, "could not set the Submitting state; continuing");
     }
 
     let container = match worker.docker.create_and_start_container(&spec).await {
         Ok(c) => c,
-        Err(e) => return report_submission_failure(worker, &flow_run, &SubmitError::Docker(e)).await,
+        Err(e) => {
+            return report_submission_failure(worker, &flow_run, &SubmitError::Docker(e)).await;
+        }
     };
     let pid = format!("{}:{}", worker.docker.base_url(), container.id);
     if let Err(e) = worker.api.set_infrastructure_pid(id, &pid).await {
@@ -108,7 +131,10 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
             format!("An error occurred while setting the `infrastructure_pid` on flow run '{id}'. The flow run will not be cancellable. ({e})"),
         );
     }
-    logs.info(id, format!("Flow run '{}' submitted to infrastructure", flow_run.name));
+    logs.info(
+        id,
+        format!("Flow run '{}' submitted to infrastructure", flow_run.name),
+    );
 
     watch(worker, &flow_run, &spec, &container).await;
 }
@@ -117,7 +143,11 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
 async fn claim(worker: &Worker, id: &str) -> bool {
     let logs = &worker.logs;
     loop {
-        match worker.api.set_flow_run_state(id, &StateProposal::pending(), false).await {
+        match worker
+            .api
+            .set_flow_run_state(id, &StateProposal::pending(), false)
+            .await
+        {
             Ok(result) => match result.status {
                 SetStateStatus::Accept if result.state_type() == Some("PENDING") => return true,
                 SetStateStatus::Accept | SetStateStatus::Reject => {
@@ -139,7 +169,10 @@ async fn claim(worker: &Worker, id: &str) -> bool {
                 }
                 SetStateStatus::Wait => {
                     let delay = Duration::from_secs_f64(result.delay_seconds().clamp(0.0, 3600.0));
-                    tracing::debug!(delay_s = delay.as_secs_f64(), "server asked to wait before claiming");
+                    tracing::debug!(
+                        delay_s = delay.as_secs_f64(),
+                        "server asked to wait before claiming"
+                    );
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = worker.shutdown.cancelled() => return false,
@@ -147,7 +180,10 @@ async fn claim(worker: &Worker, id: &str) -> bool {
                 }
             },
             Err(e) => {
-                logs.error(id, format!("Failed to update state of flow run '{id}': {e}"));
+                logs.error(
+                    id,
+                    format!("Failed to update state of flow run '{id}': {e}"),
+                );
                 return false;
             }
         }
@@ -162,9 +198,12 @@ async fn resolve_configuration(
     template: &Value,
 ) -> Result<ContainerSpec, SubmitError> {
     let flow = worker.api.read_flow(&flow_run.flow_id).await?;
-    let deployment_vars = deployment.and_then(|d| d.get("job_variables")).and_then(Value::as_object);
+    let deployment_vars = deployment
+        .and_then(|d| d.get("job_variables"))
+        .and_then(Value::as_object);
     let variables = merge_job_variables(deployment_vars, Some(&flow_run.job_variables));
-    let rendered = render_job_configuration(template, &variables, &|name| std::env::var(name).ok())?;
+    let rendered =
+        render_job_configuration(template, &variables, &|name| std::env::var(name).ok())?;
     let config = DockerJobConfiguration::from_rendered(&rendered, &worker.settings.cwd)?;
     for warning in &config.overrides.warnings {
         worker.logs.warn(&flow_run.id, warning.clone());
@@ -185,10 +224,17 @@ async fn resolve_configuration(
 
 async fn report_submission_failure(worker: &Worker, flow_run: &FlowRun, error: &SubmitError) {
     let id = flow_run.id.as_str();
-    worker
-        .logs
-        .error(id, format!("Failed to submit flow run '{}' to infrastructure: {error}", flow_run.name));
-    let message = format!("Failed to submit flow run to infrastructure: {}: {error}", error.kind());
+    worker.logs.error(
+        id,
+        format!(
+            "Failed to submit flow run '{}' to infrastructure: {error}",
+            flow_run.name
+        ),
+    );
+    let message = format!(
+        "Failed to submit flow run to infrastructure: {}: {error}",
+        error.kind()
+    );
     propose_crashed(worker, id, message).await;
 }
 
@@ -199,13 +245,21 @@ async fn propose_crashed(worker: &Worker, id: &str, message: String) {
         .await
     {
         Ok(result) if result.state_type() == Some("CRASHED") => {
-            worker.logs.info(id, format!("Reported flow run '{id}' as crashed: {message}"));
+            worker.logs.info(
+                id,
+                format!("Reported flow run '{id}' as crashed: {message}"),
+            );
         }
         Ok(result) => {
             tracing::debug!(status = ?result.status, reason = result.reason(), "Crashed state not accepted");
         }
-        Err(e) if e.is_not_found() => tracing::debug!("flow run no longer exists; not reporting Crashed"),
-        Err(e) => worker.logs.error(id, format!("Failed to report flow run '{id}' as crashed: {e}")),
+        Err(e) if e.is_not_found() => {
+            tracing::debug!("flow run no longer exists; not reporting Crashed")
+        }
+        Err(e) => worker.logs.error(
+            id,
+            format!("Failed to report flow run '{id}' as crashed: {e}"),
+        ),
     }
 }
 
@@ -215,7 +269,12 @@ fn print_output(text: &str) {
     let _ = writeln!(out, "{text}");
 }
 
-async fn watch(worker: &Worker, flow_run: &FlowRun, spec: &ContainerSpec, container: &CreatedContainer) {
+async fn watch(
+    worker: &Worker,
+    flow_run: &FlowRun,
+    spec: &ContainerSpec,
+    container: &CreatedContainer,
+) {
     let id = flow_run.id.as_str();
     let outcome = tokio::select! {
         r = worker.docker.watch_container(container, spec.auto_remove, spec.stream_output, &print_output) => r,
@@ -226,7 +285,10 @@ async fn watch(worker: &Worker, flow_run: &FlowRun, spec: &ContainerSpec, contai
     };
     match outcome {
         Ok(status) if status.code == 0 => {
-            tracing::info!(container = container.display_name(), "container exited with status code 0");
+            tracing::info!(
+                container = container.display_name(),
+                "container exited with status code 0"
+            );
         }
         Ok(status) => {
             propose_crashed(worker, id, crash_message(status.code)).await;

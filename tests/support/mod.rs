@@ -33,7 +33,9 @@ pub fn venv() -> PathBuf {
 
 /// Fails loudly unless the Docker daemon answers and the test images exist.
 pub fn require_docker() {
-    let out = Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]).output();
+    let out = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output();
     match out {
         Ok(o) if o.status.success() => {}
         Ok(o) => panic!(
@@ -49,7 +51,10 @@ pub fn require_docker() {
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
-        assert!(ok, "the test image {image} is missing — run `scripts/test-env.sh` to build it");
+        assert!(
+            ok,
+            "the test image {image} is missing — run `scripts/test-env.sh` to build it"
+        );
     }
 }
 
@@ -68,7 +73,10 @@ pub fn free_port() -> u16 {
 
 /// A unique, readable name for pools, deployments and containers of one test.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
 }
 
 /// A Prefect server process, stopped when the test process exits (a watchdog shell ends it
@@ -82,7 +90,8 @@ pub struct PrefectServer {
 }
 
 fn http_get_status(port: u16, path: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
+    let mut stream =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
     let mut buf = [0u8; 64];
@@ -108,7 +117,14 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
             .arg("sh")
             .arg(std::process::id().to_string())
             .arg(venv.join("bin/prefect"))
-            .args(["server", "start", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
             .env("PREFECT_HOME", &home)
             .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
             .env("PREFECT_UI_ENABLED", "false")
@@ -131,11 +147,17 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
                 return server;
             }
             if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("the Prefect server exited ({status}) before it was ready:\n{}", server.log_tail());
+                panic!(
+                    "the Prefect server exited ({status}) before it was ready:\n{}",
+                    server.log_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(300));
         }
-        panic!("the Prefect server did not answer /api/health within 180 s:\n{}", server.log_tail());
+        panic!(
+            "the Prefect server did not answer /api/health within 180 s:\n{}",
+            server.log_tail()
+        );
     }
 
     /// The last lines the server printed.
@@ -166,25 +188,43 @@ impl Api {
         }
     }
 
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method.clone(), format!("{}/{}", self.base, path));
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}/{}", self.base, path));
         if let Some(body) = body {
             req = req.json(&body);
         }
-        let resp = req.send().await.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     async fn ok(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
         let (status, value) = self.call(method.clone(), path, body).await;
-        assert!((200..300).contains(&status), "{method} {path} → {status}: {value}");
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path} → {status}: {value}"
+        );
         value
     }
 
     pub async fn create_flow(&self, name: &str) -> String {
-        let flow = self.ok(reqwest::Method::POST, "flows/", Some(json!({"name": name}))).await;
+        let flow = self
+            .ok(reqwest::Method::POST, "flows/", Some(json!({"name": name})))
+            .await;
         flow["id"].as_str().expect("flow id").to_owned()
     }
 
@@ -192,9 +232,16 @@ impl Api {
     /// would; the worker fills in its default). An existing pool is fine.
     pub async fn ensure_pool(&self, pool: &str) {
         let (status, body) = self
-            .call(reqwest::Method::POST, "work_pools/", Some(json!({"name": pool, "type": "docker"})))
+            .call(
+                reqwest::Method::POST,
+                "work_pools/",
+                Some(json!({"name": pool, "type": "docker"})),
+            )
             .await;
-        assert!(status == 201 || status == 409, "create pool {pool}: {status} {body}");
+        assert!(
+            status == 201 || status == 409,
+            "create pool {pool}: {status} {body}"
+        );
     }
 
     /// Waits until `pool` exists (for example once a worker created it).
@@ -202,16 +249,29 @@ impl Api {
         let deadline = Instant::now() + timeout;
         loop {
             let (status, body) = self.read_work_pool(pool).await;
-            if status == 200 && body["base_job_template"].as_object().is_some_and(|t| !t.is_empty()) {
+            if status == 200
+                && body["base_job_template"]
+                    .as_object()
+                    .is_some_and(|t| !t.is_empty())
+            {
                 return body;
             }
-            assert!(Instant::now() < deadline, "pool {pool} did not appear within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "pool {pool} did not appear within {timeout:?}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
     /// A deployment of a flow baked into the test image (`/opt/flows/flows.py:<function>`).
-    pub async fn create_deployment(&self, pool: &str, flow: &str, entrypoint: &str, job_variables: Value) -> String {
+    pub async fn create_deployment(
+        &self,
+        pool: &str,
+        flow: &str,
+        entrypoint: &str,
+        job_variables: Value,
+    ) -> String {
         self.ensure_pool(pool).await;
         let flow_id = self.create_flow(flow).await;
         let body = json!({
@@ -222,7 +282,9 @@ impl Api {
             "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/flows"}}],
             "job_variables": job_variables,
         });
-        let dep = self.ok(reqwest::Method::POST, "deployments/", Some(body)).await;
+        let dep = self
+            .ok(reqwest::Method::POST, "deployments/", Some(body))
+            .await;
         dep["id"].as_str().expect("deployment id").to_owned()
     }
 
@@ -238,18 +300,27 @@ impl Api {
     }
 
     pub async fn read_flow_run(&self, id: &str) -> Value {
-        self.ok(reqwest::Method::GET, &format!("flow_runs/{id}"), None).await
+        self.ok(reqwest::Method::GET, &format!("flow_runs/{id}"), None)
+            .await
     }
 
     pub async fn read_work_pool(&self, name: &str) -> (u16, Value) {
-        self.call(reqwest::Method::GET, &format!("work_pools/{name}"), None).await
+        self.call(reqwest::Method::GET, &format!("work_pools/{name}"), None)
+            .await
     }
 
     pub async fn flow_run_logs(&self, id: &str) -> Vec<String> {
-        let body = json!({"logs": {"flow_run_id": {"any_": [id]}}, "sort": "TIMESTAMP_ASC", "limit": 200});
-        let logs = self.ok(reqwest::Method::POST, "logs/filter", Some(body)).await;
+        let body =
+            json!({"logs": {"flow_run_id": {"any_": [id]}}, "sort": "TIMESTAMP_ASC", "limit": 200});
+        let logs = self
+            .ok(reqwest::Method::POST, "logs/filter", Some(body))
+            .await;
         logs.as_array()
-            .map(|a| a.iter().filter_map(|l| l["message"].as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|l| l["message"].as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -259,7 +330,9 @@ impl Api {
         loop {
             let run = self.read_flow_run(id).await;
             let state = run["state"]["type"].as_str().unwrap_or_default();
-            if matches!(state, "COMPLETED" | "FAILED" | "CRASHED" | "CANCELLED") || Instant::now() > deadline {
+            if matches!(state, "COMPLETED" | "FAILED" | "CRASHED" | "CANCELLED")
+                || Instant::now() > deadline
+            {
                 return run;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -359,7 +432,10 @@ impl ContainerGuard {
 }
 
 fn docker_ids(args: &[&str]) -> Vec<String> {
-    let out = Command::new("docker").args(args).output().expect("docker ps");
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker ps");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::trim)
@@ -372,14 +448,21 @@ impl Drop for ContainerGuard {
     fn drop(&mut self) {
         let ids = self.containers();
         if !ids.is_empty() {
-            let _ = Command::new("docker").arg("rm").arg("-f").args(&ids).output();
+            let _ = Command::new("docker")
+                .arg("rm")
+                .arg("-f")
+                .args(&ids)
+                .output();
         }
     }
 }
 
 /// `docker inspect` of one container as JSON.
 pub fn inspect(id: &str) -> Value {
-    let out = Command::new("docker").args(["inspect", id]).output().expect("docker inspect");
+    let out = Command::new("docker")
+        .args(["inspect", id])
+        .output()
+        .expect("docker inspect");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     v.get(0).cloned().unwrap_or(Value::Null)
 }
