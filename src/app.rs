@@ -1,5 +1,6 @@
-//! Application wiring for `docker-worker start`: connect to both sides, start the log
-//! shipper, run the worker, shut down in order.
+//! Application wiring for `docker-worker start`: health/metrics server first (so it answers
+//! even while the API is unreachable), then the Docker connection, the API client, the log
+//! shipper and the worker; shut down in order.
 
 use std::sync::Arc;
 
@@ -9,15 +10,27 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::docker::DockerRuntime;
 use crate::logs::ApiLogs;
+use crate::metrics::Metrics;
 use crate::prefect::PrefectClient;
 use crate::worker::Worker;
 
 /// Runs the worker until `shutdown` is cancelled or it stops on its own.
 ///
 /// # Errors
-/// Start-up failures (Docker unreachable, API rejected the worker) and fatal worker errors,
-/// with context for the user.
+/// Start-up failures (Docker unreachable, API rejected the worker, port in use) and fatal
+/// worker errors, with context for the user.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let server_shutdown = CancellationToken::new();
+    if let Some(endpoints) = settings.endpoints.clone() {
+        let addr = endpoints.addr;
+        let (bound, _task) =
+            crate::health::serve(endpoints, Arc::clone(&metrics), server_shutdown.clone())
+                .await
+                .with_context(|| format!("starting the health/metrics server on {addr}"))?;
+        tracing::info!(address = %bound, "serving health/metrics endpoints");
+    }
+
     let api =
         Arc::new(PrefectClient::new(&settings.api).context("building the Prefect API client")?);
     let docker = DockerRuntime::connect(settings.docker.host.as_deref(), settings.docker.timeout)
@@ -37,6 +50,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         let (logs, task) = ApiLogs::spawn(
             Arc::clone(&api),
             settings.worker.log_batch_interval,
+            Arc::clone(&metrics),
             log_shutdown.clone(),
         );
         (logs, Some(task))
@@ -44,7 +58,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         (ApiLogs::disabled(), None)
     };
 
-    let worker = Worker::new(settings.worker, api, docker, logs, shutdown);
+    let worker = Worker::new(settings.worker, api, docker, logs, metrics, shutdown);
     let result = worker.run().await;
 
     // Flush queued flow-run logs last, after every run task is done writing them.
@@ -52,5 +66,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     if let Some(task) = log_task {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(10), task).await;
     }
+    server_shutdown.cancel();
     result.map_err(anyhow::Error::from)
 }

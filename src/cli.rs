@@ -21,6 +21,11 @@ pub struct Cli {
 pub enum Command {
     /// Start the worker: poll a work pool and run its flow runs in Docker containers.
     Start(StartArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Arguments of `docker-worker start`.
@@ -65,6 +70,18 @@ pub struct StartArgs {
     /// Image for jobs that name none [env: DOCKER_WORKER_DEFAULT_IMAGE; default: prefecthq/prefect:3.9.1-python3.11].
     #[arg(long, value_name = "IMAGE")]
     pub default_image: Option<String>,
+
+    /// Serve GET /health on PREFECT_WORKER_WEBSERVER_HOST:PREFECT_WORKER_WEBSERVER_PORT (0.0.0.0:8080).
+    #[arg(long)]
+    pub with_healthcheck: bool,
+
+    /// Serve Prometheus GET /metrics on the same address [env: DOCKER_WORKER_METRICS_ENABLED].
+    #[arg(long)]
+    pub with_metrics: bool,
+
+    /// Worker log format on stderr: `text` or `json` [env: DOCKER_WORKER_LOG_FORMAT; default: text].
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
 }
 
 #[cfg(test)]
@@ -84,6 +101,7 @@ mod tests {
             argv.extend_from_slice(extra);
             match Cli::parse_from(argv).command {
                 Command::Start(a) => a.no_create_pool_if_not_found,
+                Command::Completions { .. } => unreachable!("parsed `start`"),
             }
         };
         assert!(!parse(&[]));

@@ -5,6 +5,7 @@
 //! that `main` turns into exit code 64.
 
 use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use serde_json::Value;
 use url::Url;
 
 use crate::cli::StartArgs;
+use crate::health::EndpointSettings;
 use crate::prefect::ClientConfig;
 
 /// The image used when a job names none: the Prefect release this worker implements, on the
@@ -34,6 +36,14 @@ pub enum ConfigError {
         /// The value given.
         value: String,
         /// What is expected.
+        reason: String,
+    },
+    /// The Prefect profiles file cannot be used.
+    #[error("cannot use Prefect profiles file {path}: {reason}")]
+    Profiles {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
         reason: String,
     },
     /// The `--base-job-template` file cannot be used.
@@ -90,6 +100,15 @@ pub struct DockerSettings {
     pub timeout: Duration,
 }
 
+/// How the worker writes its own log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
 /// Everything `docker-worker start` needs.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -99,6 +118,110 @@ pub struct Settings {
     pub worker: WorkerSettings,
     /// Docker settings.
     pub docker: DockerSettings,
+    /// `/health` and `/metrics`; `None` when neither is enabled.
+    pub endpoints: Option<EndpointSettings>,
+    /// Log format on stderr.
+    pub log_format: LogFormat,
+    /// Log level filter (`RUST_LOG` syntax).
+    pub log_filter: String,
+}
+
+/// The process environment with the active Prefect profile underneath, as Prefect resolves
+/// settings: environment over profile over defaults. The profile is
+/// `$PREFECT_PROFILES_PATH` (default `$PREFECT_HOME/profiles.toml`, `PREFECT_HOME` default
+/// `~/.prefect`); `PREFECT_PROFILE` selects it, else the file's `active`.
+///
+/// # Errors
+/// [`ConfigError::Profiles`] for an unreadable or malformed file, or a selected profile that
+/// does not exist.
+pub fn with_profile(
+    process_env: BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let home = process_env
+        .get("PREFECT_HOME")
+        .map(PathBuf::from)
+        .or_else(|| {
+            process_env
+                .get("HOME")
+                .map(|h| PathBuf::from(h).join(".prefect"))
+        });
+    let path = match process_env.get("PREFECT_PROFILES_PATH") {
+        Some(p) => PathBuf::from(p),
+        None => match home {
+            Some(h) => h.join("profiles.toml"),
+            None => return Ok(process_env),
+        },
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(process_env),
+        Err(e) => {
+            return Err(ConfigError::Profiles {
+                path,
+                reason: e.to_string(),
+            });
+        }
+    };
+    let doc: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Profiles {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let selected = process_env.get("PREFECT_PROFILE").cloned().or_else(|| {
+        doc.get("active")
+            .and_then(|a| a.as_str())
+            .map(str::to_owned)
+    });
+    let Some(selected) = selected else {
+        return Ok(process_env);
+    };
+    let profile = doc
+        .get("profiles")
+        .and_then(|p| p.get(&selected))
+        .and_then(|p| p.as_table());
+    let Some(profile) = profile else {
+        if process_env.contains_key("PREFECT_PROFILE") {
+            return Err(ConfigError::Profiles {
+                path,
+                reason: format!("profile '{selected}' not found"),
+            });
+        }
+        return Ok(process_env);
+    };
+    let mut merged: BTreeMap<String, String> = profile
+        .iter()
+        .map(|(k, v)| {
+            let value = match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => serde_json::to_string(other).unwrap_or_default(),
+            };
+            (k.clone(), value)
+        })
+        .collect();
+    merged.extend(process_env);
+    Ok(merged)
+}
+
+fn endpoint_addr(env: &BTreeMap<String, String>) -> Result<SocketAddr, ConfigError> {
+    let host = non_empty(env, "PREFECT_WORKER_WEBSERVER_HOST").unwrap_or_else(|| "0.0.0.0".into());
+    let port_text =
+        non_empty(env, "PREFECT_WORKER_WEBSERVER_PORT").unwrap_or_else(|| "8080".into());
+    let port: u16 = port_text.trim().parse().map_err(|_| ConfigError::Invalid {
+        name: "PREFECT_WORKER_WEBSERVER_PORT".into(),
+        value: port_text.clone(),
+        reason: "expected a TCP port number".into(),
+    })?;
+    (host.as_str(), port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| ConfigError::Invalid {
+            name: "PREFECT_WORKER_WEBSERVER_HOST".into(),
+            value: host,
+            reason: "expected an address to listen on".into(),
+        })
 }
 
 fn seconds(
@@ -249,7 +372,50 @@ impl Settings {
             })?,
         };
 
+        let query_interval = seconds(env, "PREFECT_WORKER_QUERY_SECONDS", 10.0)?;
+        let metrics = args.with_metrics || boolean(env, "DOCKER_WORKER_METRICS_ENABLED", false)?;
+        let endpoints = if args.with_healthcheck || metrics {
+            Some(EndpointSettings {
+                addr: endpoint_addr(env)?,
+                health: args.with_healthcheck,
+                metrics,
+                unhealthy_after: query_interval * 30,
+            })
+        } else {
+            None
+        };
+        let log_format_text = args
+            .log_format
+            .clone()
+            .or_else(|| non_empty(env, "DOCKER_WORKER_LOG_FORMAT"))
+            .unwrap_or_else(|| "text".into());
+        let log_format = match log_format_text.trim().to_ascii_lowercase().as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    name: "--log-format".into(),
+                    value: log_format_text,
+                    reason: "expected `text` or `json`".into(),
+                });
+            }
+        };
+        let log_filter = non_empty(env, "RUST_LOG")
+            .or_else(|| {
+                non_empty(env, "PREFECT_LOGGING_LEVEL").map(|l| {
+                    match l.trim().to_ascii_lowercase().as_str() {
+                        "warning" => "warn".to_owned(),
+                        "critical" => "error".to_owned(),
+                        other => other.to_owned(),
+                    }
+                })
+            })
+            .unwrap_or_else(|| "info".into());
+
         Ok(Self {
+            endpoints,
+            log_format,
+            log_filter,
             api: ClientConfig {
                 api_url,
                 api_key: non_empty(env, "PREFECT_API_KEY"),
@@ -268,7 +434,7 @@ impl Settings {
                 run_once: args.run_once,
                 base_job_template,
                 create_pool_if_not_found: !args.no_create_pool_if_not_found,
-                query_interval: seconds(env, "PREFECT_WORKER_QUERY_SECONDS", 10.0)?,
+                query_interval,
                 heartbeat_interval: heartbeat,
                 default_image,
                 logging_to_api: boolean(env, "PREFECT_LOGGING_TO_API_ENABLED", true)?,
@@ -294,6 +460,7 @@ mod tests {
         argv.extend_from_slice(extra);
         match crate::cli::Cli::parse_from(argv).command {
             crate::cli::Command::Start(a) => a,
+            crate::cli::Command::Completions { .. } => unreachable!("parsed `start`"),
         }
     }
 
@@ -361,6 +528,70 @@ mod tests {
         assert!(e.to_string().contains("PREFECT_API_URL"), "{e}");
         let e = Settings::from_start_args(&args(&["--limit", "0"]), &env(&base)).unwrap_err();
         assert!(e.to_string().contains("--limit"), "{e}");
+    }
+
+    #[test]
+    fn profile_under_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("profiles.toml"),
+            "active = \"local\"\n[profiles.local]\nPREFECT_API_URL = \"http://from-profile/api\"\nPREFECT_WORKER_QUERY_SECONDS = 3\n[profiles.other]\nPREFECT_API_URL = \"http://other/api\"\n",
+        )
+        .unwrap();
+        let home = dir.path().to_string_lossy().into_owned();
+        let merged = with_profile(env(&[("PREFECT_HOME", &home)])).unwrap();
+        assert_eq!(merged["PREFECT_API_URL"], "http://from-profile/api");
+        assert_eq!(merged["PREFECT_WORKER_QUERY_SECONDS"], "3");
+        let merged = with_profile(env(&[
+            ("PREFECT_HOME", &home),
+            ("PREFECT_API_URL", "http://env/api"),
+        ]))
+        .unwrap();
+        assert_eq!(merged["PREFECT_API_URL"], "http://env/api");
+        let merged = with_profile(env(&[
+            ("PREFECT_HOME", &home),
+            ("PREFECT_PROFILE", "other"),
+        ]))
+        .unwrap();
+        assert_eq!(merged["PREFECT_API_URL"], "http://other/api");
+        let err =
+            with_profile(env(&[("PREFECT_HOME", &home), ("PREFECT_PROFILE", "nope")])).unwrap_err();
+        assert!(
+            err.to_string().contains("profile 'nope' not found"),
+            "{err}"
+        );
+        let empty = tempfile::tempdir().unwrap();
+        let merged =
+            with_profile(env(&[("PREFECT_HOME", &empty.path().to_string_lossy())])).unwrap();
+        assert!(!merged.contains_key("PREFECT_API_URL"));
+    }
+
+    #[test]
+    fn endpoints_and_log_settings() {
+        let s = Settings::from_start_args(
+            &args(&["--with-healthcheck", "--log-format", "json"]),
+            &env(&[
+                ("PREFECT_API_URL", "http://x/api"),
+                ("PREFECT_WORKER_WEBSERVER_PORT", "9099"),
+                ("PREFECT_LOGGING_LEVEL", "WARNING"),
+            ]),
+        )
+        .unwrap();
+        let e = s.endpoints.unwrap();
+        assert_eq!(e.addr.port(), 9099);
+        assert!(e.health && !e.metrics);
+        assert_eq!(e.unhealthy_after, Duration::from_secs(300));
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert_eq!(s.log_filter, "warn");
+        let none =
+            Settings::from_start_args(&args(&[]), &env(&[("PREFECT_API_URL", "http://x/api")]))
+                .unwrap();
+        assert!(none.endpoints.is_none());
+        let bad = Settings::from_start_args(
+            &args(&["--log-format", "xml"]),
+            &env(&[("PREFECT_API_URL", "http://x/api")]),
+        );
+        assert!(bad.unwrap_err().to_string().contains("--log-format"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::prefect::{LogEntry, PrefectClient, models::timestamp_now};
 
 /// The logger name Prefect uses for worker messages about a flow run.
@@ -42,6 +43,7 @@ pub enum Level {
 pub struct ApiLogs {
     tx: Option<mpsc::Sender<LogEntry>>,
     dropped: Arc<AtomicU64>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl ApiLogs {
@@ -50,6 +52,7 @@ impl ApiLogs {
         Self {
             tx: None,
             dropped: Arc::new(AtomicU64::new(0)),
+            metrics: None,
         }
     }
 
@@ -57,14 +60,16 @@ impl ApiLogs {
     pub fn spawn(
         api: Arc<PrefectClient>,
         interval: Duration,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let handle = tokio::spawn(send_loop(api, rx, interval, shutdown));
+        let handle = tokio::spawn(send_loop(api, rx, interval, Arc::clone(&metrics), shutdown));
         (
             Self {
                 tx: Some(tx),
                 dropped: Arc::new(AtomicU64::new(0)),
+                metrics: Some(metrics),
             },
             handle,
         )
@@ -96,7 +101,12 @@ impl ApiLogs {
             flow_run_id: Some(flow_run_id.to_owned()),
             task_run_id: None,
         };
-        if tx.try_send(entry).is_err() {
+        let sent = tx.try_send(entry);
+        if let Some(m) = &self.metrics {
+            m.queued_reports
+                .set((tx.max_capacity() - tx.capacity()) as i64);
+        }
+        if sent.is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n == 1 || n.is_power_of_two() {
                 tracing::warn!(
@@ -127,6 +137,7 @@ async fn send_loop(
     api: Arc<PrefectClient>,
     mut rx: mpsc::Receiver<LogEntry>,
     interval: Duration,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut batch: Vec<LogEntry> = Vec::new();
@@ -138,7 +149,10 @@ async fn send_loop(
                 Some(entry) => batch.push(entry),
                 None => break,
             },
-            _ = ticker.tick() => flush(&api, &mut batch).await,
+            _ = ticker.tick() => {
+                flush(&api, &mut batch).await;
+                metrics.queued_reports.set(rx.len() as i64);
+            }
             () = shutdown.cancelled() => break,
         }
     }

@@ -5,47 +5,66 @@
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use docker_worker::cli::{Cli, Command};
-use docker_worker::config::Settings;
+use docker_worker::config::{LogFormat, Settings, with_profile};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 /// `EX_USAGE` from sysexits.h: the configuration cannot be used.
 const EXIT_CONFIG: u8 = 64;
 
-fn init_tracing(env: &BTreeMap<String, String>) {
-    let filter = env
-        .get("RUST_LOG")
-        .cloned()
-        .or_else(|| {
-            env.get("PREFECT_LOGGING_LEVEL")
-                .map(|l| l.to_ascii_lowercase())
-        })
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+/// Crates whose debug/trace output includes request bodies and headers (container env with
+/// the API key, registry auth): capped at info so no log level can leak a secret.
+const CAPPED_CRATES: [&str; 6] = ["bollard", "hyper", "hyper_util", "reqwest", "h2", "rustls"];
+
+fn init_tracing(settings: &Settings) {
+    let mut filter =
+        EnvFilter::try_new(&settings.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    for krate in CAPPED_CRATES {
+        if let Ok(directive) = format!("{krate}=info").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match settings.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
 }
 
 fn main() -> ExitCode {
     // reqwest and bollard both use rustls; one process-wide provider avoids a panic at first use.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
-    let env: BTreeMap<String, String> = std::env::vars().collect();
 
     match cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "docker-worker",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
         Command::Start(args) => {
-            let settings = match Settings::from_start_args(&args, &env) {
+            let settings = match with_profile(std::env::vars().collect::<BTreeMap<_, _>>())
+                .and_then(|env| Settings::from_start_args(&args, &env))
+            {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("docker-worker: {e}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            init_tracing(&env);
+            init_tracing(&settings);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -67,7 +67,11 @@ async fn streams_output_and_reports_the_exit_code() {
         &run,
         "echo \"$GREETING\"; echo to-stderr >&2; printf 'a\\nb\\n'; exit 7",
     );
-    let container = docker.create_and_start_container(&s).await.expect("start");
+    let container = docker
+        .create_and_start_container(&s)
+        .await
+        .expect("start")
+        .container;
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let sink = {
         let lines = Arc::clone(&lines);
@@ -91,7 +95,11 @@ async fn exit_code_is_right_without_streaming() {
     let _guard = ContainerGuard::for_label(TEST_LABEL, &run);
     let mut s = spec(&run, "sleep 1; exit 42");
     s.stream_output = false;
-    let container = docker.create_and_start_container(&s).await.expect("start");
+    let container = docker
+        .create_and_start_container(&s)
+        .await
+        .expect("start")
+        .container;
     let status = docker
         .watch_container(&container, false, false, &|_: &str| {
             panic!("no output expected")
@@ -116,7 +124,11 @@ async fn auto_remove_reports_the_code_and_the_container_is_gone() {
     let guard = ContainerGuard::for_label(TEST_LABEL, &run);
     let mut s = spec(&run, "echo bye; exit 5");
     s.auto_remove = true;
-    let container = docker.create_and_start_container(&s).await.expect("start");
+    let container = docker
+        .create_and_start_container(&s)
+        .await
+        .expect("start")
+        .container;
     // Let it exit and be removed before we even start watching: the hardest case.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let status = docker
@@ -156,7 +168,11 @@ async fn first_network_at_create_and_the_rest_connected() {
     let mut s = spec(&run, "sleep 30");
     s.network_mode = nets[0].clone();
     s.extra_networks = vec![nets[1].clone()];
-    let container = docker.create_and_start_container(&s).await.expect("start");
+    let container = docker
+        .create_and_start_container(&s)
+        .await
+        .expect("start")
+        .container;
     let info = inspect(&container.id);
     let attached = info["NetworkSettings"]["Networks"]
         .as_object()
@@ -243,7 +259,11 @@ async fn create_options_reach_the_engine() {
         .insert("WorkingDir".into(), json!("/tmp"));
     s.host_config_overrides
         .insert("ShmSize".into(), json!(16 * 1024 * 1024));
-    let container = docker.create_and_start_container(&s).await.expect("start");
+    let container = docker
+        .create_and_start_container(&s)
+        .await
+        .expect("start")
+        .container;
     let lines = Arc::new(Mutex::new(String::new()));
     let sink = {
         let lines = Arc::clone(&lines);

@@ -5,4 +5,4 @@ pub mod error;
 pub mod runtime;
 
 pub use error::{DockerError, EngineFailure};
-pub use runtime::{CreatedContainer, DockerRuntime, ExitStatus};
+pub use runtime::{CreatedContainer, DockerRuntime, ExitStatus, StartedContainer};

@@ -39,6 +39,15 @@ impl CreatedContainer {
     }
 }
 
+/// A container that is running, with what it took to get there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartedContainer {
+    /// The container.
+    pub container: CreatedContainer,
+    /// How long the image pull took, if one was needed.
+    pub pull_duration: Option<Duration>,
+}
+
 /// How a watched container ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExitStatus {
@@ -124,20 +133,31 @@ impl DockerRuntime {
         &self.engine_version
     }
 
-    /// Makes sure the image is available according to the spec's pull policy.
+    /// Makes sure the image is available according to the spec's pull policy. Returns how long
+    /// a pull took, when one happened.
     ///
     /// # Errors
     /// [`DockerError::PullFailed`], [`DockerError::PullAndLocalFailed`] or an API error.
-    pub async fn ensure_image(&self, spec: &ContainerSpec) -> Result<(), DockerError> {
+    pub async fn ensure_image(
+        &self,
+        spec: &ContainerSpec,
+    ) -> Result<Option<Duration>, DockerError> {
+        let started = std::time::Instant::now();
+        let pulled = self.ensure_image_inner(spec).await?;
+        Ok(pulled.then(|| started.elapsed()))
+    }
+
+    /// True when a pull was made.
+    async fn ensure_image_inner(&self, spec: &ContainerSpec) -> Result<bool, DockerError> {
         match spec.pull_policy {
-            PullPolicy::Never => Ok(()),
-            PullPolicy::Always => self.pull_image(spec).await,
+            PullPolicy::Never => Ok(false),
+            PullPolicy::Always => self.pull_image(spec).await.map(|()| true),
             PullPolicy::IfNotPresent => match self.docker.inspect_image(&spec.image).await {
-                Ok(_) => Ok(()),
+                Ok(_) => Ok(false),
                 Err(e) => {
                     let failure = EngineFailure::from(e);
                     if failure.status == Some(404) {
-                        self.pull_image(spec).await
+                        self.pull_image(spec).await.map(|()| true)
                     } else {
                         Err(DockerError::Api {
                             operation: "inspect image",
@@ -147,7 +167,7 @@ impl DockerRuntime {
                 }
             },
             PullPolicy::IfPossible => match self.pull_image(spec).await {
-                Ok(()) => Ok(()),
+                Ok(()) => Ok(true),
                 Err(pull_error) => {
                     tracing::warn!(image = %spec.image, error = %pull_error, "could not pull the image; image_pull_policy is IfPossible, so a local image will be used if there is one");
                     let pull = match pull_error {
@@ -158,7 +178,7 @@ impl DockerRuntime {
                         },
                     };
                     match self.docker.inspect_image(&spec.image).await {
-                        Ok(_) => Ok(()),
+                        Ok(_) => Ok(false),
                         Err(e) => Err(DockerError::PullAndLocalFailed {
                             image: spec.image.clone(),
                             pull,
@@ -389,13 +409,16 @@ impl DockerRuntime {
     pub async fn create_and_start_container(
         &self,
         spec: &ContainerSpec,
-    ) -> Result<CreatedContainer, DockerError> {
-        self.ensure_image(spec).await?;
+    ) -> Result<StartedContainer, DockerError> {
+        let pull_duration = self.ensure_image(spec).await?;
         let container = self.create_container(spec).await?;
         self.connect_networks(&container, &spec.extra_networks)
             .await?;
         self.start_container(&container).await?;
-        Ok(container)
+        Ok(StartedContainer {
+            container,
+            pull_duration,
+        })
     }
 
     /// Streams the container's output to `output` (one call per chunk of lines, right-trimmed)

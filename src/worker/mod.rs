@@ -25,6 +25,7 @@ use crate::config::WorkerSettings;
 use crate::docker::DockerRuntime;
 use crate::job::default_base_job_template;
 use crate::logs::ApiLogs;
+use crate::metrics::Metrics;
 use crate::prefect::{ApiError, PrefectClient, WorkPool};
 
 /// Why the worker stopped on its own.
@@ -53,6 +54,7 @@ pub struct Worker {
     api: Arc<PrefectClient>,
     docker: DockerRuntime,
     logs: ApiLogs,
+    metrics: Arc<Metrics>,
     /// The pool as of the last successful sync; `None` until one succeeded.
     pool: RwLock<Option<WorkPool>>,
     /// Runs this process is handling (claim through exit), so a re-poll never submits twice.
@@ -72,6 +74,7 @@ impl Worker {
         api: Arc<PrefectClient>,
         docker: DockerRuntime,
         logs: ApiLogs,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let limiter = settings.limit.map(|n| Arc::new(Semaphore::new(n)));
@@ -80,6 +83,7 @@ impl Worker {
             api,
             docker,
             logs,
+            metrics,
             pool: RwLock::new(None),
             in_progress: Mutex::new(HashSet::new()),
             limiter,
@@ -225,6 +229,7 @@ impl Worker {
                 Err(e) if e.is_auth() => return Err(WorkerError::Unauthorized(e)),
                 Err(e) => {
                     failures += 1;
+                    self.metrics.api_error(&e);
                     tracing::warn!(error = %e, consecutive_failures = failures, "work pool sync failed");
                 }
             }
@@ -239,6 +244,7 @@ impl Worker {
                 Err(e) if e.is_auth() => return Err(WorkerError::Unauthorized(e)),
                 Err(e) => {
                     failures += 1;
+                    self.metrics.api_error(&e);
                     tracing::warn!(error = %e, consecutive_failures = failures, "polling for flow runs failed");
                 }
             }
@@ -272,10 +278,12 @@ impl Worker {
                     .try_into()
                     .unwrap_or(i64::MAX / 2),
             );
+        let started = std::time::Instant::now();
         let runs = self
             .api
             .get_scheduled_flow_runs(&pool.name, &self.settings.work_queues, scheduled_before)
             .await?;
+        self.metrics.polled(started.elapsed());
         tracing::debug!(count = runs.len(), "polled for scheduled flow runs");
         let mut submitted = 0;
         for flow_run in runs {

@@ -74,11 +74,14 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
                 let state = StateProposal::cancelled(format!(
                     "Deployment {deployment_id} no longer exists, cancelled run."
                 ));
-                if let Err(e) = worker.api.set_flow_run_state(id, &state, true).await {
-                    logs.error(
+                match worker.api.set_flow_run_state(id, &state, true).await {
+                    Ok(_) => {
+                        worker.metrics.runs_cancelled.inc();
+                    }
+                    Err(e) => logs.error(
                         id,
                         format!("Failed to mark flow run '{id}' as cancelled: {e}"),
-                    );
+                    ),
                 }
                 return;
             }
@@ -96,6 +99,8 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
     if !claim(worker, id).await {
         return;
     }
+    worker.metrics.runs_claimed.inc();
+    let claimed_at = std::time::Instant::now();
 
     let spec =
         match resolve_configuration(worker, &flow_run, deployment.as_ref(), pool, template).await {
@@ -119,8 +124,16 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
     }
 
     let container = match worker.docker.create_and_start_container(&spec).await {
-        Ok(c) => c,
+        Ok(started) => {
+            if let Some(pull) = started.pull_duration {
+                worker.metrics.pull_seconds.observe(pull.as_secs_f64());
+            }
+            let submission = claimed_at.elapsed().as_secs_f64();
+            worker.metrics.submission_seconds.observe(submission);
+            started.container
+        }
         Err(e) => {
+            worker.metrics.docker_error(&e);
             return report_submission_failure(worker, &flow_run, &SubmitError::Docker(e)).await;
         }
     };
@@ -136,7 +149,9 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
         format!("Flow run '{}' submitted to infrastructure", flow_run.name),
     );
 
+    worker.metrics.runs_running.inc();
     watch(worker, &flow_run, &spec, &container).await;
+    worker.metrics.runs_running.dec();
 }
 
 /// Proposes Pending until the server answers ACCEPT/REJECT/ABORT. True when the run is ours.
@@ -245,6 +260,7 @@ async fn propose_crashed(worker: &Worker, id: &str, message: String) {
         .await
     {
         Ok(result) if result.state_type() == Some("CRASHED") => {
+            worker.metrics.runs_crashed.inc();
             worker.logs.info(
                 id,
                 format!("Reported flow run '{id}' as crashed: {message}"),
@@ -285,6 +301,7 @@ async fn watch(
     };
     match outcome {
         Ok(status) if status.code == 0 => {
+            worker.metrics.runs_completed.inc();
             tracing::info!(
                 container = container.display_name(),
                 "container exited with status code 0"
@@ -295,6 +312,7 @@ async fn watch(
             worker.logs.info(id, explain(status.code).resolution);
         }
         Err(e) => {
+            worker.metrics.docker_error(&e);
             worker.logs.error(
                 id,
                 format!(

@@ -188,28 +188,37 @@ impl Api {
         }
     }
 
+    /// One request; 502/503 (SQLite busy on a loaded machine) are retried like Prefect's client does.
     pub async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method.clone(), format!("{}/{}", self.base, path));
-        if let Some(body) = body {
-            req = req.json(&body);
+        let mut attempt = 0;
+        loop {
+            let mut req = self
+                .http
+                .request(method.clone(), format!("{}/{}", self.base, path));
+            if let Some(body) = &body {
+                req = req.json(body);
+            }
+            let resp = req
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap_or_default();
+            if matches!(status, 502 | 503) && attempt < 8 {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+                continue;
+            }
+            return (
+                status,
+                serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            );
         }
-        let resp = req
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
     }
 
     async fn ok(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {

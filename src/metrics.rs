@@ -1,0 +1,234 @@
+//! Prometheus metrics and the liveness facts behind `/health`.
+//!
+//! Uses `prometheus-client` (the Prometheus project's Rust client). Recording is a few atomic
+//! operations, so every path records unconditionally; `/metrics` only decides whether it is
+//! exposed.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label set for error counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// Error class (`transport`, `http_5xx`, `ImageNotFound`, …).
+    pub kind: String,
+}
+
+/// Every metric the worker exports, plus the last successful poll for `/health`.
+pub struct Metrics {
+    registry: Registry,
+    started: Instant,
+    last_poll: Mutex<Option<Instant>>,
+    /// Flow runs this worker claimed (Pending accepted).
+    pub runs_claimed: Counter,
+    /// Flow runs whose container is running and watched.
+    pub runs_running: Gauge,
+    /// Containers that exited 0.
+    pub runs_completed: Counter,
+    /// Runs reported Crashed (non-zero exit or failed submission).
+    pub runs_crashed: Counter,
+    /// Runs the worker marked Cancelled.
+    pub runs_cancelled: Counter,
+    /// Claim → container started.
+    pub submission_seconds: Histogram,
+    /// Image pulls.
+    pub pull_seconds: Histogram,
+    /// Poll request latency.
+    pub poll_seconds: Histogram,
+    /// Prefect API errors by class.
+    pub api_errors: Family<KindLabel, Counter>,
+    /// Docker errors by class.
+    pub docker_errors: Family<KindLabel, Counter>,
+    /// Flow-run log lines waiting to be sent to the API.
+    pub queued_reports: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric under the `docker_worker` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("docker_worker");
+        let runs_claimed = Counter::default();
+        let runs_running = Gauge::default();
+        let runs_completed = Counter::default();
+        let runs_crashed = Counter::default();
+        let runs_cancelled = Counter::default();
+        let submission_seconds = Histogram::new(exponential_buckets(0.05, 2.0, 12));
+        let pull_seconds = Histogram::new(exponential_buckets(0.1, 2.0, 12));
+        let poll_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        let api_errors = Family::<KindLabel, Counter>::default();
+        let docker_errors = Family::<KindLabel, Counter>::default();
+        let queued_reports = Gauge::default();
+        registry.register(
+            "flow_runs_claimed",
+            "Flow runs claimed by this worker",
+            runs_claimed.clone(),
+        );
+        registry.register(
+            "flow_runs_running",
+            "Flow-run containers running and watched",
+            runs_running.clone(),
+        );
+        registry.register(
+            "flow_runs_completed",
+            "Flow-run containers that exited 0",
+            runs_completed.clone(),
+        );
+        registry.register(
+            "flow_runs_crashed",
+            "Flow runs reported Crashed",
+            runs_crashed.clone(),
+        );
+        registry.register(
+            "flow_runs_cancelled",
+            "Flow runs marked Cancelled by the worker",
+            runs_cancelled.clone(),
+        );
+        registry.register(
+            "submission_duration_seconds",
+            "Time from claiming a flow run to its container running",
+            submission_seconds.clone(),
+        );
+        registry.register(
+            "image_pull_duration_seconds",
+            "Image pull duration",
+            pull_seconds.clone(),
+        );
+        registry.register(
+            "poll_duration_seconds",
+            "Latency of polls for scheduled flow runs",
+            poll_seconds.clone(),
+        );
+        registry.register(
+            "api_errors",
+            "Prefect API errors by kind",
+            api_errors.clone(),
+        );
+        registry.register(
+            "docker_errors",
+            "Docker Engine errors by kind",
+            docker_errors.clone(),
+        );
+        registry.register(
+            "queued_reports",
+            "Flow-run log lines queued for the Prefect API",
+            queued_reports.clone(),
+        );
+        Self {
+            registry,
+            started: Instant::now(),
+            last_poll: Mutex::new(None),
+            runs_claimed,
+            runs_running,
+            runs_completed,
+            runs_crashed,
+            runs_cancelled,
+            submission_seconds,
+            pull_seconds,
+            poll_seconds,
+            api_errors,
+            docker_errors,
+            queued_reports,
+        }
+    }
+
+    /// Counts an API error by class.
+    pub fn api_error(&self, error: &crate::prefect::ApiError) {
+        let kind = match error.status() {
+            Some(s) => format!("http_{s}"),
+            None => match error {
+                crate::prefect::ApiError::Transport { .. } => "transport".to_owned(),
+                crate::prefect::ApiError::Decode { .. } => "decode".to_owned(),
+                _ => "other".to_owned(),
+            },
+        };
+        self.api_errors.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// Counts a Docker error by class.
+    pub fn docker_error(&self, error: &crate::docker::DockerError) {
+        self.docker_errors
+            .get_or_create(&KindLabel {
+                kind: error.kind().to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records a successful poll (what `/health` checks).
+    pub fn polled(&self, latency: Duration) {
+        self.poll_seconds.observe(latency.as_secs_f64());
+        if let Ok(mut last) = self.last_poll.lock() {
+            *last = Some(Instant::now());
+        }
+    }
+
+    /// Time since the last successful poll, or since start before the first one.
+    pub fn since_last_poll(&self) -> Duration {
+        let last = self
+            .last_poll
+            .lock()
+            .ok()
+            .and_then(|l| *l)
+            .unwrap_or(self.started);
+        last.elapsed()
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names() {
+        let m = Metrics::new();
+        m.runs_claimed.inc();
+        m.docker_errors
+            .get_or_create(&KindLabel {
+                kind: "ImageNotFound".into(),
+            })
+            .inc();
+        let text = m.encode();
+        assert!(
+            text.contains("docker_worker_flow_runs_claimed_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("docker_worker_docker_errors_total{kind=\"ImageNotFound\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("docker_worker_submission_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn last_poll() {
+        let m = Metrics::new();
+        let before = m.since_last_poll();
+        m.polled(Duration::from_millis(3));
+        assert!(m.since_last_poll() <= before + Duration::from_millis(50));
+    }
+}
