@@ -26,6 +26,12 @@ dpkg -s busybox-static >/dev/null 2>&1 || need_pkgs+=(busybox-static)
 dpkg -s debootstrap >/dev/null 2>&1 || need_pkgs+=(debootstrap)
 command -v dockerd >/dev/null 2>&1 || need_pkgs+=(docker.io)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
+command -v systemd-analyze >/dev/null 2>&1 || need_pkgs+=(systemd)
+command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
+command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
+command -v podman >/dev/null 2>&1 || need_pkgs+=(podman)
+command -v docker-registry >/dev/null 2>&1 || need_pkgs+=(docker-registry)
+command -v htpasswd >/dev/null 2>&1 || need_pkgs+=(apache2-utils)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

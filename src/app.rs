@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::docker::DockerRuntime;
+use crate::docker::{DockerRuntime, TlsFiles};
 use crate::logs::ApiLogs;
 use crate::metrics::Metrics;
 use crate::prefect::PrefectClient;
@@ -33,11 +33,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
     let api =
         Arc::new(PrefectClient::new(&settings.api).context("building the Prefect API client")?);
-    let docker = DockerRuntime::connect(settings.docker.host.as_deref(), settings.docker.timeout)
-        .await
-        .context(
-            "connecting to the Docker Engine (is the daemon running and is DOCKER_HOST right?)",
-        )?;
+    let tls = settings
+        .docker
+        .tls_cert_dir
+        .as_deref()
+        .map(TlsFiles::in_dir);
+    let docker = DockerRuntime::connect_with_tls(
+        settings.docker.host.as_deref(),
+        tls.as_ref(),
+        settings.docker.timeout,
+    )
+    .await
+    .context("connecting to the Docker Engine (is the daemon running and is DOCKER_HOST right?)")?
+    .with_docker_config(settings.docker.config_dir.clone());
     tracing::info!(
         docker_host = docker.host(),
         engine_version = docker.engine_version(),

@@ -98,6 +98,11 @@ pub struct DockerSettings {
     pub host: Option<String>,
     /// Per-call timeout (`DOCKER_CLIENT_TIMEOUT`); streams are not cut.
     pub timeout: Duration,
+    /// `DOCKER_CERT_PATH` (default `~/.docker`) when `DOCKER_TLS_VERIFY` is set: TLS with
+    /// client certificates `ca.pem`, `cert.pem`, `key.pem`.
+    pub tls_cert_dir: Option<PathBuf>,
+    /// `DOCKER_CONFIG` (default `~/.docker`): `config.json` with registry credentials.
+    pub config_dir: Option<PathBuf>,
 }
 
 /// How the worker writes its own log.
@@ -445,6 +450,16 @@ impl Settings {
             docker: DockerSettings {
                 host: non_empty(env, "DOCKER_HOST"),
                 timeout: seconds(env, "DOCKER_CLIENT_TIMEOUT", 60.0)?,
+                tls_cert_dir: non_empty(env, "DOCKER_TLS_VERIFY")
+                    .filter(|v| v.trim() != "0")
+                    .and_then(|_| {
+                        non_empty(env, "DOCKER_CERT_PATH")
+                            .map(PathBuf::from)
+                            .or_else(|| env.get("HOME").map(|h| PathBuf::from(h).join(".docker")))
+                    }),
+                config_dir: non_empty(env, "DOCKER_CONFIG")
+                    .map(PathBuf::from)
+                    .or_else(|| env.get("HOME").map(|h| PathBuf::from(h).join(".docker"))),
             },
         })
     }

@@ -53,10 +53,15 @@ impl EngineFailure {
     }
 
     /// The Engine's answer to a create whose name is taken.
+    /// Podman answers the same situation with a 500 and "… name … is already in use".
     pub fn is_name_conflict(&self) -> bool {
-        self.status == Some(409)
+        let docker = self.status == Some(409)
             && self.message.contains("Conflict")
-            && self.message.contains("container name")
+            && self.message.contains("container name");
+        let podman = self.status == Some(500)
+            && self.message.contains("name")
+            && self.message.contains("already in use");
+        docker || podman
     }
 }
 

@@ -1,8 +1,9 @@
 //! The Docker side: the only module that knows bollard. It takes a
 //! [`ContainerSpec`](crate::job::ContainerSpec) and knows nothing of Prefect.
 
+pub mod auth;
 pub mod error;
 pub mod runtime;
 
 pub use error::{DockerError, EngineFailure};
-pub use runtime::{CreatedContainer, DockerRuntime, ExitStatus, StartedContainer};
+pub use runtime::{CreatedContainer, DockerRuntime, ExitStatus, StartedContainer, TlsFiles};

@@ -28,6 +28,8 @@ pub struct CreatedContainer {
     pub id: String,
     /// The name it got (after conflict retries), if one was requested.
     pub name: Option<String>,
+    /// Unix time (s) just before it was created: the lower bound for its events.
+    pub created_at: i64,
 }
 
 impl CreatedContainer {
@@ -55,13 +57,39 @@ pub struct ExitStatus {
     pub code: i64,
 }
 
-/// A connection to one Docker Engine.
+/// Client certificate files for a TLS Docker host (`ca.pem`, `cert.pem`, `key.pem`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// CA that signed the daemon's certificate.
+    pub ca: std::path::PathBuf,
+    /// Client certificate.
+    pub cert: std::path::PathBuf,
+    /// Client key.
+    pub key: std::path::PathBuf,
+}
+
+impl TlsFiles {
+    /// The Docker CLI's layout of a `DOCKER_CERT_PATH` directory.
+    pub fn in_dir(dir: &std::path::Path) -> Self {
+        Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        }
+    }
+}
+
+/// A connection to one Docker Engine (or Podman's Docker-compatible API).
 #[derive(Debug, Clone)]
 pub struct DockerRuntime {
     docker: Docker,
     host: String,
     base_url: String,
     engine_version: String,
+    /// Podman's compat API needs a few detours (see `watch_container`).
+    is_podman: bool,
+    /// Where the Docker CLI's `config.json` lives (registry credentials for pulls).
+    docker_config: Option<std::path::PathBuf>,
 }
 
 /// The `base_url` the Python worker puts in infrastructure pids, so pids stay comparable.
@@ -90,6 +118,19 @@ impl DockerRuntime {
     /// # Errors
     /// [`DockerError::Connect`] when no Engine answers.
     pub async fn connect(host: Option<&str>, timeout: Duration) -> Result<Self, DockerError> {
+        Self::connect_with_tls(host, None, timeout).await
+    }
+
+    /// Like [`DockerRuntime::connect`], over TLS with client certificates when `tls` is given
+    /// (`DOCKER_TLS_VERIFY` / `DOCKER_CERT_PATH`).
+    ///
+    /// # Errors
+    /// [`DockerError::Connect`] when no Engine answers or the certificates cannot be used.
+    pub async fn connect_with_tls(
+        host: Option<&str>,
+        tls: Option<&TlsFiles>,
+        timeout: Duration,
+    ) -> Result<Self, DockerError> {
         let host = host
             .filter(|h| !h.is_empty())
             .unwrap_or("unix:///var/run/docker.sock")
@@ -98,10 +139,33 @@ impl DockerRuntime {
             host: host.clone(),
             failure,
         };
-        let docker = if host.starts_with('/') {
-            Docker::connect_with_host(&format!("unix://{host}"))
-        } else {
-            Docker::connect_with_host(&host)
+        let docker = match tls {
+            Some(files) => Docker::connect_with_ssl(
+                &host,
+                &files.key,
+                &files.cert,
+                &files.ca,
+                timeout.as_secs().max(1),
+                bollard::API_DEFAULT_VERSION,
+            ),
+            None if host.starts_with('/') => Docker::connect_with_unix(
+                &format!("unix://{host}"),
+                timeout.as_secs().max(1),
+                bollard::API_DEFAULT_VERSION,
+            ),
+            None if host.starts_with("unix://") => Docker::connect_with_unix(
+                &host,
+                timeout.as_secs().max(1),
+                bollard::API_DEFAULT_VERSION,
+            ),
+            None if host.starts_with("tcp://") || host.starts_with("http://") => {
+                Docker::connect_with_http(
+                    &host,
+                    timeout.as_secs().max(1),
+                    bollard::API_DEFAULT_VERSION,
+                )
+            }
+            None => Docker::connect_with_host(&host),
         }
         .map_err(|e| connect_error(e.into()))?
         .with_timeout(timeout);
@@ -109,13 +173,32 @@ impl DockerRuntime {
             .version()
             .await
             .map_err(|e| connect_error(e.into()))?;
-        let tls = std::env::var_os("DOCKER_TLS_VERIFY").is_some_and(|v| !v.is_empty());
+        let is_podman = version
+            .components
+            .iter()
+            .flatten()
+            .any(|c| c.name.to_ascii_lowercase().contains("podman"));
         Ok(Self {
-            base_url: base_url_for(&host, tls),
+            is_podman,
+            docker_config: None,
+            base_url: base_url_for(&host, tls.is_some()),
             engine_version: version.version.unwrap_or_default(),
             docker,
             host,
         })
+    }
+
+    /// Reads pull credentials from `dir/config.json` (the Docker CLI's `DOCKER_CONFIG`) for
+    /// images whose job names no `registry_credentials`.
+    #[must_use]
+    pub fn with_docker_config(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.docker_config = dir;
+        self
+    }
+
+    /// True when the Engine is Podman's Docker-compatible service.
+    pub fn is_podman(&self) -> bool {
+        self.is_podman
     }
 
     /// The `DOCKER_HOST` this runtime talks to.
@@ -204,15 +287,18 @@ impl DockerRuntime {
             .from_image(&image_ref.repository)
             .tag(image_ref.tag.as_deref().unwrap_or("latest"))
             .build();
-        let credentials = spec
-            .registry_credentials
-            .as_ref()
-            .map(|c| DockerCredentials {
+        let credentials = match &spec.registry_credentials {
+            Some(c) => Some(DockerCredentials {
                 username: Some(c.username.clone()),
                 password: Some(c.password.clone()),
                 serveraddress: Some(c.registry_url.clone()),
                 ..DockerCredentials::default()
-            });
+            }),
+            None => self
+                .docker_config
+                .as_deref()
+                .and_then(|dir| super::auth::credentials_for(&spec.image, dir)),
+        };
         tracing::info!(image = %spec.image, "Pulling image");
         let mut stream = self.docker.create_image(Some(options), None, credentials);
         while let Some(item) = stream.next().await {
@@ -293,7 +379,15 @@ impl DockerRuntime {
         &self,
         spec: &ContainerSpec,
     ) -> Result<CreatedContainer, DockerError> {
-        let body = Self::create_body(spec)?;
+        let mut body = Self::create_body(spec)?;
+        if self.is_podman
+            && let Some(host_config) = body.host_config.as_mut()
+        {
+            // Podman's compat wait misreports AutoRemove containers (0, -1 or a hang), so the
+            // worker removes them itself after a reliable `not-running` wait.
+            host_config.auto_remove = None;
+        }
+        let created_at = chrono::Utc::now().timestamp();
         let mut attempt = 0;
         loop {
             let name = spec.name.as_ref().map(|n| {
@@ -312,7 +406,11 @@ impl DockerRuntime {
             );
             match self.docker.create_container(options, body.clone()).await {
                 Ok(resp) => {
-                    return Ok(CreatedContainer { id: resp.id, name });
+                    return Ok(CreatedContainer {
+                        id: resp.id,
+                        name,
+                        created_at,
+                    });
                 }
                 Err(e) => {
                     let failure = EngineFailure::from(e);
@@ -436,7 +534,8 @@ impl DockerRuntime {
         stream_output: bool,
         output: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<ExitStatus, DockerError> {
-        let condition = if auto_remove {
+        let removed_by_engine = auto_remove && !self.is_podman;
+        let condition = if removed_by_engine {
             "removed"
         } else {
             "not-running"
@@ -465,10 +564,23 @@ impl DockerRuntime {
         };
         let (waited, ()) = tokio::join!(wait, logs);
         match waited {
+            Ok(code) if auto_remove && self.is_podman => {
+                let options = bollard::query_parameters::RemoveContainerOptionsBuilder::default()
+                    .force(true)
+                    .build();
+                if let Err(e) = self
+                    .docker
+                    .remove_container(&container.id, Some(options))
+                    .await
+                {
+                    tracing::warn!(container = container.display_name(), error = %EngineFailure::from(e), "could not remove the exited container (auto_remove)");
+                }
+                Ok(ExitStatus { code })
+            }
             Ok(code) => Ok(ExitStatus { code }),
             Err(failure) if auto_remove && failure.is_not_found() => {
                 // Removed before the wait registered: the exit code is still in the event log.
-                self.exit_code_from_events(&container.id)
+                self.exit_code_from_events(container)
                     .await
                     .map(|code| ExitStatus { code })
                     .ok_or(DockerError::WatchFailed {
@@ -525,30 +637,41 @@ impl DockerRuntime {
         }
     }
 
-    /// The exit code from the most recent `die` event of a container (within the last day).
-    async fn exit_code_from_events(&self, id: &str) -> Option<i64> {
-        let now = chrono::Utc::now().timestamp();
+    /// The exit code from the container's most recent `die` event. Docker filters server-side;
+    /// Podman's compat API ignores list-form filters, so an empty answer is retried unfiltered
+    /// over the container's lifetime and matched here.
+    async fn exit_code_from_events(&self, container: &CreatedContainer) -> Option<i64> {
+        let since = (container.created_at - 1).to_string();
+        let until = (chrono::Utc::now().timestamp() + 1).to_string();
         let filters = HashMap::from([
-            ("container".to_owned(), vec![id.to_owned()]),
+            ("container".to_owned(), vec![container.id.clone()]),
             ("event".to_owned(), vec!["die".to_owned()]),
         ]);
-        let options = EventsOptionsBuilder::default()
-            .since(&(now - 86_400).to_string())
-            .until(&(now + 1).to_string())
-            .filters(&filters)
-            .build();
-        let mut stream = self.docker.events(Some(options));
-        let mut code = None;
-        while let Some(Ok(event)) = stream.next().await {
-            if let Some(c) = event
-                .actor
-                .and_then(|a| a.attributes)
-                .and_then(|attrs| attrs.get("exitCode").and_then(|c| c.parse().ok()))
-            {
-                code = Some(c);
+        for filtered in [true, false] {
+            let mut builder = EventsOptionsBuilder::default().since(&since).until(&until);
+            if filtered {
+                builder = builder.filters(&filters);
+            }
+            let mut stream = self.docker.events(Some(builder.build()));
+            let mut code = None;
+            while let Some(Ok(event)) = stream.next().await {
+                let Some(actor) = event.actor else { continue };
+                let is_die = matches!(event.action.as_deref(), Some("die" | "died"));
+                if !is_die || actor.id.as_deref() != Some(container.id.as_str()) {
+                    continue;
+                }
+                if let Some(c) = actor
+                    .attributes
+                    .and_then(|a| a.get("exitCode").and_then(|c| c.parse().ok()))
+                {
+                    code = Some(c);
+                }
+            }
+            if code.is_some() {
+                return code;
             }
         }
-        code
+        None
     }
 
     /// Whether a container exists (for tests and reattachment).

@@ -4,6 +4,8 @@
 //! saying what is missing and how to get it; nothing is skipped.
 #![allow(dead_code)]
 
+pub mod services;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

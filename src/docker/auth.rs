@@ -1,0 +1,169 @@
+//! Registry credentials from the Docker CLI's `config.json` (`$DOCKER_CONFIG` or
+//! `~/.docker`): inline `auths`, per-registry `credHelpers` and the default `credsStore`,
+//! so `docker login` on the worker's host is enough for private images, as with docker-py.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use base64::Engine as _;
+use bollard::auth::DockerCredentials;
+use serde_json::Value;
+
+/// The key Docker Hub credentials are stored under.
+const DOCKER_HUB: &str = "https://index.docker.io/v1/";
+
+/// The registry host of an image reference (`docker.io` for Hub images).
+pub fn registry_of(image: &str) -> String {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            first.to_owned()
+        }
+        _ => "docker.io".to_owned(),
+    }
+}
+
+fn host_of_key(key: &str) -> &str {
+    let without_scheme = key.split_once("://").map_or(key, |(_, rest)| rest);
+    without_scheme.split('/').next().unwrap_or(without_scheme)
+}
+
+fn same_registry(key: &str, registry: &str) -> bool {
+    let host = host_of_key(key);
+    let hub = |h: &str| matches!(h, "docker.io" | "index.docker.io" | "registry-1.docker.io");
+    host == registry || (hub(host) && hub(registry))
+}
+
+fn from_helper(helper: &str, server: &str) -> Option<DockerCredentials> {
+    let mut child = Command::new(format!("docker-credential-{helper}"))
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    child.stdin.take()?.write_all(server.as_bytes()).ok()?;
+    let out = child.wait_with_output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    let username = v.get("Username")?.as_str()?.to_owned();
+    let secret = v.get("Secret")?.as_str()?.to_owned();
+    Some(if username == "<token>" {
+        DockerCredentials {
+            identitytoken: Some(secret),
+            serveraddress: Some(server.to_owned()),
+            ..Default::default()
+        }
+    } else {
+        DockerCredentials {
+            username: Some(username),
+            password: Some(secret),
+            serveraddress: Some(server.to_owned()),
+            ..Default::default()
+        }
+    })
+}
+
+/// Credentials for `image`'s registry from `config_dir/config.json`, if any are stored.
+pub fn credentials_for(image: &str, config_dir: &Path) -> Option<DockerCredentials> {
+    let text = std::fs::read_to_string(config_dir.join("config.json")).ok()?;
+    let config: Value = serde_json::from_str(&text).ok()?;
+    let registry = registry_of(image);
+    let server = if registry == "docker.io" {
+        DOCKER_HUB.to_owned()
+    } else {
+        registry.clone()
+    };
+
+    if let Some(helper) = config
+        .get("credHelpers")
+        .and_then(Value::as_object)
+        .and_then(|helpers| helpers.iter().find(|(k, _)| same_registry(k, &registry)))
+        .and_then(|(_, v)| v.as_str())
+    {
+        return from_helper(helper, &server);
+    }
+    if let Some((key, entry)) = config
+        .get("auths")
+        .and_then(Value::as_object)
+        .and_then(|auths| auths.iter().find(|(k, _)| same_registry(k, &registry)))
+    {
+        let field = |name: &str| {
+            entry
+                .get(name)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+        };
+        let (mut username, mut password) = (
+            field("username").map(str::to_owned),
+            field("password").map(str::to_owned),
+        );
+        if let Some(auth) = field("auth")
+            && let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(auth)
+            && let Some((u, p)) = String::from_utf8_lossy(&decoded).split_once(':')
+        {
+            username = Some(u.to_owned());
+            password = Some(p.to_owned());
+        }
+        if username.is_some() || field("identitytoken").is_some() {
+            return Some(DockerCredentials {
+                username,
+                password,
+                identitytoken: field("identitytoken").map(str::to_owned),
+                serveraddress: Some(key.clone()),
+                ..Default::default()
+            });
+        }
+    }
+    if let Some(store) = config.get("credsStore").and_then(Value::as_str) {
+        return from_helper(store, &server);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registries() {
+        assert_eq!(registry_of("busybox"), "docker.io");
+        assert_eq!(registry_of("library/busybox:1"), "docker.io");
+        assert_eq!(registry_of("127.0.0.1:5000/a/b:1"), "127.0.0.1:5000");
+        assert_eq!(registry_of("ghcr.io/x/y"), "ghcr.io");
+        assert_eq!(registry_of("localhost/x"), "localhost");
+    }
+
+    #[test]
+    fn inline_auths() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = base64::engine::general_purpose::STANDARD.encode("user:pa:ss");
+        std::fs::write(
+            dir.path().join("config.json"),
+            format!(r#"{{"auths":{{"127.0.0.1:5000":{{"auth":"{auth}"}},"https://index.docker.io/v1/":{{"username":"hub","password":"p"}}}}}}"#),
+        )
+        .unwrap();
+        let c = credentials_for("127.0.0.1:5000/x:1", dir.path()).unwrap();
+        assert_eq!(
+            (c.username.as_deref(), c.password.as_deref()),
+            (Some("user"), Some("pa:ss"))
+        );
+        let hub = credentials_for("busybox", dir.path()).unwrap();
+        assert_eq!(hub.username.as_deref(), Some("hub"));
+        assert!(credentials_for("ghcr.io/x/y", dir.path()).is_none());
+        assert!(credentials_for("x", Path::new("/nonexistent")).is_none());
+    }
+
+    #[test]
+    fn missing_helper_gives_none() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"credsStore":"no-such-helper-dw"}"#,
+        )
+        .unwrap();
+        assert!(credentials_for("ghcr.io/x/y", dir.path()).is_none());
+    }
+}

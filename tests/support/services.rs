@@ -1,0 +1,484 @@
+//! Extra real peers started per test: a registry with htpasswd auth, a private TLS Docker
+//! daemon, and Podman's Docker-compatible service. Each is stopped by PID and its files
+//! removed when the handle drops; none touches the machine's own daemon.
+
+use std::io::Write as _;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{BUSYBOX, free_port, run_ok, unique};
+
+fn require_tool(tool: &str, package: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "`{tool}` is missing — run `scripts/test-env.sh` (installs Debian's {package})"
+    );
+}
+
+fn wait_for_port(port: u16, what: &str, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on 127.0.0.1:{port}:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn pipe(from: &mut Command, to: &mut Command) {
+    let mut producer = from.stdout(Stdio::piped()).spawn().expect("start producer");
+    let out = producer.stdout.take().expect("stdout");
+    let status = to.stdin(out).output().expect("run consumer");
+    let produced = producer.wait().expect("wait producer");
+    assert!(
+        produced.success() && status.status.success(),
+        "{from:?} | {to:?} failed: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+}
+
+/// Debian's `docker-registry` on 127.0.0.1 with htpasswd (bcrypt) authentication.
+pub struct Registry {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// The user that may push and pull.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Registry {
+    pub fn start() -> Self {
+        require_tool("docker-registry", "docker-registry");
+        require_tool("htpasswd", "apache2-utils");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let user = "dwuser".to_owned();
+        let password = format!("pw-{}", unique("r"));
+        let htpasswd = run_ok(Command::new("htpasswd").args(["-Bbn", &user, &password]));
+        std::fs::write(dir.path().join("htpasswd"), htpasswd).unwrap();
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root}\nhttp:\n  addr: 127.0.0.1:{port}\nauth:\n  htpasswd:\n    realm: dw-test\n    path: {root}/htpasswd\n",
+            root = dir.path().display()
+        );
+        std::fs::write(dir.path().join("config.yml"), config).unwrap();
+        let log = dir.path().join("registry.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("start docker-registry");
+        wait_for_port(port, "docker-registry", &log);
+        Self {
+            addr: format!("127.0.0.1:{port}"),
+            user,
+            password,
+            dir,
+            child,
+        }
+    }
+
+    /// A private Docker CLI config dir holding this registry's login (as `docker login` writes it).
+    pub fn docker_config(&self) -> PathBuf {
+        let dir = self.dir.path().join("docker-config");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut login = Command::new("docker")
+            .env("DOCKER_CONFIG", &dir)
+            .args([
+                "login",
+                "--username",
+                &self.user,
+                "--password-stdin",
+                &self.addr,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        login
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(self.password.as_bytes())
+            .unwrap();
+        let out = login.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "docker login: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    }
+
+    /// Pushes the busybox test image as `<registry>/dw/busybox:<tag>` and removes the local tag,
+    /// so using it needs a real pull.
+    pub fn push_busybox(&self, tag: &str) -> String {
+        let config = self.docker_config();
+        let image = format!("{}/dw/busybox:{tag}", self.addr);
+        run_ok(Command::new("docker").args(["tag", BUSYBOX, &image]));
+        run_ok(
+            Command::new("docker")
+                .env("DOCKER_CONFIG", &config)
+                .args(["push", &image]),
+        );
+        run_ok(Command::new("docker").args(["rmi", &image]));
+        image
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Docker daemon of the test's own, listening on 127.0.0.1 with TLS client verification
+/// (certificates generated here), with its own bridge, data-root and exec-root.
+pub struct TlsDockerd {
+    /// `tcp://127.0.0.1:PORT`.
+    pub host: String,
+    /// `DOCKER_CERT_PATH` for clients: `ca.pem`, `cert.pem`, `key.pem`.
+    pub client_certs: PathBuf,
+    /// Its unix socket (for loading images with the CLI).
+    pub socket: String,
+    root: PathBuf,
+    bridge: String,
+    child: Child,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    run_ok(Command::new("openssl").current_dir(dir).args(args));
+}
+
+impl TlsDockerd {
+    pub fn start() -> Self {
+        require_tool("dockerd", "docker.io");
+        require_tool("openssl", "openssl");
+        require_tool("ip", "iproute2");
+        // Short paths: containerd's sockets live under the exec-root.
+        let root = PathBuf::from(format!("/tmp/{}", unique("dwd")));
+        let certs = root.join("certs");
+        let client = root.join("client");
+        std::fs::create_dir_all(&certs).unwrap();
+        std::fs::create_dir_all(&client).unwrap();
+        openssl(
+            &certs,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca-key.pem",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=dw-test-ca",
+            ],
+        );
+        openssl(
+            &certs,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "server-key.pem",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        );
+        std::fs::write(
+            certs.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        openssl(
+            &certs,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca-key.pem",
+                "-CAcreateserial",
+                "-out",
+                "server-cert.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+            ],
+        );
+        openssl(
+            &certs,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "client.csr",
+                "-subj",
+                "/CN=dw-client",
+            ],
+        );
+        std::fs::write(certs.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        openssl(
+            &certs,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "client.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca-key.pem",
+                "-CAcreateserial",
+                "-out",
+                "cert.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "client.ext",
+            ],
+        );
+        for f in ["ca.pem", "cert.pem", "key.pem"] {
+            std::fs::copy(certs.join(f), client.join(f)).unwrap();
+        }
+
+        // Its own bridge; never --bridge=none (that deletes the host's docker0).
+        let octet = 200 + (std::process::id() % 50);
+        let bridge = format!("dwtls{octet}");
+        let _ = Command::new("ip").args(["link", "del", &bridge]).output();
+        run_ok(Command::new("ip").args(["link", "add", "name", &bridge, "type", "bridge"]));
+        run_ok(Command::new("ip").args([
+            "addr",
+            "add",
+            &format!("172.31.{octet}.1/24"),
+            "dev",
+            &bridge,
+        ]));
+        run_ok(Command::new("ip").args(["link", "set", &bridge, "up"]));
+
+        let port = free_port();
+        let socket = format!("unix://{}/docker.sock", root.display());
+        let log = root.join("dockerd.log");
+        let file = std::fs::File::create(&log).unwrap();
+        // Its own (empty) config file: the machine's /etc/docker/daemon.json is not ours.
+        std::fs::write(root.join("daemon.json"), "{}").unwrap();
+        let child = Command::new("dockerd")
+            .arg("--config-file")
+            .arg(root.join("daemon.json"))
+            .args(["--tlsverify", "--tlscacert"])
+            .arg(certs.join("ca.pem"))
+            .arg("--tlscert")
+            .arg(certs.join("server-cert.pem"))
+            .arg("--tlskey")
+            .arg(certs.join("server-key.pem"))
+            .args(["-H", &format!("tcp://127.0.0.1:{port}"), "-H", &socket])
+            .arg("--data-root")
+            .arg(root.join("data"))
+            .arg("--exec-root")
+            .arg(root.join("exec"))
+            .arg("--pidfile")
+            .arg(root.join("dockerd.pid"))
+            .args([
+                "--bridge",
+                &bridge,
+                "--iptables=false",
+                "--ip-masq=false",
+                "--storage-driver",
+                "vfs",
+            ])
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("start dockerd");
+        let daemon = Self {
+            host: format!("tcp://127.0.0.1:{port}"),
+            client_certs: client,
+            socket,
+            root,
+            bridge,
+            child,
+        };
+        let mut daemon = daemon;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!(
+                    "private dockerd exited ({status}):\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            let ok = Command::new("docker")
+                .args([
+                    "-H",
+                    &daemon.socket,
+                    "info",
+                    "--format",
+                    "{{.ServerVersion}}",
+                ])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "private dockerd did not come up:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        pipe(
+            Command::new("docker").args(["save", BUSYBOX]),
+            Command::new("docker").args(["-H", &daemon.socket, "load", "-q"]),
+        );
+        daemon
+    }
+}
+
+impl Drop for TlsDockerd {
+    fn drop(&mut self) {
+        // Stop only the daemon this test started, by its PID; containerd goes with it.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("umount")
+            .arg(self.root.join("exec/netns/default"))
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// `podman system service` on a private socket with private storage, holding the images it
+/// was given (copied from the machine's Docker daemon).
+pub struct PodmanService {
+    /// `unix://…/podman.sock`.
+    pub host: String,
+    root: PathBuf,
+    child: Child,
+}
+
+impl PodmanService {
+    fn podman(&self) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.env("CONTAINERS_CONF", self.root.join("containers.conf"))
+            .env("CONTAINERS_STORAGE_CONF", self.root.join("storage.conf"));
+        cmd
+    }
+
+    pub fn start(images: &[&str]) -> Self {
+        require_tool("podman", "podman");
+        let root = PathBuf::from(format!("/tmp/{}", unique("dwp")));
+        std::fs::create_dir_all(root.join("events")).unwrap();
+        // The machine caps rlimits below Podman's defaults; events go to a private file.
+        std::fs::write(
+            root.join("containers.conf"),
+            format!(
+                "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]\n\n[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nevents_logfile_path = \"{r}/events/events.log\"\ntmp_dir = \"{r}/tmp\"\n",
+                r = root.display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("storage.conf"),
+            format!(
+                "[storage]\ndriver = \"overlay\"\ngraphroot = \"{r}/storage\"\nrunroot = \"{r}/run\"\n",
+                r = root.display()
+            ),
+        )
+        .unwrap();
+        let socket = root.join("podman.sock");
+        let log = root.join("podman.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new("podman")
+            .env("CONTAINERS_CONF", root.join("containers.conf"))
+            .env("CONTAINERS_STORAGE_CONF", root.join("storage.conf"))
+            .args(["system", "service", "--time=0"])
+            .arg(format!("unix://{}", socket.display()))
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("start podman system service");
+        let service = Self {
+            host: format!("unix://{}", socket.display()),
+            root,
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "podman service did not create its socket:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for image in images {
+            pipe(
+                Command::new("docker").args(["save", image]),
+                service.podman().args(["load", "-q"]),
+            );
+        }
+        service
+    }
+}
+
+impl Drop for PodmanService {
+    fn drop(&mut self) {
+        let _ = self.podman().args(["rm", "-af", "-t", "0"]).output();
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        // Overlay mounts of removed containers are gone; unmount anything left before deleting.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r umount -l",
+                self.root.display()
+            ))
+            .output();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
