@@ -6,4 +6,6 @@ pub mod error;
 pub mod runtime;
 
 pub use error::{DockerError, EngineFailure};
-pub use runtime::{CreatedContainer, DockerRuntime, ExitStatus, StartedContainer, TlsFiles};
+pub use runtime::{
+    CreatedContainer, DockerRuntime, ExitStatus, FoundContainer, StartedContainer, TlsFiles,
+};

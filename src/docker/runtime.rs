@@ -55,6 +55,25 @@ pub struct StartedContainer {
 pub struct ExitStatus {
     /// The process's exit code (-1 when Docker did not know it).
     pub code: i64,
+    /// The kernel killed it for exceeding its memory limit (known when the container is kept).
+    pub oom_killed: bool,
+}
+
+/// A container of ours found on the host by its labels (for reattachment after a restart).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundContainer {
+    /// The container, as if this process had created it.
+    pub container: CreatedContainer,
+    /// Its labels.
+    pub labels: HashMap<String, String>,
+    /// Still running (else exited, created or dead).
+    pub running: bool,
+    /// Its exit code, when it has exited.
+    pub exit_code: Option<i64>,
+    /// `HostConfig.AutoRemove`.
+    pub auto_remove: bool,
+    /// The kernel killed it for memory.
+    pub oom_killed: bool,
 }
 
 /// Client certificate files for a TLS Docker host (`ca.pem`, `cert.pem`, `key.pem`).
@@ -534,6 +553,65 @@ impl DockerRuntime {
         stream_output: bool,
         output: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<ExitStatus, DockerError> {
+        let code = self
+            .watch_inner(container, auto_remove, stream_output, None, output)
+            .await?;
+        Ok(self.exit_status(container, auto_remove, code).await)
+    }
+
+    /// Watches a container this process did not start (found after a restart): output from
+    /// now on only, so nothing already printed is printed twice, then the exit as usual.
+    ///
+    /// # Errors
+    /// [`DockerError::WatchFailed`] when the outcome cannot be learned.
+    pub async fn reattach_container(
+        &self,
+        found: &FoundContainer,
+        stream_output: bool,
+        output: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<ExitStatus, DockerError> {
+        let since = chrono::Utc::now().timestamp();
+        let code = self
+            .watch_inner(
+                &found.container,
+                found.auto_remove,
+                stream_output,
+                Some(since),
+                output,
+            )
+            .await?;
+        Ok(self
+            .exit_status(&found.container, found.auto_remove, code)
+            .await)
+    }
+
+    async fn exit_status(
+        &self,
+        container: &CreatedContainer,
+        auto_remove: bool,
+        code: i64,
+    ) -> ExitStatus {
+        let oom_killed = !auto_remove
+            && code != 0
+            && self
+                .docker
+                .inspect_container(&container.id, None)
+                .await
+                .ok()
+                .and_then(|i| i.state)
+                .and_then(|s| s.oom_killed)
+                .unwrap_or(false);
+        ExitStatus { code, oom_killed }
+    }
+
+    async fn watch_inner(
+        &self,
+        container: &CreatedContainer,
+        auto_remove: bool,
+        stream_output: bool,
+        logs_since: Option<i64>,
+        output: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<i64, DockerError> {
         let removed_by_engine = auto_remove && !self.is_podman;
         let condition = if removed_by_engine {
             "removed"
@@ -559,7 +637,8 @@ impl DockerRuntime {
         };
         let logs = async {
             if stream_output {
-                self.stream_logs(container, auto_remove, output).await;
+                self.stream_logs(container, auto_remove, logs_since, output)
+                    .await;
             }
         };
         let (waited, ()) = tokio::join!(wait, logs);
@@ -575,14 +654,13 @@ impl DockerRuntime {
                 {
                     tracing::warn!(container = container.display_name(), error = %EngineFailure::from(e), "could not remove the exited container (auto_remove)");
                 }
-                Ok(ExitStatus { code })
+                Ok(code)
             }
-            Ok(code) => Ok(ExitStatus { code }),
+            Ok(code) => Ok(code),
             Err(failure) if auto_remove && failure.is_not_found() => {
                 // Removed before the wait registered: the exit code is still in the event log.
                 self.exit_code_from_events(container)
                     .await
-                    .map(|code| ExitStatus { code })
                     .ok_or(DockerError::WatchFailed {
                         container: container.display_name().to_owned(),
                         failure,
@@ -599,14 +677,18 @@ impl DockerRuntime {
         &self,
         container: &CreatedContainer,
         auto_remove: bool,
+        since: Option<i64>,
         output: &(dyn Fn(&str) + Send + Sync),
     ) {
-        let options = LogsOptionsBuilder::default()
+        let mut options = LogsOptionsBuilder::default()
             .follow(true)
             .stdout(true)
             .stderr(true)
             .tail("all")
             .build();
+        if let Some(since) = since {
+            options.since = i32::try_from(since).unwrap_or(i32::MAX);
+        }
         let mut stream = self.docker.logs(&container.id, Some(options));
         while let Some(item) = stream.next().await {
             match item {
@@ -672,6 +754,61 @@ impl DockerRuntime {
             }
         }
         None
+    }
+
+    /// Every container (any state) carrying all of `labels` (`key=value`).
+    ///
+    /// # Errors
+    /// [`DockerError::Api`] when the Engine cannot list containers.
+    pub async fn find_containers(
+        &self,
+        labels: &[String],
+    ) -> Result<Vec<FoundContainer>, DockerError> {
+        let filters = HashMap::from([("label".to_owned(), labels.to_vec())]);
+        let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let summaries = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| DockerError::Api {
+                operation: "list containers",
+                failure: e.into(),
+            })?;
+        let mut found = Vec::with_capacity(summaries.len());
+        for summary in summaries {
+            let Some(id) = summary.id else { continue };
+            let Ok(info) = self.docker.inspect_container(&id, None).await else {
+                continue; // removed meanwhile
+            };
+            let state = info.state.unwrap_or_default();
+            let running = state.running.unwrap_or(false);
+            let exited = matches!(
+                state.status,
+                Some(
+                    bollard::models::ContainerStateStatusEnum::EXITED
+                        | bollard::models::ContainerStateStatusEnum::DEAD
+                )
+            );
+            found.push(FoundContainer {
+                container: CreatedContainer {
+                    name: info.name.map(|n| n.trim_start_matches('/').to_owned()),
+                    created_at: summary.created.unwrap_or_default(),
+                    id,
+                },
+                labels: summary.labels.unwrap_or_default(),
+                running,
+                exit_code: if exited { state.exit_code } else { None },
+                auto_remove: info
+                    .host_config
+                    .and_then(|h| h.auto_remove)
+                    .unwrap_or(false),
+                oom_killed: state.oom_killed.unwrap_or(false),
+            });
+        }
+        Ok(found)
     }
 
     /// Whether a container exists (for tests and reattachment).

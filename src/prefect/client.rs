@@ -519,6 +519,23 @@ impl PrefectClient {
             .collect()
     }
 
+    /// `POST /work_pools/{pool}/workers/filter`: the names of the pool's workers the server
+    /// considers online (recent heartbeats).
+    ///
+    /// # Errors
+    /// Any [`ApiError`].
+    pub async fn online_workers(&self, pool: &str) -> Result<Vec<String>, ApiError> {
+        let path = format!("work_pools/{}/workers/filter", encode(pool));
+        let workers: Vec<Value> = self
+            .call_json(Method::POST, &path, Some(&json!({})))
+            .await?;
+        Ok(workers
+            .iter()
+            .filter(|w| w.get("status").and_then(Value::as_str) == Some("ONLINE"))
+            .filter_map(|w| w.get("name").and_then(Value::as_str).map(str::to_owned))
+            .collect())
+    }
+
     /// `GET /deployments/{id}`; `None` when it no longer exists.
     ///
     /// # Errors

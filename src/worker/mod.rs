@@ -65,6 +65,8 @@ pub struct Worker {
     tasks: TaskTracker,
     /// Cancelled on SIGINT/SIGTERM: stop claiming, stop watching, leave containers running.
     shutdown: CancellationToken,
+    /// Containers left by an earlier run of this worker (or a dead one) were looked for.
+    adopted: std::sync::atomic::AtomicBool,
 }
 
 impl Worker {
@@ -89,6 +91,7 @@ impl Worker {
             limiter,
             tasks: TaskTracker::new(),
             shutdown,
+            adopted: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -270,6 +273,11 @@ impl Worker {
                 }
             }
         };
+        if !self.adopted.load(std::sync::atomic::Ordering::Relaxed) {
+            self.adopt_orphans(&pool).await?;
+            self.adopted
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let scheduled_before = chrono::Utc::now()
             + chrono::Duration::seconds(
                 self.settings
@@ -328,6 +336,78 @@ impl Worker {
             submitted += 1;
         }
         Ok(submitted)
+    }
+}
+
+impl Worker {
+    /// Finds this pool's flow-run containers that nobody watches — left by an earlier process
+    /// of this worker, or by a worker the server now sees offline — and watches them again:
+    /// running ones to their exit, exited ones reported at once (Crashed for non-zero), each
+    /// only while its flow run is not yet final, so nothing is reported twice or run again.
+    /// Containers of workers that are still online are theirs and left alone.
+    async fn adopt_orphans(self: &Arc<Self>, pool: &WorkPool) -> Result<(), ApiError> {
+        let found = match self
+            .docker
+            .find_containers(&[format!("io.prefect.work-pool-name={}", pool.name)])
+            .await
+        {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list this pool's containers; none re-attached");
+                return Ok(());
+            }
+        };
+        if found.is_empty() {
+            return Ok(());
+        }
+        let online = self.api.online_workers(&pool.name).await?;
+        for container in found {
+            let Some(run_id) = container.labels.get("io.prefect.flow-run-id").cloned() else {
+                continue;
+            };
+            let owner = container
+                .labels
+                .get("io.prefect.worker-name")
+                .map(String::as_str);
+            if owner.is_some_and(|o| o != self.settings.name && online.iter().any(|w| w == o)) {
+                tracing::debug!(flow_run_id = %run_id, owner, "container belongs to a live worker; not adopting");
+                continue;
+            }
+            if self
+                .in_progress
+                .lock()
+                .is_ok_and(|set| set.contains(&run_id))
+            {
+                continue;
+            }
+            let flow_run = match self.api.read_flow_run(&run_id).await {
+                Ok(run) => run,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            };
+            if matches!(
+                flow_run.state_type(),
+                Some("COMPLETED" | "FAILED" | "CRASHED" | "CANCELLED") | None
+            ) {
+                continue;
+            }
+            if let Ok(mut set) = self.in_progress.lock() {
+                set.insert(run_id.clone());
+            }
+            let permit = self
+                .limiter
+                .as_ref()
+                .and_then(|l| Arc::clone(l).try_acquire_owned().ok());
+            let worker = Arc::clone(self);
+            self.tasks.spawn(async move {
+                run::reattach(&worker, flow_run, container).await;
+                if let Ok(mut set) = worker.in_progress.lock() {
+                    set.remove(&run_id);
+                }
+                drop(permit);
+            });
+        }
+        Ok(())
     }
 }
 

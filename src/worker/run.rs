@@ -10,7 +10,7 @@ use serde_json::Value;
 use tracing::Instrument as _;
 
 use super::{PoolRef, Worker, crash_message, explain, flow_run_labels};
-use crate::docker::{CreatedContainer, DockerError};
+use crate::docker::{CreatedContainer, DockerError, ExitStatus, FoundContainer};
 use crate::job::render::{merge_job_variables, render_job_configuration};
 use crate::job::{ContainerSpec, DockerJobConfiguration, RunContext};
 use crate::prefect::{ApiError, FlowRun, SetStateStatus, StateProposal};
@@ -154,6 +154,56 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
     worker.metrics.runs_running.dec();
 }
 
+/// Watches a container found after a restart until its exit and reports it like any other run.
+pub(crate) async fn reattach(worker: &Arc<Worker>, flow_run: FlowRun, found: FoundContainer) {
+    let span = tracing::info_span!("flow_run", flow_run_id = %flow_run.id);
+    async {
+        let id = flow_run.id.as_str();
+        let name = found.container.display_name().to_owned();
+        let outcome = if found.running {
+            worker.logs.info(
+                id,
+                format!("Worker '{}' re-attached to flow run '{id}' (container '{name}')", worker.name()),
+            );
+            worker.metrics.runs_running.inc();
+            let outcome = tokio::select! {
+                r = worker.docker.reattach_container(&found, true, &print_output) => Some(r),
+                () = worker.shutdown.cancelled() => None,
+            };
+            worker.metrics.runs_running.dec();
+            match outcome {
+                Some(r) => r,
+                None => return,
+            }
+        } else {
+            match found.exit_code {
+                Some(code) => {
+                    worker.logs.info(
+                        id,
+                        format!("Container '{name}' of flow run '{id}' exited with status code {code} while no worker was watching"),
+                    );
+                    Ok(ExitStatus {
+                        code,
+                        oom_killed: found.oom_killed,
+                    })
+                }
+                // Created but never started (the worker stopped in between): nothing ran, and
+                // starting it now could run a flow the user may already have retried.
+                None => {
+                    let message = format!(
+                        "Failed to submit flow run to infrastructure: WorkerInterrupted: the worker stopped after creating container '{name}' and before starting it"
+                    );
+                    propose_crashed(worker, id, message).await;
+                    return;
+                }
+            }
+        };
+        report_exit(worker, &flow_run, &name, outcome).await;
+    }
+    .instrument(span)
+    .await;
+}
+
 /// Proposes Pending until the server answers ACCEPT/REJECT/ABORT. True when the run is ours.
 async fn claim(worker: &Worker, id: &str) -> bool {
     let logs = &worker.logs;
@@ -291,7 +341,6 @@ async fn watch(
     spec: &ContainerSpec,
     container: &CreatedContainer,
 ) {
-    let id = flow_run.id.as_str();
     let outcome = tokio::select! {
         r = worker.docker.watch_container(container, spec.auto_remove, spec.stream_output, &print_output) => r,
         () = worker.shutdown.cancelled() => {
@@ -299,16 +348,34 @@ async fn watch(
             return;
         }
     };
+    report_exit(worker, flow_run, container.display_name(), outcome).await;
+}
+
+/// Reports a watched container's end: nothing for 0 (the engine inside reported the state),
+/// Crashed with the exit-code explanation otherwise, a log line when the outcome is unknown.
+async fn report_exit(
+    worker: &Worker,
+    flow_run: &FlowRun,
+    container_name: &str,
+    outcome: Result<ExitStatus, DockerError>,
+) {
+    let id = flow_run.id.as_str();
     match outcome {
         Ok(status) if status.code == 0 => {
             worker.metrics.runs_completed.inc();
             tracing::info!(
-                container = container.display_name(),
+                container = container_name,
                 "container exited with status code 0"
             );
         }
         Ok(status) => {
-            propose_crashed(worker, id, crash_message(status.code)).await;
+            let mut message = crash_message(status.code);
+            if status.oom_killed {
+                message.push_str(
+                    " The kernel killed the container for exceeding its memory limit (OOMKilled).",
+                );
+            }
+            propose_crashed(worker, id, message).await;
             worker.logs.info(id, explain(status.code).resolution);
         }
         Err(e) => {

@@ -1,0 +1,141 @@
+//! Never lose a run: a worker killed with runs in flight is restarted and reports every run
+//! exactly once with its true exit code; the kernel's OOM kill is named. Real server, real
+//! Docker, the built binary. Each test prints its figure.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::*;
+
+async fn crashed_states(api: &Api, run_id: &str) -> usize {
+    let (status, states) = api
+        .call(
+            reqwest::Method::GET,
+            &format!("flow_run_states/?flow_run_id={run_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{states}");
+    states
+        .as_array()
+        .map(|a| a.iter().filter(|s| s["type"] == json!("CRASHED")).count())
+        .unwrap_or_default()
+}
+
+/// R1: SIGKILL the worker with 20 runs in flight; restart it; 20/20 reported with their true
+/// exit codes, none twice, no container started twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn r1_killed_worker_restarts_and_reports_every_run_once() {
+    require_docker();
+    let server = server();
+    let api = Api::new(server);
+    let pool = unique("r1");
+    let guard = ContainerGuard::for_pool(&pool);
+    let dep = api
+        .create_deployment(
+            &pool,
+            "exit-code",
+            "flows.py:exit_code",
+            json!({"image": BUSYBOX}),
+        )
+        .await;
+    // Half exit while the worker is down, half are still running when it comes back.
+    let mut runs: Vec<(String, i64)> = Vec::new();
+    for i in 0..20i64 {
+        let code = i + 1;
+        let sleep = if i % 2 == 0 { 2 } else { 25 };
+        let id = api
+            .create_flow_run(
+                &dep,
+                json!({"command": format!("sh -c 'sleep {sleep}; exit {code}'")}),
+            )
+            .await;
+        runs.push((id, code));
+    }
+    let name = unique("r1-worker");
+    let mut worker = WorkerProcess::start(server, &["--pool", &pool, "--name", &name], &[]);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while guard.containers().len() < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} containers started:\n{}",
+            guard.containers().len(),
+            worker.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Every pid recorded: all 20 are in flight.
+    for (id, _) in &runs {
+        while api.read_flow_run(id).await["infrastructure_pid"].is_null() {
+            assert!(Instant::now() < deadline, "run {id} never got its pid");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    worker.child.kill().expect("SIGKILL the worker");
+    let _ = worker.child.wait();
+    tokio::time::sleep(Duration::from_secs(4)).await; // the short ones exit unwatched
+    let restarted = Instant::now();
+    let worker = WorkerProcess::start(server, &["--pool", &pool, "--name", &name], &[]);
+    let mut reported = 0;
+    for (id, code) in &runs {
+        let run = api.wait_for_final_state(id, Duration::from_secs(120)).await;
+        assert_eq!(
+            run["state"]["type"],
+            json!("CRASHED"),
+            "{run}\n{}",
+            worker.output()
+        );
+        let message = run["state"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&format!("non-zero status code {code}.")),
+            "run {id} expected code {code}: {message}"
+        );
+        assert_eq!(
+            crashed_states(&api, id).await,
+            1,
+            "run {id} reported more than once"
+        );
+        reported += 1;
+    }
+    assert_eq!(guard.containers().len(), 20, "a run got a second container");
+    eprintln!(
+        "R1 figure: {reported}/20 runs reported with true exit codes after SIGKILL + restart, 0 duplicates, last report {:.1} s after restart",
+        restarted.elapsed().as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oom_kill_is_named_in_the_crashed_message() {
+    require_docker();
+    let server = server();
+    let api = Api::new(server);
+    let pool = unique("oom");
+    let _guard = ContainerGuard::for_pool(&pool);
+    let dep = api
+        .create_deployment(
+            &pool,
+            "exit-code",
+            "flows.py:exit_code",
+            json!({
+                "image": BUSYBOX, "mem_limit": "16m", "memswap_limit": "16m",
+                "command": "sh -c 'head -c 200m /dev/zero | tail > /dev/null'"
+            }),
+        )
+        .await;
+    let run_id = api.create_flow_run(&dep, json!({})).await;
+    let worker = WorkerProcess::start(server, &["--pool", &pool], &[]);
+    let run: Value = api
+        .wait_for_final_state(&run_id, Duration::from_secs(120))
+        .await;
+    let message = run["state"]["message"].as_str().unwrap_or_default();
+    assert_eq!(
+        run["state"]["type"],
+        json!("CRASHED"),
+        "{run}\n{}",
+        worker.output()
+    );
+    assert!(message.contains("non-zero status code 137"), "{message}");
+    assert!(message.contains("OOMKilled"), "{message}");
+}
