@@ -79,6 +79,16 @@ pub struct StartArgs {
     #[arg(long)]
     pub with_metrics: bool,
 
+    /// When a running flow run is cancelled, stop its container: SIGTERM, then SIGKILL after
+    /// this many seconds [env: DOCKER_WORKER_CANCEL_GRACE_SECONDS; default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    pub cancel_grace: Option<f64>,
+
+    /// Leave cancelled runs' containers to the Prefect engine inside them (do not stop them)
+    /// [env: DOCKER_WORKER_STOP_CANCELLED=false].
+    #[arg(long)]
+    pub no_stop_cancelled: bool,
+
     /// Worker log format on stderr: `text` or `json` [env: DOCKER_WORKER_LOG_FORMAT; default: text].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,

@@ -89,6 +89,12 @@ pub struct WorkerSettings {
     pub settings_env: Vec<(String, String)>,
     /// Directory relative bind mounts are resolved against.
     pub cwd: PathBuf,
+    /// Stop the containers of runs cancelled while running.
+    pub stop_cancelled: bool,
+    /// SIGTERM → SIGKILL grace when stopping them.
+    pub cancel_grace: Duration,
+    /// How often running runs are checked for cancellation.
+    pub cancellation_poll: Duration,
 }
 
 /// Settings of the Docker connection.
@@ -446,6 +452,20 @@ impl Settings {
                 log_batch_interval: seconds(env, "PREFECT_LOGGING_TO_API_BATCH_INTERVAL", 2.0)?,
                 settings_env,
                 cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+                stop_cancelled: !args.no_stop_cancelled
+                    && boolean(env, "DOCKER_WORKER_STOP_CANCELLED", true)?,
+                cancel_grace: match args.cancel_grace {
+                    Some(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s),
+                    Some(s) => {
+                        return Err(ConfigError::Invalid {
+                            name: "--cancel-grace".into(),
+                            value: s.to_string(),
+                            reason: "expected a non-negative number of seconds".into(),
+                        });
+                    }
+                    None => seconds(env, "DOCKER_WORKER_CANCEL_GRACE_SECONDS", 30.0)?,
+                },
+                cancellation_poll: seconds(env, "DOCKER_WORKER_CANCELLATION_POLL_SECONDS", 10.0)?,
             },
             docker: DockerSettings {
                 host: non_empty(env, "DOCKER_HOST"),

@@ -162,7 +162,18 @@ async fn send_loop(
     flush(&api, &mut batch).await;
 }
 
+/// Sends the batch in chunks. A chunk the API could not take because it is unreachable stays
+/// queued (in order) for the next tick; the queue is bounded, dropping its oldest lines with a
+/// warning. Other failures drop the chunk (the API refused its content).
 async fn flush(api: &PrefectClient, batch: &mut Vec<LogEntry>) {
+    if batch.len() > QUEUE_CAPACITY {
+        let excess = batch.len() - QUEUE_CAPACITY;
+        batch.drain(..excess);
+        tracing::warn!(
+            dropped = excess,
+            "flow-run log backlog is full during an API outage; dropped the oldest lines"
+        );
+    }
     while !batch.is_empty() {
         let mut size = 0;
         let mut take = 0;
@@ -173,9 +184,18 @@ async fn flush(api: &PrefectClient, batch: &mut Vec<LogEntry>) {
             }
             take += 1;
         }
-        let chunk: Vec<LogEntry> = batch.drain(..take).collect();
-        if let Err(e) = api.create_logs(&chunk).await {
-            tracing::warn!(error = %e, lines = chunk.len(), "could not send flow-run logs to the Prefect API; dropping them");
+        match api.create_logs(&batch[..take]).await {
+            Ok(()) => {
+                batch.drain(..take);
+            }
+            Err(e) if e.is_transient() => {
+                tracing::debug!(error = %e, queued = batch.len(), "Prefect API unavailable; keeping flow-run logs queued");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, lines = take, "the Prefect API refused flow-run logs; dropping them");
+                batch.drain(..take);
+            }
         }
     }
 }

@@ -139,3 +139,76 @@ async fn oom_kill_is_named_in_the_crashed_message() {
     assert!(message.contains("non-zero status code 137"), "{message}");
     assert!(message.contains("OOMKilled"), "{message}");
 }
+
+/// R7: cancelling a running run stops its container within the grace period (+2 s) and the
+/// run ends Cancelled.
+#[tokio::test(flavor = "multi_thread")]
+async fn r7_cancelling_a_running_run_stops_its_container() {
+    require_docker();
+    let server = server();
+    let api = Api::new(server);
+    let pool = unique("r7");
+    let guard = ContainerGuard::for_pool(&pool);
+    // PID 1 `sleep` ignores SIGTERM: the stop has to escalate to SIGKILL after the grace.
+    let dep = api
+        .create_deployment(
+            &pool,
+            "exit-code",
+            "flows.py:exit_code",
+            json!({"image": BUSYBOX, "command": "sleep 300"}),
+        )
+        .await;
+    let run_id = api.create_flow_run(&dep, json!({})).await;
+    const GRACE: u64 = 4;
+    let worker = WorkerProcess::start(
+        server,
+        &["--pool", &pool, "--cancel-grace", &GRACE.to_string()],
+        &[("DOCKER_WORKER_CANCELLATION_POLL_SECONDS", "0.5")],
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while guard.running().is_empty()
+        || api.read_flow_run(&run_id).await["infrastructure_pid"].is_null()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "never started:\n{}",
+            worker.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, body) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("flow_runs/{run_id}/set_state"),
+            Some(json!({"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": true})),
+        )
+        .await;
+    assert!(status < 300, "{status} {body}");
+    let cancelled_at = Instant::now();
+    while !guard.running().is_empty() {
+        assert!(
+            cancelled_at.elapsed() < Duration::from_secs(60),
+            "container never stopped:\n{}",
+            worker.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stopped_after = cancelled_at.elapsed();
+    let run = api
+        .wait_for_final_state(&run_id, Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        run["state"]["type"],
+        json!("CANCELLED"),
+        "{run}\n{}",
+        worker.output()
+    );
+    assert!(
+        stopped_after <= Duration::from_secs(GRACE + 2),
+        "container stopped {stopped_after:?} after the cancel request (grace {GRACE} s)"
+    );
+    eprintln!(
+        "R7 figure: container stopped {:.1} s after Cancelling (grace {GRACE} s), run Cancelled",
+        stopped_after.as_secs_f64()
+    );
+}

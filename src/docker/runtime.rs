@@ -756,6 +756,37 @@ impl DockerRuntime {
         None
     }
 
+    /// Stops a container: SIGTERM (or its stop signal), then SIGKILL after `grace`. A container
+    /// that is already gone or stopped is not an error.
+    ///
+    /// # Errors
+    /// [`DockerError::Api`] when the Engine refuses.
+    pub async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), DockerError> {
+        let seconds = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
+        let options = bollard::query_parameters::StopContainerOptionsBuilder::default()
+            .t(seconds)
+            .build();
+        // The stop call itself lasts up to `grace`: give it that on top of the usual timeout.
+        let docker = self
+            .docker
+            .clone()
+            .with_timeout(self.docker.timeout() + grace);
+        match docker.stop_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let failure = EngineFailure::from(e);
+                if failure.is_not_found() || failure.status == Some(304) {
+                    Ok(())
+                } else {
+                    Err(DockerError::Api {
+                        operation: "stop container",
+                        failure,
+                    })
+                }
+            }
+        }
+    }
+
     /// Every container (any state) carrying all of `labels` (`key=value`).
     ///
     /// # Errors

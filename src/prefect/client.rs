@@ -536,6 +536,31 @@ impl PrefectClient {
             .collect())
     }
 
+    /// `POST /flow_runs/filter`: which of `ids` are in one of `state_types` (`CANCELLING`, …).
+    ///
+    /// # Errors
+    /// Any [`ApiError`].
+    pub async fn flow_runs_in_states(
+        &self,
+        ids: &[String],
+        state_types: &[&str],
+    ) -> Result<Vec<String>, ApiError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let body = json!({
+            "flow_runs": {"id": {"any_": ids}, "state": {"type": {"any_": state_types}}},
+            "limit": ids.len(),
+        });
+        let runs: Vec<Value> = self
+            .call_json(Method::POST, "flow_runs/filter", Some(&body))
+            .await?;
+        Ok(runs
+            .iter()
+            .filter_map(|r| r.get("id").and_then(Value::as_str).map(str::to_owned))
+            .collect())
+    }
+
     /// `GET /deployments/{id}`; `None` when it no longer exists.
     ///
     /// # Errors

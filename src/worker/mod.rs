@@ -67,6 +67,10 @@ pub struct Worker {
     shutdown: CancellationToken,
     /// Containers left by an earlier run of this worker (or a dead one) were looked for.
     adopted: std::sync::atomic::AtomicBool,
+    /// Flow run id → container id, for every container being watched (cancellation).
+    running: Mutex<std::collections::HashMap<String, String>>,
+    /// Runs whose container the worker is stopping because the run was cancelled.
+    cancelling: Mutex<HashSet<String>>,
 }
 
 impl Worker {
@@ -92,6 +96,8 @@ impl Worker {
             tasks: TaskTracker::new(),
             shutdown,
             adopted: std::sync::atomic::AtomicBool::new(false),
+            running: Mutex::new(std::collections::HashMap::new()),
+            cancelling: Mutex::new(HashSet::new()),
         })
     }
 
@@ -121,6 +127,11 @@ impl Worker {
             Err(e) => return Err(WorkerError::Startup(e)),
         }
         tracing::info!(worker = %self.settings.name, pool = %self.settings.pool, "Worker '{}' started!", self.settings.name);
+        if self.settings.stop_cancelled {
+            let worker = Arc::clone(self);
+            let stop = shutdown.child_token();
+            tokio::spawn(async move { worker.cancellation_loop(stop).await });
+        }
 
         let result = if self.settings.run_once {
             let result = self.poll_once().await;
@@ -340,6 +351,132 @@ impl Worker {
 }
 
 impl Worker {
+    /// Registers a watched container so a cancellation can stop it.
+    pub(crate) fn watching(&self, flow_run_id: &str, container_id: &str) {
+        if let Ok(mut running) = self.running.lock() {
+            running.insert(flow_run_id.to_owned(), container_id.to_owned());
+        }
+    }
+
+    /// Unregisters it; true when the worker had stopped it for a cancellation.
+    pub(crate) fn done_watching(&self, flow_run_id: &str) -> bool {
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(flow_run_id);
+        }
+        self.cancelling
+            .lock()
+            .is_ok_and(|mut c| c.remove(flow_run_id))
+    }
+
+    /// Every `cancellation_poll`, asks which watched runs are Cancelling (or already Cancelled)
+    /// and stops their containers with the grace period; the run task then reports Cancelled.
+    async fn cancellation_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(self.settings.cancellation_poll) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let watched: Vec<(String, String)> = self
+                .running
+                .lock()
+                .map(|r| r.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .unwrap_or_default();
+            if watched.is_empty() {
+                continue;
+            }
+            let ids: Vec<String> = watched.iter().map(|(run, _)| run.clone()).collect();
+            let cancelled = match self
+                .api
+                .flow_runs_in_states(&ids, &["CANCELLING", "CANCELLED"])
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    self.metrics.api_error(&e);
+                    tracing::debug!(error = %e, "could not check runs for cancellation");
+                    continue;
+                }
+            };
+            for run_id in cancelled {
+                let newly = self
+                    .cancelling
+                    .lock()
+                    .is_ok_and(|mut c| c.insert(run_id.clone()));
+                let Some(container) = watched
+                    .iter()
+                    .find(|(r, _)| r == &run_id)
+                    .map(|(_, c)| c.clone())
+                else {
+                    continue;
+                };
+                if !newly {
+                    continue;
+                }
+                self.logs.info(
+                    &run_id,
+                    format!(
+                        "Flow run '{run_id}' was cancelled; stopping its container (grace period {} s)",
+                        self.settings.cancel_grace.as_secs()
+                    ),
+                );
+                let worker = Arc::clone(&self);
+                tokio::spawn(async move {
+                    if let Err(e) = worker
+                        .docker
+                        .stop_container(&container, worker.settings.cancel_grace)
+                        .await
+                    {
+                        worker.metrics.docker_error(&e);
+                        worker.logs.error(
+                            &run_id,
+                            format!(
+                                "Could not stop the container of cancelled flow run '{run_id}': {e}"
+                            ),
+                        );
+                    }
+                });
+            }
+        }
+    }
+
+    /// Runs an API call through outages: transient failures (no answer, 5xx — after the
+    /// client's own retries) are retried with backoff (1 s doubling to 30 s) until the API
+    /// answers, so a state report made during an outage is delivered, in order, once it is
+    /// over. Other errors are returned at once. Shutdown bounds it: the process exits after
+    /// its grace period whatever is still pending.
+    pub(crate) async fn through_outage<T, F, Fut>(
+        &self,
+        what: &str,
+        mut op: F,
+    ) -> Result<T, ApiError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ApiError>>,
+    {
+        let mut delay = Duration::from_secs(1);
+        let mut failures = 0u32;
+        loop {
+            match op().await {
+                Ok(value) => {
+                    if failures > 0 {
+                        tracing::info!(what, failures, "Prefect API reachable again; delivered");
+                    }
+                    return Ok(value);
+                }
+                Err(e) if e.is_transient() => {
+                    self.metrics.api_error(&e);
+                    failures += 1;
+                    if failures == 1 {
+                        tracing::warn!(what, error = %e, "Prefect API unavailable; keeping this report and retrying until it is delivered");
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Finds this pool's flow-run containers that nobody watches — left by an earlier process
     /// of this worker, or by a worker the server now sees offline — and watches them again:
     /// running ones to their exit, exited ones reported at once (Crashed for non-zero), each

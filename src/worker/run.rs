@@ -138,7 +138,12 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
         }
     };
     let pid = format!("{}:{}", worker.docker.base_url(), container.id);
-    if let Err(e) = worker.api.set_infrastructure_pid(id, &pid).await {
+    if let Err(e) = worker
+        .through_outage("record infrastructure_pid", || {
+            worker.api.set_infrastructure_pid(id, &pid)
+        })
+        .await
+    {
         logs.error(
             id,
             format!("An error occurred while setting the `infrastructure_pid` on flow run '{id}'. The flow run will not be cancellable. ({e})"),
@@ -150,6 +155,7 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
     );
 
     worker.metrics.runs_running.inc();
+    worker.watching(id, &container.id);
     watch(worker, &flow_run, &spec, &container).await;
     worker.metrics.runs_running.dec();
 }
@@ -166,6 +172,7 @@ pub(crate) async fn reattach(worker: &Arc<Worker>, flow_run: FlowRun, found: Fou
                 format!("Worker '{}' re-attached to flow run '{id}' (container '{name}')", worker.name()),
             );
             worker.metrics.runs_running.inc();
+            worker.watching(id, &found.container.id);
             let outcome = tokio::select! {
                 r = worker.docker.reattach_container(&found, true, &print_output) => Some(r),
                 () = worker.shutdown.cancelled() => None,
@@ -262,7 +269,9 @@ async fn resolve_configuration(
     pool: &PoolRef,
     template: &Value,
 ) -> Result<ContainerSpec, SubmitError> {
-    let flow = worker.api.read_flow(&flow_run.flow_id).await?;
+    let flow = worker
+        .through_outage("read flow", || worker.api.read_flow(&flow_run.flow_id))
+        .await?;
     let deployment_vars = deployment
         .and_then(|d| d.get("job_variables"))
         .and_then(Value::as_object);
@@ -304,9 +313,11 @@ async fn report_submission_failure(worker: &Worker, flow_run: &FlowRun, error: &
 }
 
 async fn propose_crashed(worker: &Worker, id: &str, message: String) {
+    let proposal = StateProposal::crashed(message.clone());
     match worker
-        .api
-        .set_flow_run_state(id, &StateProposal::crashed(message.clone()), false)
+        .through_outage("report Crashed", || {
+            worker.api.set_flow_run_state(id, &proposal, false)
+        })
         .await
     {
         Ok(result) if result.state_type() == Some("CRASHED") => {
@@ -360,7 +371,36 @@ async fn report_exit(
     outcome: Result<ExitStatus, DockerError>,
 ) {
     let id = flow_run.id.as_str();
+    let cancelled_by_worker = worker.done_watching(id);
     match outcome {
+        Ok(status) if cancelled_by_worker => {
+            let message = format!(
+                "Flow run was cancelled; the worker stopped its container '{container_name}' (exit code {}).",
+                status.code
+            );
+            let proposal = StateProposal::cancelled(message.clone());
+            match worker
+                .through_outage("report Cancelled", || {
+                    worker.api.set_flow_run_state(id, &proposal, false)
+                })
+                .await
+            {
+                Ok(result) if result.state_type() == Some("CANCELLED") => {
+                    worker.metrics.runs_cancelled.inc();
+                    worker.logs.info(
+                        id,
+                        format!("Reported flow run '{id}' as cancelled: {message}"),
+                    );
+                }
+                Ok(result) => {
+                    tracing::debug!(status = ?result.status, reason = result.reason(), "Cancelled state not accepted")
+                }
+                Err(e) => worker.logs.error(
+                    id,
+                    format!("Failed to report flow run '{id}' as cancelled: {e}"),
+                ),
+            }
+        }
         Ok(status) if status.code == 0 => {
             worker.metrics.runs_completed.inc();
             tracing::info!(
