@@ -212,3 +212,97 @@ async fn r7_cancelling_a_running_run_stops_its_container() {
         stopped_after.as_secs_f64()
     );
 }
+
+/// R3: restart the Docker daemon mid-run (with live-restore, so the containers survive it):
+/// the worker stays up, re-watches the containers once the daemon is back, reports their true
+/// exit codes noting the restart, and runs submitted after the restart work.
+#[tokio::test(flavor = "multi_thread")]
+async fn r3_docker_daemon_restart_mid_run() {
+    require_docker();
+    let mut daemon = support::services::TlsDockerd::start();
+    let server = server();
+    let api = Api::new(server);
+    let pool = unique("r3");
+    let dep = api
+        .create_deployment(
+            &pool,
+            "exit-code",
+            "flows.py:exit_code",
+            json!({"image": BUSYBOX, "command": "sh -c 'sleep 20; exit 5'"}),
+        )
+        .await;
+    let runs = [
+        api.create_flow_run(&dep, json!({})).await,
+        api.create_flow_run(&dep, json!({})).await,
+        api.create_flow_run(&dep, json!({})).await,
+    ];
+    let certs = daemon.client_certs.to_string_lossy().into_owned();
+    let mut worker = WorkerProcess::start(
+        server,
+        &["--pool", &pool],
+        &[
+            ("DOCKER_HOST", &daemon.host),
+            ("DOCKER_TLS_VERIFY", "1"),
+            ("DOCKER_CERT_PATH", &certs),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for id in &runs {
+        while api.read_flow_run(id).await["infrastructure_pid"].is_null() {
+            assert!(
+                Instant::now() < deadline,
+                "run {id} never started:\n{}",
+                worker.output()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let restart_began = Instant::now();
+    daemon.restart(Duration::from_secs(3));
+    for id in &runs {
+        let run = api.wait_for_final_state(id, Duration::from_secs(120)).await;
+        assert_eq!(
+            run["state"]["type"],
+            json!("CRASHED"),
+            "{run}\n{}",
+            worker.output()
+        );
+        let message = run["state"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("non-zero status code 5.")
+                && message.contains("The Docker Engine restarted"),
+            "{message}"
+        );
+    }
+    let accounted_after = restart_began.elapsed();
+    assert!(
+        worker.child.try_wait().unwrap().is_none(),
+        "the worker must stay up:\n{}",
+        worker.output()
+    );
+
+    let after = api
+        .create_deployment(
+            &pool,
+            "exit-code",
+            "flows.py:exit_code",
+            json!({"image": BUSYBOX, "command": "sh -c 'exit 6'"}),
+        )
+        .await;
+    let new_run = api.create_flow_run(&after, json!({})).await;
+    let run = api
+        .wait_for_final_state(&new_run, Duration::from_secs(120))
+        .await;
+    assert!(
+        run["state"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("status code 6"),
+        "{run}\n{}",
+        worker.output()
+    );
+    eprintln!(
+        "R3 figure: 3/3 runs accounted for {:.1} s after the daemon restart began, worker up, a new run after it reported code 6",
+        accounted_after.as_secs_f64()
+    );
+}

@@ -18,6 +18,9 @@ use serde_json::{Map, Value, json};
 use super::error::{DockerError, EngineFailure};
 use crate::job::{ContainerSpec, PullPolicy};
 
+/// How long a watch waits for a lost Engine to come back before giving the run up.
+const ENGINE_RECOVERY_LIMIT: Duration = Duration::from_secs(15 * 60);
+
 /// How many suffixed names (`-1`, `-2`, …) to try after a name conflict.
 const NAME_CONFLICT_ATTEMPTS: u32 = 50;
 
@@ -57,6 +60,8 @@ pub struct ExitStatus {
     pub code: i64,
     /// The kernel killed it for exceeding its memory limit (known when the container is kept).
     pub oom_killed: bool,
+    /// The Engine went away (restart, crash) while the container ran.
+    pub engine_lost: bool,
 }
 
 /// A container of ours found on the host by its labels (for reattachment after a restart).
@@ -553,10 +558,12 @@ impl DockerRuntime {
         stream_output: bool,
         output: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<ExitStatus, DockerError> {
-        let code = self
+        let (code, engine_lost) = self
             .watch_inner(container, auto_remove, stream_output, None, output)
             .await?;
-        Ok(self.exit_status(container, auto_remove, code).await)
+        Ok(self
+            .exit_status(container, auto_remove, code, engine_lost)
+            .await)
     }
 
     /// Watches a container this process did not start (found after a restart): output from
@@ -571,7 +578,7 @@ impl DockerRuntime {
         output: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<ExitStatus, DockerError> {
         let since = chrono::Utc::now().timestamp();
-        let code = self
+        let (code, engine_lost) = self
             .watch_inner(
                 &found.container,
                 found.auto_remove,
@@ -581,7 +588,7 @@ impl DockerRuntime {
             )
             .await?;
         Ok(self
-            .exit_status(&found.container, found.auto_remove, code)
+            .exit_status(&found.container, found.auto_remove, code, engine_lost)
             .await)
     }
 
@@ -590,6 +597,7 @@ impl DockerRuntime {
         container: &CreatedContainer,
         auto_remove: bool,
         code: i64,
+        engine_lost: bool,
     ) -> ExitStatus {
         let oom_killed = !auto_remove
             && code != 0
@@ -601,10 +609,97 @@ impl DockerRuntime {
                 .and_then(|i| i.state)
                 .and_then(|s| s.oom_killed)
                 .unwrap_or(false);
-        ExitStatus { code, oom_killed }
+        ExitStatus {
+            code,
+            oom_killed,
+            engine_lost,
+        }
     }
 
+    /// Watches to the exit, riding out an Engine that goes away (daemon restart): once it
+    /// answers again the container is inspected — still running (live-restore) means watch
+    /// again, exited means that is the exit code. Returns the code and whether the Engine was
+    /// lost in between.
     async fn watch_inner(
+        &self,
+        container: &CreatedContainer,
+        auto_remove: bool,
+        stream_output: bool,
+        logs_since: Option<i64>,
+        output: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<(i64, bool), DockerError> {
+        let mut since = logs_since;
+        let mut engine_lost = false;
+        loop {
+            match self
+                .watch_once(container, auto_remove, stream_output, since, output)
+                .await
+            {
+                Err(DockerError::WatchFailed { failure, .. }) if failure.status.is_none() => {
+                    engine_lost = true;
+                    tracing::warn!(container = container.display_name(), error = %failure, "lost the Docker Engine while watching; waiting for it to come back");
+                    match self.recover(container).await {
+                        Ok(Some(code)) => return Ok((code, true)),
+                        Ok(None) => {
+                            since = Some(chrono::Utc::now().timestamp());
+                            continue;
+                        }
+                        Err(failure) if auto_remove && failure.is_not_found() => {
+                            return self
+                                .exit_code_from_events(container)
+                                .await
+                                .map(|code| (code, true))
+                                .ok_or(DockerError::WatchFailed {
+                                    container: container.display_name().to_owned(),
+                                    failure,
+                                });
+                        }
+                        Err(failure) => {
+                            return Err(DockerError::WatchFailed {
+                                container: container.display_name().to_owned(),
+                                failure,
+                            });
+                        }
+                    }
+                }
+                other => return other.map(|code| (code, engine_lost)),
+            }
+        }
+    }
+
+    /// Waits (with backoff, up to [`ENGINE_RECOVERY_LIMIT`]) for the Engine to answer, then
+    /// inspects the container: `Some(code)` if it has exited, `None` if it is still running.
+    async fn recover(&self, container: &CreatedContainer) -> Result<Option<i64>, EngineFailure> {
+        let started = std::time::Instant::now();
+        let mut delay = Duration::from_millis(500);
+        loop {
+            tokio::time::sleep(delay).await;
+            match self.docker.inspect_container(&container.id, None).await {
+                Ok(info) => {
+                    let state = info.state.unwrap_or_default();
+                    tracing::info!(
+                        container = container.display_name(),
+                        running = state.running.unwrap_or(false),
+                        "Docker Engine answers again"
+                    );
+                    return Ok(if state.running.unwrap_or(false) {
+                        None
+                    } else {
+                        Some(state.exit_code.unwrap_or(-1))
+                    });
+                }
+                Err(e) => {
+                    let failure = EngineFailure::from(e);
+                    if failure.status.is_some() || started.elapsed() > ENGINE_RECOVERY_LIMIT {
+                        return Err(failure);
+                    }
+                }
+            }
+            delay = (delay * 2).min(Duration::from_secs(15));
+        }
+    }
+
+    async fn watch_once(
         &self,
         container: &CreatedContainer,
         auto_remove: bool,

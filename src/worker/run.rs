@@ -192,6 +192,7 @@ pub(crate) async fn reattach(worker: &Arc<Worker>, flow_run: FlowRun, found: Fou
                     Ok(ExitStatus {
                         code,
                         oom_killed: found.oom_killed,
+                        engine_lost: false,
                     })
                 }
                 // Created but never started (the worker stopped in between): nothing ran, and
@@ -413,6 +414,11 @@ async fn report_exit(
             if status.oom_killed {
                 message.push_str(
                     " The kernel killed the container for exceeding its memory limit (OOMKilled).",
+                );
+            }
+            if status.engine_lost {
+                message.push_str(
+                    " The Docker Engine restarted or was unreachable while the container ran.",
                 );
             }
             propose_crashed(worker, id, message).await;

@@ -149,7 +149,8 @@ impl Drop for Registry {
 }
 
 /// A Docker daemon of the test's own, listening on 127.0.0.1 with TLS client verification
-/// (certificates generated here), with its own bridge, data-root and exec-root.
+/// (certificates generated here), with its own bridge, data-root and exec-root, and
+/// `--live-restore` so its containers survive a restart of the daemon.
 pub struct TlsDockerd {
     /// `tcp://127.0.0.1:PORT`.
     pub host: String,
@@ -159,6 +160,7 @@ pub struct TlsDockerd {
     pub socket: String,
     root: PathBuf,
     bridge: String,
+    port: u16,
     child: Child,
 }
 
@@ -291,75 +293,19 @@ impl TlsDockerd {
 
         let port = free_port();
         let socket = format!("unix://{}/docker.sock", root.display());
-        let log = root.join("dockerd.log");
-        let file = std::fs::File::create(&log).unwrap();
         // Its own (empty) config file: the machine's /etc/docker/daemon.json is not ours.
         std::fs::write(root.join("daemon.json"), "{}").unwrap();
-        let child = Command::new("dockerd")
-            .arg("--config-file")
-            .arg(root.join("daemon.json"))
-            .args(["--tlsverify", "--tlscacert"])
-            .arg(certs.join("ca.pem"))
-            .arg("--tlscert")
-            .arg(certs.join("server-cert.pem"))
-            .arg("--tlskey")
-            .arg(certs.join("server-key.pem"))
-            .args(["-H", &format!("tcp://127.0.0.1:{port}"), "-H", &socket])
-            .arg("--data-root")
-            .arg(root.join("data"))
-            .arg("--exec-root")
-            .arg(root.join("exec"))
-            .arg("--pidfile")
-            .arg(root.join("dockerd.pid"))
-            .args([
-                "--bridge",
-                &bridge,
-                "--iptables=false",
-                "--ip-masq=false",
-                "--storage-driver",
-                "vfs",
-            ])
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .expect("start dockerd");
-        let daemon = Self {
+        let child = Self::spawn(&root, &certs, port, &socket, &bridge);
+        let mut daemon = Self {
             host: format!("tcp://127.0.0.1:{port}"),
             client_certs: client,
             socket,
             root,
             bridge,
+            port,
             child,
         };
-        let mut daemon = daemon;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                panic!(
-                    "private dockerd exited ({status}):\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            let ok = Command::new("docker")
-                .args([
-                    "-H",
-                    &daemon.socket,
-                    "info",
-                    "--format",
-                    "{{.ServerVersion}}",
-                ])
-                .output()
-                .is_ok_and(|o| o.status.success());
-            if ok {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "private dockerd did not come up:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
+        daemon.wait_ready();
         pipe(
             Command::new("docker").args(["save", BUSYBOX]),
             Command::new("docker").args(["-H", &daemon.socket, "load", "-q"]),
@@ -368,9 +314,95 @@ impl TlsDockerd {
     }
 }
 
+impl TlsDockerd {
+    fn spawn(root: &Path, certs: &Path, port: u16, socket: &str, bridge: &str) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.join("dockerd.log"))
+            .unwrap();
+        Command::new("dockerd")
+            .arg("--config-file")
+            .arg(root.join("daemon.json"))
+            .args(["--tlsverify", "--tlscacert"])
+            .arg(certs.join("ca.pem"))
+            .arg("--tlscert")
+            .arg(certs.join("server-cert.pem"))
+            .arg("--tlskey")
+            .arg(certs.join("server-key.pem"))
+            .args(["-H", &format!("tcp://127.0.0.1:{port}"), "-H", socket])
+            .arg("--data-root")
+            .arg(root.join("data"))
+            .arg("--exec-root")
+            .arg(root.join("exec"))
+            .arg("--pidfile")
+            .arg(root.join("dockerd.pid"))
+            .args([
+                "--bridge",
+                bridge,
+                "--iptables=false",
+                "--ip-masq=false",
+                "--storage-driver",
+                "vfs",
+                "--live-restore",
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start dockerd")
+    }
+
+    fn wait_ready(&mut self) {
+        let log = self.root.join("dockerd.log");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "private dockerd exited ({status}):\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            let ok = Command::new("docker")
+                .args(["-H", &self.socket, "info", "--format", "{{.ServerVersion}}"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "private dockerd did not come up:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// Stops the daemon by its PID (it stops its containers) and starts it again on the same
+    /// port, data and certificates.
+    pub fn restart(&mut self, down_for: Duration) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        let _ = Command::new("umount")
+            .arg(self.root.join("exec/netns/default"))
+            .output();
+        std::thread::sleep(down_for);
+        self.child = Self::spawn(
+            &self.root,
+            &self.root.join("certs"),
+            self.port,
+            &self.socket,
+            &self.bridge,
+        );
+        self.wait_ready();
+    }
+}
+
 impl Drop for TlsDockerd {
     fn drop(&mut self) {
-        // Stop only the daemon this test started, by its PID; containerd goes with it.
+        // Stop only the daemon this test started, by its PID.
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
             .status();
@@ -380,8 +412,16 @@ impl Drop for TlsDockerd {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = Command::new("umount")
-            .arg(self.root.join("exec/netns/default"))
+        // With --live-restore the containerd it started outlives it: end that by its PID too.
+        if let Ok(pid) = std::fs::read_to_string(self.root.join("exec/containerd/containerd.pid")) {
+            let _ = Command::new("kill").arg("-9").arg(pid.trim()).status();
+        }
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r umount -l",
+                self.root.display()
+            ))
             .output();
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
