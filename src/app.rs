@@ -66,7 +66,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         (ApiLogs::disabled(), None)
     };
 
-    let worker = Worker::new(settings.worker, api, docker, logs, metrics, shutdown);
+    let events_config = settings
+        .worker
+        .cancellation_events
+        .then(|| settings.api.clone());
+    let worker = Worker::new(
+        settings.worker,
+        api,
+        docker,
+        logs,
+        metrics,
+        events_config,
+        shutdown,
+    );
     let result = worker.run().await;
 
     // Flush queued flow-run logs last, after every run task is done writing them.

@@ -95,6 +95,8 @@ pub struct WorkerSettings {
     pub cancel_grace: Duration,
     /// How often running runs are checked for cancellation.
     pub cancellation_poll: Duration,
+    /// Also learn cancellations at once from the `/events/out` websocket.
+    pub cancellation_events: bool,
 }
 
 /// Settings of the Docker connection.
@@ -466,6 +468,7 @@ impl Settings {
                     None => seconds(env, "DOCKER_WORKER_CANCEL_GRACE_SECONDS", 30.0)?,
                 },
                 cancellation_poll: seconds(env, "DOCKER_WORKER_CANCELLATION_POLL_SECONDS", 10.0)?,
+                cancellation_events: boolean(env, "DOCKER_WORKER_CANCELLATION_EVENTS", true)?,
             },
             docker: DockerSettings {
                 host: non_empty(env, "DOCKER_HOST"),

@@ -140,11 +140,9 @@ async fn oom_kill_is_named_in_the_crashed_message() {
     assert!(message.contains("OOMKilled"), "{message}");
 }
 
-/// R7: cancelling a running run stops its container within the grace period (+2 s) and the
-/// run ends Cancelled.
-#[tokio::test(flavor = "multi_thread")]
-async fn r7_cancelling_a_running_run_stops_its_container() {
-    require_docker();
+/// Starts a `sleep 300` run, sets it Cancelling, and returns how long until its container
+/// stopped; asserts the run ends Cancelled.
+async fn cancel_a_running_run(grace: u64, extra_env: &[(&str, &str)]) -> Duration {
     let server = server();
     let api = Api::new(server);
     let pool = unique("r7");
@@ -159,11 +157,10 @@ async fn r7_cancelling_a_running_run_stops_its_container() {
         )
         .await;
     let run_id = api.create_flow_run(&dep, json!({})).await;
-    const GRACE: u64 = 4;
     let worker = WorkerProcess::start(
         server,
-        &["--pool", &pool, "--cancel-grace", &GRACE.to_string()],
-        &[("DOCKER_WORKER_CANCELLATION_POLL_SECONDS", "0.5")],
+        &["--pool", &pool, "--cancel-grace", &grace.to_string()],
+        extra_env,
     );
     let deadline = Instant::now() + Duration::from_secs(120);
     while guard.running().is_empty()
@@ -176,6 +173,7 @@ async fn r7_cancelling_a_running_run_stops_its_container() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    tokio::time::sleep(Duration::from_secs(1)).await; // let the events subscription settle
     let (status, body) = api
         .call(
             reqwest::Method::POST,
@@ -203,13 +201,48 @@ async fn r7_cancelling_a_running_run_stops_its_container() {
         "{run}\n{}",
         worker.output()
     );
+    stopped_after
+}
+
+/// R7: cancelling a running run stops its container within the grace period (+2 s) and the
+/// run ends Cancelled — learnt from the `/events/out` subscription (polling is set to 5 min,
+/// so only the event can explain the stop).
+#[tokio::test(flavor = "multi_thread")]
+async fn r7_cancelling_a_running_run_stops_its_container() {
+    require_docker();
+    const GRACE: u64 = 4;
+    let stopped =
+        cancel_a_running_run(GRACE, &[("DOCKER_WORKER_CANCELLATION_POLL_SECONDS", "300")]).await;
     assert!(
-        stopped_after <= Duration::from_secs(GRACE + 2),
-        "container stopped {stopped_after:?} after the cancel request (grace {GRACE} s)"
+        stopped <= Duration::from_secs(GRACE + 2),
+        "container stopped {stopped:?} after the cancel request (grace {GRACE} s)"
     );
     eprintln!(
-        "R7 figure: container stopped {:.1} s after Cancelling (grace {GRACE} s), run Cancelled",
-        stopped_after.as_secs_f64()
+        "R7 figure: container stopped {:.1} s after Cancelling (grace {GRACE} s, via /events/out), run Cancelled",
+        stopped.as_secs_f64()
+    );
+}
+
+/// R7, fallback: with the subscription off, the poll finds the cancellation.
+#[tokio::test(flavor = "multi_thread")]
+async fn r7_polling_fallback_stops_a_cancelled_run() {
+    require_docker();
+    const GRACE: u64 = 2;
+    let stopped = cancel_a_running_run(
+        GRACE,
+        &[
+            ("DOCKER_WORKER_CANCELLATION_EVENTS", "false"),
+            ("DOCKER_WORKER_CANCELLATION_POLL_SECONDS", "1"),
+        ],
+    )
+    .await;
+    assert!(
+        stopped <= Duration::from_secs(GRACE + 3),
+        "stopped after {stopped:?}"
+    );
+    eprintln!(
+        "R7 fallback figure: container stopped {:.1} s after Cancelling (grace {GRACE} s, 1 s polling)",
+        stopped.as_secs_f64()
     );
 }
 
@@ -304,5 +337,167 @@ async fn r3_docker_daemon_restart_mid_run() {
     eprintln!(
         "R3 figure: 3/3 runs accounted for {:.1} s after the daemon restart began, worker up, a new run after it reported code 6",
         accounted_after.as_secs_f64()
+    );
+}
+
+/// R2: the Prefect API goes away for 120 s while runs are in flight: the worker stays up,
+/// keeps watching, and once the API is back every run is reported once with its true code.
+#[tokio::test(flavor = "multi_thread")]
+async fn r2_prefect_outage_of_120_s_loses_no_run() {
+    require_docker();
+    let mut server = PrefectServer::start();
+    let api = Api::new(&server);
+    let pool = unique("r2");
+    let guard = ContainerGuard::for_pool(&pool);
+    let dep = api
+        .create_deployment(
+            &pool,
+            "exit-code",
+            "flows.py:exit_code",
+            json!({"image": BUSYBOX}),
+        )
+        .await;
+    let mut runs = Vec::new();
+    for code in 1..=5 {
+        let id = api
+            .create_flow_run(
+                &dep,
+                json!({"command": format!("sh -c 'sleep 15; exit {code}'")}),
+            )
+            .await;
+        runs.push((id, code));
+    }
+    let mut worker = WorkerProcess::start(&server, &["--pool", &pool], &[]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (id, _) in &runs {
+        while api.read_flow_run(id).await["infrastructure_pid"].is_null() {
+            assert!(
+                Instant::now() < deadline,
+                "run {id} never started:\n{}",
+                worker.output()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    server.stop();
+    tokio::time::sleep(Duration::from_secs(120)).await; // the containers exit during the outage
+    assert!(
+        worker.child.try_wait().unwrap().is_none(),
+        "the worker must stay up:\n{}",
+        worker.output()
+    );
+    assert!(
+        guard.running().is_empty(),
+        "containers should have exited during the outage"
+    );
+    server.restart();
+    let back = Instant::now();
+    for (id, code) in &runs {
+        let run = api.wait_for_final_state(id, Duration::from_secs(180)).await;
+        let message = run["state"]["message"].as_str().unwrap_or_default();
+        assert_eq!(
+            run["state"]["type"],
+            json!("CRASHED"),
+            "{run}\n{}",
+            worker.output()
+        );
+        assert!(
+            message.contains(&format!("non-zero status code {code}.")),
+            "{message}"
+        );
+        assert_eq!(crashed_states(&api, id).await, 1);
+    }
+    eprintln!(
+        "R2 figure: 5/5 runs reported with true exit codes after a 120 s API outage, last one {:.1} s after the API came back",
+        back.elapsed().as_secs_f64()
+    );
+}
+
+/// R4: three workers on one pool and 300 short runs: every run executed exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn r4_three_workers_300_runs_each_executed_once() {
+    require_docker();
+    let server = server();
+    let api = Api::new(server);
+    let pool = unique("r4");
+    let guard = ContainerGuard::for_pool(&pool);
+    let dep = api
+        .create_deployment(
+            &pool,
+            "exit-code",
+            "flows.py:exit_code",
+            json!({"image": BUSYBOX, "command": "sh -c 'exit 7'"}),
+        )
+        .await;
+    let workers: Vec<WorkerProcess> = (1..=3)
+        .map(|i| {
+            WorkerProcess::start(
+                server,
+                &["--pool", &pool, "--name", &format!("{pool}-w{i}")],
+                &[],
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for chunk in 0..30 {
+        let batch =
+            futures_util::future::join_all((0..10).map(|_| api.create_flow_run(&dep, json!({}))))
+                .await;
+        ids.extend(batch);
+        let _ = chunk;
+    }
+    assert_eq!(ids.len(), 300);
+    for id in &ids {
+        let run = api.wait_for_final_state(id, Duration::from_secs(600)).await;
+        assert_eq!(
+            run["state"]["type"],
+            json!("CRASHED"),
+            "{run}\n{}",
+            workers
+                .iter()
+                .map(WorkerProcess::output)
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        );
+    }
+    let elapsed = started.elapsed();
+    // Exactly one container per run, and each run reported once.
+    let containers = guard.containers();
+    let mut per_run = std::collections::HashMap::<String, usize>::new();
+    let mut per_worker = std::collections::HashMap::<String, usize>::new();
+    for c in &containers {
+        let info = inspect(c);
+        let labels = &info["Config"]["Labels"];
+        *per_run
+            .entry(
+                labels["io.prefect.flow-run-id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+            .or_default() += 1;
+        *per_worker
+            .entry(
+                labels["io.prefect.worker-name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+            .or_default() += 1;
+    }
+    assert_eq!(containers.len(), 300, "containers: {}", containers.len());
+    assert!(
+        per_run.values().all(|n| *n == 1) && per_run.len() == 300,
+        "a run ran twice"
+    );
+    for id in ids.iter().step_by(10) {
+        assert_eq!(crashed_states(&api, id).await, 1);
+    }
+    let mut shares: Vec<_> = per_worker.into_iter().collect();
+    shares.sort();
+    eprintln!(
+        "R4 figure: 300/300 runs executed exactly once by 3 workers in {:.1} s; per worker: {shares:?}",
+        elapsed.as_secs_f64()
     );
 }

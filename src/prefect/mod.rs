@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod models;
+pub mod subscriber;
 
 pub use client::{ApiError, ClientConfig, PrefectClient};
 pub use models::{FlowRun, LogEntry, OrchestrationResult, SetStateStatus, StateProposal, WorkPool};

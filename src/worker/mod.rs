@@ -71,6 +71,8 @@ pub struct Worker {
     running: Mutex<std::collections::HashMap<String, String>>,
     /// Runs whose container the worker is stopping because the run was cancelled.
     cancelling: Mutex<HashSet<String>>,
+    /// API settings for the `/events/out` cancellation subscription; `None` = poll only.
+    events_config: Option<crate::prefect::ClientConfig>,
 }
 
 impl Worker {
@@ -81,6 +83,7 @@ impl Worker {
         docker: DockerRuntime,
         logs: ApiLogs,
         metrics: Arc<Metrics>,
+        events_config: Option<crate::prefect::ClientConfig>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let limiter = settings.limit.map(|n| Arc::new(Semaphore::new(n)));
@@ -98,6 +101,7 @@ impl Worker {
             adopted: std::sync::atomic::AtomicBool::new(false),
             running: Mutex::new(std::collections::HashMap::new()),
             cancelling: Mutex::new(HashSet::new()),
+            events_config,
         })
     }
 
@@ -368,75 +372,102 @@ impl Worker {
             .is_ok_and(|mut c| c.remove(flow_run_id))
     }
 
-    /// Every `cancellation_poll`, asks which watched runs are Cancelling (or already Cancelled)
-    /// and stops their containers with the grace period; the run task then reports Cancelled.
+    /// Learns which watched runs were cancelled — at once from the `/events/out` subscription
+    /// when available, and every `cancellation_poll` by asking the API (the safety net) — and
+    /// stops their containers with the grace period; the run task then reports Cancelled.
     async fn cancellation_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
+        let mut subscribed = false;
+        let mut next_poll = tokio::time::Instant::now() + self.settings.cancellation_poll;
         loop {
+            if !subscribed
+                && let (Some(config), Some(pool)) = (&self.events_config, self.current_pool())
+            {
+                tokio::spawn(crate::prefect::subscriber::cancelling_flow_runs(
+                    config.clone(),
+                    pool.id,
+                    tx.clone(),
+                    shutdown.clone(),
+                ));
+                subscribed = true;
+            }
             tokio::select! {
-                () = tokio::time::sleep(self.settings.cancellation_poll) => {}
+                () = tokio::time::sleep_until(next_poll) => {
+                    next_poll = tokio::time::Instant::now() + self.settings.cancellation_poll;
+                    self.poll_cancellations().await;
+                }
+                Some(run_id) = rx.recv() => self.cancel_run(&run_id),
                 () = shutdown.cancelled() => return,
             }
-            let watched: Vec<(String, String)> = self
-                .running
-                .lock()
-                .map(|r| r.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                .unwrap_or_default();
-            if watched.is_empty() {
-                continue;
+        }
+    }
+
+    /// Asks the API which watched runs are Cancelling (or already Cancelled).
+    async fn poll_cancellations(self: &Arc<Self>) {
+        let ids: Vec<String> = self
+            .running
+            .lock()
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default();
+        if ids.is_empty() {
+            return;
+        }
+        match self
+            .api
+            .flow_runs_in_states(&ids, &["CANCELLING", "CANCELLED"])
+            .await
+        {
+            Ok(cancelled) => {
+                for run_id in cancelled {
+                    self.cancel_run(&run_id);
+                }
             }
-            let ids: Vec<String> = watched.iter().map(|(run, _)| run.clone()).collect();
-            let cancelled = match self
-                .api
-                .flow_runs_in_states(&ids, &["CANCELLING", "CANCELLED"])
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    self.metrics.api_error(&e);
-                    tracing::debug!(error = %e, "could not check runs for cancellation");
-                    continue;
-                }
-            };
-            for run_id in cancelled {
-                let newly = self
-                    .cancelling
-                    .lock()
-                    .is_ok_and(|mut c| c.insert(run_id.clone()));
-                let Some(container) = watched
-                    .iter()
-                    .find(|(r, _)| r == &run_id)
-                    .map(|(_, c)| c.clone())
-                else {
-                    continue;
-                };
-                if !newly {
-                    continue;
-                }
-                self.logs.info(
-                    &run_id,
-                    format!(
-                        "Flow run '{run_id}' was cancelled; stopping its container (grace period {} s)",
-                        self.settings.cancel_grace.as_secs()
-                    ),
-                );
-                let worker = Arc::clone(&self);
-                tokio::spawn(async move {
-                    if let Err(e) = worker
-                        .docker
-                        .stop_container(&container, worker.settings.cancel_grace)
-                        .await
-                    {
-                        worker.metrics.docker_error(&e);
-                        worker.logs.error(
-                            &run_id,
-                            format!(
-                                "Could not stop the container of cancelled flow run '{run_id}': {e}"
-                            ),
-                        );
-                    }
-                });
+            Err(e) => {
+                self.metrics.api_error(&e);
+                tracing::debug!(error = %e, "could not check runs for cancellation");
             }
         }
+    }
+
+    /// Stops the container of a watched run once (later calls for the same run do nothing).
+    fn cancel_run(self: &Arc<Self>, run_id: &str) {
+        let Some(container) = self
+            .running
+            .lock()
+            .ok()
+            .and_then(|r| r.get(run_id).cloned())
+        else {
+            return;
+        };
+        if !self
+            .cancelling
+            .lock()
+            .is_ok_and(|mut c| c.insert(run_id.to_owned()))
+        {
+            return;
+        }
+        self.logs.info(
+            run_id,
+            format!(
+                "Flow run '{run_id}' was cancelled; stopping its container (grace period {} s)",
+                self.settings.cancel_grace.as_secs()
+            ),
+        );
+        let worker = Arc::clone(self);
+        let run_id = run_id.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = worker
+                .docker
+                .stop_container(&container, worker.settings.cancel_grace)
+                .await
+            {
+                worker.metrics.docker_error(&e);
+                worker.logs.error(
+                    &run_id,
+                    format!("Could not stop the container of cancelled flow run '{run_id}': {e}"),
+                );
+            }
+        });
     }
 
     /// Runs an API call through outages: transient failures (no answer, 5xx — after the

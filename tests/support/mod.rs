@@ -103,17 +103,17 @@ fn http_get_status(port: u16, path: &str) -> Option<u16> {
 }
 
 impl PrefectServer {
-    fn start() -> Self {
+    fn spawn(home: &Path, port: u16, log: &Path) -> Child {
         let venv = venv();
-        let port = free_port();
-        let home = std::env::temp_dir().join(unique("dw-prefect-home"));
-        std::fs::create_dir_all(&home).expect("temp PREFECT_HOME");
-        let log = home.join("server.log");
-        let log_file = std::fs::File::create(&log).expect("server log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("server log");
         let script = r#"parent=$1; shift; "$@" & child=$!; trap 'kill $child 2>/dev/null; exit 0' TERM INT
 while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 1; done
 kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
-        let child = Command::new("sh")
+        Command::new("sh")
             .arg("-c")
             .arg(script)
             .arg("sh")
@@ -127,7 +127,7 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
                 "--port",
                 &port.to_string(),
             ])
-            .env("PREFECT_HOME", &home)
+            .env("PREFECT_HOME", home)
             .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
             .env("PREFECT_UI_ENABLED", "false")
             .env("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
@@ -135,7 +135,36 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
             .stdout(log_file.try_clone().expect("log fd"))
             .stderr(log_file)
             .spawn()
-            .expect("start `prefect server start`");
+            .expect("start `prefect server start`")
+    }
+
+    fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while Instant::now() < deadline {
+            if http_get_status(self.port, "/api/health") == Some(200) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the Prefect server exited ({status}) before it was ready:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        panic!(
+            "the Prefect server did not answer /api/health within 180 s:\n{}",
+            self.log_tail()
+        );
+    }
+
+    /// A server of the caller's own (stopped when dropped), for tests that stop and restart it.
+    pub fn start() -> Self {
+        let port = free_port();
+        let home = std::env::temp_dir().join(unique("dw-prefect-home"));
+        std::fs::create_dir_all(&home).expect("temp PREFECT_HOME");
+        let log = home.join("server.log");
+        let child = Self::spawn(&home, port, &log);
         let mut server = Self {
             port,
             api_url: format!("http://127.0.0.1:{port}/api"),
@@ -143,23 +172,26 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
             log,
             child,
         };
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while Instant::now() < deadline {
-            if http_get_status(port, "/api/health") == Some(200) {
-                return server;
-            }
-            if let Ok(Some(status)) = server.child.try_wait() {
-                panic!(
-                    "the Prefect server exited ({status}) before it was ready:\n{}",
-                    server.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(300));
+        server.wait_healthy();
+        server
+    }
+
+    /// Stops the server process (its database stays).
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get_status(self.port, "/api/health").is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
         }
-        panic!(
-            "the Prefect server did not answer /api/health within 180 s:\n{}",
-            server.log_tail()
-        );
+    }
+
+    /// Starts it again on the same port and database.
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(&self.home, self.port, &self.log);
+        self.wait_healthy();
     }
 
     /// The last lines the server printed.
@@ -170,10 +202,25 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
     }
 }
 
+impl Drop for PrefectServer {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
 /// The one server of this test binary, started on first use.
 pub fn server() -> &'static PrefectServer {
     static SERVER: OnceLock<PrefectServer> = OnceLock::new();
+    // Never dropped: the watchdog shell ends it when the test process exits.
     SERVER.get_or_init(PrefectServer::start)
+}
+
+async fn tracing_free_sleep(attempt: u64, error: &reqwest::Error) {
+    eprintln!("test API helper: retrying after {error}");
+    tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
 }
 
 /// A tiny blocking-free REST helper for setting up pools, deployments and runs in tests.
@@ -205,10 +252,16 @@ impl Api {
             if let Some(body) = &body {
                 req = req.json(body);
             }
-            let resp = req
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+            let resp = match req.send().await {
+                Ok(resp) => resp,
+                // A loaded server sometimes drops a kept-alive connection: try again.
+                Err(e) if attempt < 8 => {
+                    attempt += 1;
+                    tracing_free_sleep(attempt, &e).await;
+                    continue;
+                }
+                Err(e) => panic!("{method} {path}: {e}"),
+            };
             let status = resp.status().as_u16();
             let text = resp.text().await.unwrap_or_default();
             if matches!(status, 502 | 503) && attempt < 8 {
