@@ -7,5 +7,6 @@ pub mod runtime;
 
 pub use error::{DockerError, EngineFailure};
 pub use runtime::{
-    CreatedContainer, DockerRuntime, ExitStatus, FoundContainer, StartedContainer, TlsFiles,
+    ContainerEvent, ContainerEventKind, CreatedContainer, DockerRuntime, ExitStatus,
+    FoundContainer, StartedContainer, TlsFiles,
 };

@@ -64,6 +64,34 @@ pub struct ExitStatus {
     pub engine_lost: bool,
 }
 
+/// One lifecycle event of a container, from the Engine's event stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerEvent {
+    /// Container id.
+    pub id: String,
+    /// What happened.
+    pub kind: ContainerEventKind,
+    /// When (unix seconds), for resuming the stream.
+    pub time: i64,
+}
+
+/// The events the worker follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerEventKind {
+    /// The main process exited.
+    Died {
+        /// Its exit code.
+        code: i64,
+    },
+    /// The kernel's OOM killer hit the container.
+    OomKilled,
+    /// A signal was sent to it.
+    Killed {
+        /// The signal number.
+        signal: String,
+    },
+}
+
 /// A container of ours found on the host by its labels (for reattachment after a restart).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FoundContainer {
@@ -599,16 +627,22 @@ impl DockerRuntime {
         code: i64,
         engine_lost: bool,
     ) -> ExitStatus {
-        let oom_killed = !auto_remove
-            && code != 0
-            && self
-                .docker
+        let inspected_oom = if auto_remove || code == 0 {
+            None
+        } else {
+            self.docker
                 .inspect_container(&container.id, None)
                 .await
                 .ok()
                 .and_then(|i| i.state)
                 .and_then(|s| s.oom_killed)
-                .unwrap_or(false);
+        };
+        // A removed container cannot be inspected: its `oom` event says it instead.
+        let oom_killed = match inspected_oom {
+            Some(oom) => oom,
+            None if code != 0 => self.saw_event(container, &["oom"]).await,
+            None => false,
+        };
         ExitStatus {
             code,
             oom_killed,
@@ -849,6 +883,92 @@ impl DockerRuntime {
             }
         }
         None
+    }
+
+    /// Whether the Engine's event log has one of `actions` for this container since it was
+    /// created.
+    async fn saw_event(&self, container: &CreatedContainer, actions: &[&str]) -> bool {
+        let filters = HashMap::from([
+            ("container".to_owned(), vec![container.id.clone()]),
+            (
+                "event".to_owned(),
+                actions.iter().map(|a| (*a).to_owned()).collect(),
+            ),
+        ]);
+        let options = EventsOptionsBuilder::default()
+            .since(&(container.created_at - 1).to_string())
+            .until(&(chrono::Utc::now().timestamp() + 1).to_string())
+            .filters(&filters)
+            .build();
+        let mut stream = self.docker.events(Some(options));
+        let mut seen = false;
+        while let Some(Ok(event)) = stream.next().await {
+            let ours =
+                event.actor.as_ref().and_then(|a| a.id.as_deref()) == Some(container.id.as_str());
+            if ours
+                && event
+                    .action
+                    .as_deref()
+                    .is_some_and(|a| actions.contains(&a))
+            {
+                seen = true;
+            }
+        }
+        seen
+    }
+
+    /// The Engine's live stream of `die`, `oom` and `kill` events of containers carrying
+    /// `label` (`key=value`), from `since` (unix seconds) on. Ends when the connection does.
+    pub fn container_events(
+        &self,
+        label: &str,
+        since: i64,
+    ) -> impl futures_util::Stream<Item = Result<ContainerEvent, DockerError>> + use<> {
+        let filters = HashMap::from([
+            ("label".to_owned(), vec![label.to_owned()]),
+            ("type".to_owned(), vec!["container".to_owned()]),
+            (
+                "event".to_owned(),
+                vec!["die".to_owned(), "oom".to_owned(), "kill".to_owned()],
+            ),
+        ]);
+        let options = EventsOptionsBuilder::default()
+            .since(&since.to_string())
+            .filters(&filters)
+            .build();
+        self.docker
+            .events(Some(options))
+            .filter_map(|item| async move {
+                match item {
+                    Err(e) => Some(Err(DockerError::Api {
+                        operation: "events",
+                        failure: e.into(),
+                    })),
+                    Ok(event) => {
+                        let actor = event.actor?;
+                        let id = actor.id?;
+                        let attributes = actor.attributes.unwrap_or_default();
+                        let kind = match event.action.as_deref()? {
+                            "die" | "died" => ContainerEventKind::Died {
+                                code: attributes
+                                    .get("exitCode")
+                                    .and_then(|c| c.parse().ok())
+                                    .unwrap_or(-1),
+                            },
+                            "oom" => ContainerEventKind::OomKilled,
+                            "kill" => ContainerEventKind::Killed {
+                                signal: attributes.get("signal").cloned().unwrap_or_default(),
+                            },
+                            _ => return None,
+                        };
+                        Some(Ok(ContainerEvent {
+                            id,
+                            kind,
+                            time: event.time.unwrap_or_default(),
+                        }))
+                    }
+                }
+            })
     }
 
     /// Stops a container: SIGTERM (or its stop signal), then SIGKILL after `grace`. A container

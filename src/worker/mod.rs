@@ -73,6 +73,18 @@ pub struct Worker {
     cancelling: Mutex<HashSet<String>>,
     /// API settings for the `/events/out` cancellation subscription; `None` = poll only.
     events_config: Option<crate::prefect::ClientConfig>,
+    /// Facts from the Engine's event stream, by container id: exit codes seen in `die`
+    /// events, and containers the OOM killer hit. Entries go when their run is reported.
+    engine_facts: Mutex<std::collections::HashMap<String, EngineFacts>>,
+}
+
+/// What the Engine's event stream said about one container.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct EngineFacts {
+    /// Exit code from its `die` event.
+    pub exit_code: Option<i64>,
+    /// An `oom` event was seen.
+    pub oom_killed: bool,
 }
 
 impl Worker {
@@ -102,6 +114,7 @@ impl Worker {
             running: Mutex::new(std::collections::HashMap::new()),
             cancelling: Mutex::new(HashSet::new()),
             events_config,
+            engine_facts: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -135,6 +148,11 @@ impl Worker {
             let worker = Arc::clone(self);
             let stop = shutdown.child_token();
             tokio::spawn(async move { worker.cancellation_loop(stop).await });
+        }
+        {
+            let worker = Arc::clone(self);
+            let stop = shutdown.child_token();
+            tokio::spawn(async move { worker.engine_events_loop(stop).await });
         }
 
         let result = if self.settings.run_once {
@@ -370,6 +388,70 @@ impl Worker {
         self.cancelling
             .lock()
             .is_ok_and(|mut c| c.remove(flow_run_id))
+    }
+
+    /// Follows the Engine's `die`/`oom`/`kill` events for this pool's containers, reconnecting
+    /// with backoff and resuming from the last event's time, so an exit or an OOM kill is known
+    /// even when a container's own wait could not tell (it was removed, or the wait broke).
+    async fn engine_events_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        use futures_util::StreamExt as _;
+        let label = format!("io.prefect.work-pool-name={}", self.settings.pool);
+        let mut since = chrono::Utc::now().timestamp();
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let mut stream = std::pin::pin!(self.docker.container_events(&label, since));
+            loop {
+                let item = tokio::select! {
+                    item = stream.next() => item,
+                    () = shutdown.cancelled() => return,
+                };
+                match item {
+                    Some(Ok(event)) => {
+                        delay = Duration::from_secs(1);
+                        since = since.max(event.time);
+                        self.on_engine_event(event);
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "Docker event stream interrupted");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.cancelled() => return,
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    fn on_engine_event(&self, event: crate::docker::ContainerEvent) {
+        use crate::docker::ContainerEventKind as K;
+        let Ok(mut facts) = self.engine_facts.lock() else {
+            return;
+        };
+        // Bounded: only containers being watched are of interest, at most a few per run.
+        if facts.len() > 10_000 {
+            facts.clear();
+        }
+        let entry = facts.entry(event.id.clone()).or_default();
+        match event.kind {
+            K::Died { code } => entry.exit_code = Some(code),
+            K::OomKilled => entry.oom_killed = true,
+            K::Killed { signal } => {
+                tracing::debug!(container = %event.id, signal, "container received a signal")
+            }
+        }
+    }
+
+    /// Takes (and forgets) what the event stream said about a container.
+    pub(crate) fn engine_facts(&self, container_id: &str) -> EngineFacts {
+        self.engine_facts
+            .lock()
+            .ok()
+            .and_then(|mut f| f.remove(container_id))
+            .unwrap_or_default()
     }
 
     /// Learns which watched runs were cancelled — at once from the `/events/out` subscription

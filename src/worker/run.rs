@@ -206,7 +206,7 @@ pub(crate) async fn reattach(worker: &Arc<Worker>, flow_run: FlowRun, found: Fou
                 }
             }
         };
-        report_exit(worker, &flow_run, &name, outcome).await;
+        report_exit(worker, &flow_run, &found.container, outcome).await;
     }
     .instrument(span)
     .await;
@@ -360,7 +360,7 @@ async fn watch(
             return;
         }
     };
-    report_exit(worker, flow_run, container.display_name(), outcome).await;
+    report_exit(worker, flow_run, container, outcome).await;
 }
 
 /// Reports a watched container's end: nothing for 0 (the engine inside reported the state),
@@ -368,11 +368,31 @@ async fn watch(
 async fn report_exit(
     worker: &Worker,
     flow_run: &FlowRun,
-    container_name: &str,
+    container: &CreatedContainer,
     outcome: Result<ExitStatus, DockerError>,
 ) {
     let id = flow_run.id.as_str();
+    let container_name = container.display_name();
     let cancelled_by_worker = worker.done_watching(id);
+    // The Engine's event stream fills in what the wait could not tell.
+    let facts = worker.engine_facts(&container.id);
+    let outcome = match outcome {
+        Ok(mut status) => {
+            status.oom_killed |= facts.oom_killed;
+            Ok(status)
+        }
+        Err(e) => match facts.exit_code {
+            Some(code) => {
+                tracing::info!(error = %e, code, "the wait failed but the Engine's event stream saw the exit");
+                Ok(ExitStatus {
+                    code,
+                    oom_killed: facts.oom_killed,
+                    engine_lost: false,
+                })
+            }
+            None => Err(e),
+        },
+    };
     match outcome {
         Ok(status) if cancelled_by_worker => {
             let message = format!(

@@ -220,7 +220,7 @@ pub fn server() -> &'static PrefectServer {
 
 async fn tracing_free_sleep(attempt: u64, error: &reqwest::Error) {
     eprintln!("test API helper: retrying after {error}");
-    tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+    tokio::time::sleep(Duration::from_millis((250 * attempt).min(3000))).await;
 }
 
 /// A tiny blocking-free REST helper for setting up pools, deployments and runs in tests.
@@ -255,7 +255,7 @@ impl Api {
             let resp = match req.send().await {
                 Ok(resp) => resp,
                 // A loaded server sometimes drops a kept-alive connection: try again.
-                Err(e) if attempt < 8 => {
+                Err(e) if attempt < 20 => {
                     attempt += 1;
                     tracing_free_sleep(attempt, &e).await;
                     continue;
@@ -264,9 +264,9 @@ impl Api {
             };
             let status = resp.status().as_u16();
             let text = resp.text().await.unwrap_or_default();
-            if matches!(status, 502 | 503) && attempt < 8 {
+            if matches!(status, 502 | 503) && attempt < 20 {
                 attempt += 1;
-                tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+                tokio::time::sleep(Duration::from_millis((250 * attempt).min(3000))).await;
                 continue;
             }
             return (
