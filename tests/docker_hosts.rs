@@ -4,37 +4,16 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use docker_worker::docker::{DockerError, DockerRuntime, TlsFiles};
 use docker_worker::job::{ContainerSpec, PullPolicy, RegistryCredentials};
-use serde_json::{Map, json};
+use serde_json::json;
 use support::services::{Registry, TlsDockerd};
 use support::*;
 
 fn spec(image: &str, command: &str, label: &str) -> ContainerSpec {
-    ContainerSpec {
-        image: image.into(),
-        pull_policy: PullPolicy::IfNotPresent,
-        registry_credentials: None,
-        name: Some(label.to_owned()),
-        command: vec!["sh".into(), "-c".into(), command.into()],
-        env: vec![],
-        labels: BTreeMap::from([("dev.docker-worker.test".to_owned(), label.to_owned())]),
-        network_mode: "host".into(),
-        extra_networks: vec![],
-        binds: vec![],
-        volume_paths: vec![],
-        mem_limit: None,
-        memswap_limit: None,
-        privileged: false,
-        auto_remove: false,
-        stream_output: true,
-        extra_hosts: None,
-        config_overrides: Map::new(),
-        host_config_overrides: Map::new(),
-    }
+    test_spec(image, label, command)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -126,14 +105,6 @@ async fn private_registry_pulls_with_job_credentials_or_docker_config() {
     let image = registry.push_busybox(&unique("t"));
     let label = unique("dw-reg");
     let _guard = ContainerGuard::for_label("dev.docker-worker.test", &label);
-    struct ImageGuard(String);
-    impl Drop for ImageGuard {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("docker")
-                .args(["rmi", "-f", &self.0])
-                .output();
-        }
-    }
     let _image = ImageGuard(image.clone());
     let docker = DockerRuntime::connect(None, Duration::from_secs(60))
         .await

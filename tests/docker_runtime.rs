@@ -3,17 +3,14 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use docker_worker::docker::{DockerError, DockerRuntime};
 use docker_worker::job::{ContainerSpec, PullPolicy};
-use serde_json::{Map, json};
+use serde_json::json;
 use support::*;
-
-const TEST_LABEL: &str = "dev.docker-worker.test";
 
 async fn runtime() -> DockerRuntime {
     require_docker();
@@ -26,27 +23,9 @@ async fn runtime() -> DockerRuntime {
 }
 
 fn spec(run: &str, command: &str) -> ContainerSpec {
-    ContainerSpec {
-        image: BUSYBOX.into(),
-        pull_policy: PullPolicy::IfNotPresent,
-        registry_credentials: None,
-        name: Some(run.to_owned()),
-        command: vec!["sh".into(), "-c".into(), command.into()],
-        env: vec![("GREETING".into(), "hello from env".into())],
-        labels: BTreeMap::from([(TEST_LABEL.to_owned(), run.to_owned())]),
-        network_mode: "default".into(),
-        extra_networks: vec![],
-        binds: vec![],
-        volume_paths: vec![],
-        mem_limit: None,
-        memswap_limit: None,
-        privileged: false,
-        auto_remove: false,
-        stream_output: true,
-        extra_hosts: None,
-        config_overrides: Map::new(),
-        host_config_overrides: Map::new(),
-    }
+    let mut spec = test_spec(BUSYBOX, run, command);
+    spec.env = vec![("GREETING".into(), "hello from env".into())];
+    spec
 }
 
 struct NetworkGuard(Vec<String>);

@@ -11,13 +11,6 @@ use support::*;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(240);
 
-fn state(run: &Value) -> (&str, &str) {
-    (
-        run["state"]["type"].as_str().unwrap_or_default(),
-        run["state"]["message"].as_str().unwrap_or_default(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn hello_flow_completes_and_pool_gets_the_default_template() {
     require_docker();
@@ -43,7 +36,7 @@ async fn hello_flow_completes_and_pool_gets_the_default_template() {
     let run_id = api.create_flow_run(&dep, json!({})).await;
     let run = api.wait_for_final_state(&run_id, RUN_TIMEOUT).await;
     assert_eq!(
-        state(&run).0,
+        run_state(&run).0,
         "COMPLETED",
         "run: {run}\nworker output:\n{}",
         worker.output()
@@ -119,7 +112,7 @@ async fn non_zero_exit_is_crashed_with_the_code_and_explanation() {
     let run_id = api.create_flow_run(&dep, json!({})).await;
     let worker = WorkerProcess::start(server, &["--pool", &pool], &[]);
     let run = api.wait_for_final_state(&run_id, RUN_TIMEOUT).await;
-    let (ty, message) = state(&run);
+    let (ty, message) = run_state(&run);
     assert_eq!(ty, "CRASHED", "run: {run}\nworker:\n{}", worker.output());
     assert_eq!(
         message,
@@ -150,7 +143,7 @@ async fn stream_output_false_still_reports_the_true_exit_code() {
     let run_id = api.create_flow_run(&dep, json!({})).await;
     let worker = WorkerProcess::start(server, &["--pool", &pool], &[]);
     let run = api.wait_for_final_state(&run_id, RUN_TIMEOUT).await;
-    let (ty, message) = state(&run);
+    let (ty, message) = run_state(&run);
     assert_eq!(ty, "CRASHED", "run: {run}\nworker:\n{}", worker.output());
     assert!(message.contains("non-zero status code 5"), "{message}");
 }
@@ -181,7 +174,7 @@ async fn missing_image_crashes_with_a_specific_message_and_the_worker_goes_on() 
     let bad_run = api.create_flow_run(&bad, json!({})).await;
     let worker = WorkerProcess::start(server, &["--pool", &pool], &[]);
     let run = api.wait_for_final_state(&bad_run, RUN_TIMEOUT).await;
-    let (ty, message) = state(&run);
+    let (ty, message) = run_state(&run);
     assert_eq!(ty, "CRASHED", "run: {run}\nworker:\n{}", worker.output());
     assert_eq!(
         message,
@@ -191,7 +184,7 @@ async fn missing_image_crashes_with_a_specific_message_and_the_worker_goes_on() 
     let good_run = api.create_flow_run(&good, json!({})).await;
     let run = api.wait_for_final_state(&good_run, RUN_TIMEOUT).await;
     assert_eq!(
-        state(&run).0,
+        run_state(&run).0,
         "COMPLETED",
         "run: {run}\nworker:\n{}",
         worker.output()
@@ -216,7 +209,7 @@ async fn invalid_job_variables_crash_with_the_validation_message() {
     let run_id = api.create_flow_run(&dep, json!({})).await;
     let worker = WorkerProcess::start(server, &["--pool", &pool], &[]);
     let run = api.wait_for_final_state(&run_id, RUN_TIMEOUT).await;
-    let (ty, message) = state(&run);
+    let (ty, message) = run_state(&run);
     assert_eq!(ty, "CRASHED", "run: {run}\nworker:\n{}", worker.output());
     assert!(
         message.starts_with(
@@ -247,7 +240,7 @@ async fn limit_one_never_runs_two_containers_at_once() {
     for id in [&a, &b] {
         let run = api.wait_for_final_state(id, RUN_TIMEOUT).await;
         assert_eq!(
-            state(&run).0,
+            run_state(&run).0,
             "CRASHED",
             "run: {run}\nworker:\n{}",
             worker.output()
@@ -307,7 +300,7 @@ async fn run_once_exits_after_its_runs_finish() {
     // By the time it exited, its run had finished and been reported.
     let run = api.read_flow_run(&run_id).await;
     assert_eq!(
-        state(&run).0,
+        run_state(&run).0,
         "CRASHED",
         "run: {run}\nworker:\n{}",
         worker.output()
@@ -363,7 +356,7 @@ async fn sigterm_stops_claiming_and_leaves_containers_running() {
     );
     let run = api.read_flow_run(&run_id).await;
     assert_eq!(
-        state(&run).0,
+        run_state(&run).0,
         "PENDING",
         "the run is left to the container: {run}"
     );

@@ -102,12 +102,6 @@ async fn worker_image_builds_from_local_layers_and_runs_a_flow() {
         "docker build: {}",
         String::from_utf8_lossy(&build.stderr)
     );
-    struct ImageGuard(String);
-    impl Drop for ImageGuard {
-        fn drop(&mut self) {
-            let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
-        }
-    }
     let _image = ImageGuard(tag.clone());
 
     let version = run_ok(Command::new("docker").args(["run", "--rm", &tag, "--version"]));

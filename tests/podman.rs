@@ -7,16 +7,9 @@ mod support;
 use std::time::Duration;
 
 use docker_worker::docker::DockerRuntime;
-use serde_json::{Value, json};
+use serde_json::json;
 use support::services::PodmanService;
 use support::*;
-
-fn state(run: &Value) -> (&str, &str) {
-    (
-        run["state"]["type"].as_str().unwrap_or_default(),
-        run["state"]["message"].as_str().unwrap_or_default(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn flows_run_against_podman() {
@@ -63,11 +56,11 @@ async fn flows_run_against_podman() {
     let run = api
         .wait_for_final_state(&hello_run, Duration::from_secs(240))
         .await;
-    assert_eq!(state(&run).0, "COMPLETED", "{run}\n{}", worker.output());
+    assert_eq!(run_state(&run).0, "COMPLETED", "{run}\n{}", worker.output());
     for id in [&exit_a, &exit_b] {
         let run = api.wait_for_final_state(id, Duration::from_secs(120)).await;
         assert_eq!(
-            state(&run),
+            run_state(&run),
             (
                 "CRASHED",
                 "Flow run infrastructure exited with non-zero status code 3. Process exited with an unexpected status code."
@@ -79,8 +72,8 @@ async fn flows_run_against_podman() {
     let run = api
         .wait_for_final_state(&removed_run, Duration::from_secs(120))
         .await;
-    assert_eq!(state(&run).0, "CRASHED", "{run}\n{}", worker.output());
-    assert!(state(&run).1.contains("status code 4"), "{run}");
+    assert_eq!(run_state(&run).0, "CRASHED", "{run}\n{}", worker.output());
+    assert!(run_state(&run).1.contains("status code 4"), "{run}");
     // auto_remove held: the exited container is gone from Podman.
     let pid = run["infrastructure_pid"].as_str().unwrap_or_default();
     let id = pid.rsplit(':').next().unwrap_or_default();

@@ -67,12 +67,8 @@ async fn r1_killed_worker_restarts_and_reports_every_run_once() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Every pid recorded: all 20 are in flight.
-    for (id, _) in &runs {
-        while api.read_flow_run(id).await["infrastructure_pid"].is_null() {
-            assert!(Instant::now() < deadline, "run {id} never got its pid");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    let ids: Vec<&str> = runs.iter().map(|(id, _)| id.as_str()).collect();
+    wait_for_pids(&api, &ids, Duration::from_secs(120), &worker).await;
     worker.child.kill().expect("SIGKILL the worker");
     let _ = worker.child.wait();
     tokio::time::sleep(Duration::from_secs(4)).await; // the short ones exit unwatched
@@ -285,17 +281,8 @@ async fn r3_docker_daemon_restart_mid_run() {
             ("DOCKER_CERT_PATH", &certs),
         ],
     );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    for id in &runs {
-        while api.read_flow_run(id).await["infrastructure_pid"].is_null() {
-            assert!(
-                Instant::now() < deadline,
-                "run {id} never started:\n{}",
-                worker.output()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    let ids: Vec<&str> = runs.iter().map(String::as_str).collect();
+    wait_for_pids(&api, &ids, Duration::from_secs(120), &worker).await;
     let restart_began = Instant::now();
     daemon.restart(Duration::from_secs(3));
     for id in &runs {
@@ -374,17 +361,8 @@ async fn r2_prefect_outage_of_120_s_loses_no_run() {
         runs.push((id, code));
     }
     let mut worker = WorkerProcess::start(&server, &["--pool", &pool], &[]);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    for (id, _) in &runs {
-        while api.read_flow_run(id).await["infrastructure_pid"].is_null() {
-            assert!(
-                Instant::now() < deadline,
-                "run {id} never started:\n{}",
-                worker.output()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    let ids: Vec<&str> = runs.iter().map(|(id, _)| id.as_str()).collect();
+    wait_for_pids(&api, &ids, Duration::from_secs(120), &worker).await;
     server.stop();
     tokio::time::sleep(Duration::from_secs(120)).await; // the containers exit during the outage
     assert!(

@@ -314,29 +314,46 @@ async fn report_submission_failure(worker: &Worker, flow_run: &FlowRun, error: &
 }
 
 async fn propose_crashed(worker: &Worker, id: &str, message: String) {
-    let proposal = StateProposal::crashed(message.clone());
+    report_final_state(
+        worker,
+        id,
+        StateProposal::crashed(message),
+        &worker.metrics.runs_crashed,
+    )
+    .await;
+}
+
+/// Proposes a final state (Crashed, Cancelled) through API outages; counts and logs it when
+/// the server took it. A run already final (ABORT) or gone (404) is left as it is.
+async fn report_final_state(
+    worker: &Worker,
+    id: &str,
+    proposal: StateProposal,
+    accepted: &prometheus_client::metrics::counter::Counter,
+) {
+    let what = proposal.name.to_ascii_lowercase();
+    let message = proposal.message.clone().unwrap_or_default();
     match worker
-        .through_outage("report Crashed", || {
+        .through_outage("report a final state", || {
             worker.api.set_flow_run_state(id, &proposal, false)
         })
         .await
     {
-        Ok(result) if result.state_type() == Some("CRASHED") => {
-            worker.metrics.runs_crashed.inc();
-            worker.logs.info(
-                id,
-                format!("Reported flow run '{id}' as crashed: {message}"),
-            );
+        Ok(result) if result.state_type() == Some(proposal.state_type) => {
+            accepted.inc();
+            worker
+                .logs
+                .info(id, format!("Reported flow run '{id}' as {what}: {message}"));
         }
         Ok(result) => {
-            tracing::debug!(status = ?result.status, reason = result.reason(), "Crashed state not accepted");
+            tracing::debug!(status = ?result.status, reason = result.reason(), state = proposal.name, "final state not accepted");
         }
         Err(e) if e.is_not_found() => {
-            tracing::debug!("flow run no longer exists; not reporting Crashed")
+            tracing::debug!("flow run no longer exists; not reporting {what}")
         }
         Err(e) => worker.logs.error(
             id,
-            format!("Failed to report flow run '{id}' as crashed: {e}"),
+            format!("Failed to report flow run '{id}' as {what}: {e}"),
         ),
     }
 }
@@ -399,28 +416,13 @@ async fn report_exit(
                 "Flow run was cancelled; the worker stopped its container '{container_name}' (exit code {}).",
                 status.code
             );
-            let proposal = StateProposal::cancelled(message.clone());
-            match worker
-                .through_outage("report Cancelled", || {
-                    worker.api.set_flow_run_state(id, &proposal, false)
-                })
-                .await
-            {
-                Ok(result) if result.state_type() == Some("CANCELLED") => {
-                    worker.metrics.runs_cancelled.inc();
-                    worker.logs.info(
-                        id,
-                        format!("Reported flow run '{id}' as cancelled: {message}"),
-                    );
-                }
-                Ok(result) => {
-                    tracing::debug!(status = ?result.status, reason = result.reason(), "Cancelled state not accepted")
-                }
-                Err(e) => worker.logs.error(
-                    id,
-                    format!("Failed to report flow run '{id}' as cancelled: {e}"),
-                ),
-            }
+            report_final_state(
+                worker,
+                id,
+                StateProposal::cancelled(message),
+                &worker.metrics.runs_cancelled,
+            )
+            .await;
         }
         Ok(status) if status.code == 0 => {
             worker.metrics.runs_completed.inc();

@@ -531,6 +531,67 @@ pub fn inspect(id: &str) -> Value {
     v.get(0).cloned().unwrap_or(Value::Null)
 }
 
+/// A flow run's state type and message.
+pub fn run_state(run: &Value) -> (&str, &str) {
+    (
+        run["state"]["type"].as_str().unwrap_or_default(),
+        run["state"]["message"].as_str().unwrap_or_default(),
+    )
+}
+
+/// Waits until every run has its `infrastructure_pid` (its container is started and recorded).
+pub async fn wait_for_pids(api: &Api, ids: &[&str], timeout: Duration, worker: &WorkerProcess) {
+    let deadline = Instant::now() + timeout;
+    for id in ids {
+        while api.read_flow_run(id).await["infrastructure_pid"].is_null() {
+            assert!(
+                Instant::now() < deadline,
+                "run {id} never started:\n{}",
+                worker.output()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The label every container made by the runtime-level tests carries.
+pub const TEST_LABEL: &str = "dev.docker-worker.test";
+
+/// A container spec for runtime-level tests: `sh -c command` in `image`, named and labelled
+/// `name` (so a [`ContainerGuard::for_label`] on [`TEST_LABEL`] removes it).
+pub fn test_spec(image: &str, name: &str, command: &str) -> docker_worker::job::ContainerSpec {
+    docker_worker::job::ContainerSpec {
+        image: image.into(),
+        pull_policy: docker_worker::job::PullPolicy::IfNotPresent,
+        registry_credentials: None,
+        name: Some(name.to_owned()),
+        command: vec!["sh".into(), "-c".into(), command.into()],
+        env: vec![],
+        labels: std::collections::BTreeMap::from([(TEST_LABEL.to_owned(), name.to_owned())]),
+        network_mode: "default".into(),
+        extra_networks: vec![],
+        binds: vec![],
+        volume_paths: vec![],
+        mem_limit: None,
+        memswap_limit: None,
+        privileged: false,
+        auto_remove: false,
+        stream_output: true,
+        extra_hosts: None,
+        config_overrides: serde_json::Map::new(),
+        host_config_overrides: serde_json::Map::new(),
+    }
+}
+
+/// Removes a local image tag when dropped.
+pub struct ImageGuard(pub String);
+
+impl Drop for ImageGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
+    }
+}
+
 /// Runs a command and returns its stdout, failing the test on error.
 pub fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
