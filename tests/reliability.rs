@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::*;
 
+/// R4 loads the machine for minutes; the R7 timings must not run under that load.
+static LOAD_SENSITIVE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn crashed_states(api: &Api, run_id: &str) -> usize {
     let (status, states) = api
         .call(
@@ -145,6 +148,7 @@ async fn oom_kill_is_named_in_the_crashed_message() {
 /// Starts a `sleep 300` run, sets it Cancelling, and returns how long until its container
 /// stopped; asserts the run ends Cancelled.
 async fn cancel_a_running_run(grace: u64, extra_env: &[(&str, &str)]) -> Duration {
+    let _exclusive = LOAD_SENSITIVE.lock().await;
     let server = server();
     let api = Api::new(server);
     let pool = unique("r7");
@@ -400,6 +404,7 @@ async fn r2_prefect_outage_of_120_s_loses_no_run() {
 /// R4: three workers on one pool and 300 short runs: every run executed exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn r4_three_workers_300_runs_each_executed_once() {
+    let _exclusive = LOAD_SENSITIVE.lock().await;
     require_docker();
     let server = server();
     let api = Api::new(server);

@@ -162,6 +162,13 @@ pub enum DockerError {
         /// What the Engine said.
         failure: EngineFailure,
     },
+    /// Another container with the same exclusive label exists (another worker on this host
+    /// runs the same flow run); ours was removed before it started.
+    #[error("another container labelled {label} exists on this Docker host; this one stood down")]
+    Duplicate {
+        /// The exclusive label.
+        label: String,
+    },
     /// Any other Engine call.
     #[error("Docker API call {operation} failed: {failure}")]
     Api {
@@ -189,6 +196,7 @@ impl DockerError {
             Self::StartFailed { .. } => "StartFailed",
             Self::WatchFailed { .. } => "WatchFailed",
             Self::Api { .. } => "DockerAPIError",
+            Self::Duplicate { .. } => "Duplicate",
         }
     }
 }

@@ -536,6 +536,41 @@ impl DockerRuntime {
         Ok(())
     }
 
+    /// If another container carries the same exclusive label, one of them (earliest created,
+    /// then lowest id) goes on and the others are removed before they start.
+    async fn stand_down_if_duplicate(
+        &self,
+        ours: &CreatedContainer,
+        key: &str,
+        value: &str,
+    ) -> Result<(), DockerError> {
+        let filters = HashMap::from([("label".to_owned(), vec![format!("{key}={value}")])]);
+        let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let Ok(all) = self.docker.list_containers(Some(options)).await else {
+            return Ok(()); // cannot tell: go on, as without the check
+        };
+        if all.len() < 2 {
+            return Ok(());
+        }
+        let winner = all
+            .iter()
+            .filter_map(|c| Some((c.created.unwrap_or(i64::MAX), c.id.as_deref()?)))
+            .min();
+        if winner.is_some_and(|(_, id)| id != ours.id) {
+            let options = bollard::query_parameters::RemoveContainerOptionsBuilder::default()
+                .force(true)
+                .build();
+            let _ = self.docker.remove_container(&ours.id, Some(options)).await;
+            return Err(DockerError::Duplicate {
+                label: format!("{key}={value}"),
+            });
+        }
+        Ok(())
+    }
+
     /// Starts a created container.
     ///
     /// # Errors
@@ -562,6 +597,9 @@ impl DockerRuntime {
     ) -> Result<StartedContainer, DockerError> {
         let pull_duration = self.ensure_image(spec).await?;
         let container = self.create_container(spec).await?;
+        if let Some((key, value)) = &spec.exclusive_label {
+            self.stand_down_if_duplicate(&container, key, value).await?;
+        }
         self.connect_networks(&container, &spec.extra_networks)
             .await?;
         self.start_container(&container).await?;
@@ -1105,6 +1143,7 @@ mod tests {
             extra_hosts: Some(vec!["host.docker.internal:host-gateway".into()]),
             config_overrides: Map::from_iter([("User".to_owned(), json!("1000"))]),
             host_config_overrides: Map::from_iter([("ShmSize".to_owned(), json!(1024))]),
+            exclusive_label: None,
         }
     }
 

@@ -81,6 +81,9 @@ pub struct ContainerSpec {
     pub config_overrides: Map<String, Value>,
     /// Extra `HostConfig` fields from `container_create_kwargs`.
     pub host_config_overrides: Map<String, Value>,
+    /// A label (`key`, `value`) no other container on the host may carry at the same time:
+    /// the flow run id, so two workers sharing a host never both start one run.
+    pub exclusive_label: Option<(String, String)>,
 }
 
 /// Why a valid configuration still cannot become a container.
@@ -407,6 +410,7 @@ impl DockerJobConfiguration {
             extra_hosts,
             config_overrides: self.overrides.config.clone(),
             host_config_overrides: self.overrides.host_config.clone(),
+            exclusive_label: Some(("io.prefect.flow-run-id".to_owned(), flow_run_id.to_owned())),
         })
     }
 }

@@ -595,6 +595,25 @@ impl PrefectClient {
         FlowRun::from_value(raw).map_err(|message| ApiError::Decode { path, message })
     }
 
+    /// `GET /flow_run_states/?flow_run_id=…`: the run's states, oldest first.
+    ///
+    /// # Errors
+    /// Any [`ApiError`].
+    pub async fn read_flow_run_states(&self, flow_run_id: &str) -> Result<Vec<Value>, ApiError> {
+        let path = format!("flow_run_states/?flow_run_id={}", encode(flow_run_id));
+        let mut states: Vec<Value> = self.call_json(Method::GET, &path, None).await?;
+        states.sort_by(|a, b| {
+            let t = |v: &Value| {
+                v.get("timestamp")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            t(a).cmp(&t(b))
+        });
+        Ok(states)
+    }
+
     /// `POST /flow_runs/{id}/set_state`.
     ///
     /// # Errors
@@ -605,10 +624,26 @@ impl PrefectClient {
         state: &StateProposal,
         force: bool,
     ) -> Result<OrchestrationResult, ApiError> {
+        self.set_flow_run_state_named(flow_run_id, state, state.name, force)
+            .await
+    }
+
+    /// Like [`PrefectClient::set_flow_run_state`] with a state name chosen at run time (to put
+    /// back a state as it was).
+    ///
+    /// # Errors
+    /// Any [`ApiError`].
+    pub async fn set_flow_run_state_named(
+        &self,
+        flow_run_id: &str,
+        state: &StateProposal,
+        name: &str,
+        force: bool,
+    ) -> Result<OrchestrationResult, ApiError> {
         let body = json!({
             "state": {
                 "type": state.state_type,
-                "name": state.name,
+                "name": name,
                 "message": state.message,
                 "state_details": {
                     "flow_run_id": flow_run_id, "task_run_id": null, "child_flow_run_id": null,

@@ -132,6 +132,11 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
             worker.metrics.submission_seconds.observe(submission);
             started.container
         }
+        Err(e @ DockerError::Duplicate { .. }) => {
+            // The run is another worker's: not a failure of the run, nothing to report.
+            logs.info(id, format!("Aborted submission of flow run '{id}': {e}"));
+            return;
+        }
         Err(e) => {
             worker.metrics.docker_error(&e);
             return report_submission_failure(worker, &flow_run, &SubmitError::Docker(e)).await;
@@ -212,9 +217,114 @@ pub(crate) async fn reattach(worker: &Arc<Worker>, flow_run: FlowRun, found: Fou
     .await;
 }
 
+/// Checks an accepted claim against the run's state history. Under load a server on SQLite
+/// has been seen to accept a Pending proposal made from a stale poll after another worker had
+/// already claimed (or even finished) the run. The claim stands only if the state right
+/// before ours was Scheduled and ours is still the newest; a claim that displaced a final
+/// state puts that state back.
+async fn claim_stands(
+    worker: &Worker,
+    id: &str,
+    accepted: &crate::prefect::OrchestrationResult,
+) -> bool {
+    let Some(ours) = accepted
+        .state
+        .as_ref()
+        .and_then(|s| s.get("id"))
+        .and_then(Value::as_str)
+    else {
+        return true;
+    };
+    let states = match worker
+        .through_outage("verify claim", || worker.api.read_flow_run_states(id))
+        .await
+    {
+        Ok(states) => states,
+        Err(e) => {
+            worker.logs.error(
+                id,
+                format!("Failed to verify the claim of flow run '{id}': {e}"),
+            );
+            return false;
+        }
+    };
+    let Some(pos) = states
+        .iter()
+        .position(|s| s.get("id").and_then(Value::as_str) == Some(ours))
+    else {
+        return true;
+    };
+    let state_type = |s: &Value| {
+        s.get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let previous = pos.checked_sub(1).map(|i| &states[i]);
+    let from_scheduled = previous.is_none_or(|p| state_type(p) == "SCHEDULED");
+    let newest = pos + 1 == states.len();
+    if from_scheduled && newest {
+        return true;
+    }
+    let displaced = previous.map(state_type).unwrap_or_default();
+    worker.logs.info(
+        id,
+        format!("Aborted submission of flow run '{id}': another worker claimed it first (state before this claim: '{displaced}')"),
+    );
+    if let Some(previous) = previous.filter(|_| {
+        matches!(
+            displaced.as_str(),
+            "COMPLETED" | "FAILED" | "CRASHED" | "CANCELLED"
+        )
+    }) {
+        // This claim overwrote a final state: put it back as it was.
+        let restore = crate::prefect::StateProposal {
+            state_type: match displaced.as_str() {
+                "COMPLETED" => "COMPLETED",
+                "FAILED" => "FAILED",
+                "CRASHED" => "CRASHED",
+                _ => "CANCELLED",
+            },
+            name: "",
+            message: previous
+                .get("message")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+        };
+        let name = previous
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        if let Err(e) = worker
+            .api
+            .set_flow_run_state_named(id, &restore, &name, true)
+            .await
+        {
+            worker.logs.error(
+                id,
+                format!("Failed to restore the final state of flow run '{id}': {e}"),
+            );
+        }
+    }
+    false
+}
+
 /// Proposes Pending until the server answers ACCEPT/REJECT/ABORT. True when the run is ours.
 async fn claim(worker: &Worker, id: &str) -> bool {
     let logs = &worker.logs;
+    // The poll's snapshot may be stale (another worker may have claimed or even finished the
+    // run since): only a run that is still Scheduled is claimed.
+    match worker.api.read_flow_run(id).await {
+        Ok(run) if run.state_type() != Some("SCHEDULED") => {
+            tracing::debug!(
+                state = run.state_type(),
+                "flow run is no longer scheduled; not claiming it"
+            );
+            return false;
+        }
+        _ => {}
+    }
     loop {
         match worker
             .api
@@ -222,7 +332,9 @@ async fn claim(worker: &Worker, id: &str) -> bool {
             .await
         {
             Ok(result) => match result.status {
-                SetStateStatus::Accept if result.state_type() == Some("PENDING") => return true,
+                SetStateStatus::Accept if result.state_type() == Some("PENDING") => {
+                    return claim_stands(worker, id, &result).await;
+                }
                 SetStateStatus::Accept | SetStateStatus::Reject => {
                     logs.info(
                         id,
@@ -339,7 +451,10 @@ async fn report_final_state(
         })
         .await
     {
-        Ok(result) if result.state_type() == Some(proposal.state_type) => {
+        Ok(result)
+            if result.status == SetStateStatus::Accept
+                && result.state_type() == Some(proposal.state_type) =>
+        {
             accepted.inc();
             worker
                 .logs
