@@ -14,9 +14,20 @@ use tracing_subscriber::EnvFilter;
 /// `EX_USAGE` from sysexits.h: the configuration cannot be used.
 const EXIT_CONFIG: u8 = 64;
 
-/// Crates whose debug/trace output includes request bodies and headers (container env with
-/// the API key, registry auth): capped at info so no log level can leak a secret.
-const CAPPED_CRATES: [&str; 6] = ["bollard", "hyper", "hyper_util", "reqwest", "h2", "rustls"];
+/// Crates whose debug/trace output includes request bodies, headers or websocket frames
+/// (container env with the API key, registry auth, the events auth message): capped at info so
+/// no log level can leak a secret.
+const CAPPED_CRATES: [&str; 9] = [
+    "bollard",
+    "hyper",
+    "hyper_util",
+    "reqwest",
+    "h2",
+    "rustls",
+    "tungstenite",
+    "tokio_tungstenite",
+    "http",
+];
 
 fn init_tracing(settings: &Settings) {
     let mut filter =
