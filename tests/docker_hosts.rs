@@ -53,12 +53,7 @@ async fn tls_docker_host_runs_containers_and_the_worker_end_to_end() {
     let api = Api::new(server);
     let pool = unique("tls-pool");
     let dep = api
-        .create_deployment(
-            &pool,
-            "exit-code",
-            "flows.py:exit_code",
-            json!({"image": BUSYBOX, "command": "sh -c 'exit 8'"}),
-        )
+        .busybox_deployment(&pool, json!({"command": "sh -c 'exit 8'"}))
         .await;
     let run_id = api.create_flow_run(&dep, json!({})).await;
     let certs = daemon.client_certs.to_string_lossy().into_owned();

@@ -102,11 +102,9 @@ async fn non_zero_exit_is_crashed_with_the_code_and_explanation() {
     let pool = unique("e2e-exit");
     let guard = ContainerGuard::for_pool(&pool);
     let dep = api
-        .create_deployment(
+        .busybox_deployment(
             &pool,
-            "exit-code",
-            "flows.py:exit_code",
-            json!({"image": BUSYBOX, "command": "sh -c 'echo bye from busybox; exit 3'"}),
+            json!({"command": "sh -c 'echo bye from busybox; exit 3'"}),
         )
         .await;
     let run_id = api.create_flow_run(&dep, json!({})).await;
@@ -133,11 +131,7 @@ async fn stream_output_false_still_reports_the_true_exit_code() {
     let pool = unique("e2e-nostream");
     let _guard = ContainerGuard::for_pool(&pool);
     let dep = api
-        .create_deployment(
-            &pool,
-            "exit-code",
-            "flows.py:exit_code",
-            json!({"image": BUSYBOX, "command": "sh -c 'sleep 1; exit 5'", "stream_output": false, "auto_remove": true}),
+        .busybox_deployment(&pool, json!({"command": "sh -c 'sleep 1; exit 5'", "stream_output": false, "auto_remove": true}),
         )
         .await;
     let run_id = api.create_flow_run(&dep, json!({})).await;
@@ -227,12 +221,7 @@ async fn limit_one_never_runs_two_containers_at_once() {
     let pool = unique("e2e-limit");
     let guard = ContainerGuard::for_pool(&pool);
     let dep = api
-        .create_deployment(
-            &pool,
-            "exit-code",
-            "flows.py:exit_code",
-            json!({"image": BUSYBOX, "command": "sh -c 'sleep 3; exit 9'"}),
-        )
+        .busybox_deployment(&pool, json!({"command": "sh -c 'sleep 3; exit 9'"}))
         .await;
     let a = api.create_flow_run(&dep, json!({})).await;
     let b = api.create_flow_run(&dep, json!({})).await;
@@ -282,12 +271,7 @@ async fn run_once_exits_after_its_runs_finish() {
     let pool = unique("e2e-once");
     let guard = ContainerGuard::for_pool(&pool);
     let dep = api
-        .create_deployment(
-            &pool,
-            "exit-code",
-            "flows.py:exit_code",
-            json!({"image": BUSYBOX, "command": "sh -c 'sleep 2; exit 4'"}),
-        )
+        .busybox_deployment(&pool, json!({"command": "sh -c 'sleep 2; exit 4'"}))
         .await;
     let run_id = api.create_flow_run(&dep, json!({})).await;
     let mut worker = WorkerProcess::start(server, &["--pool", &pool, "--run-once"], &[]);
@@ -316,12 +300,7 @@ async fn sigterm_stops_claiming_and_leaves_containers_running() {
     let pool = unique("e2e-sigterm");
     let guard = ContainerGuard::for_pool(&pool);
     let dep = api
-        .create_deployment(
-            &pool,
-            "exit-code",
-            "flows.py:exit_code",
-            json!({"image": BUSYBOX, "command": "sleep 60"}),
-        )
+        .busybox_deployment(&pool, json!({"command": "sleep 60"}))
         .await;
     let run_id = api.create_flow_run(&dep, json!({})).await;
     let mut worker = WorkerProcess::start(server, &["--pool", &pool], &[]);

@@ -32,12 +32,7 @@ async fn health_and_metrics_over_http() {
     let pool = unique("ops-metrics");
     let _guard = ContainerGuard::for_pool(&pool);
     let dep = api
-        .create_deployment(
-            &pool,
-            "exit-code",
-            "flows.py:exit_code",
-            json!({"image": BUSYBOX, "command": "sh -c 'exit 2'"}),
-        )
+        .busybox_deployment(&pool, json!({"command": "sh -c 'exit 2'"}))
         .await;
     let run_id = api.create_flow_run(&dep, json!({})).await;
     let port = free_port().to_string();

@@ -111,11 +111,9 @@ async fn worker_image_builds_from_local_layers_and_runs_a_flow() {
     );
 
     let dep = api
-        .create_deployment(
+        .busybox_deployment(
             &pool,
-            "exit-code",
-            "flows.py:exit_code",
-            json!({"image": BUSYBOX, "command": "sh -c 'echo from the containerised worker; exit 6'"}),
+            json!({"command": "sh -c 'echo from the containerised worker; exit 6'"}),
         )
         .await;
     let run_id = api.create_flow_run(&dep, json!({})).await;

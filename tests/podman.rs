@@ -32,19 +32,15 @@ async fn flows_run_against_podman() {
         )
         .await;
     let exits = api
-        .create_deployment(
+        .busybox_deployment(
             &pool,
-            "exit-code",
-            "flows.py:exit_code",
-            json!({"image": BUSYBOX, "command": "sh -c 'echo from podman; exit 3'", "name": "dw-podman-same"}),
+            json!({"command": "sh -c 'echo from podman; exit 3'", "name": "dw-podman-same"}),
         )
         .await;
     let auto_removed = api
-        .create_deployment(
+        .busybox_deployment(
             &pool,
-            "exit-code",
-            "flows.py:exit_code",
-            json!({"image": BUSYBOX, "command": "sh -c 'exit 4'", "auto_remove": true}),
+            json!({"command": "sh -c 'exit 4'", "auto_remove": true}),
         )
         .await;
     let hello_run = api.create_flow_run(&hello, json!({})).await;

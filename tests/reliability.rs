@@ -36,14 +36,7 @@ async fn r1_killed_worker_restarts_and_reports_every_run_once() {
     let api = Api::new(server);
     let pool = unique("r1");
     let guard = ContainerGuard::for_pool(&pool);
-    let dep = api
-        .create_deployment(
-            &pool,
-            "exit-code",
-            "flows.py:exit_code",
-            json!({"image": BUSYBOX}),
-        )
-        .await;
+    let dep = api.busybox_deployment(&pool, json!({})).await;
     // Half exit while the worker is down, half are still running when it comes back.
     let mut runs: Vec<(String, i64)> = Vec::new();
     for i in 0..20i64 {
@@ -116,12 +109,9 @@ async fn oom_kill_is_named_in_the_crashed_message() {
     // Kept containers are inspected; auto-removed ones are known from the Engine's oom event.
     for auto_remove in [false, true] {
         let dep = api
-            .create_deployment(
+            .busybox_deployment(
                 &pool,
-                "exit-code",
-                "flows.py:exit_code",
-                json!({
-                    "image": BUSYBOX, "mem_limit": "16m", "memswap_limit": "16m", "auto_remove": auto_remove,
+                json!({"mem_limit": "16m", "memswap_limit": "16m", "auto_remove": auto_remove,
                     "command": "sh -c 'head -c 200m /dev/zero | tail > /dev/null'"
                 }),
             )
@@ -155,12 +145,7 @@ async fn cancel_a_running_run(grace: u64, extra_env: &[(&str, &str)]) -> Duratio
     let guard = ContainerGuard::for_pool(&pool);
     // PID 1 `sleep` ignores SIGTERM: the stop has to escalate to SIGKILL after the grace.
     let dep = api
-        .create_deployment(
-            &pool,
-            "exit-code",
-            "flows.py:exit_code",
-            json!({"image": BUSYBOX, "command": "sleep 300"}),
-        )
+        .busybox_deployment(&pool, json!({"command": "sleep 300"}))
         .await;
     let run_id = api.create_flow_run(&dep, json!({})).await;
     let worker = WorkerProcess::start(
@@ -263,12 +248,7 @@ async fn r3_docker_daemon_restart_mid_run() {
     let api = Api::new(server);
     let pool = unique("r3");
     let dep = api
-        .create_deployment(
-            &pool,
-            "exit-code",
-            "flows.py:exit_code",
-            json!({"image": BUSYBOX, "command": "sh -c 'sleep 20; exit 5'"}),
-        )
+        .busybox_deployment(&pool, json!({"command": "sh -c 'sleep 20; exit 5'"}))
         .await;
     let runs = [
         api.create_flow_run(&dep, json!({})).await,
@@ -312,12 +292,7 @@ async fn r3_docker_daemon_restart_mid_run() {
     );
 
     let after = api
-        .create_deployment(
-            &pool,
-            "exit-code",
-            "flows.py:exit_code",
-            json!({"image": BUSYBOX, "command": "sh -c 'exit 6'"}),
-        )
+        .busybox_deployment(&pool, json!({"command": "sh -c 'exit 6'"}))
         .await;
     let new_run = api.create_flow_run(&after, json!({})).await;
     let run = api
@@ -346,14 +321,7 @@ async fn r2_prefect_outage_of_120_s_loses_no_run() {
     let api = Api::new(&server);
     let pool = unique("r2");
     let guard = ContainerGuard::for_pool(&pool);
-    let dep = api
-        .create_deployment(
-            &pool,
-            "exit-code",
-            "flows.py:exit_code",
-            json!({"image": BUSYBOX}),
-        )
-        .await;
+    let dep = api.busybox_deployment(&pool, json!({})).await;
     let mut runs = Vec::new();
     for code in 1..=5 {
         let id = api
@@ -411,12 +379,7 @@ async fn r4_three_workers_300_runs_each_executed_once() {
     let pool = unique("r4");
     let guard = ContainerGuard::for_pool(&pool);
     let dep = api
-        .create_deployment(
-            &pool,
-            "exit-code",
-            "flows.py:exit_code",
-            json!({"image": BUSYBOX, "command": "sh -c 'exit 7'"}),
-        )
+        .busybox_deployment(&pool, json!({"command": "sh -c 'exit 7'"}))
         .await;
     // Three workers poll the pool while the 300 runs arrive; they compete for every one.
     let started = Instant::now();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::auth::DockerCredentials;
-use bollard::models::{ContainerCreateBody, NetworkConnectRequest};
+use bollard::models::{ContainerCreateBody, EventMessage, NetworkConnectRequest};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
     LogsOptionsBuilder, WaitContainerOptionsBuilder,
@@ -886,46 +886,17 @@ impl DockerRuntime {
         }
     }
 
-    /// The exit code from the container's most recent `die` event. Docker filters server-side;
-    /// Podman's compat API ignores list-form filters, so an empty answer is retried unfiltered
-    /// over the container's lifetime and matched here.
-    async fn exit_code_from_events(&self, container: &CreatedContainer) -> Option<i64> {
+    /// The container's past events whose action is one of `actions` (`die` also matches
+    /// Podman's `died`), since it was created, oldest first. Docker filters server-side;
+    /// Podman's compat API ignores list-form filters and answers nothing, so an empty answer is
+    /// retried unfiltered over the container's lifetime and matched here.
+    async fn past_events(
+        &self,
+        container: &CreatedContainer,
+        actions: &[&str],
+    ) -> Vec<EventMessage> {
         let since = (container.created_at - 1).to_string();
         let until = (chrono::Utc::now().timestamp() + 1).to_string();
-        let filters = HashMap::from([
-            ("container".to_owned(), vec![container.id.clone()]),
-            ("event".to_owned(), vec!["die".to_owned()]),
-        ]);
-        for filtered in [true, false] {
-            let mut builder = EventsOptionsBuilder::default().since(&since).until(&until);
-            if filtered {
-                builder = builder.filters(&filters);
-            }
-            let mut stream = self.docker.events(Some(builder.build()));
-            let mut code = None;
-            while let Some(Ok(event)) = stream.next().await {
-                let Some(actor) = event.actor else { continue };
-                let is_die = matches!(event.action.as_deref(), Some("die" | "died"));
-                if !is_die || actor.id.as_deref() != Some(container.id.as_str()) {
-                    continue;
-                }
-                if let Some(c) = actor
-                    .attributes
-                    .and_then(|a| a.get("exitCode").and_then(|c| c.parse().ok()))
-                {
-                    code = Some(c);
-                }
-            }
-            if code.is_some() {
-                return code;
-            }
-        }
-        None
-    }
-
-    /// Whether the Engine's event log has one of `actions` for this container since it was
-    /// created.
-    async fn saw_event(&self, container: &CreatedContainer, actions: &[&str]) -> bool {
         let filters = HashMap::from([
             ("container".to_owned(), vec![container.id.clone()]),
             (
@@ -933,26 +904,47 @@ impl DockerRuntime {
                 actions.iter().map(|a| (*a).to_owned()).collect(),
             ),
         ]);
-        let options = EventsOptionsBuilder::default()
-            .since(&(container.created_at - 1).to_string())
-            .until(&(chrono::Utc::now().timestamp() + 1).to_string())
-            .filters(&filters)
-            .build();
-        let mut stream = self.docker.events(Some(options));
-        let mut seen = false;
-        while let Some(Ok(event)) = stream.next().await {
+        let wanted = |event: &EventMessage| {
             let ours =
                 event.actor.as_ref().and_then(|a| a.id.as_deref()) == Some(container.id.as_str());
-            if ours
-                && event
-                    .action
-                    .as_deref()
-                    .is_some_and(|a| actions.contains(&a))
-            {
-                seen = true;
+            let action = match event.action.as_deref() {
+                Some("died") => "die",
+                Some(a) => a,
+                None => return false,
+            };
+            ours && actions.contains(&action)
+        };
+        for filtered in [true, false] {
+            let mut builder = EventsOptionsBuilder::default().since(&since).until(&until);
+            if filtered {
+                builder = builder.filters(&filters);
+            }
+            let mut stream = self.docker.events(Some(builder.build()));
+            let mut found = Vec::new();
+            while let Some(Ok(event)) = stream.next().await {
+                if wanted(&event) {
+                    found.push(event);
+                }
+            }
+            if !found.is_empty() {
+                return found;
             }
         }
-        seen
+        Vec::new()
+    }
+
+    /// The exit code from the container's most recent `die` event.
+    async fn exit_code_from_events(&self, container: &CreatedContainer) -> Option<i64> {
+        self.past_events(container, &["die"])
+            .await
+            .into_iter()
+            .filter_map(|e| e.actor?.attributes?.get("exitCode")?.parse().ok())
+            .next_back()
+    }
+
+    /// Whether the Engine's event log has one of `actions` for this container.
+    async fn saw_event(&self, container: &CreatedContainer, actions: &[&str]) -> bool {
+        !self.past_events(container, actions).await.is_empty()
     }
 
     /// The Engine's live stream of `die`, `oom` and `kill` events of containers carrying

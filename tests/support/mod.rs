@@ -352,6 +352,16 @@ impl Api {
         dep["id"].as_str().expect("deployment id").to_owned()
     }
 
+    /// A deployment running `job_variables` on the busybox image (the `exit_code` flow's
+    /// entrypoint; these runs never start the Prefect engine, so the container's exit decides).
+    pub async fn busybox_deployment(&self, pool: &str, mut job_variables: Value) -> String {
+        if let Some(vars) = job_variables.as_object_mut() {
+            vars.entry("image").or_insert_with(|| json!(BUSYBOX));
+        }
+        self.create_deployment(pool, "exit-code", "flows.py:exit_code", job_variables)
+            .await
+    }
+
     pub async fn create_flow_run(&self, deployment_id: &str, job_variables: Value) -> String {
         let run = self
             .ok(

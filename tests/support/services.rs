@@ -168,6 +168,38 @@ fn openssl(dir: &Path, args: &[&str]) {
     run_ok(Command::new("openssl").current_dir(dir).args(args));
 }
 
+/// A key and a certificate signed by `dir/ca.pem`, with the given subject and extensions.
+fn issue_cert(dir: &Path, stem: &str, key: &str, cert: &str, subject: &str, extensions: &str) {
+    let (csr, ext) = (format!("{stem}.csr"), format!("{stem}.ext"));
+    openssl(
+        dir,
+        &[
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", &csr, "-subj", subject,
+        ],
+    );
+    std::fs::write(dir.join(&ext), extensions).unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            cert,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ],
+    );
+}
+
 impl TlsDockerd {
     pub fn start() -> Self {
         require_tool("dockerd", "docker.io");
@@ -197,81 +229,21 @@ impl TlsDockerd {
                 "/CN=dw-test-ca",
             ],
         );
-        openssl(
+        issue_cert(
             &certs,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "server-key.pem",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
-        );
-        std::fs::write(
-            certs.join("server.ext"),
+            "server",
+            "server-key.pem",
+            "server-cert.pem",
+            "/CN=127.0.0.1",
             "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        openssl(
-            &certs,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca-key.pem",
-                "-CAcreateserial",
-                "-out",
-                "server-cert.pem",
-                "-days",
-                "2",
-                "-extfile",
-                "server.ext",
-            ],
         );
-        openssl(
+        issue_cert(
             &certs,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "key.pem",
-                "-out",
-                "client.csr",
-                "-subj",
-                "/CN=dw-client",
-            ],
-        );
-        std::fs::write(certs.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-        openssl(
-            &certs,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "client.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca-key.pem",
-                "-CAcreateserial",
-                "-out",
-                "cert.pem",
-                "-days",
-                "2",
-                "-extfile",
-                "client.ext",
-            ],
+            "client",
+            "key.pem",
+            "cert.pem",
+            "/CN=dw-client",
+            "extendedKeyUsage=clientAuth\n",
         );
         for f in ["ca.pem", "cert.pem", "key.pem"] {
             std::fs::copy(certs.join(f), client.join(f)).unwrap();
