@@ -66,9 +66,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         (ApiLogs::disabled(), None)
     };
 
-    let events_config = settings
-        .worker
-        .cancellation_events
+    let events_config = (settings.worker.cancellation_events || settings.worker.fast_pickup)
         .then(|| settings.api.clone());
     let worker = Worker::new(
         settings.worker,

@@ -97,6 +97,12 @@ pub struct WorkerSettings {
     pub cancellation_poll: Duration,
     /// Also learn cancellations at once from the `/events/out` websocket.
     pub cancellation_events: bool,
+    /// Poll at once when the `/events/out` websocket says one of the pool's runs became due.
+    pub fast_pickup: bool,
+    /// How many of a failed container's last output lines are sent as flow-run logs (0 = none).
+    pub crash_log_lines: usize,
+    /// Sample each container's memory and CPU and report them when it exits.
+    pub resource_accounting: bool,
 }
 
 /// Settings of the Docker connection.
@@ -270,6 +276,18 @@ fn boolean(env: &BTreeMap<String, String>, name: &str, default: bool) -> Result<
                 reason: "expected true or false".into(),
             }),
         },
+    }
+}
+
+/// A non-negative whole number from the environment.
+fn count(env: &BTreeMap<String, String>, name: &str, default: usize) -> Result<usize, ConfigError> {
+    match non_empty(env, name) {
+        None => Ok(default),
+        Some(v) => v.trim().parse().map_err(|_| ConfigError::Invalid {
+            name: name.into(),
+            value: v.clone(),
+            reason: "expected a whole number".into(),
+        }),
     }
 }
 
@@ -469,6 +487,9 @@ impl Settings {
                 },
                 cancellation_poll: seconds(env, "DOCKER_WORKER_CANCELLATION_POLL_SECONDS", 10.0)?,
                 cancellation_events: boolean(env, "DOCKER_WORKER_CANCELLATION_EVENTS", true)?,
+                fast_pickup: boolean(env, "DOCKER_WORKER_FAST_PICKUP", true)?,
+                crash_log_lines: count(env, "DOCKER_WORKER_CRASH_LOG_LINES", 200)?,
+                resource_accounting: boolean(env, "DOCKER_WORKER_RESOURCE_ACCOUNTING", true)?,
             },
             docker: DockerSettings {
                 host: non_empty(env, "DOCKER_HOST"),

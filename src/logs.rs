@@ -77,13 +77,20 @@ impl ApiLogs {
 
     /// Logs `message` for a flow run: to the worker's log now, to the API soon.
     pub fn log(&self, flow_run_id: &str, level: Level, message: impl Into<String>) {
-        let mut message = message.into();
+        let message = message.into();
         match level {
             Level::Debug => tracing::debug!(flow_run_id, "{message}"),
             Level::Info => tracing::info!(flow_run_id, "{message}"),
             Level::Warning => tracing::warn!(flow_run_id, "{message}"),
             Level::Error => tracing::error!(flow_run_id, "{message}"),
         }
+        self.to_api(flow_run_id, level, message);
+    }
+
+    /// Queues `message` for the API only, not the worker's log: for text the worker log
+    /// already has, such as container output it printed.
+    pub fn to_api(&self, flow_run_id: &str, level: Level, message: impl Into<String>) {
+        let mut message = message.into();
         let Some(tx) = &self.tx else { return };
         if message.len() > MAX_MESSAGE_BYTES {
             let mut end = MAX_MESSAGE_BYTES;

@@ -67,7 +67,8 @@ async fn hello_flow_completes_and_pool_gets_the_default_template() {
         "logs: {logs:?}"
     );
 
-    // The pool this worker created carries exactly the reference's default template.
+    // The pool this worker created carries the reference's default template exactly, plus the
+    // typed options (gpus, shm_size, ipc_mode, cpus, ports, platform) and nothing else.
     let (status, pool_json) = api.read_work_pool(&pool).await;
     assert_eq!(status, 200);
     let reference = Command::new(venv().join("bin/prefect"))
@@ -87,11 +88,24 @@ async fn hello_flow_completes_and_pool_gets_the_default_template() {
     );
     let reference: Value =
         serde_json::from_slice(&reference.stdout).expect("reference template JSON");
-    assert_eq!(pool_json["base_job_template"], reference);
     assert_eq!(
-        serde_json::from_str::<Value>(docker_worker::job::DEFAULT_BASE_JOB_TEMPLATE).unwrap(),
+        serde_json::from_str::<Value>(docker_worker::job::REFERENCE_BASE_JOB_TEMPLATE).unwrap(),
         reference
     );
+    let mut ours = pool_json["base_job_template"].clone();
+    assert_eq!(ours, docker_worker::job::default_base_job_template());
+    for field in docker_worker::job::typed::TYPED_FIELDS {
+        assert!(ours["variables"]["properties"][field]["description"].is_string());
+        ours["job_configuration"]
+            .as_object_mut()
+            .unwrap()
+            .remove(*field);
+        ours["variables"]["properties"]
+            .as_object_mut()
+            .unwrap()
+            .remove(*field);
+    }
+    assert_eq!(ours, reference);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -154,6 +154,17 @@ pub enum DockerError {
         /// What the Engine said.
         failure: EngineFailure,
     },
+    /// The container asked for GPUs (`DeviceRequests`) and the Engine has no runtime that
+    /// provides them.
+    #[error(
+        "Docker could not start container '{container}': the job requests GPUs, but this Docker host has no GPU runtime to provide them (install the NVIDIA Container Toolkit and register its runtime with Docker, or run the job on a GPU host): {failure}"
+    )]
+    NoGpuRuntime {
+        /// Container name or id.
+        container: String,
+        /// What the Engine said.
+        failure: EngineFailure,
+    },
     /// Waiting for the container failed; its outcome is unknown.
     #[error("lost track of container '{container}': {failure}")]
     WatchFailed {
@@ -194,6 +205,7 @@ impl DockerError {
             Self::NetworkNotFound { .. } => "NetworkNotFound",
             Self::NetworkConnectFailed { .. } => "NetworkConnectFailed",
             Self::StartFailed { .. } => "StartFailed",
+            Self::NoGpuRuntime { .. } => "GpuRuntimeMissing",
             Self::WatchFailed { .. } => "WatchFailed",
             Self::Api { .. } => "DockerAPIError",
             Self::Duplicate { .. } => "Duplicate",

@@ -4,6 +4,8 @@
 pub mod auth;
 pub mod error;
 pub mod runtime;
+pub mod single_flight;
+pub mod usage;
 
 pub use error::{DockerError, EngineFailure};
 pub use runtime::{

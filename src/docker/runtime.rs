@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
 
 use super::error::{DockerError, EngineFailure};
+use super::single_flight::SingleFlight;
 use crate::job::{ContainerSpec, PullPolicy};
 
 /// How long a watch waits for a lost Engine to come back before giving the run up.
@@ -99,6 +100,8 @@ pub struct FoundContainer {
     pub container: CreatedContainer,
     /// Its labels.
     pub labels: HashMap<String, String>,
+    /// The image it runs, as it was asked for.
+    pub image: String,
     /// Still running (else exited, created or dead).
     pub running: bool,
     /// Its exit code, when it has exited.
@@ -134,7 +137,7 @@ impl TlsFiles {
 /// A connection to one Docker Engine (or Podman's Docker-compatible API).
 #[derive(Debug, Clone)]
 pub struct DockerRuntime {
-    docker: Docker,
+    pub(super) docker: Docker,
     host: String,
     base_url: String,
     engine_version: String,
@@ -142,6 +145,10 @@ pub struct DockerRuntime {
     is_podman: bool,
     /// Where the Docker CLI's `config.json` lives (registry credentials for pulls).
     docker_config: Option<std::path::PathBuf>,
+    /// Pulls in flight, shared by every run that needs the same image at the same time.
+    pulls: SingleFlight<Result<(), EngineFailure>>,
+    /// Pulls actually made (not joined), for tests and metrics.
+    pulls_made: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The `base_url` the Python worker puts in infrastructure pids, so pids stay comparable.
@@ -233,6 +240,8 @@ impl DockerRuntime {
         Ok(Self {
             is_podman,
             docker_config: None,
+            pulls: SingleFlight::default(),
+            pulls_made: std::sync::Arc::default(),
             base_url: base_url_for(&host, tls.is_some()),
             engine_version: version.version.unwrap_or_default(),
             docker,
@@ -325,6 +334,13 @@ impl DockerRuntime {
         }
     }
 
+    /// How many pulls this runtime has made (concurrent requests for one image count once).
+    pub fn pulls_made(&self) -> u64 {
+        self.pulls_made.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Pulls the spec's image. Concurrent pulls of the same image (same platform, same
+    /// registry login) are one pull: the later callers wait for it and share its outcome.
     async fn pull_image(&self, spec: &ContainerSpec) -> Result<(), DockerError> {
         let image_ref = crate::job::image::ImageRef::parse(&spec.image).map_err(|e| {
             DockerError::PullFailed {
@@ -335,10 +351,13 @@ impl DockerRuntime {
                 },
             }
         })?;
-        let options = CreateImageOptionsBuilder::default()
+        let mut options = CreateImageOptionsBuilder::default()
             .from_image(&image_ref.repository)
-            .tag(image_ref.tag.as_deref().unwrap_or("latest"))
-            .build();
+            .tag(image_ref.tag.as_deref().unwrap_or("latest"));
+        if let Some(platform) = &spec.platform {
+            options = options.platform(platform);
+        }
+        let options = options.build();
         let credentials = match &spec.registry_credentials {
             Some(c) => Some(DockerCredentials {
                 username: Some(c.username.clone()),
@@ -351,17 +370,41 @@ impl DockerRuntime {
                 .as_deref()
                 .and_then(|dir| super::auth::credentials_for(&spec.image, dir)),
         };
-        tracing::info!(image = %spec.image, "Pulling image");
-        let mut stream = self.docker.create_image(Some(options), None, credentials);
-        while let Some(item) = stream.next().await {
-            if let Err(e) = item {
-                return Err(DockerError::PullFailed {
-                    image: spec.image.clone(),
-                    failure: e.into(),
-                });
-            }
+        let key = format!(
+            "{}|{}|{}@{}",
+            spec.image,
+            spec.platform.as_deref().unwrap_or_default(),
+            credentials
+                .as_ref()
+                .and_then(|c| c.username.as_deref())
+                .unwrap_or_default(),
+            credentials
+                .as_ref()
+                .and_then(|c| c.serveraddress.as_deref())
+                .unwrap_or_default(),
+        );
+        let docker = self.docker.clone();
+        let image = spec.image.clone();
+        let made = std::sync::Arc::clone(&self.pulls_made);
+        let (result, started_here) = self
+            .pulls
+            .run(&key, move || async move {
+                made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(image = %image, "Pulling image");
+                let mut stream = docker.create_image(Some(options), None, credentials);
+                while let Some(item) = stream.next().await {
+                    item.map_err(EngineFailure::from)?;
+                }
+                Ok(())
+            })
+            .await;
+        if !started_here {
+            tracing::info!(image = %spec.image, ok = result.is_ok(), "shared another run's pull of the same image");
         }
-        Ok(())
+        result.map_err(|failure| DockerError::PullFailed {
+            image: spec.image.clone(),
+            failure,
+        })
     }
 
     /// The Engine create body for a spec (what `POST /containers/create` receives).
@@ -449,9 +492,19 @@ impl DockerRuntime {
                     format!("{n}-{attempt}")
                 }
             });
-            let options = name
-                .as_ref()
-                .map(|n| CreateContainerOptionsBuilder::default().name(n).build());
+            let options = match (&name, &spec.platform) {
+                (None, None) => None,
+                (name, platform) => {
+                    let mut options = CreateContainerOptionsBuilder::default();
+                    if let Some(n) = name {
+                        options = options.name(n);
+                    }
+                    if let Some(p) = platform {
+                        options = options.platform(p);
+                    }
+                    Some(options.build())
+                }
+            };
             tracing::info!(
                 container = name.as_deref().unwrap_or("<auto>"),
                 "Creating Docker container"
@@ -602,7 +655,15 @@ impl DockerRuntime {
         }
         self.connect_networks(&container, &spec.extra_networks)
             .await?;
-        self.start_container(&container).await?;
+        match self.start_container(&container).await {
+            Err(DockerError::StartFailed { container, failure })
+                if spec.host_config_overrides.contains_key("DeviceRequests")
+                    && failure.message.contains("could not select device driver") =>
+            {
+                return Err(DockerError::NoGpuRuntime { container, failure });
+            }
+            other => other?,
+        }
         Ok(StartedContainer {
             container,
             pull_duration,
@@ -1075,6 +1136,7 @@ impl DockerRuntime {
                     id,
                 },
                 labels: summary.labels.unwrap_or_default(),
+                image: summary.image.unwrap_or_default(),
                 running,
                 exit_code: if exited { state.exit_code } else { None },
                 auto_remove: info
@@ -1136,6 +1198,7 @@ mod tests {
             config_overrides: Map::from_iter([("User".to_owned(), json!("1000"))]),
             host_config_overrides: Map::from_iter([("ShmSize".to_owned(), json!(1024))]),
             exclusive_label: None,
+            platform: None,
         }
     }
 

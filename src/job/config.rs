@@ -13,6 +13,7 @@ use super::create_kwargs::{EngineOverrides, map_create_kwargs};
 use super::image::PullPolicy;
 use super::memory::parse_bytes;
 use super::template::python_str;
+use super::typed::TypedOptions;
 use super::volumes::{Volume, parse_volume};
 
 /// Registry login details (normally from a `docker-registry-credentials` block).
@@ -72,8 +73,11 @@ pub struct DockerJobConfiguration {
     pub memswap_limit: Option<i64>,
     /// Privileged container.
     pub privileged: bool,
-    /// Mapped `container_create_kwargs`.
+    /// Mapped `container_create_kwargs`, with the typed options applied over them.
     pub overrides: EngineOverrides,
+    /// The typed options (`gpus`, `shm_size`, `ipc_mode`, `cpus`, `ports`, `platform`); the
+    /// platform also takes `container_create_kwargs.platform` when the job variable is unset.
+    pub typed: TypedOptions,
 }
 
 /// One field that failed validation.
@@ -314,12 +318,32 @@ impl DockerJobConfiguration {
         let mem_limit = memory("mem_limit");
         let memswap_limit = memory("memswap_limit");
 
-        let overrides = match c.object("container_create_kwargs") {
+        let mut overrides = match c.object("container_create_kwargs") {
             None => EngineOverrides::default(),
             Some(kwargs) => map_create_kwargs(&kwargs).unwrap_or_else(|m| {
                 c.fail("container_create_kwargs", m);
                 EngineOverrides::default()
             }),
+        };
+        let typed = match TypedOptions::from_rendered(source) {
+            Ok(mut typed) => {
+                typed.apply(&mut overrides);
+                if let (Some(ours), Some(theirs)) = (&typed.platform, &overrides.platform)
+                    && ours != theirs
+                {
+                    overrides.warnings.push(format!(
+                        "The job variable 'platform' replaces container_create_kwargs.platform ({theirs})"
+                    ));
+                }
+                typed.platform = typed.platform.or_else(|| overrides.platform.clone());
+                typed
+            }
+            Err(errors) => {
+                for (field, message) in errors {
+                    c.fail(&field, message);
+                }
+                TypedOptions::default()
+            }
         };
 
         if !c.errors.is_empty() {
@@ -342,6 +366,7 @@ impl DockerJobConfiguration {
             memswap_limit,
             privileged,
             overrides,
+            typed,
         })
     }
 }

@@ -18,6 +18,8 @@ pub struct EngineOverrides {
     pub host_config: Map<String, Value>,
     /// `extra_hosts` as given (merged with the automatic host-gateway entry later).
     pub extra_hosts: Option<Value>,
+    /// `platform` (a create query parameter, not a body field).
+    pub platform: Option<String>,
     /// Non-fatal remarks for the worker log.
     pub warnings: Vec<String>,
 }
@@ -355,6 +357,17 @@ pub fn map_create_kwargs(kwargs: &Map<String, Value>) -> Result<EngineOverrides,
         }
         match key.as_str() {
             "extra_hosts" => out.extra_hosts = Some(value.clone()),
+            "platform" => match value {
+                Value::Null => {}
+                Value::String(p) if !p.trim().is_empty() => {
+                    out.platform = Some(p.trim().to_owned())
+                }
+                other => {
+                    return Err(format!(
+                        "container_create_kwargs.platform: expected a string such as \"linux/amd64\"; got {other}"
+                    ));
+                }
+            },
             "ports" => {
                 let (exposed, bindings) = convert_ports(value)?;
                 out.config.insert("ExposedPorts".into(), exposed);

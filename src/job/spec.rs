@@ -84,6 +84,8 @@ pub struct ContainerSpec {
     /// A label (`key`, `value`) no other container on the host may carry at the same time:
     /// the flow run id, so two workers sharing a host never both start one run.
     pub exclusive_label: Option<(String, String)>,
+    /// Image platform (`linux/arm64`) for the pull and the create, when the job names one.
+    pub platform: Option<String>,
 }
 
 /// Why a valid configuration still cannot become a container.
@@ -411,6 +413,7 @@ impl DockerJobConfiguration {
             config_overrides: self.overrides.config.clone(),
             host_config_overrides: self.overrides.host_config.clone(),
             exclusive_label: Some(("io.prefect.flow-run-id".to_owned(), flow_run_id.to_owned())),
+            platform: self.typed.platform.clone(),
         })
     }
 }

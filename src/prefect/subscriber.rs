@@ -1,7 +1,9 @@
-//! A subscription to Prefect's event stream (`/events/out` websocket) for flow runs of one
-//! work pool entering Cancelling, so a cancel reaches the worker in well under a second instead
-//! of at the next poll. Reconnects with backoff and resumes from the last event seen (minus a
-//! minute, de-duplicated by event id). Knows websockets and Prefect events, nothing of Docker.
+//! A subscription to Prefect's event stream (`/events/out` websocket) for the flow runs of one
+//! work pool entering Cancelling (so a cancel reaches the worker in well under a second instead
+//! of at the next poll) or becoming due (Scheduled, AwaitingRetry, Late: so the worker polls at
+//! once instead of at the next interval). Reconnects with backoff and resumes from the last
+//! event seen (minus a minute, de-duplicated by event id). Knows websockets and Prefect
+//! events, nothing of Docker.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
@@ -45,23 +47,74 @@ pub fn events_out_url(api_url: &url::Url) -> Result<url::Url, SubscribeError> {
     Ok(url)
 }
 
+/// The flow-run state events the worker acts on.
+const EVENT_NAMES: &[&str] = &[
+    "prefect.flow-run.Cancelling",
+    "prefect.flow-run.Scheduled",
+    "prefect.flow-run.AwaitingRetry",
+    "prefect.flow-run.Late",
+];
+
+/// What happened to one of the pool's flow runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolEvent {
+    /// The run entered Cancelling: stop its container.
+    Cancelling {
+        /// Flow run id.
+        flow_run_id: String,
+    },
+    /// The run entered a Scheduled-type state: it may be due now.
+    Scheduled {
+        /// Flow run id.
+        flow_run_id: String,
+        /// When it is due, if the event said.
+        scheduled_time: Option<chrono::DateTime<chrono::Utc>>,
+    },
+}
+
+/// Reads one `/events/out` event into a [`PoolEvent`]; `None` for anything else.
+fn pool_event(event: &Value) -> Option<PoolEvent> {
+    let flow_run_id = event
+        .pointer("/resource/prefect.resource.id")
+        .and_then(Value::as_str)?
+        .strip_prefix("prefect.flow-run.")?
+        .to_owned();
+    match event.get("event").and_then(Value::as_str)? {
+        "prefect.flow-run.Cancelling" => Some(PoolEvent::Cancelling { flow_run_id }),
+        "prefect.flow-run.Scheduled"
+        | "prefect.flow-run.AwaitingRetry"
+        | "prefect.flow-run.Late" => {
+            let scheduled_time = event
+                .pointer("/payload/validated_state/state_details/scheduled_time")
+                .and_then(Value::as_str)
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&chrono::Utc));
+            Some(PoolEvent::Scheduled {
+                flow_run_id,
+                scheduled_time,
+            })
+        }
+        _ => None,
+    }
+}
+
 fn filter(pool_id: &str, since: chrono::DateTime<chrono::Utc>) -> Value {
     let fmt = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
     json!({"type": "filter", "filter": {
         "occurred": {"since": fmt(since), "until": fmt(chrono::Utc::now() + chrono::Duration::days(365))},
-        "event": {"prefix": null, "exclude_prefix": null, "name": ["prefect.flow-run.Cancelling"], "exclude_name": null},
+        "event": {"prefix": null, "exclude_prefix": null, "name": EVENT_NAMES, "exclude_name": null},
         "resource": null, "related": null,
         "any_resource": {"id": [format!("prefect.work-pool.{pool_id}")], "id_prefix": null, "labels": null},
         "id": {"id": []}, "text": null, "order": "DESC"
     }})
 }
 
-/// Sends the id of every flow run of `pool_id` that enters Cancelling to `tx`, until
-/// `shutdown`. Never returns early: failures are logged and retried with backoff.
-pub async fn cancelling_flow_runs(
+/// Sends every [`PoolEvent`] of `pool_id`'s flow runs to `tx`, until `shutdown` (or until the
+/// receiver is gone). Never returns early: failures are logged and retried with backoff.
+pub async fn pool_flow_run_events(
     config: ClientConfig,
     pool_id: String,
-    tx: mpsc::Sender<String>,
+    tx: mpsc::Sender<PoolEvent>,
     shutdown: CancellationToken,
 ) {
     let mut since = chrono::Utc::now() - chrono::Duration::minutes(1);
@@ -75,6 +128,7 @@ pub async fn cancelling_flow_runs(
             () = shutdown.cancelled() => return,
         };
         match result {
+            Ok(()) if tx.is_closed() => return,
             Ok(()) => delay = Duration::from_secs(1),
             Err(e) => {
                 tracing::debug!(error = %e, retry_in_s = delay.as_secs(), "events subscription interrupted")
@@ -92,7 +146,7 @@ async fn session(
     config: &ClientConfig,
     pool_id: &str,
     since: &mut chrono::DateTime<chrono::Utc>,
-    tx: &mpsc::Sender<String>,
+    tx: &mpsc::Sender<PoolEvent>,
     seen: &mut VecDeque<String>,
     seen_set: &mut HashSet<String>,
 ) -> Result<(), SubscribeError> {
@@ -143,7 +197,7 @@ async fn session(
     socket
         .send(Message::text(filter(pool_id, *since).to_string()))
         .await?;
-    tracing::debug!("subscribed to flow-run cancellations over /events/out");
+    tracing::debug!("subscribed to the pool's flow-run events over /events/out");
     while let Some(message) = socket.next().await {
         let Message::Text(text) = message? else {
             continue;
@@ -182,11 +236,8 @@ async fn session(
                 *since = resume;
             }
         }
-        if let Some(run_id) = event
-            .pointer("/resource/prefect.resource.id")
-            .and_then(Value::as_str)
-            .and_then(|r| r.strip_prefix("prefect.flow-run."))
-            && tx.send(run_id.to_owned()).await.is_err()
+        if let Some(pool_event) = pool_event(event)
+            && tx.send(pool_event).await.is_err()
         {
             return Ok(());
         }
@@ -213,9 +264,37 @@ mod tests {
             f["filter"]["any_resource"]["id"],
             json!(["prefect.work-pool.p1"])
         );
+        assert_eq!(f["filter"]["event"]["name"], json!(EVENT_NAMES));
+    }
+
+    #[test]
+    fn events_are_read_by_name() {
+        let cancel = json!({"event": "prefect.flow-run.Cancelling",
+            "resource": {"prefect.resource.id": "prefect.flow-run.r1"}});
         assert_eq!(
-            f["filter"]["event"]["name"],
-            json!(["prefect.flow-run.Cancelling"])
+            pool_event(&cancel),
+            Some(PoolEvent::Cancelling {
+                flow_run_id: "r1".into()
+            })
         );
+        let scheduled = json!({"event": "prefect.flow-run.Scheduled",
+            "resource": {"prefect.resource.id": "prefect.flow-run.r2"},
+            "payload": {"validated_state": {"state_details": {"scheduled_time": "2026-01-02T03:04:05.123456+00:00"}}}});
+        match pool_event(&scheduled) {
+            Some(PoolEvent::Scheduled {
+                flow_run_id,
+                scheduled_time,
+            }) => {
+                assert_eq!(flow_run_id, "r2");
+                assert_eq!(scheduled_time.unwrap().timestamp(), 1_767_323_045);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let other = json!({"event": "prefect.flow-run.Running",
+            "resource": {"prefect.resource.id": "prefect.flow-run.r3"}});
+        assert_eq!(pool_event(&other), None);
+        let not_a_run = json!({"event": "prefect.flow-run.Scheduled",
+            "resource": {"prefect.resource.id": "prefect.deployment.d"}});
+        assert_eq!(pool_event(&not_a_run), None);
     }
 }

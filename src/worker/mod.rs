@@ -7,6 +7,7 @@
 
 mod exit_codes;
 mod jitter;
+mod observe;
 mod run;
 
 use std::collections::HashSet;
@@ -26,6 +27,7 @@ use crate::docker::DockerRuntime;
 use crate::job::default_base_job_template;
 use crate::logs::ApiLogs;
 use crate::metrics::Metrics;
+use crate::prefect::subscriber::PoolEvent;
 use crate::prefect::{ApiError, PrefectClient, WorkPool};
 
 /// Why the worker stopped on its own.
@@ -71,7 +73,12 @@ pub struct Worker {
     running: Mutex<std::collections::HashMap<String, String>>,
     /// Runs whose container the worker is stopping because the run was cancelled.
     cancelling: Mutex<HashSet<String>>,
-    /// API settings for the `/events/out` cancellation subscription; `None` = poll only.
+    /// Wakes the poll loop before its interval: a run became due (fast pickup) or a `--limit`
+    /// slot freed while due runs were waiting.
+    poll_now: tokio::sync::Notify,
+    /// The last poll left due runs behind because every `--limit` slot was taken.
+    saturated: std::sync::atomic::AtomicBool,
+    /// API settings for the `/events/out` subscription; `None` = poll only.
     events_config: Option<crate::prefect::ClientConfig>,
     /// Facts from the Engine's event stream, by container id: exit codes seen in `die`
     /// events, and containers the OOM killer hit. Entries go when their run is reported.
@@ -113,6 +120,8 @@ impl Worker {
             adopted: std::sync::atomic::AtomicBool::new(false),
             running: Mutex::new(std::collections::HashMap::new()),
             cancelling: Mutex::new(HashSet::new()),
+            poll_now: tokio::sync::Notify::new(),
+            saturated: std::sync::atomic::AtomicBool::new(false),
             events_config,
             engine_facts: Mutex::new(std::collections::HashMap::new()),
         })
@@ -148,6 +157,11 @@ impl Worker {
             let worker = Arc::clone(self);
             let stop = shutdown.child_token();
             tokio::spawn(async move { worker.cancellation_loop(stop).await });
+        }
+        if self.events_config.is_some() && !self.settings.run_once {
+            let worker = Arc::clone(self);
+            let stop = shutdown.child_token();
+            tokio::spawn(async move { worker.pool_events_loop(stop).await });
         }
         {
             let worker = Arc::clone(self);
@@ -287,8 +301,21 @@ impl Worker {
             let delay = backoff(self.settings.query_interval, failures);
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
+                () = self.poll_now.notified(), if failures == 0 => {
+                    tracing::debug!("polling early: a run became due or a slot freed");
+                }
                 () = shutdown.cancelled() => return Ok(()),
             }
+        }
+    }
+
+    /// Wakes the poll loop if the last poll had to leave due runs behind for lack of a slot.
+    fn slot_freed(&self) {
+        if self
+            .saturated
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.poll_now.notify_one();
         }
     }
 
@@ -340,6 +367,8 @@ impl Worker {
                 Some(limiter) => match limiter.clone().try_acquire_owned() {
                     Ok(permit) => Some(permit),
                     Err(_) => {
+                        self.saturated
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
                         tracing::debug!(
                             limit = self.settings.limit.unwrap_or_default(),
                             "Flow run limit reached; {} flow runs in progress.",
@@ -365,6 +394,7 @@ impl Worker {
                     set.remove(&id);
                 }
                 drop(permit);
+                worker.slot_freed();
             });
             submitted += 1;
         }
@@ -454,32 +484,66 @@ impl Worker {
             .unwrap_or_default()
     }
 
-    /// Learns which watched runs were cancelled — at once from the `/events/out` subscription
-    /// when available, and every `cancellation_poll` by asking the API (the safety net) — and
-    /// stops their containers with the grace period; the run task then reports Cancelled.
+    /// Checks every `cancellation_poll` which watched runs were cancelled (the safety net
+    /// under the `/events/out` subscription) and stops their containers with the grace
+    /// period; the run task then reports Cancelled.
     async fn cancellation_loop(self: Arc<Self>, shutdown: CancellationToken) {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
-        let mut subscribed = false;
-        let mut next_poll = tokio::time::Instant::now() + self.settings.cancellation_poll;
         loop {
-            if !subscribed
-                && let (Some(config), Some(pool)) = (&self.events_config, self.current_pool())
-            {
-                tokio::spawn(crate::prefect::subscriber::cancelling_flow_runs(
-                    config.clone(),
-                    pool.id,
-                    tx.clone(),
-                    shutdown.clone(),
-                ));
-                subscribed = true;
+            tokio::select! {
+                () = tokio::time::sleep(self.settings.cancellation_poll) => self.poll_cancellations().await,
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Follows the pool's flow-run events on `/events/out` once the pool is known: a
+    /// Cancelling run has its container stopped at once, and a run that became due wakes the
+    /// poll loop (fast pickup). The periodic poll and cancellation check stay as safety nets.
+    async fn pool_events_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let Some(config) = self.events_config.clone() else {
+            return;
+        };
+        let pool_id = loop {
+            if let Some(pool) = self.current_pool() {
+                break pool.id;
             }
             tokio::select! {
-                () = tokio::time::sleep_until(next_poll) => {
-                    next_poll = tokio::time::Instant::now() + self.settings.cancellation_poll;
-                    self.poll_cancellations().await;
-                }
-                Some(run_id) = rx.recv() => self.cancel_run(&run_id),
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 () = shutdown.cancelled() => return,
+            }
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(crate::prefect::subscriber::pool_flow_run_events(
+            config,
+            pool_id,
+            tx,
+            shutdown.clone(),
+        ));
+        loop {
+            let event = tokio::select! {
+                e = rx.recv() => e,
+                () = shutdown.cancelled() => return,
+            };
+            match event {
+                None => return,
+                Some(PoolEvent::Cancelling { flow_run_id }) => {
+                    if self.settings.stop_cancelled && self.settings.cancellation_events {
+                        self.cancel_run(&flow_run_id);
+                    }
+                }
+                Some(PoolEvent::Scheduled {
+                    flow_run_id,
+                    scheduled_time,
+                }) => {
+                    let horizon = chrono::Utc::now()
+                        + chrono::Duration::from_std(self.settings.prefetch)
+                            .unwrap_or_else(|_| chrono::Duration::seconds(10));
+                    let due = scheduled_time.is_none_or(|t| t <= horizon);
+                    if self.settings.fast_pickup && due {
+                        tracing::debug!(flow_run_id, "a flow run became due; polling now");
+                        self.poll_now.notify_one();
+                    }
+                }
             }
         }
     }
@@ -649,12 +713,17 @@ impl Worker {
                 .as_ref()
                 .and_then(|l| Arc::clone(l).try_acquire_owned().ok());
             let worker = Arc::clone(self);
+            let pool_ref = PoolRef {
+                id: pool.id.clone(),
+                name: pool.name.clone(),
+            };
             self.tasks.spawn(async move {
-                run::reattach(&worker, flow_run, container).await;
+                run::reattach(&worker, flow_run, container, &pool_ref).await;
                 if let Ok(mut set) = worker.in_progress.lock() {
                     set.remove(&run_id);
                 }
                 drop(permit);
+                worker.slot_freed();
             });
         }
         Ok(())

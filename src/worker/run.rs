@@ -3,13 +3,15 @@
 //! exit as Crashed. Names follow the Python worker's steps so the two can be compared.
 
 use std::io::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
 use tracing::Instrument as _;
 
+use super::observe::{Accounting, EventIds, OutputTail};
 use super::{PoolRef, Worker, crash_message, explain, flow_run_labels};
+use crate::docker::usage::ResourceUsage;
 use crate::docker::{CreatedContainer, DockerError, ExitStatus, FoundContainer};
 use crate::job::render::{merge_job_variables, render_job_configuration};
 use crate::job::{ContainerSpec, DockerJobConfiguration, RunContext};
@@ -123,14 +125,14 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
         tracing::debug!(error = %e, "could not set the Submitting state; continuing");
     }
 
-    let container = match worker.docker.create_and_start_container(&spec).await {
+    let (container, pull) = match worker.docker.create_and_start_container(&spec).await {
         Ok(started) => {
             if let Some(pull) = started.pull_duration {
                 worker.metrics.pull_seconds.observe(pull.as_secs_f64());
             }
             let submission = claimed_at.elapsed().as_secs_f64();
             worker.metrics.submission_seconds.observe(submission);
-            started.container
+            (started.container, started.pull_duration)
         }
         Err(e @ DockerError::Duplicate { .. }) => {
             // The run is another worker's: not a failure of the run, nothing to report.
@@ -161,16 +163,40 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
 
     worker.metrics.runs_running.inc();
     worker.watching(id, &container.id);
-    watch(worker, &flow_run, &spec, &container).await;
+    let target = Target {
+        flow_run: &flow_run,
+        container: &container,
+        pool,
+        image: &spec.image,
+        pull,
+    };
+    watch(worker, &target, spec.auto_remove, spec.stream_output).await;
     worker.metrics.runs_running.dec();
 }
 
+/// The run a watch is about, for its reports.
+struct Target<'a> {
+    flow_run: &'a FlowRun,
+    container: &'a CreatedContainer,
+    pool: &'a PoolRef,
+    image: &'a str,
+    pull: Option<Duration>,
+}
+
 /// Watches a container found after a restart until its exit and reports it like any other run.
-pub(crate) async fn reattach(worker: &Arc<Worker>, flow_run: FlowRun, found: FoundContainer) {
+pub(crate) async fn reattach(
+    worker: &Arc<Worker>,
+    flow_run: FlowRun,
+    found: FoundContainer,
+    pool: &PoolRef,
+) {
     let span = tracing::info_span!("flow_run", flow_run_id = %flow_run.id);
     async {
         let id = flow_run.id.as_str();
         let name = found.container.display_name().to_owned();
+        let tail = OutputTail::new(worker.settings.crash_log_lines);
+        let usage = Mutex::new(ResourceUsage::default());
+        let started = std::time::Instant::now();
         let outcome = if found.running {
             worker.logs.info(
                 id,
@@ -178,8 +204,13 @@ pub(crate) async fn reattach(worker: &Arc<Worker>, flow_run: FlowRun, found: Fou
             );
             worker.metrics.runs_running.inc();
             worker.watching(id, &found.container.id);
+            let output = |text: &str| {
+                print_output(text);
+                tail.push(text);
+            };
+            let watching = worker.docker.reattach_container(&found, true, &output);
             let outcome = tokio::select! {
-                r = worker.docker.reattach_container(&found, true, &print_output) => Some(r),
+                r = with_sampling(worker, &found.container.id, &usage, watching) => Some(r),
                 () = worker.shutdown.cancelled() => None,
             };
             worker.metrics.runs_running.dec();
@@ -211,7 +242,19 @@ pub(crate) async fn reattach(worker: &Arc<Worker>, flow_run: FlowRun, found: Fou
                 }
             }
         };
-        report_exit(worker, &flow_run, &found.container, outcome).await;
+        let target = Target {
+            flow_run: &flow_run,
+            container: &found.container,
+            pool,
+            image: &found.image,
+            pull: None,
+        };
+        let observed = Observed {
+            tail: tail.take(),
+            usage: usage.lock().map(|u| *u).unwrap_or_default(),
+            wall: started.elapsed(),
+        };
+        report_exit(worker, &target, outcome, observed).await;
     }
     .instrument(span)
     .await;
@@ -473,36 +516,136 @@ async fn report_final_state(
     }
 }
 
+/// Sends the last lines a crashed container printed as flow-run logs, so the Prefect UI
+/// explains a run that died before its own engine could report anything.
+fn send_crash_tail(worker: &Worker, id: &str, container: &str, code: i64, tail: &[String]) {
+    if tail.is_empty() {
+        return;
+    }
+    worker.logs.error(
+        id,
+        format!(
+            "Container '{container}' exited with status code {code}; its last {} line{} of output follow",
+            tail.len(),
+            if tail.len() == 1 { "" } else { "s" }
+        ),
+    );
+    for line in tail {
+        // Already printed on the worker's stdout when streamed: to the API only.
+        worker
+            .logs
+            .to_api(id, crate::logs::Level::Error, line.clone());
+    }
+}
+
+/// Reports what the run cost: one flow-run log line and a
+/// `prefect.docker.container.resources` event (best effort: a failure is only logged).
+async fn account(worker: &Worker, target: &Target<'_>, status: &ExitStatus, observed: &Observed) {
+    if !worker.settings.resource_accounting {
+        return;
+    }
+    let accounting = Accounting {
+        usage: observed.usage,
+        pull: target.pull,
+        wall: observed.wall,
+        exit_code: status.code,
+        oom_killed: status.oom_killed,
+    };
+    let name = target.container.display_name();
+    worker
+        .logs
+        .info(&target.flow_run.id, accounting.summary(name));
+    let event = accounting.event(&EventIds {
+        container_id: &target.container.id,
+        container_name: name,
+        flow_run_id: &target.flow_run.id,
+        flow_run_name: &target.flow_run.name,
+        pool_id: &target.pool.id,
+        pool_name: &target.pool.name,
+        worker_name: worker.name(),
+        image: target.image,
+    });
+    if let Err(e) = worker.api.emit_events(&[event]).await {
+        worker.metrics.api_error(&e);
+        tracing::warn!(error = %e, "could not send the container's resource accounting event");
+    }
+}
+
 /// Prints container output on the worker's stdout; errors (a closed pipe) are ignored.
 fn print_output(text: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{text}");
 }
 
-async fn watch(
-    worker: &Worker,
-    flow_run: &FlowRun,
-    spec: &ContainerSpec,
-    container: &CreatedContainer,
-) {
+async fn watch(worker: &Worker, target: &Target<'_>, auto_remove: bool, stream_output: bool) {
+    let tail = OutputTail::new(worker.settings.crash_log_lines);
+    let usage = Mutex::new(ResourceUsage::default());
+    let started = std::time::Instant::now();
+    let output = |text: &str| {
+        if stream_output {
+            print_output(text);
+        }
+        tail.push(text);
+    };
+    // Output is followed when printed or when its tail is kept for a crash report.
+    let follow = stream_output || tail.enabled();
+    let watching = worker
+        .docker
+        .watch_container(target.container, auto_remove, follow, &output);
     let outcome = tokio::select! {
-        r = worker.docker.watch_container(container, spec.auto_remove, spec.stream_output, &print_output) => r,
+        r = with_sampling(worker, &target.container.id, &usage, watching) => r,
         () = worker.shutdown.cancelled() => {
-            tracing::info!(container = container.display_name(), "worker stopping; the container keeps running");
+            tracing::info!(container = target.container.display_name(), "worker stopping; the container keeps running");
             return;
         }
     };
-    report_exit(worker, flow_run, container, outcome).await;
+    let observed = Observed {
+        tail: tail.take(),
+        usage: usage.lock().map(|u| *u).unwrap_or_default(),
+        wall: started.elapsed(),
+    };
+    report_exit(worker, target, outcome, observed).await;
+}
+
+/// Runs `watching` to its end while sampling the container's resource use alongside (when
+/// resource accounting is on); the sampling never delays the result.
+async fn with_sampling<T>(
+    worker: &Worker,
+    container_id: &str,
+    usage: &Mutex<ResourceUsage>,
+    watching: impl std::future::Future<Output = T>,
+) -> T {
+    let sampling = async {
+        if worker.settings.resource_accounting {
+            worker.docker.sample_usage(container_id, usage).await;
+        }
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        r = watching => r,
+        () = sampling => unreachable!("sampling never ends on its own"),
+    }
+}
+
+/// What was seen of a run while it was watched.
+struct Observed {
+    /// The last output lines.
+    tail: Vec<String>,
+    /// Stats samples.
+    usage: ResourceUsage,
+    /// Watch time.
+    wall: Duration,
 }
 
 /// Reports a watched container's end: nothing for 0 (the engine inside reported the state),
 /// Crashed with the exit-code explanation otherwise, a log line when the outcome is unknown.
 async fn report_exit(
     worker: &Worker,
-    flow_run: &FlowRun,
-    container: &CreatedContainer,
+    target: &Target<'_>,
     outcome: Result<ExitStatus, DockerError>,
+    observed: Observed,
 ) {
+    let (flow_run, container) = (target.flow_run, target.container);
     let id = flow_run.id.as_str();
     let container_name = container.display_name();
     let cancelled_by_worker = worker.done_watching(id);
@@ -525,6 +668,9 @@ async fn report_exit(
             None => Err(e),
         },
     };
+    if let Ok(status) = &outcome {
+        account(worker, target, status, &observed).await;
+    }
     match outcome {
         Ok(status) if cancelled_by_worker => {
             let message = format!(
@@ -560,6 +706,7 @@ async fn report_exit(
             }
             propose_crashed(worker, id, message).await;
             worker.logs.info(id, explain(status.code).resolution);
+            send_crash_tail(worker, id, container_name, status.code, &observed.tail);
         }
         Err(e) => {
             worker.metrics.docker_error(&e);

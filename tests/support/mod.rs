@@ -591,6 +591,7 @@ pub fn test_spec(image: &str, name: &str, command: &str) -> docker_worker::job::
         config_overrides: serde_json::Map::new(),
         host_config_overrides: serde_json::Map::new(),
         exclusive_label: None,
+        platform: None,
     }
 }
 

@@ -1,0 +1,647 @@
+//! Typed container options: the job variables users of the Python worker keep asking for —
+//! `gpus`, `shm_size`, `ipc_mode`, `cpus`, `ports`, `platform` — each validated with a message
+//! that says what is accepted, and turned into Engine fields. They compose with
+//! `container_create_kwargs`: a typed option wins over the keyword it overlaps, with a warning.
+//!
+//! Pure: JSON in, Engine JSON out.
+
+use serde_json::{Map, Value, json};
+
+use super::create_kwargs::EngineOverrides;
+use super::memory::parse_bytes;
+
+/// The typed options' job-variable names, in template order.
+pub const TYPED_FIELDS: &[&str] = &["gpus", "shm_size", "ipc_mode", "cpus", "ports", "platform"];
+
+/// `ExposedPorts` and `PortBindings`, as Engine JSON.
+pub type PortMaps = (Map<String, Value>, Map<String, Value>);
+
+/// Validated typed options; `None` = not set (the Engine's default applies).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TypedOptions {
+    /// One Engine `DeviceRequest`, as `docker run --gpus` builds it.
+    pub gpus: Option<Value>,
+    /// `/dev/shm` size in bytes.
+    pub shm_size: Option<i64>,
+    /// IPC namespace mode.
+    pub ipc_mode: Option<String>,
+    /// CPU limit in billionths of a CPU (`NanoCpus`).
+    pub nano_cpus: Option<i64>,
+    /// `ExposedPorts` and `PortBindings`.
+    pub ports: Option<PortMaps>,
+    /// Image platform for the pull and the create (`linux/arm64`).
+    pub platform: Option<String>,
+}
+
+/// A typed option that did not validate: the field and what is wrong with it.
+pub type TypedError = (String, String);
+
+impl TypedOptions {
+    /// Reads the typed options from a rendered job configuration. Missing or null fields are
+    /// unset; every invalid one is reported.
+    ///
+    /// # Errors
+    /// Each invalid field with its message.
+    pub fn from_rendered(source: &Map<String, Value>) -> Result<Self, Vec<TypedError>> {
+        let mut errors = Vec::new();
+        let mut check = |field: &str, parse: &dyn Fn(&Value) -> Result<(), String>| {
+            if let Some(value) = source.get(field).filter(|v| !v.is_null())
+                && let Err(message) = parse(value)
+            {
+                errors.push((field.to_owned(), message));
+            }
+        };
+        check("gpus", &|v| parse_gpus(v).map(drop));
+        check("shm_size", &|v| parse_size(v).map(drop));
+        check("ipc_mode", &|v| parse_ipc_mode(v).map(drop));
+        check("cpus", &|v| parse_cpus(v).map(drop));
+        check("ports", &|v| parse_ports(v).map(drop));
+        check("platform", &|v| parse_platform(v).map(drop));
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let get = |field: &str| source.get(field).filter(|v| !v.is_null());
+        Ok(Self {
+            gpus: get("gpus").and_then(|v| parse_gpus(v).ok()),
+            shm_size: get("shm_size").and_then(|v| parse_size(v).ok()),
+            ipc_mode: get("ipc_mode").and_then(|v| parse_ipc_mode(v).ok()),
+            nano_cpus: get("cpus").and_then(|v| parse_cpus(v).ok()),
+            ports: get("ports").and_then(|v| parse_ports(v).ok()),
+            platform: get("platform").and_then(|v| parse_platform(v).ok()),
+        })
+    }
+
+    /// Writes the set options into the Engine overrides from `container_create_kwargs`,
+    /// replacing what a keyword set for the same field and saying so in a warning.
+    pub fn apply(&self, overrides: &mut EngineOverrides) {
+        let mut set = |host: bool, field: &str, option: &str, keyword: &str, value: Value| {
+            let target = if host {
+                &mut overrides.host_config
+            } else {
+                &mut overrides.config
+            };
+            if let Some(previous) = target.insert(field.to_owned(), value.clone())
+                && previous != value
+            {
+                overrides.warnings.push(format!(
+                    "The job variable '{option}' replaces container_create_kwargs.{keyword} ({field})"
+                ));
+            }
+        };
+        if let Some(request) = &self.gpus {
+            set(
+                true,
+                "DeviceRequests",
+                "gpus",
+                "device_requests",
+                json!([request]),
+            );
+        }
+        if let Some(bytes) = self.shm_size {
+            set(true, "ShmSize", "shm_size", "shm_size", json!(bytes));
+        }
+        if let Some(mode) = &self.ipc_mode {
+            set(true, "IpcMode", "ipc_mode", "ipc_mode", json!(mode));
+        }
+        if let Some(nanos) = self.nano_cpus {
+            set(true, "NanoCpus", "cpus", "nano_cpus", json!(nanos));
+        }
+        if let Some((exposed, bindings)) = &self.ports {
+            set(
+                false,
+                "ExposedPorts",
+                "ports",
+                "ports",
+                Value::Object(exposed.clone()),
+            );
+            set(
+                true,
+                "PortBindings",
+                "ports",
+                "ports",
+                Value::Object(bindings.clone()),
+            );
+        }
+    }
+}
+
+/// `gpus` like `docker run --gpus`: `"all"`, a count (`2` or `"2"`), or comma-separated
+/// options `count=…`, `device=0,1`, `driver=…`, `capabilities=compute,utility`; a list of
+/// device ids is also taken. Defaults as the Docker CLI: one GPU when neither count nor
+/// devices are given, capabilities `[["gpu"]]`.
+fn parse_gpus(value: &Value) -> Result<Value, String> {
+    const EXPECTED: &str = "expected \"all\", a number of GPUs, device ids (\"device=0,1\"), or options such as \"count=2,capabilities=compute,utility\"";
+    let text = match value {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.trim().to_owned(),
+        Value::Array(ids) => {
+            let ids: Option<Vec<String>> = ids
+                .iter()
+                .map(|i| match i {
+                    Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+                    Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                })
+                .collect();
+            return match ids {
+                Some(ids) if !ids.is_empty() => Ok(device_request("", None, ids, None)),
+                _ => Err(format!("{EXPECTED}; got {value}")),
+            };
+        }
+        other => return Err(format!("{EXPECTED}; got {other}")),
+    };
+    if text.is_empty() {
+        return Err(format!("{EXPECTED}; got an empty string"));
+    }
+    let count_of = |s: &str| -> Result<i64, String> {
+        if s.eq_ignore_ascii_case("all") {
+            return Ok(-1);
+        }
+        match s.parse::<i64>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("{EXPECTED}; '{s}' is not a count")),
+        }
+    };
+    let mut driver = String::new();
+    let mut count = None;
+    let mut devices: Vec<String> = Vec::new();
+    let mut capabilities: Option<Vec<String>> = None;
+    // The key a bare item continues (`device=0,1` → devices 0 and 1).
+    let mut list_key: Option<&str> = None;
+    let mut seen: Vec<String> = Vec::new();
+    for item in text.split(',').map(str::trim) {
+        if item.is_empty() {
+            return Err(format!("{EXPECTED}; got '{text}'"));
+        }
+        match item.split_once('=') {
+            Some((key, val)) => {
+                let key = key.trim();
+                let val = val.trim();
+                if seen.iter().any(|k| k == key) {
+                    return Err(format!("'{key}' is given more than once in '{text}'"));
+                }
+                seen.push(key.to_owned());
+                list_key = None;
+                match key {
+                    "driver" => driver = val.to_owned(),
+                    "count" => count = Some(count_of(val)?),
+                    "device" | "devices" => {
+                        devices.push(val.to_owned());
+                        list_key = Some("device");
+                    }
+                    "capabilities" => {
+                        capabilities = Some(vec![val.to_owned()]);
+                        list_key = Some("capabilities");
+                    }
+                    other => {
+                        return Err(format!(
+                            "unknown option '{other}' in '{text}' (expected count, device, driver or capabilities)"
+                        ));
+                    }
+                }
+            }
+            None => match list_key {
+                Some("device") => devices.push(item.to_owned()),
+                Some(_) => {
+                    if let Some(caps) = capabilities.as_mut() {
+                        caps.push(item.to_owned());
+                    }
+                }
+                None => {
+                    if count.is_some() {
+                        return Err(format!("'count' is given more than once in '{text}'"));
+                    }
+                    count = Some(count_of(item)?);
+                }
+            },
+        }
+    }
+    if !devices.is_empty() && count.is_some() {
+        return Err(format!(
+            "give either a count or device ids, not both (got '{text}')"
+        ));
+    }
+    let count = if devices.is_empty() {
+        Some(count.unwrap_or(1))
+    } else {
+        None
+    };
+    Ok(device_request(&driver, count, devices, capabilities))
+}
+
+fn device_request(
+    driver: &str,
+    count: Option<i64>,
+    devices: Vec<String>,
+    capabilities: Option<Vec<String>>,
+) -> Value {
+    let capabilities = match capabilities {
+        None => vec!["gpu".to_owned()],
+        Some(mut caps) => {
+            if !caps.iter().any(|c| c == "gpu") {
+                caps.push("gpu".to_owned());
+            }
+            caps
+        }
+    };
+    let mut request = json!({
+        "Driver": driver,
+        "Count": count.unwrap_or(0),
+        "Capabilities": [capabilities],
+        "Options": {},
+    });
+    if !devices.is_empty() {
+        request["DeviceIDs"] = json!(devices);
+    }
+    request
+}
+
+/// A size in bytes: a number, or a string with a unit (`"1g"`, `"512m"`).
+fn parse_size(value: &Value) -> Result<i64, String> {
+    let bytes = match value {
+        Value::Number(n) => n.as_i64().ok_or_else(|| {
+            format!("expected a whole number of bytes or a size such as \"1g\"; got {n}")
+        })?,
+        Value::String(s) => parse_bytes(s).map_err(|_| {
+            format!("expected a size such as \"512m\" or \"1g\" (units b, k, m, g); got '{s}'")
+        })?,
+        other => {
+            return Err(format!(
+                "expected a size such as \"512m\" or \"1g\"; got {other}"
+            ));
+        }
+    };
+    if bytes <= 0 {
+        return Err(format!("expected a positive size; got {value}"));
+    }
+    Ok(bytes)
+}
+
+/// `none`, `private`, `shareable`, `host`, or `container:<name or id>`.
+fn parse_ipc_mode(value: &Value) -> Result<String, String> {
+    const EXPECTED: &str = "expected one of \"none\", \"private\", \"shareable\", \"host\" or \"container:<name or id>\"";
+    let Value::String(s) = value else {
+        return Err(format!("{EXPECTED}; got {value}"));
+    };
+    let mode = s.trim();
+    match mode {
+        "none" | "private" | "shareable" | "host" => Ok(mode.to_owned()),
+        _ if mode
+            .strip_prefix("container:")
+            .is_some_and(|c| !c.trim().is_empty()) =>
+        {
+            Ok(mode.to_owned())
+        }
+        _ => Err(format!("{EXPECTED}; got '{s}'")),
+    }
+}
+
+/// A positive number of CPUs (`1.5`, `"0.5"`) → `NanoCpus`.
+fn parse_cpus(value: &Value) -> Result<i64, String> {
+    let cpus = match value {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    match cpus {
+        #[allow(clippy::cast_possible_truncation)] // bounded to 1..=1e12 just above
+        Some(c) if (0.001..=1000.0).contains(&c) => Ok((c * 1e9).round() as i64),
+        _ => Err(format!(
+            "expected a positive number of CPUs such as 1.5 (at least 0.001); got {value}"
+        )),
+    }
+}
+
+/// `ports`: a list (or one string) of `[ip:][host_port:]container_port[/protocol]`, ports
+/// or equal-length ranges (`8000-8001:9000-9001`); an empty host port picks a free one.
+fn parse_ports(value: &Value) -> Result<PortMaps, String> {
+    let items: Vec<&str> = match value {
+        Value::String(s) => vec![s.as_str()],
+        Value::Array(items) => items
+            .iter()
+            .map(|i| {
+                i.as_str()
+                    .ok_or_else(|| format!("expected strings such as \"8080:80/tcp\"; got {i}"))
+            })
+            .collect::<Result<_, _>>()?,
+        other => {
+            return Err(format!(
+                "expected a list of strings such as [\"8080:80/tcp\"]; got {other}"
+            ));
+        }
+    };
+    let mut exposed = Map::new();
+    let mut bindings = Map::new();
+    for item in items {
+        for (key, binding) in parse_port_spec(item)? {
+            exposed.insert(key.clone(), json!({}));
+            if let Some(binding) = binding
+                && let Value::Array(list) = bindings.entry(key).or_insert_with(|| json!([]))
+            {
+                list.push(binding);
+            }
+        }
+    }
+    Ok((exposed, bindings))
+}
+
+/// One `ports` entry → (`"80/tcp"`, binding) pairs; no binding when only a container port is
+/// given (exposed, not published).
+fn parse_port_spec(spec: &str) -> Result<Vec<(String, Option<Value>)>, String> {
+    let bad = |why: &str| {
+        format!(
+            "'{spec}' is not a port mapping ({why}); expected [ip:][host_port:]container_port[/tcp|udp|sctp] such as \"8080:80/tcp\""
+        )
+    };
+    let text = spec.trim();
+    let (rest, protocol) = match text.rsplit_once('/') {
+        Some((rest, proto)) => match proto.to_ascii_lowercase().as_str() {
+            p @ ("tcp" | "udp" | "sctp") => (rest, p.to_owned()),
+            _ => return Err(bad("the protocol must be tcp, udp or sctp")),
+        },
+        None => (text, "tcp".to_owned()),
+    };
+    // An IPv6 address is written in brackets: `[::1]:8080:80`.
+    let (ip, rest) = if let Some(after) = rest.strip_prefix('[') {
+        let (ip, after) = after.split_once("]:").ok_or_else(|| bad("unclosed ["))?;
+        (Some(ip.to_owned()), after)
+    } else {
+        (None, rest)
+    };
+    let parts: Vec<&str> = rest.split(':').collect();
+    let (ip, host, container) = match (ip, parts.as_slice()) {
+        (None, [c]) => (None, None, *c),
+        (None, [h, c]) => (None, Some(*h), *c),
+        (None, [ip, h, c]) => (Some((*ip).to_owned()), Some(*h), *c),
+        (Some(ip), [h, c]) => (Some(ip), Some(*h), *c),
+        _ => return Err(bad("too many ':'")),
+    };
+    if let Some(ip) = &ip
+        && ip.parse::<std::net::IpAddr>().is_err()
+    {
+        return Err(bad("the host address is not an IP address"));
+    }
+    let container = port_range(container).ok_or_else(|| bad("bad container port"))?;
+    let host = match host {
+        None => None,
+        Some("") => Some(None),
+        Some(h) => Some(Some(port_range(h).ok_or_else(|| bad("bad host port"))?)),
+    };
+    if let Some(Some((lo, hi))) = host
+        && hi - lo != container.1 - container.0
+        && lo != hi
+    {
+        return Err(bad("the host and container ranges differ in length"));
+    }
+    let mut out = Vec::new();
+    for (i, port) in (container.0..=container.1).enumerate() {
+        let key = format!("{port}/{protocol}");
+        let binding = host.map(|host| {
+            let host_port = match host {
+                None => String::new(),
+                // A single host port for a container range: Docker picks from it.
+                Some((lo, hi)) if lo == hi => lo.to_string(),
+                Some((lo, _)) => (u32::from(lo) + u32::try_from(i).unwrap_or(0)).to_string(),
+            };
+            json!({"HostIp": ip.clone().unwrap_or_default(), "HostPort": host_port})
+        });
+        out.push((key, binding));
+    }
+    Ok(out)
+}
+
+/// `80` or `8000-8010` → inclusive bounds; ports 1–65535.
+fn port_range(text: &str) -> Option<(u16, u16)> {
+    let port = |s: &str| s.trim().parse::<u16>().ok().filter(|p| *p > 0);
+    match text.split_once('-') {
+        None => port(text).map(|p| (p, p)),
+        Some((lo, hi)) => {
+            let (lo, hi) = (port(lo)?, port(hi)?);
+            (lo <= hi).then_some((lo, hi))
+        }
+    }
+}
+
+/// `os[/arch[/variant]]`, lower-case, as the Engine takes it (`linux/arm64/v8`).
+fn parse_platform(value: &Value) -> Result<String, String> {
+    const EXPECTED: &str = "expected os[/architecture[/variant]] such as \"linux/amd64\"";
+    let Value::String(s) = value else {
+        return Err(format!("{EXPECTED}; got {value}"));
+    };
+    let text = s.trim();
+    let parts: Vec<&str> = text.split('/').collect();
+    let ok = (1..=3).contains(&parts.len())
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        });
+    if ok {
+        Ok(text.to_owned())
+    } else {
+        Err(format!("{EXPECTED}; got '{s}'"))
+    }
+}
+
+/// The JSON-schema properties the typed options add to the base job template's variables,
+/// with titles and descriptions for the Prefect UI form.
+pub fn template_variables() -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("gpus".into(), json!({
+        "title": "GPUs",
+        "description": "GPUs to give the container, as with `docker run --gpus`: \"all\", a number of GPUs (\"2\"), device ids (\"device=0,1\"), optionally with driver and capabilities (\"count=1,capabilities=compute,utility\"). The Docker host needs a GPU runtime such as the NVIDIA Container Toolkit.",
+        "type": "string"
+    }));
+    m.insert("shm_size".into(), json!({
+        "title": "Shared Memory Size",
+        "description": "Size of /dev/shm, with a unit: \"512m\", \"2g\". Docker's default is 64m, too small for PyTorch data loaders and browsers.",
+        "type": "string"
+    }));
+    m.insert("ipc_mode".into(), json!({
+        "title": "IPC Mode",
+        "description": "IPC namespace: \"private\", \"shareable\", \"host\", \"none\" or \"container:<name or id>\".",
+        "type": "string"
+    }));
+    m.insert(
+        "cpus".into(),
+        json!({
+            "title": "CPUs",
+            "description": "CPU limit as a number of CPUs, as with `docker run --cpus`: 0.5, 2.",
+            "type": "number"
+        }),
+    );
+    m.insert("ports".into(), json!({
+        "title": "Ports",
+        "description": "Ports to publish, as with `docker run -p`: \"8080:80\", \"127.0.0.1:8080:80/tcp\", \"9000-9001:9000-9001\", or \"80\" to expose only.",
+        "type": "array",
+        "items": {"type": "string"}
+    }));
+    m.insert("platform".into(), json!({
+        "title": "Platform",
+        "description": "Image platform to pull and run, such as \"linux/amd64\" or \"linux/arm64\", for multi-platform images.",
+        "type": "string"
+    }));
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn typed(v: Value) -> Result<TypedOptions, Vec<TypedError>> {
+        TypedOptions::from_rendered(v.as_object().unwrap())
+    }
+
+    #[test]
+    fn gpus_follow_the_docker_cli() {
+        let all = parse_gpus(&json!("all")).unwrap();
+        assert_eq!(
+            all,
+            json!({"Driver": "", "Count": -1, "Capabilities": [["gpu"]], "Options": {}})
+        );
+        assert_eq!(parse_gpus(&json!(2)).unwrap()["Count"], 2);
+        assert_eq!(parse_gpus(&json!("2")).unwrap()["Count"], 2);
+        let devices = parse_gpus(&json!("device=0,1")).unwrap();
+        assert_eq!(devices["DeviceIDs"], json!(["0", "1"]));
+        assert_eq!(devices["Count"], 0);
+        let caps =
+            parse_gpus(&json!("count=1,driver=nvidia,capabilities=compute,utility")).unwrap();
+        assert_eq!(caps["Driver"], "nvidia");
+        assert_eq!(caps["Count"], 1);
+        assert_eq!(caps["Capabilities"], json!([["compute", "utility", "gpu"]]));
+        assert_eq!(parse_gpus(&json!("driver=nvidia")).unwrap()["Count"], 1);
+        assert_eq!(
+            parse_gpus(&json!(["GPU-abc", 3])).unwrap()["DeviceIDs"],
+            json!(["GPU-abc", "3"])
+        );
+        for bad in [
+            json!("some"),
+            json!("0"),
+            json!(""),
+            json!("count=2,count=3"),
+            json!("speed=fast"),
+            json!("2,device=1"),
+            json!(true),
+            json!([]),
+        ] {
+            assert!(parse_gpus(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes_cpus_ipc_and_platform() {
+        assert_eq!(parse_size(&json!("1g")).unwrap(), 1 << 30);
+        assert_eq!(parse_size(&json!(1024)).unwrap(), 1024);
+        assert!(parse_size(&json!("1q")).unwrap_err().contains("512m"));
+        assert!(parse_size(&json!(0)).is_err());
+        assert_eq!(parse_cpus(&json!(1.5)).unwrap(), 1_500_000_000);
+        assert_eq!(parse_cpus(&json!("0.25")).unwrap(), 250_000_000);
+        assert!(parse_cpus(&json!(0)).is_err());
+        assert!(parse_cpus(&json!("many")).is_err());
+        assert_eq!(parse_ipc_mode(&json!("host")).unwrap(), "host");
+        assert_eq!(
+            parse_ipc_mode(&json!("container:db")).unwrap(),
+            "container:db"
+        );
+        assert!(parse_ipc_mode(&json!("container:")).is_err());
+        assert!(parse_ipc_mode(&json!("shared")).is_err());
+        assert_eq!(
+            parse_platform(&json!("linux/arm64/v8")).unwrap(),
+            "linux/arm64/v8"
+        );
+        assert!(parse_platform(&json!("Linux/AMD64")).is_err());
+        assert!(parse_platform(&json!("linux//x")).is_err());
+    }
+
+    #[test]
+    fn ports_publish_and_expose() {
+        let (exposed, bindings) = parse_ports(&json!([
+            "8080:80",
+            "127.0.0.1:8443:443/tcp",
+            "53:53/udp",
+            "9000",
+            "[::1]::7000",
+            "6000-6001:7000-7001",
+            "127.0.0.1:8081:80"
+        ]))
+        .unwrap();
+        assert_eq!(
+            exposed.keys().cloned().collect::<Vec<_>>(),
+            [
+                "80/tcp", "443/tcp", "53/udp", "9000/tcp", "7000/tcp", "7001/tcp"
+            ]
+        );
+        assert_eq!(
+            bindings["80/tcp"],
+            json!([{"HostIp": "", "HostPort": "8080"}, {"HostIp": "127.0.0.1", "HostPort": "8081"}])
+        );
+        assert_eq!(
+            bindings["443/tcp"],
+            json!([{"HostIp": "127.0.0.1", "HostPort": "8443"}])
+        );
+        assert_eq!(
+            bindings["7000/tcp"],
+            json!([{"HostIp": "::1", "HostPort": "6000"}])
+        );
+        assert_eq!(
+            bindings["7001/tcp"],
+            json!([{"HostIp": "", "HostPort": "6001"}])
+        );
+        assert!(!bindings.contains_key("9000/tcp"));
+        for bad in [
+            "80/icmp",
+            "a:b",
+            "1:2:3:4",
+            "0",
+            "70000",
+            "1-3:5-6",
+            "nothost:80:80",
+            "[::1",
+        ] {
+            assert!(parse_ports(&json!([bad])).is_err(), "{bad}");
+        }
+        assert!(parse_ports(&json!({"80": 80})).is_err());
+    }
+
+    #[test]
+    fn every_invalid_field_is_reported_and_typed_options_win_with_a_warning() {
+        let errors = typed(json!({"gpus": "lots", "cpus": -1, "ports": ["x"], "shm_size": null}))
+            .unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(fields, ["gpus", "cpus", "ports"]);
+
+        let t = typed(
+            json!({"gpus": "all", "shm_size": "2g", "ipc_mode": "host", "cpus": 2,
+                             "ports": ["8080:80"], "platform": "linux/amd64"}),
+        )
+        .unwrap();
+        let mut o = EngineOverrides::default();
+        o.host_config.insert("ShmSize".into(), json!(1));
+        o.host_config.insert("IpcMode".into(), json!("host"));
+        t.apply(&mut o);
+        assert_eq!(o.host_config["ShmSize"], json!(2_i64 << 30));
+        assert_eq!(o.host_config["NanoCpus"], json!(2_000_000_000_i64));
+        assert_eq!(o.host_config["DeviceRequests"][0]["Count"], -1);
+        assert_eq!(o.config["ExposedPorts"], json!({"80/tcp": {}}));
+        assert_eq!(t.platform.as_deref(), Some("linux/amd64"));
+        // Only a real conflict (a different value) warns.
+        assert_eq!(o.warnings.len(), 1, "{:?}", o.warnings);
+        assert!(o.warnings[0].contains("'shm_size' replaces container_create_kwargs.shm_size"));
+    }
+
+    #[test]
+    fn template_variables_have_titles_and_descriptions() {
+        let vars = template_variables();
+        assert_eq!(
+            vars.keys().map(String::as_str).collect::<Vec<_>>(),
+            TYPED_FIELDS
+        );
+        for (name, schema) in &vars {
+            assert!(schema["title"].is_string(), "{name}");
+            assert!(
+                schema["description"].as_str().is_some_and(|d| d.len() > 20),
+                "{name}"
+            );
+        }
+    }
+}
