@@ -581,7 +581,7 @@ mod tests {
         );
         assert_eq!(
             bindings["7000/tcp"],
-            json!([{"HostIp": "::1", "HostPort": "6000"}])
+            json!([{"HostIp": "::1", "HostPort": ""}, {"HostIp": "", "HostPort": "6000"}])
         );
         assert_eq!(
             bindings["7001/tcp"],
