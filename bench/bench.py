@@ -518,7 +518,10 @@ async def engine_floor(session: str, group: str, n: int, parallel: int):
 # ----------------------------------------------------------------------------- Prefect
 
 class PrefectServer:
-    def __init__(self, venv: Path, workdir: Path):
+    LEAN_OFF = ["CANCELLATION_CLEANUP", "CLEANUP_RECONCILER", "EVENT_PERSISTER", "FOREMAN", "LATE_RUNS",
+                "PAUSE_EXPIRATIONS", "REPOSSESSOR", "SCHEDULER", "TASK_RUN_RECORDER", "TRIGGERS"]
+
+    def __init__(self, venv: Path, workdir: Path, lean=False):
         self.port = free_port()
         self.home = workdir / "server-home"
         self.home.mkdir(parents=True)
@@ -526,6 +529,9 @@ class PrefectServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         env.update(PREFECT_HOME=str(self.home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                    PREFECT_UI_ENABLED="false", PREFECT_SERVER_LOGGING_LEVEL="WARNING")
+        if lean:  # background services off: less SQLite write contention with the workers' calls
+            env.update({f"PREFECT_SERVER_SERVICES_{s}_ENABLED": "false" for s in self.LEAN_OFF})
+            env["PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED"] = "false"
         self.proc = subprocess.Popen(
             [str(venv / "bin/prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
             env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -647,7 +653,7 @@ class Bench:
         self.docker.start_events()
         self.results["machine"] = machine_info(self.docker, self.args.worker_bin)
         log("starting the Prefect server")
-        self.server = PrefectServer(self.venv, self.workdir)
+        self.server = PrefectServer(self.venv, self.workdir, lean=self.args.lean_server)
         self.api = Api(self.server.api_url)
         self.ploop = ProxyLoop()
         out = subprocess.run([str(self.venv / "bin/prefect"), "work-pool", "get-default-base-job-template",
@@ -1189,6 +1195,8 @@ def main(argv=None):
     p.add_argument("--scale-runs", type=int, help="concurrent sleeping containers (default 500)")
     p.add_argument("--scale-window", type=float, help="measurement window at scale (default 60)")
     p.add_argument("--scale-timeout", type=float, default=3600)
+    p.add_argument("--lean-server", action="store_true",
+                   help="turn the Prefect server's background services off (less SQLite contention)")
     p.add_argument("--worker-bin", default=str(REPO / "target/release/docker-worker"))
     p.add_argument("--venv", default=os.environ.get("DW_TEST_VENV", str(REPO / ".test-env/venv")))
     p.add_argument("--out", default=str(REPO / "bench/results/latest.json"))
