@@ -2,9 +2,11 @@
 //! [`ContainerSpec`](crate::job::ContainerSpec) and knows nothing of Prefect.
 
 pub mod auth;
+pub mod cleanup;
 pub mod error;
 pub mod runtime;
 
+pub use cleanup::{Removal, StoppedContainer};
 pub use error::{DockerError, EngineFailure};
 pub use runtime::{
     ContainerEvent, ContainerEventKind, CreatedContainer, DockerRuntime, ExitStatus,
