@@ -1,14 +1,15 @@
 //! Application wiring for `docker-worker start`: health/metrics server first (so it answers
 //! even while the API is unreachable), then the Docker connection, the API client, the log
-//! shipper and the worker; shut down in order.
+//! shipper and the worker; shut down in order. Also `docker-worker gc`: one collection.
 
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
+use crate::config::{DockerSettings, GcSettings, Settings};
 use crate::docker::{DockerRuntime, TlsFiles};
+use crate::gc::Report;
 use crate::logs::ApiLogs;
 use crate::metrics::Metrics;
 use crate::prefect::PrefectClient;
@@ -33,19 +34,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
     let api =
         Arc::new(PrefectClient::new(&settings.api).context("building the Prefect API client")?);
-    let tls = settings
-        .docker
-        .tls_cert_dir
-        .as_deref()
-        .map(TlsFiles::in_dir);
-    let docker = DockerRuntime::connect_with_tls(
-        settings.docker.host.as_deref(),
-        tls.as_ref(),
-        settings.docker.timeout,
-    )
-    .await
-    .context("connecting to the Docker Engine (is the daemon running and is DOCKER_HOST right?)")?
-    .with_docker_config(settings.docker.config_dir.clone());
+    let docker = connect_docker(&settings.docker).await?;
     tracing::info!(
         docker_host = docker.host(),
         engine_version = docker.engine_version(),
@@ -86,4 +75,33 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     }
     server_shutdown.cancel();
     result.map_err(anyhow::Error::from)
+}
+
+/// Connects to the Docker Engine the settings name (TLS and registry credentials included).
+async fn connect_docker(settings: &DockerSettings) -> anyhow::Result<DockerRuntime> {
+    let tls = settings.tls_cert_dir.as_deref().map(TlsFiles::in_dir);
+    Ok(
+        DockerRuntime::connect_with_tls(settings.host.as_deref(), tls.as_ref(), settings.timeout)
+            .await
+            .context(
+                "connecting to the Docker Engine (is the daemon running and is DOCKER_HOST right?)",
+            )?
+            .with_docker_config(settings.config_dir.clone()),
+    )
+}
+
+/// `docker-worker gc`: one collection, one line per stopped flow-run container on stdout and a
+/// summary line. Returns the report so the caller can choose the exit code.
+///
+/// # Errors
+/// Docker unreachable, the API client cannot be built, or the containers cannot be listed.
+pub async fn gc(settings: GcSettings) -> anyhow::Result<Report> {
+    let api = PrefectClient::new(&settings.api).context("building the Prefect API client")?;
+    let docker = connect_docker(&settings.docker).await?;
+    let report = crate::gc::collect(&docker, &api, &settings.options, &|_| false).await?;
+    for decision in &report.decisions {
+        println!("{decision}");
+    }
+    println!("{}", report.summary());
+    Ok(report)
 }

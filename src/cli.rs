@@ -21,6 +21,8 @@ pub struct Cli {
 pub enum Command {
     /// Start the worker: poll a work pool and run its flow runs in Docker containers.
     Start(StartArgs),
+    /// Remove the exited containers of flow runs that are over in Prefect (garbage collection).
+    Gc(GcArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions {
         /// The shell.
@@ -92,6 +94,37 @@ pub struct StartArgs {
     /// Worker log format on stderr: `text` or `json` [env: DOCKER_WORKER_LOG_FORMAT; default: text].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
+
+    /// Collect this pool's finished containers every DURATION (`1h`, `30m`); `0` or unset
+    /// turns it off [env: DOCKER_WORKER_GC_INTERVAL].
+    #[arg(long, value_name = "DURATION")]
+    pub gc_interval: Option<String>,
+
+    /// With --gc-interval: keep containers that finished less than DURATION ago
+    /// [env: DOCKER_WORKER_GC_OLDER_THAN; default: 24h].
+    #[arg(long, value_name = "DURATION")]
+    pub gc_older_than: Option<String>,
+}
+
+/// Arguments of `docker-worker gc`.
+///
+/// Removes containers labelled `io.prefect.flow-run-id` that have exited, finished long enough
+/// ago, and whose flow run is Completed, Failed, Crashed or Cancelled. Never touches running
+/// containers or containers without that label.
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Only this work pool's containers. Default: every pool's.
+    #[arg(short = 'p', long)]
+    pub pool: Option<String>,
+
+    /// Keep containers that finished less than DURATION ago (`30m`, `24h`, `7d`, `0s`)
+    /// [env: DOCKER_WORKER_GC_OLDER_THAN; default: 24h].
+    #[arg(long, value_name = "DURATION")]
+    pub older_than: Option<String>,
+
+    /// Say what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[cfg(test)]
@@ -111,7 +144,7 @@ mod tests {
             argv.extend_from_slice(extra);
             match Cli::parse_from(argv).command {
                 Command::Start(a) => a.no_create_pool_if_not_found,
-                Command::Completions { .. } => unreachable!("parsed `start`"),
+                _ => unreachable!("parsed `start`"),
             }
         };
         assert!(!parse(&[]));

@@ -12,7 +12,8 @@ use std::time::Duration;
 use serde_json::Value;
 use url::Url;
 
-use crate::cli::StartArgs;
+use crate::cli::{GcArgs, StartArgs};
+use crate::gc::GcOptions;
 use crate::health::EndpointSettings;
 use crate::prefect::ClientConfig;
 
@@ -103,6 +104,10 @@ pub struct WorkerSettings {
     pub crash_log_lines: usize,
     /// Sample each container's memory and CPU and report them when it exits.
     pub resource_accounting: bool,
+    /// Collect the pool's finished containers this often; `None` = never.
+    pub gc_interval: Option<Duration>,
+    /// Periodic collection keeps containers that finished less than this long ago.
+    pub gc_older_than: Duration,
 }
 
 /// Settings of the Docker connection.
@@ -144,6 +149,23 @@ pub struct Settings {
     /// Log level filter (`RUST_LOG` syntax).
     pub log_filter: String,
 }
+
+/// Everything `docker-worker gc` needs: the same API and Docker settings as `start`.
+#[derive(Debug, Clone)]
+pub struct GcSettings {
+    /// Prefect API client settings.
+    pub api: ClientConfig,
+    /// Docker settings.
+    pub docker: DockerSettings,
+    /// What to collect.
+    pub options: GcOptions,
+    /// Log level filter (`RUST_LOG` syntax) for the stderr log.
+    pub log_filter: String,
+}
+
+/// How long a container must have been finished before garbage collection removes it, when
+/// neither `--older-than` nor `DOCKER_WORKER_GC_OLDER_THAN` says.
+pub const DEFAULT_GC_OLDER_THAN: Duration = Duration::from_secs(24 * 3600);
 
 /// The process environment with the active Prefect profile underneath, as Prefect resolves
 /// settings: environment over profile over defaults. The profile is
@@ -295,6 +317,134 @@ fn non_empty(env: &BTreeMap<String, String>, name: &str) -> Option<String> {
     env.get(name).filter(|v| !v.trim().is_empty()).cloned()
 }
 
+/// A human duration (`30m`, `24h`, `7d`, `1h 30m`, `0s`) from a flag, else from `env_name`,
+/// else `default`. `name` is what an error names.
+fn human_duration(
+    flag: Option<&str>,
+    name: &str,
+    env: &BTreeMap<String, String>,
+    env_name: &str,
+    default: Option<Duration>,
+) -> Result<Option<Duration>, ConfigError> {
+    let (name, text) = match flag {
+        Some(text) => (name, text.to_owned()),
+        None => match non_empty(env, env_name) {
+            Some(text) => (env_name, text),
+            None => return Ok(default),
+        },
+    };
+    humantime::parse_duration(text.trim())
+        .map(Some)
+        .map_err(|e| ConfigError::Invalid {
+            name: name.to_owned(),
+            value: text.clone(),
+            reason: format!("expected a duration such as 30m, 24h or 7d ({e})"),
+        })
+}
+
+/// The Prefect API client settings: `PREFECT_API_URL` and the client's `PREFECT_*` knobs.
+fn api_settings(
+    env: &BTreeMap<String, String>,
+    worker_name: Option<String>,
+) -> Result<ClientConfig, ConfigError> {
+    let api_url_text = non_empty(env, "PREFECT_API_URL").ok_or(ConfigError::MissingApiUrl)?;
+    let api_url = Url::parse(api_url_text.trim())
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https"))
+        .ok_or_else(|| ConfigError::Invalid {
+            name: "PREFECT_API_URL".into(),
+            value: api_url_text.clone(),
+            reason: "expected an http(s) URL such as http://127.0.0.1:4200/api".into(),
+        })?;
+    let max_retries = match env.get("PREFECT_CLIENT_MAX_RETRIES").map(|s| s.trim()) {
+        None | Some("") => 5,
+        Some(v) => v.parse().map_err(|_| ConfigError::Invalid {
+            name: "PREFECT_CLIENT_MAX_RETRIES".into(),
+            value: v.into(),
+            reason: "expected a whole number".into(),
+        })?,
+    };
+    Ok(ClientConfig {
+        api_url,
+        api_key: non_empty(env, "PREFECT_API_KEY"),
+        auth_string: non_empty(env, "PREFECT_API_AUTH_STRING"),
+        timeout: seconds(env, "PREFECT_API_REQUEST_TIMEOUT", 60.0)?,
+        max_retries,
+        worker_name,
+        csrf_enabled: boolean(env, "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", true)?,
+    })
+}
+
+/// The Docker connection settings, read as the Docker CLI reads them.
+fn docker_settings(env: &BTreeMap<String, String>) -> Result<DockerSettings, ConfigError> {
+    Ok(DockerSettings {
+        host: non_empty(env, "DOCKER_HOST"),
+        timeout: seconds(env, "DOCKER_CLIENT_TIMEOUT", 60.0)?,
+        tls_cert_dir: non_empty(env, "DOCKER_TLS_VERIFY")
+            .filter(|v| v.trim() != "0")
+            .and_then(|_| {
+                non_empty(env, "DOCKER_CERT_PATH")
+                    .map(PathBuf::from)
+                    .or_else(|| env.get("HOME").map(|h| PathBuf::from(h).join(".docker")))
+            }),
+        config_dir: non_empty(env, "DOCKER_CONFIG")
+            .map(PathBuf::from)
+            .or_else(|| env.get("HOME").map(|h| PathBuf::from(h).join(".docker"))),
+    })
+}
+
+/// The stderr log filter: `RUST_LOG`, else `PREFECT_LOGGING_LEVEL` in tracing's words, else info.
+fn log_filter(env: &BTreeMap<String, String>) -> String {
+    non_empty(env, "RUST_LOG")
+        .or_else(|| {
+            non_empty(env, "PREFECT_LOGGING_LEVEL").map(|l| {
+                match l.trim().to_ascii_lowercase().as_str() {
+                    "warning" => "warn".to_owned(),
+                    "critical" => "error".to_owned(),
+                    other => other.to_owned(),
+                }
+            })
+        })
+        .unwrap_or_else(|| "info".into())
+}
+
+impl GcSettings {
+    /// Builds settings from `docker-worker gc` arguments and an environment.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for a missing API URL or any malformed value.
+    pub fn from_gc_args(
+        args: &GcArgs,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        if args.pool.as_deref().is_some_and(|p| p.trim().is_empty()) {
+            return Err(ConfigError::Invalid {
+                name: "--pool".into(),
+                value: String::new(),
+                reason: "the work pool name cannot be empty".into(),
+            });
+        }
+        let older_than = human_duration(
+            args.older_than.as_deref(),
+            "--older-than",
+            env,
+            "DOCKER_WORKER_GC_OLDER_THAN",
+            Some(DEFAULT_GC_OLDER_THAN),
+        )?
+        .unwrap_or(DEFAULT_GC_OLDER_THAN);
+        Ok(Self {
+            api: api_settings(env, None)?,
+            docker: docker_settings(env)?,
+            options: GcOptions {
+                pool: args.pool.clone(),
+                older_than,
+                dry_run: args.dry_run,
+            },
+            log_filter: log_filter(env),
+        })
+    }
+}
+
 impl Settings {
     /// Builds settings from `docker-worker start` arguments and an environment.
     ///
@@ -304,15 +454,8 @@ impl Settings {
         args: &StartArgs,
         env: &BTreeMap<String, String>,
     ) -> Result<Self, ConfigError> {
-        let api_url_text = non_empty(env, "PREFECT_API_URL").ok_or(ConfigError::MissingApiUrl)?;
-        let api_url = Url::parse(api_url_text.trim())
-            .ok()
-            .filter(|u| matches!(u.scheme(), "http" | "https"))
-            .ok_or_else(|| ConfigError::Invalid {
-                name: "PREFECT_API_URL".into(),
-                value: api_url_text.clone(),
-                reason: "expected an http(s) URL such as http://127.0.0.1:4200/api".into(),
-            })?;
+        // Checked first: a missing API URL is the most common mistake and says what to do.
+        non_empty(env, "PREFECT_API_URL").ok_or(ConfigError::MissingApiUrl)?;
 
         let name = match &args.name {
             Some(n) => n.clone(),
@@ -394,15 +537,6 @@ impl Settings {
             .or_else(|| non_empty(env, "DOCKER_WORKER_DEFAULT_IMAGE"))
             .unwrap_or_else(|| DEFAULT_IMAGE.to_owned());
 
-        let max_retries = match env.get("PREFECT_CLIENT_MAX_RETRIES").map(|s| s.trim()) {
-            None | Some("") => 5,
-            Some(v) => v.parse().map_err(|_| ConfigError::Invalid {
-                name: "PREFECT_CLIENT_MAX_RETRIES".into(),
-                value: v.into(),
-                reason: "expected a whole number".into(),
-            })?,
-        };
-
         let query_interval = seconds(env, "PREFECT_WORKER_QUERY_SECONDS", 10.0)?;
         let metrics = args.with_metrics || boolean(env, "DOCKER_WORKER_METRICS_ENABLED", false)?;
         let endpoints = if args.with_healthcheck || metrics {
@@ -431,31 +565,30 @@ impl Settings {
                 });
             }
         };
-        let log_filter = non_empty(env, "RUST_LOG")
-            .or_else(|| {
-                non_empty(env, "PREFECT_LOGGING_LEVEL").map(|l| {
-                    match l.trim().to_ascii_lowercase().as_str() {
-                        "warning" => "warn".to_owned(),
-                        "critical" => "error".to_owned(),
-                        other => other.to_owned(),
-                    }
-                })
-            })
-            .unwrap_or_else(|| "info".into());
+        let log_filter = log_filter(env);
+        // `0` turns the periodic collection off, like leaving it unset.
+        let gc_interval = human_duration(
+            args.gc_interval.as_deref(),
+            "--gc-interval",
+            env,
+            "DOCKER_WORKER_GC_INTERVAL",
+            None,
+        )?
+        .filter(|d| !d.is_zero());
+        let gc_older_than = human_duration(
+            args.gc_older_than.as_deref(),
+            "--gc-older-than",
+            env,
+            "DOCKER_WORKER_GC_OLDER_THAN",
+            Some(DEFAULT_GC_OLDER_THAN),
+        )?
+        .unwrap_or(DEFAULT_GC_OLDER_THAN);
 
         Ok(Self {
             endpoints,
             log_format,
             log_filter,
-            api: ClientConfig {
-                api_url,
-                api_key: non_empty(env, "PREFECT_API_KEY"),
-                auth_string: non_empty(env, "PREFECT_API_AUTH_STRING"),
-                timeout: seconds(env, "PREFECT_API_REQUEST_TIMEOUT", 60.0)?,
-                max_retries,
-                worker_name: Some(name.clone()),
-                csrf_enabled: boolean(env, "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", true)?,
-            },
+            api: api_settings(env, Some(name.clone()))?,
             worker: WorkerSettings {
                 pool: args.pool.clone(),
                 name,
@@ -490,21 +623,10 @@ impl Settings {
                 fast_pickup: boolean(env, "DOCKER_WORKER_FAST_PICKUP", true)?,
                 crash_log_lines: count(env, "DOCKER_WORKER_CRASH_LOG_LINES", 200)?,
                 resource_accounting: boolean(env, "DOCKER_WORKER_RESOURCE_ACCOUNTING", true)?,
+                gc_interval,
+                gc_older_than,
             },
-            docker: DockerSettings {
-                host: non_empty(env, "DOCKER_HOST"),
-                timeout: seconds(env, "DOCKER_CLIENT_TIMEOUT", 60.0)?,
-                tls_cert_dir: non_empty(env, "DOCKER_TLS_VERIFY")
-                    .filter(|v| v.trim() != "0")
-                    .and_then(|_| {
-                        non_empty(env, "DOCKER_CERT_PATH")
-                            .map(PathBuf::from)
-                            .or_else(|| env.get("HOME").map(|h| PathBuf::from(h).join(".docker")))
-                    }),
-                config_dir: non_empty(env, "DOCKER_CONFIG")
-                    .map(PathBuf::from)
-                    .or_else(|| env.get("HOME").map(|h| PathBuf::from(h).join(".docker"))),
-            },
+            docker: docker_settings(env)?,
         })
     }
 }
@@ -519,7 +641,7 @@ mod tests {
         argv.extend_from_slice(extra);
         match crate::cli::Cli::parse_from(argv).command {
             crate::cli::Command::Start(a) => a,
-            crate::cli::Command::Completions { .. } => unreachable!("parsed `start`"),
+            _ => unreachable!("parsed `start`"),
         }
     }
 
@@ -651,6 +773,104 @@ mod tests {
             &env(&[("PREFECT_API_URL", "http://x/api")]),
         );
         assert!(bad.unwrap_err().to_string().contains("--log-format"));
+    }
+
+    fn gc_args(extra: &[&str]) -> GcArgs {
+        let mut argv = vec!["docker-worker", "gc"];
+        argv.extend_from_slice(extra);
+        match crate::cli::Cli::parse_from(argv).command {
+            crate::cli::Command::Gc(a) => a,
+            _ => unreachable!("parsed `gc`"),
+        }
+    }
+
+    #[test]
+    fn gc_settings() {
+        let base = [("PREFECT_API_URL", "http://x/api")];
+        let s = GcSettings::from_gc_args(&gc_args(&[]), &env(&base)).unwrap();
+        assert_eq!(
+            s.options,
+            GcOptions {
+                pool: None,
+                older_than: Duration::from_secs(24 * 3600),
+                dry_run: false
+            }
+        );
+        assert_eq!(s.api.api_url.as_str(), "http://x/api");
+        assert_eq!(s.api.worker_name, None);
+        let s = GcSettings::from_gc_args(
+            &gc_args(&["--pool", "p", "--older-than", "7d", "--dry-run"]),
+            &env(&[
+                ("PREFECT_API_URL", "http://x/api"),
+                ("DOCKER_WORKER_GC_OLDER_THAN", "30m"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.options.pool.as_deref(), Some("p"));
+        assert_eq!(s.options.older_than, Duration::from_secs(7 * 86_400));
+        assert!(s.options.dry_run);
+        let s = GcSettings::from_gc_args(
+            &gc_args(&[]),
+            &env(&[
+                ("PREFECT_API_URL", "http://x/api"),
+                ("DOCKER_WORKER_GC_OLDER_THAN", "1h 30m"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.options.older_than, Duration::from_secs(5400));
+        let s = GcSettings::from_gc_args(&gc_args(&["--older-than", "0s"]), &env(&base)).unwrap();
+        assert_eq!(s.options.older_than, Duration::ZERO);
+        let e =
+            GcSettings::from_gc_args(&gc_args(&["--older-than", "soon"]), &env(&base)).unwrap_err();
+        assert!(e.to_string().contains("--older-than"), "{e}");
+        assert_eq!(
+            GcSettings::from_gc_args(&gc_args(&[]), &env(&[])).unwrap_err(),
+            ConfigError::MissingApiUrl
+        );
+    }
+
+    #[test]
+    fn periodic_gc_settings() {
+        let base = [("PREFECT_API_URL", "http://x/api")];
+        let s = Settings::from_start_args(&args(&[]), &env(&base)).unwrap();
+        assert_eq!(s.worker.gc_interval, None);
+        assert_eq!(s.worker.gc_older_than, Duration::from_secs(86_400));
+        let s = Settings::from_start_args(
+            &args(&["--gc-interval", "1s", "--gc-older-than", "0s"]),
+            &env(&base),
+        )
+        .unwrap();
+        assert_eq!(s.worker.gc_interval, Some(Duration::from_secs(1)));
+        assert_eq!(s.worker.gc_older_than, Duration::ZERO);
+        let s = Settings::from_start_args(
+            &args(&[]),
+            &env(&[
+                ("PREFECT_API_URL", "http://x/api"),
+                ("DOCKER_WORKER_GC_INTERVAL", "1h"),
+                ("DOCKER_WORKER_GC_OLDER_THAN", "7d"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.worker.gc_interval, Some(Duration::from_secs(3600)));
+        assert_eq!(s.worker.gc_older_than, Duration::from_secs(7 * 86_400));
+        let s = Settings::from_start_args(
+            &args(&[]),
+            &env(&[
+                ("PREFECT_API_URL", "http://x/api"),
+                ("DOCKER_WORKER_GC_INTERVAL", "0"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.worker.gc_interval, None, "0 turns it off");
+        let e = Settings::from_start_args(
+            &args(&[]),
+            &env(&[
+                ("PREFECT_API_URL", "http://x/api"),
+                ("DOCKER_WORKER_GC_INTERVAL", "often"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("DOCKER_WORKER_GC_INTERVAL"), "{e}");
     }
 
     #[test]

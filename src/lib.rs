@@ -1,13 +1,15 @@
 //! docker-worker: a native Prefect worker that runs flow runs as Docker containers.
 //!
 //! Boundaries: [`job`] is pure (template → [`job::ContainerSpec`]); [`prefect`] knows HTTP and
-//! nothing of Docker; [`docker`] knows bollard and nothing of Prefect; [`worker`] wires the two.
+//! nothing of Docker; [`docker`] knows bollard and nothing of Prefect; [`worker`] wires the two,
+//! and so does [`gc`] (removing the containers of finished flow runs).
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod docker;
+pub mod gc;
 pub mod health;
 pub mod job;
 pub mod logs;

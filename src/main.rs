@@ -1,5 +1,5 @@
 //! `docker-worker` binary: wiring only. Crypto provider → CLI → settings (exit 64 on bad
-//! configuration) → tracing → runtime → `app::run` → exit code.
+//! configuration) → tracing → runtime → `app::run` (or `app::gc`) → exit code.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 use docker_worker::cli::{Cli, Command};
-use docker_worker::config::{LogFormat, Settings, with_profile};
+use docker_worker::config::{GcSettings, LogFormat, Settings, with_profile};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -29,9 +29,8 @@ const CAPPED_CRATES: [&str; 9] = [
     "http",
 ];
 
-fn init_tracing(settings: &Settings) {
-    let mut filter =
-        EnvFilter::try_new(&settings.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_tracing(log_filter: &str, log_format: LogFormat) {
+    let mut filter = EnvFilter::try_new(log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
     for krate in CAPPED_CRATES {
         if let Ok(directive) = format!("{krate}=info").parse() {
             filter = filter.add_directive(directive);
@@ -40,7 +39,7 @@ fn init_tracing(settings: &Settings) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match settings.log_format {
+    match log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder
             .json()
@@ -65,6 +64,37 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Command::Gc(args) => {
+            let settings = match with_profile(std::env::vars().collect::<BTreeMap<_, _>>())
+                .and_then(|env| GcSettings::from_gc_args(&args, &env))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("docker-worker: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            init_tracing(&settings.log_filter, LogFormat::Text);
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("docker-worker: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(docker_worker::app::gc(settings)) {
+                // Anything kept because of a failure makes the run fail, after the others.
+                Ok(report) if report.errors() > 0 => ExitCode::FAILURE,
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("docker-worker: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Start(args) => {
             let settings = match with_profile(std::env::vars().collect::<BTreeMap<_, _>>())
                 .and_then(|env| Settings::from_start_args(&args, &env))
@@ -75,7 +105,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            init_tracing(&settings);
+            init_tracing(&settings.log_filter, settings.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

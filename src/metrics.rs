@@ -48,6 +48,8 @@ pub struct Metrics {
     pub docker_errors: Family<KindLabel, Counter>,
     /// Flow-run log lines waiting to be sent to the API.
     pub queued_reports: Gauge,
+    /// Containers removed by the periodic garbage collection.
+    pub gc_removed: Counter,
 }
 
 impl Default for Metrics {
@@ -71,6 +73,7 @@ impl Metrics {
         let api_errors = Family::<KindLabel, Counter>::default();
         let docker_errors = Family::<KindLabel, Counter>::default();
         let queued_reports = Gauge::default();
+        let gc_removed = Counter::default();
         registry.register(
             "flow_runs_claimed",
             "Flow runs claimed by this worker",
@@ -126,6 +129,11 @@ impl Metrics {
             "Flow-run log lines queued for the Prefect API",
             queued_reports.clone(),
         );
+        registry.register(
+            "gc_removed",
+            "Finished flow-run containers removed by garbage collection",
+            gc_removed.clone(),
+        );
         Self {
             registry,
             started: Instant::now(),
@@ -141,6 +149,7 @@ impl Metrics {
             api_errors,
             docker_errors,
             queued_reports,
+            gc_removed,
         }
     }
 
@@ -203,6 +212,7 @@ mod tests {
     fn exposition_names() {
         let m = Metrics::new();
         m.runs_claimed.inc();
+        m.gc_removed.inc();
         m.docker_errors
             .get_or_create(&KindLabel {
                 kind: "ImageNotFound".into(),
@@ -217,6 +227,7 @@ mod tests {
             text.contains("docker_worker_docker_errors_total{kind=\"ImageNotFound\"} 1"),
             "{text}"
         );
+        assert!(text.contains("docker_worker_gc_removed_total 1"), "{text}");
         assert!(
             text.contains("docker_worker_submission_duration_seconds_bucket"),
             "{text}"

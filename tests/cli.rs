@@ -104,3 +104,50 @@ fn unreachable_docker_fails_with_a_message() {
         "{err}"
     );
 }
+
+#[test]
+fn gc_command_line() {
+    let out = worker().args(["gc", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--pool", "--older-than", "--dry-run"] {
+        assert!(help.contains(flag), "{flag} missing from gc help:\n{help}");
+    }
+    let out = worker().args(["start", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--gc-interval", "--gc-older-than"] {
+        assert!(
+            help.contains(flag),
+            "{flag} missing from start help:\n{help}"
+        );
+    }
+    for (args, env, expected) in [
+        (vec!["gc"], vec![], "`PREFECT_API_URL` must be set"),
+        (
+            vec!["gc", "--older-than", "soon"],
+            vec![("PREFECT_API_URL", "http://127.0.0.1:9/api")],
+            "--older-than",
+        ),
+        (
+            vec!["start", "--pool", "p", "--gc-interval", "often"],
+            vec![("PREFECT_API_URL", "http://127.0.0.1:9/api")],
+            "--gc-interval",
+        ),
+    ] {
+        let out = worker().args(&args).envs(env).output().unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(expected),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = worker()
+        .args(["gc", "--dry-run"])
+        .env("PREFECT_API_URL", "http://127.0.0.1:9/api")
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("connecting to the Docker Engine"), "{err}");
+}

@@ -1149,6 +1149,11 @@ impl DockerRuntime {
         Ok(found)
     }
 
+    /// The bollard client, for the other parts of this module (`cleanup`).
+    pub(super) fn engine(&self) -> &Docker {
+        &self.docker
+    }
+
     /// Whether a container exists (for tests and reattachment).
     ///
     /// # Errors

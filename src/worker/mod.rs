@@ -6,6 +6,7 @@
 //! retrying with the same credentials cannot help.
 
 mod exit_codes;
+mod gc_loop;
 mod jitter;
 mod observe;
 mod run;
@@ -167,6 +168,11 @@ impl Worker {
             let worker = Arc::clone(self);
             let stop = shutdown.child_token();
             tokio::spawn(async move { worker.engine_events_loop(stop).await });
+        }
+        if let Some(interval) = self.settings.gc_interval {
+            let worker = Arc::clone(self);
+            let stop = shutdown.child_token();
+            tokio::spawn(async move { worker.gc_loop(interval, stop).await });
         }
 
         let result = if self.settings.run_once {
