@@ -91,6 +91,11 @@ pub struct StartArgs {
     #[arg(long)]
     pub no_stop_cancelled: bool,
 
+    /// Pull the images of the pool's deployments at start and whenever a deployment is created
+    /// or changed, so the first run does not wait for its pull [env: DOCKER_WORKER_PREPULL].
+    #[arg(long)]
+    pub prepull: bool,
+
     /// Worker log format on stderr: `text` or `json` [env: DOCKER_WORKER_LOG_FORMAT; default: text].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,

@@ -104,6 +104,8 @@ pub struct WorkerSettings {
     pub crash_log_lines: usize,
     /// Sample each container's memory and CPU and report them when it exits.
     pub resource_accounting: bool,
+    /// Pull the images of the pool's deployments at start and when deployments change.
+    pub prepull: bool,
     /// Collect the pool's finished containers this often; `None` = never.
     pub gc_interval: Option<Duration>,
     /// Periodic collection keeps containers that finished less than this long ago.
@@ -623,6 +625,7 @@ impl Settings {
                 fast_pickup: boolean(env, "DOCKER_WORKER_FAST_PICKUP", true)?,
                 crash_log_lines: count(env, "DOCKER_WORKER_CRASH_LOG_LINES", 200)?,
                 resource_accounting: boolean(env, "DOCKER_WORKER_RESOURCE_ACCOUNTING", true)?,
+                prepull: args.prepull || boolean(env, "DOCKER_WORKER_PREPULL", false)?,
                 gc_interval,
                 gc_older_than,
             },

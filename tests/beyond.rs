@@ -399,3 +399,61 @@ async fn a_run_due_now_and_a_freed_slot_are_picked_up_before_the_next_poll() {
         "pickup with a 120 s poll interval: first {first_pickup:?}, second {second_pickup:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prepull_fetches_deployment_images_at_start_and_when_deployments_change() {
+    require_docker();
+    let server = server();
+    let api = Api::new(server);
+    let registry = Registry::start();
+    let first = registry.push_busybox(&unique("pp1"));
+    let second = registry.push_busybox(&unique("pp2"));
+    let _images = (ImageGuard(first.clone()), ImageGuard(second.clone()));
+    let pool = unique("prepull");
+    let _guard = ContainerGuard::for_pool(&pool);
+    api.busybox_deployment(
+        &pool,
+        json!({"image": first, "image_pull_policy": "IfNotPresent"}),
+    )
+    .await;
+    // A deployment whose policy forbids pulls is left alone.
+    let never = format!("{}/dw/never:{}", registry.addr, unique("n"));
+    api.busybox_deployment(&pool, json!({"image": never, "image_pull_policy": "Never"}))
+        .await;
+    let config = registry.docker_config();
+    let worker = WorkerProcess::start(
+        server,
+        &["--pool", &pool, "--prepull"],
+        &[("DOCKER_CONFIG", config.to_str().unwrap())],
+    );
+    let wait_for_image = |image: String| {
+        let worker = &worker;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while inspect_image(&image).is_null() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{image} was not pre-pulled:\n{}",
+                    worker.output()
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    wait_for_image(first.clone()).await;
+    // A deployment created while the worker runs is pre-pulled too, with no flow run at all.
+    api.busybox_deployment(
+        &pool,
+        json!({"image": second, "image_pull_policy": "Always"}),
+    )
+    .await;
+    wait_for_image(second.clone()).await;
+    let out = worker.output();
+    assert!(out.contains("Pre-pulled image"), "{out}");
+    assert!(
+        out.contains("image_pull_policy is Never; not pre-pulling"),
+        "{out}"
+    );
+    assert!(inspect_image(&never).is_null());
+    assert!(ContainerGuard::for_pool(&pool).containers().is_empty());
+}

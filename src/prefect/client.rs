@@ -519,6 +519,30 @@ impl PrefectClient {
             .collect()
     }
 
+    /// `POST /deployments/filter`: every deployment of the pool (for pre-pulling their images).
+    ///
+    /// # Errors
+    /// Any [`ApiError`].
+    pub async fn pool_deployments(&self, pool: &str) -> Result<Vec<Value>, ApiError> {
+        let mut all = Vec::new();
+        loop {
+            let body = json!({
+                "work_pools": {"name": {"any_": [pool]}},
+                "sort": "CREATED_DESC",
+                "offset": all.len(),
+                "limit": 200,
+            });
+            let page: Vec<Value> = self
+                .call_json(Method::POST, "deployments/filter", Some(&body))
+                .await?;
+            let done = page.len() < 200;
+            all.extend(page);
+            if done || all.len() >= 10_000 {
+                return Ok(all);
+            }
+        }
+    }
+
     /// `POST /work_pools/{pool}/workers/filter`: the names of the pool's workers the server
     /// considers online (recent heartbeats).
     ///

@@ -9,6 +9,7 @@ mod exit_codes;
 mod gc_loop;
 mod jitter;
 mod observe;
+mod prepull;
 mod run;
 
 use std::collections::HashSet;
@@ -173,6 +174,11 @@ impl Worker {
             let worker = Arc::clone(self);
             let stop = shutdown.child_token();
             tokio::spawn(async move { worker.gc_loop(interval, stop).await });
+        }
+        if self.settings.prepull && !self.settings.run_once {
+            let worker = Arc::clone(self);
+            let stop = shutdown.child_token();
+            tokio::spawn(async move { worker.prepull_loop(stop).await });
         }
 
         let result = if self.settings.run_once {
