@@ -801,15 +801,16 @@ class Bench:
                                          self.job_vars(pool, image=BUSYBOX, command="true", auto_remove=True))
         self.api.create_runs(dep, a.throughput_runs)
         proxy = Proxy(self.ploop, self.server.port)
-        cpu_at_poll = {}
+        cpu_at_poll, box = {}, {}
 
         def on_req(t, m, p):
-            if is_poll(m, p) and not cpu_at_poll:
-                cpu_at_poll.update(sample(proc.pid))
+            if is_poll(m, p) and not cpu_at_poll and "pid" in box:
+                cpu_at_poll.update(sample(box["pid"]))
 
         proxy.hooks.append(on_req)
         proc = self.start_worker(w, pool, proxy, limit=a.throughput_limit, poll_seconds=a.poll_seconds,
                                  tag=f"tp{rep}")
+        box["pid"] = proc.pid
         sampler = Sampler(proc.pid, 0.25)
         sampler.start()
         try:
@@ -835,6 +836,7 @@ class Bench:
         r["api_calls"] = len(proxy.records)
         r["api"] = proxy.statuses()
         r["api_calls_by_path"] = proxy.by_path(0, float("inf"))
+        r["api_503"] = sum(1 for x in proxy.records if x[3] == 503)
         r["timeline"] = self.timeline(pool, proc.wall0)
         r["slot_pickup"] = self.slot_pickup(pool, a.throughput_limit)
         r["slot_pickup_median_s"] = r["slot_pickup"]["median_s"]
@@ -927,10 +929,12 @@ class Bench:
                 self.stop_worker(proc)
                 proxy.close()
             started = {}
+            network_mode = None
             for c in self.docker.containers(f"{GROUP_LABEL}={pool}"):
                 rid = c["Labels"].get("io.prefect.flow-run-id")
                 ins = self.docker.get(f"/containers/{c['Id']}/json")
                 started[rid] = parse_ts(ins["State"]["StartedAt"])
+                network_mode = ins["HostConfig"]["NetworkMode"]
             self.docker.remove_all(f"{GROUP_LABEL}={pool}")
             phases = collections.defaultdict(list)
             for rid in ids:
@@ -949,7 +953,7 @@ class Bench:
                                    ("running_to_completed", runn, comp), ("scheduled_to_completed", sched, comp)]:
                     if x is not None and y is not None:
                         phases[name].append(y - x)
-            r = {"final_states": dict(collections.Counter(final.values())),
+            r = {"final_states": dict(collections.Counter(final.values())), "network_mode": network_mode,
                  "not_final": len(pending),
                  "phases": {k: {"median_s": median(v), "p95_s": pctl(v, 95), "n": len(v)} for k, v in phases.items()}}
             log(f"flows {w}: {r['final_states']} not final {len(pending)}; " + ", ".join(
@@ -981,6 +985,8 @@ class Bench:
                 {"label": [f"{GROUP_LABEL}={pool}"], "status": ["running"]})))
             r["containers_running"] = running
             r["timeline"] = self.timeline(pool, proc.wall0)
+            one = self.docker.containers(f"{GROUP_LABEL}={pool}")[0]
+            r["network_mode"] = self.docker.get(f"/containers/{one['Id']}/json")["HostConfig"]["NetworkMode"]
             log(f"scale {w}: {running} running, {r['worker_start_to_all_running_s']:.1f} s after worker start")
             time.sleep(5)
             s0 = sample(proc.pid)
@@ -1119,6 +1125,7 @@ def report(results: dict) -> tuple[str, list]:
                      f(ratio(p_.get("runs_per_s"), fl.get("runs_per_s")), "×"), ""))
         rows.append(("  slot free → next create (median)", f((r_ or {}).get("slot_pickup_median_s"), " s"),
                      f((p_ or {}).get("slot_pickup_median_s"), " s"), ""))
+        rows.append(("  server 503 answers (retried)", f(r_.get("api_503"), "", 1, 0), f(p_.get("api_503"), "", 1, 0), ""))
         rows.append(("  worker CPU per run", f(r_.get("cpu_s_per_run"), " ms", 1000, 1),
                      f(p_.get("cpu_s_per_run"), " ms", 1000, 1),
                      f(ratio(p_.get("cpu_s_per_run"), r_.get("cpu_s_per_run")), "×", 1, 1)))

@@ -9,7 +9,9 @@ use clap::{CommandFactory, Parser};
 use docker_worker::cli::{Cli, Command};
 use docker_worker::config::{GcSettings, LogFormat, Settings, with_profile};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// `EX_USAGE` from sysexits.h: the configuration cannot be used.
 const EXIT_CONFIG: u8 = 64;
@@ -29,22 +31,56 @@ const CAPPED_CRATES: [&str; 9] = [
     "http",
 ];
 
-fn init_tracing(log_filter: &str, log_format: LogFormat) {
-    let mut filter = EnvFilter::try_new(log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    for krate in CAPPED_CRATES {
-        if let Ok(directive) = format!("{krate}=info").parse() {
-            filter = filter.add_directive(directive);
-        }
+/// The worker's log filter: `RUST_LOG`-style `target=level` directives (a plain `Targets`
+/// filter: span and field filters are not supported, and not needed by a daemon), with the
+/// capped crates (and their modules) held at info or quieter.
+fn log_targets(log_filter: &str) -> Targets {
+    let user: Targets = log_filter
+        .parse()
+        .unwrap_or_else(|_| Targets::new().with_default(LevelFilter::INFO));
+    let capped = |target: &str| {
+        CAPPED_CRATES
+            .iter()
+            .any(|k| target == *k || target.starts_with(&format!("{k}::")))
+    };
+    let mut targets = match user.default_level() {
+        Some(level) => Targets::new().with_default(level),
+        None => Targets::new(),
+    };
+    for (target, level) in user.iter() {
+        let level = if capped(target) {
+            level.min(LevelFilter::INFO)
+        } else {
+            level
+        };
+        targets = targets.with_target(target, level);
     }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    for krate in CAPPED_CRATES {
+        let level = user
+            .iter()
+            .find(|(t, _)| *t == krate)
+            .map_or_else(
+                || user.default_level().unwrap_or(LevelFilter::OFF),
+                |(_, l)| l,
+            )
+            .min(LevelFilter::INFO);
+        targets = targets.with_target(krate, level);
+    }
+    targets
+}
+
+fn init_tracing(log_filter: &str, log_format: LogFormat) {
+    let targets = log_targets(log_filter);
+    let registry = tracing_subscriber::registry().with(targets);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry
+            .with(
+                fmt.json()
+                    .flatten_event(true)
+                    .with_current_span(true),
+            )
             .init(),
     }
 }
@@ -133,5 +169,31 @@ fn main() -> ExitCode {
                 }
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::Level;
+
+    #[test]
+    fn capped_crates_never_go_below_info() {
+        let t = log_targets("trace,docker_worker=debug,bollard=trace,reqwest::connect=trace,hyper=warn");
+        assert!(t.would_enable("docker_worker::worker", &Level::DEBUG));
+        assert!(t.would_enable("some_crate", &Level::TRACE));
+        assert!(!t.would_enable("bollard::docker", &Level::DEBUG));
+        assert!(t.would_enable("bollard::docker", &Level::INFO));
+        assert!(!t.would_enable("reqwest::connect", &Level::DEBUG));
+        assert!(!t.would_enable("tungstenite::protocol", &Level::TRACE));
+        assert!(!t.would_enable("hyper::proto", &Level::INFO), "quieter than info is kept");
+        assert!(t.would_enable("hyper::proto", &Level::WARN));
+    }
+
+    #[test]
+    fn a_bad_filter_falls_back_to_info() {
+        let t = log_targets("this is not a filter ===");
+        assert!(t.would_enable("docker_worker", &Level::INFO));
+        assert!(!t.would_enable("docker_worker", &Level::DEBUG));
     }
 }
