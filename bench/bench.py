@@ -145,6 +145,24 @@ def sample(pid: int) -> dict:
             "procs": alive}
 
 
+def find_pid(comm: str):
+    """The pid of the (first) process named `comm` (e.g. dockerd), read-only use."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/comm") as f:
+                    if f.read().strip() == comm:
+                        return int(name)
+            except OSError:
+                pass
+    return None
+
+
+def cpu_of(pid):
+    st = proc_stat(pid) if pid else None
+    return st[1] if st else None
+
+
 class Sampler(threading.Thread):
     """Samples a process tree every `interval` seconds (peak RSS, process count)."""
 
@@ -651,6 +669,7 @@ class Bench:
             if r.status_code != 200:
                 raise SystemExit(f"image {image} is missing — run scripts/test-env.sh")
         self.docker.start_events()
+        self.dockerd = find_pid("dockerd")
         self.results["machine"] = machine_info(self.docker, self.args.worker_bin)
         log("starting the Prefect server")
         self.server = PrefectServer(self.venv, self.workdir, lean=self.args.lean_server)
@@ -702,6 +721,9 @@ class Bench:
                    PREFECT_API_URL=f"http://127.0.0.1:{proxy.port}/api")
         if poll_seconds is not None:
             env["PREFECT_WORKER_QUERY_SECONDS"] = str(poll_seconds)
+        for kv in (self.args.rust_env if kind == "rust" else self.args.python_env) or []:
+            k, _, v = kv.partition("=")
+            env[k] = v
         if kind == "rust":
             cmd = [self.args.worker_bin, "start", "--pool", pool]
         else:
@@ -774,12 +796,12 @@ class Bench:
             try:
                 proxy.wait_first_poll(120, proc)
                 time.sleep(2)
-                s0 = sample(proc.pid)
+                s0, d0 = sample(proc.pid), cpu_of(self.dockerd)
                 sampler = Sampler(proc.pid, 1.0)
                 sampler.start()
                 time.sleep(a.idle_seconds)
                 sampler.stop()
-                s1 = sample(proc.pid)
+                s1, d1 = sample(proc.pid), cpu_of(self.dockerd)
             finally:
                 self.stop_worker(proc)
                 proxy.close()
@@ -788,7 +810,8 @@ class Bench:
                  "hwm_bytes": s1["hwm"], "cpu_percent": 100 * (s1["cpu"] - s0["cpu"]) / el,
                  "threads": s1["threads"], "processes": s1["procs"],
                  "api_calls_per_min": proxy.count(s0["t"], s1["t"]) * 60 / el,
-                 "api_calls": proxy.by_path(s0["t"], s1["t"])}
+                 "api_calls": proxy.by_path(s0["t"], s1["t"]),
+                 "dockerd_cpu_percent": 100 * (d1 - d0) / el if d0 is not None and d1 is not None else None}
             log(f"idle {w}: RSS {r['rss_bytes'] / MiB:.1f} MiB, CPU {r['cpu_percent']:.2f} %, "
                 f"threads {r['threads']}, {r['api_calls_per_min']:.1f} calls/min")
             res[w] = r
@@ -954,6 +977,7 @@ class Bench:
                     if x is not None and y is not None:
                         phases[name].append(y - x)
             r = {"final_states": dict(collections.Counter(final.values())), "network_mode": network_mode,
+                 "api_503": sum(1 for x in proxy.records if x[3] == 503), "api": proxy.statuses(),
                  "not_final": len(pending),
                  "phases": {k: {"median_s": median(v), "p95_s": pctl(v, 95), "n": len(v)} for k, v in phases.items()}}
             log(f"flows {w}: {r['final_states']} not final {len(pending)}; " + ", ".join(
@@ -989,18 +1013,21 @@ class Bench:
             r["network_mode"] = self.docker.get(f"/containers/{one['Id']}/json")["HostConfig"]["NetworkMode"]
             log(f"scale {w}: {running} running, {r['worker_start_to_all_running_s']:.1f} s after worker start")
             time.sleep(5)
-            s0 = sample(proc.pid)
+            s0, d0 = sample(proc.pid), cpu_of(self.dockerd)
             sampler = Sampler(proc.pid, 1.0)
             sampler.start()
             time.sleep(a.scale_window)
             sampler.stop()
-            s1 = sample(proc.pid)
+            s1, d1 = sample(proc.pid), cpu_of(self.dockerd)
+            r["dockerd_cpu_percent"] = 100 * (d1 - d0) / (s1["t"] - s0["t"]) if d0 is not None and d1 is not None else None
             el = s1["t"] - s0["t"]
             r.update({"window_s": el, "rss_bytes": s1["rss"], "rss_peak_bytes": max(sampler.peak("rss"), s1["hwm"]),
                       "cpu_percent": 100 * (s1["cpu"] - s0["cpu"]) / el, "threads": s1["threads"],
                       "threads_peak": sampler.peak("threads"), "processes": s1["procs"],
                       "api_calls_per_min": proxy.count(s0["t"], s1["t"]) * 60 / el,
                       "api_calls": proxy.by_path(s0["t"], s1["t"])})
+            r["api_503"] = sum(1 for x in proxy.records if x[3] == 503)
+            r["api"] = proxy.statuses()
             log(f"scale {w}: RSS {r['rss_bytes'] / MiB:.1f} MiB, CPU {r['cpu_percent']:.2f} %, threads {r['threads']}, "
                 f"{r['api_calls_per_min']:.1f} calls/min")
         finally:
@@ -1066,7 +1093,20 @@ def machine_info(docker: Docker, worker_bin: str) -> dict:
         wv = subprocess.run([worker_bin, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[0]
     except OSError:
         wv = "?"
-    return {"nproc": os.cpu_count(), "cpu_model": cpu, "mem_total_bytes": mem, "kernel": platform.release(),
+    ident = {}
+    try:
+        import hashlib
+        data = Path(worker_bin).read_bytes()
+        st = Path(worker_bin).stat()
+        ident = {"worker_bin_sha256": hashlib.sha256(data).hexdigest()[:16], "worker_bin_bytes": st.st_size,
+                 "worker_bin_mtime": dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc).isoformat(timespec="seconds")}
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "src", "Cargo.toml",
+                                "Cargo.lock"], capture_output=True, text=True)
+        ident["git_head"] = head.stdout.strip() + (" (src modified)" if dirty.stdout.strip() else "")
+    except OSError:
+        pass
+    return {**ident, "nproc": os.cpu_count(), "cpu_model": cpu, "mem_total_bytes": mem, "kernel": platform.release(),
             "docker_version": v.get("Version"), "storage_driver": i.get("Driver"),
             "docker_worker": wv, "python": platform.python_version(),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
@@ -1081,7 +1121,9 @@ def report(results: dict) -> tuple[str, list]:
     m = results["machine"]
     out = [f"docker-worker benchmark — session {results['session']}, {m['date']}",
            f"machine: {m['nproc']} × {m['cpu_model']}, {m['mem_total_bytes'] / 2**30:.1f} GiB, kernel {m['kernel']}, "
-           f"Docker {m['docker_version']} ({m['storage_driver']}), {m['docker_worker']}", ""]
+           f"Docker {m['docker_version']} ({m['storage_driver']}), {m['docker_worker']}",
+           f"worker binary: sha256 {m.get('worker_bin_sha256')}, {m.get('worker_bin_bytes', 0) / MiB:.1f} MiB, built "
+           f"{m.get('worker_bin_mtime')}, git {m.get('git_head')}", ""]
     rows = []  # (figure, rust, python, ratio, target, verdict)
     checks = []
 
@@ -1106,7 +1148,8 @@ def report(results: dict) -> tuple[str, list]:
         for key, label, scale_, unit, nd in [("rss_bytes", "idle RSS", 1 / MiB, " MiB", 2),
                                              ("cpu_percent", "idle CPU", 1, " %", 2),
                                              ("threads", "idle threads", 1, "", 0),
-                                             ("api_calls_per_min", "idle API calls/min", 1, "", 1)]:
+                                             ("api_calls_per_min", "idle API calls/min", 1, "", 1),
+                                             ("dockerd_cpu_percent", "idle dockerd CPU (engine load)", 1, " %", 2)]:
             rows.append((label, f(r_.get(key), unit, scale_, nd), f(p_.get(key), unit, scale_, nd),
                          f(ratio(p_.get(key), r_.get(key)), "×", 1, 1)))
         rr, pp = r_.get("rss_bytes"), p_.get("rss_bytes")
@@ -1149,9 +1192,10 @@ def report(results: dict) -> tuple[str, list]:
                          f"{f(a.get('median_s'))}/{f(a.get('p95_s'))} s",
                          f"{f(b.get('median_s'))}/{f(b.get('p95_s'))} s",
                          f(ratio(b.get("median_s"), a.get("median_s")), "×", 1, 1)))
-        for w in ("rust", "python"):
-            if isinstance(fr.get(w), dict):
-                rows.append((f"  final states {w}", json.dumps(fr[w].get("final_states")), "", ""))
+        rows.append(("  final states", json.dumps((fr.get("rust") or {}).get("final_states")),
+                     json.dumps((fr.get("python") or {}).get("final_states")) if isinstance(fr.get("python"), dict) else "–", ""))
+        rows.append(("  server 503 answers (retried)", str((fr.get("rust") or {}).get("api_503")),
+                     str((fr.get("python") or {}).get("api_503")) if isinstance(fr.get("python"), dict) else "–", ""))
     if "scale" in sc and "runs" in sc["scale"]:
         s = sc["scale"]
         r_ = s.get("rust") if isinstance(s.get("rust"), dict) else {}
@@ -1162,6 +1206,8 @@ def report(results: dict) -> tuple[str, list]:
                                              ("cpu_percent", "CPU", 1, " %", 2),
                                              ("threads", "threads", 1, "", 0),
                                              ("api_calls_per_min", "API calls/min", 1, "", 1),
+                                             ("dockerd_cpu_percent", "dockerd CPU (engine load)", 1, " %", 2),
+                                             ("api_503", "server 503 answers during the run", 1, "", 0),
                                              ("cleanup_s", "container cleanup (bench)", 1, " s", 1)]:
             rows.append((f"scale {n} running: {label}", f(r_.get(key), unit, scale_, nd),
                          f(p_.get(key), unit, scale_, nd) if p_ else "skipped",
@@ -1216,6 +1262,8 @@ def main(argv=None):
     p.add_argument("--scale-timeout", type=float, default=3600)
     p.add_argument("--lean-server", action="store_true",
                    help="turn the Prefect server's background services off (less SQLite contention)")
+    p.add_argument("--rust-env", action="append", metavar="K=V", help="extra environment for our worker (repeatable)")
+    p.add_argument("--python-env", action="append", metavar="K=V", help="extra environment for the Python worker")
     p.add_argument("--worker-bin", default=str(REPO / "target/release/docker-worker"))
     p.add_argument("--venv", default=os.environ.get("DW_TEST_VENV", str(REPO / ".test-env/venv")))
     p.add_argument("--out", default=str(REPO / "bench/results/latest.json"))
