@@ -989,7 +989,8 @@ class Bench:
         a = self.args
         pool = self.new_pool(f"scale-{w}")
         dep = self.api.create_deployment(pool, "exit-code", "flows.py:exit_code",
-                                         self.job_vars(pool, image=BUSYBOX, command="sleep 3600"))
+                                         self.job_vars(pool, image=BUSYBOX, command="sleep 3600",
+                                                       **json.loads(a.scale_job_variables or "{}")))
         t = time.monotonic()
         self.api.create_runs(dep, a.scale_runs)
         create_runs_s = time.monotonic() - t
@@ -1260,6 +1261,8 @@ def main(argv=None):
     p.add_argument("--scale-runs", type=int, help="concurrent sleeping containers (default 500)")
     p.add_argument("--scale-window", type=float, help="measurement window at scale (default 60)")
     p.add_argument("--scale-timeout", type=float, default=3600)
+    p.add_argument("--scale-job-variables", metavar="JSON",
+                   help='extra job variables for the scale deployment, e.g. \'{"stream_output": false}\'')
     p.add_argument("--lean-server", action="store_true",
                    help="turn the Prefect server's background services off (less SQLite contention)")
     p.add_argument("--rust-env", action="append", metavar="K=V", help="extra environment for our worker (repeatable)")

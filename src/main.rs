@@ -76,11 +76,7 @@ fn init_tracing(log_filter: &str, log_format: LogFormat) {
     match log_format {
         LogFormat::Text => registry.with(fmt).init(),
         LogFormat::Json => registry
-            .with(
-                fmt.json()
-                    .flatten_event(true)
-                    .with_current_span(true),
-            )
+            .with(fmt.json().flatten_event(true).with_current_span(true))
             .init(),
     }
 }
@@ -179,14 +175,19 @@ mod tests {
 
     #[test]
     fn capped_crates_never_go_below_info() {
-        let t = log_targets("trace,docker_worker=debug,bollard=trace,reqwest::connect=trace,hyper=warn");
+        let t = log_targets(
+            "trace,docker_worker=debug,bollard=trace,reqwest::connect=trace,hyper=warn",
+        );
         assert!(t.would_enable("docker_worker::worker", &Level::DEBUG));
         assert!(t.would_enable("some_crate", &Level::TRACE));
         assert!(!t.would_enable("bollard::docker", &Level::DEBUG));
         assert!(t.would_enable("bollard::docker", &Level::INFO));
         assert!(!t.would_enable("reqwest::connect", &Level::DEBUG));
         assert!(!t.would_enable("tungstenite::protocol", &Level::TRACE));
-        assert!(!t.would_enable("hyper::proto", &Level::INFO), "quieter than info is kept");
+        assert!(
+            !t.would_enable("hyper::proto", &Level::INFO),
+            "quieter than info is kept"
+        );
         assert!(t.would_enable("hyper::proto", &Level::WARN));
     }
 

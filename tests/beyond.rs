@@ -410,7 +410,7 @@ async fn prepull_fetches_deployment_images_at_start_and_when_deployments_change(
     let second = registry.push_busybox(&unique("pp2"));
     let _images = (ImageGuard(first.clone()), ImageGuard(second.clone()));
     let pool = unique("prepull");
-    let _guard = ContainerGuard::for_pool(&pool);
+    let guard = ContainerGuard::for_pool(&pool);
     api.busybox_deployment(
         &pool,
         json!({"image": first, "image_pull_policy": "IfNotPresent"}),
@@ -455,5 +455,5 @@ async fn prepull_fetches_deployment_images_at_start_and_when_deployments_change(
         "{out}"
     );
     assert!(inspect_image(&never).is_null());
-    assert!(ContainerGuard::for_pool(&pool).containers().is_empty());
+    assert!(guard.containers().is_empty());
 }

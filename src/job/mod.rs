@@ -11,6 +11,7 @@ pub mod create_kwargs;
 pub mod image;
 pub mod labels;
 pub mod memory;
+pub mod refs;
 pub mod render;
 pub mod slug;
 pub mod spec;

@@ -600,6 +600,67 @@ impl PrefectClient {
         }
     }
 
+    /// A block document's data with its secrets revealed (`GET /block_documents/{id}`);
+    /// `None` when there is no such document.
+    ///
+    /// # Errors
+    /// Any other [`ApiError`].
+    pub async fn read_block_document(&self, id: &str) -> Result<Option<Value>, ApiError> {
+        self.optional_data(&format!(
+            "block_documents/{}?include_secrets=true",
+            encode(id)
+        ))
+        .await
+    }
+
+    /// A block document's data by block type slug and document name, secrets revealed.
+    ///
+    /// # Errors
+    /// Any [`ApiError`] but 404 (`None`).
+    pub async fn read_block_document_by_name(
+        &self,
+        block_type_slug: &str,
+        name: &str,
+    ) -> Result<Option<Value>, ApiError> {
+        self.optional_data(&format!(
+            "block_types/slug/{}/block_documents/name/{}?include_secrets=true",
+            encode(block_type_slug),
+            encode(name)
+        ))
+        .await
+    }
+
+    async fn optional_data(&self, path: &str) -> Result<Option<Value>, ApiError> {
+        match self.call_json::<Value>(Method::GET, path, None).await {
+            Ok(mut doc) => Ok(Some(
+                doc.get_mut("data").map(Value::take).unwrap_or_default(),
+            )),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A variable's value (`GET /variables/name/{name}`); `None` when it does not exist.
+    ///
+    /// # Errors
+    /// Any [`ApiError`] but 404.
+    pub async fn read_variable(&self, name: &str) -> Result<Option<Value>, ApiError> {
+        match self
+            .call_json::<Value>(
+                Method::GET,
+                &format!("variables/name/{}", encode(name)),
+                None,
+            )
+            .await
+        {
+            Ok(mut v) => Ok(Some(
+                v.get_mut("value").map(Value::take).unwrap_or_default(),
+            )),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `GET /flows/{id}`.
     ///
     /// # Errors

@@ -27,6 +27,8 @@ enum SubmitError {
     #[error(transparent)]
     Prepare(#[from] crate::job::PrepareError),
     #[error(transparent)]
+    Reference(#[from] crate::job::refs::RefError),
+    #[error(transparent)]
     Api(#[from] ApiError),
     #[error(transparent)]
     Docker(#[from] DockerError),
@@ -36,7 +38,7 @@ impl SubmitError {
     /// The class name shown before the message, like the Python worker's exception class.
     fn kind(&self) -> &'static str {
         match self {
-            Self::Template(_) | Self::Prepare(_) => "ValueError",
+            Self::Template(_) | Self::Prepare(_) | Self::Reference(_) => "ValueError",
             Self::Validation(_) => "ValidationError",
             Self::Api(_) => "PrefectHTTPStatusError",
             Self::Docker(e) => e.kind(),
@@ -434,6 +436,7 @@ async fn resolve_configuration(
     let variables = merge_job_variables(deployment_vars, Some(&flow_run.job_variables));
     let rendered =
         render_job_configuration(template, &variables, &|name| std::env::var(name).ok())?;
+    let rendered = resolve_references(worker, rendered).await?;
     let config = DockerJobConfiguration::from_rendered(&rendered, &worker.settings.cwd)?;
     for warning in &config.overrides.warnings {
         worker.logs.warn(&flow_run.id, warning.clone());
@@ -450,6 +453,57 @@ async fn resolve_configuration(
         engine_version: Some(worker.docker.engine_version()),
     })?;
     Ok(spec)
+}
+
+/// Fetches the blocks and variables the rendered configuration refers to and substitutes them
+/// (a missing block is an error; a missing variable renders as an empty string, as in Prefect).
+async fn resolve_references(
+    worker: &Worker,
+    rendered: serde_json::Map<String, Value>,
+) -> Result<serde_json::Map<String, Value>, SubmitError> {
+    use crate::job::refs::{Fetched, References, resolve};
+    let tree = Value::Object(rendered);
+    let refs = References::collect(&tree);
+    if refs.is_empty() {
+        return Ok(match tree {
+            Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        });
+    }
+    let mut fetched = Fetched::default();
+    for id in &refs.block_ids {
+        if let Some(data) = worker
+            .through_outage("read block document", || worker.api.read_block_document(id))
+            .await?
+        {
+            fetched.blocks_by_id.insert(id.clone(), data);
+        }
+    }
+    for (slug, name) in &refs.block_names {
+        if let Some(data) = worker
+            .through_outage("read block document", || {
+                worker.api.read_block_document_by_name(slug, name)
+            })
+            .await?
+        {
+            fetched
+                .blocks_by_name
+                .insert((slug.clone(), name.clone()), data);
+        }
+    }
+    for name in &refs.variables {
+        let value = worker
+            .through_outage("read variable", || worker.api.read_variable(name))
+            .await?;
+        fetched.variables.insert(name.clone(), value);
+    }
+    match resolve(&tree, &fetched)? {
+        Value::Object(map) => Ok(map),
+        // Only a job configuration that is itself one `$ref` can become something else.
+        other => Err(SubmitError::Reference(
+            crate::job::refs::RefError::NotAnObject(other.to_string()),
+        )),
+    }
 }
 
 async fn report_submission_failure(worker: &Worker, flow_run: &FlowRun, error: &SubmitError) {

@@ -1,0 +1,143 @@
+//! Parity with prefect-docker 0.7.4 (issue #3), against the real server, Docker and registry:
+//! block document references and Prefect variables in job variables.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::services::Registry;
+use support::*;
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Registers a `docker-registry-credentials`-like block type, schema and document holding the
+/// registry's login; returns the document id.
+async fn credentials_block(api: &Api, registry: &Registry) -> String {
+    let slug = unique("dw-creds");
+    let (status, block_type) = api
+        .call(
+            reqwest::Method::POST,
+            "block_types/",
+            Some(json!({"name": slug, "slug": slug})),
+        )
+        .await;
+    assert_eq!(status, 201, "{block_type}");
+    let (status, schema) = api
+        .call(
+            reqwest::Method::POST,
+            "block_schemas/",
+            Some(json!({
+                "block_type_id": block_type["id"],
+                "fields": {"title": slug, "type": "object", "properties": {
+                    "username": {"type": "string"}, "password": {"type": "string", "format": "password", "writeOnly": true},
+                    "registry_url": {"type": "string"}, "reauth": {"type": "boolean"}},
+                    "secret_fields": ["password"], "block_type_slug": slug, "block_schema_references": {}},
+                "capabilities": [],
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{schema}");
+    let (status, doc) = api
+        .call(
+            reqwest::Method::POST,
+            "block_documents/",
+            Some(json!({
+                "name": "prod",
+                "block_type_id": block_type["id"],
+                "block_schema_id": schema["id"],
+                "data": {"username": registry.user, "password": registry.password,
+                         "registry_url": registry.addr, "reauth": true},
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{doc}");
+    doc["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registry_credentials_from_a_block_and_the_image_from_a_variable() {
+    require_docker();
+    let server = server();
+    let api = Api::new(server);
+    let registry = Registry::start();
+    let image = registry.push_busybox(&unique("blk"));
+    let _image = ImageGuard(image.clone());
+    let variable = unique("dw_image").replace('-', "_");
+    let (status, body) = api
+        .call(
+            reqwest::Method::POST,
+            "variables/",
+            Some(json!({"name": variable, "value": image})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let block_id = credentials_block(&api, &registry).await;
+    let pool = unique("refs");
+    let guard = ContainerGuard::for_pool(&pool);
+    // As the UI's block picker stores it: the pool's default for registry_credentials is a
+    // reference to the block document (the server's job-variable validation of 3.9.1 does not
+    // accept a `$ref` in a run's own job variables, since it only rewrites `definitions`).
+    let mut template = docker_worker::job::default_base_job_template();
+    template["variables"]["properties"]["registry_credentials"]["default"] =
+        json!({"$ref": {"block_document_id": block_id}});
+    let (status, body) = api
+        .call(
+            reqwest::Method::POST,
+            "work_pools/",
+            Some(json!({"name": pool, "type": "docker", "base_job_template": template})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let worker = WorkerProcess::start(server, &["--pool", &pool], &[]);
+    let dep = api
+        .busybox_deployment(
+            &pool,
+            json!({
+                "image": format!("{{{{ prefect.variables.{variable} }}}}"),
+                "image_pull_policy": "Always",
+                "env": {"WHERE": "from {{ prefect.variables.nope_not_set }}the block"},
+                "command": "sh -c 'echo $WHERE; exit 5'",
+            }),
+        )
+        .await;
+    let run_id = api.create_flow_run(&dep, json!({})).await;
+    let run = api.wait_for_final_state(&run_id, RUN_TIMEOUT).await;
+    let (state, message) = run_state(&run);
+    // Exit 5 means the image was pulled with the block's credentials and ran.
+    assert_eq!(state, "CRASHED", "{run}\n{}", worker.output());
+    assert!(
+        message.contains("exit code 5") || message.contains("status code 5"),
+        "{message}"
+    );
+    let ids = guard.containers();
+    assert_eq!(ids.len(), 1);
+    let info = inspect(&ids[0]);
+    assert_eq!(info["Config"]["Image"], image.as_str(), "{info}");
+    let env: Vec<&str> = info["Config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(env.contains(&"WHERE=from the block"), "{env:?}");
+    // The password never shows in the state message or the worker's log.
+    assert!(!message.contains(&registry.password));
+    assert!(!worker.output().contains(&registry.password));
+
+    // A block that does not exist: Crashed, naming it, before any container.
+    let missing = api
+        .create_flow_run(
+            &dep,
+            json!({"env": {"SECRET": "{{ prefect.blocks.no-such-type.prod }}"}}),
+        )
+        .await;
+    let run = api.wait_for_final_state(&missing, RUN_TIMEOUT).await;
+    let (state, message) = run_state(&run);
+    assert_eq!(state, "CRASHED", "{run}");
+    assert!(
+        message.contains("Block not found: 'prod' of type 'no-such-type'"),
+        "{message}"
+    );
+    assert_eq!(guard.containers().len(), 1);
+}
