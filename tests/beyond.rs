@@ -15,18 +15,6 @@ use support::*;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// Waits until a flow-run log line contains `needle` (logs are sent in batches); returns all.
-async fn wait_for_log(api: &Api, run_id: &str, needle: &str) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let logs = api.flow_run_logs(run_id).await;
-        if logs.iter().any(|l| l.contains(needle)) || Instant::now() > deadline {
-            return logs;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
 /// Waits until the pool's runs have made `n` containers; returns their ids.
 async fn wait_for_containers(
     guard: &ContainerGuard,
@@ -100,7 +88,7 @@ async fn typed_options_reach_the_container_and_a_gpu_request_without_runtime_is_
         info["Config"]
     );
     // The typed option won over container_create_kwargs, with a warning in the run's logs.
-    let logs = wait_for_log(&api, &run_id, "98304").await;
+    let logs = api.wait_for_log(&run_id, "98304").await;
     assert!(
         logs.iter()
             .any(|l| l.contains("'shm_size' replaces container_create_kwargs.shm_size")),
@@ -278,7 +266,7 @@ async fn a_crash_sends_the_output_tail_and_every_run_its_resource_accounting() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
 
-    let logs = wait_for_log(&api, &crashed, "line 300").await;
+    let logs = api.wait_for_log(&crashed, "line 300").await;
     let header = logs
         .iter()
         .position(|l| l.contains("exited with status code 4; its last 50 lines of output follow"))
@@ -315,7 +303,7 @@ async fn a_crash_sends_the_output_tail_and_every_run_its_resource_accounting() {
         .filter_map(|r| r["prefect.resource.role"].as_str())
         .collect();
     assert_eq!(related, ["flow-run", "work-pool", "worker"]);
-    let busy_logs = wait_for_log(&api, &busy, "resources: peak memory").await;
+    let busy_logs = api.wait_for_log(&busy, "resources: peak memory").await;
     assert!(
         busy_logs
             .iter()

@@ -141,3 +141,104 @@ async fn registry_credentials_from_a_block_and_the_image_from_a_variable() {
     );
     assert_eq!(guard.containers().len(), 1);
 }
+
+/// Docker `start` events of the pool's containers since `since` (unix seconds).
+fn start_events(pool: &str, since: i64) -> Vec<String> {
+    let out = std::process::Command::new("docker")
+        .args([
+            "events",
+            "--since",
+            &since.to_string(),
+            "--until",
+            &(chrono::Utc::now().timestamp() + 1).to_string(),
+            "--filter",
+            &format!("label=io.prefect.work-pool-name={pool}"),
+            "--filter",
+            "event=start",
+            "--format",
+            "{{.ID}}",
+        ])
+        .output()
+        .expect("docker events");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_cancelled_while_pending_never_gets_a_container_started() {
+    require_docker();
+    let server = server();
+    let api = Api::new(server);
+    let registry = Registry::start();
+    let pushed = registry.push_busybox(&unique("slow"));
+    // The same repository through a proxy that holds every chunk: the pull takes seconds.
+    let proxy = support::services::SlowProxy::start(&registry.addr, Duration::from_millis(400));
+    let image = pushed.replacen(&registry.addr, &proxy.addr, 1);
+    let _images = (ImageGuard(pushed.clone()), ImageGuard(image.clone()));
+    let pool = unique("pending-cancel");
+    let guard = ContainerGuard::for_pool(&pool);
+    let worker = WorkerProcess::start(server, &["--pool", &pool], &[]);
+    api.wait_for_pool(&pool, Duration::from_secs(60)).await;
+    let dep = api
+        .busybox_deployment(
+            &pool,
+            json!({
+                "image": image,
+                "image_pull_policy": "Always",
+                "registry_credentials": {"username": registry.user, "password": registry.password,
+                                         "registry_url": proxy.addr, "reauth": true},
+                "command": "sh -c 'sleep 60'",
+            }),
+        )
+        .await;
+    let t0 = chrono::Utc::now().timestamp() - 1;
+    let run_id = api.create_flow_run(&dep, json!({})).await;
+    // Cancel it as soon as a worker has claimed it (Pending), while its image is being pulled.
+    let deadline = std::time::Instant::now() + RUN_TIMEOUT;
+    loop {
+        let run = api.read_flow_run(&run_id).await;
+        if run_state(&run).0 == "PENDING" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never claimed:\n{}",
+            worker.output()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (status, body) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("flow_runs/{run_id}/set_state"),
+            Some(json!({"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": true})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+
+    let run = api.wait_for_final_state(&run_id, RUN_TIMEOUT).await;
+    let (state, message) = run_state(&run);
+    assert_eq!(state, "CANCELLED", "{run}\n{}", worker.output());
+    assert!(
+        message.contains("cancelled by worker while pending"),
+        "{message}"
+    );
+    // No container of this pool ever started, and none is left behind.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        start_events(&pool, t0),
+        Vec::<String>::new(),
+        "{}",
+        worker.output()
+    );
+    assert!(guard.containers().is_empty(), "{:?}", guard.containers());
+    assert!(run["infrastructure_pid"].is_null(), "{run}");
+    let logs = api.flow_run_logs(&run_id).await;
+    assert!(
+        logs.iter()
+            .any(|l| l == &format!("Cancelled pending flow run '{run_id}'")),
+        "{logs:?}"
+    );
+}

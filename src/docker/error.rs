@@ -180,6 +180,13 @@ pub enum DockerError {
         /// The exclusive label.
         label: String,
     },
+    /// The caller withdrew the run before its container was started (it was cancelled); a
+    /// container already created was removed.
+    #[error("the run was withdrawn before its container was {stage}")]
+    Withdrawn {
+        /// The step that did not happen: `pulled`, `created` or `started`.
+        stage: &'static str,
+    },
     /// Any other Engine call.
     #[error("Docker API call {operation} failed: {failure}")]
     Api {
@@ -209,6 +216,7 @@ impl DockerError {
             Self::WatchFailed { .. } => "WatchFailed",
             Self::Api { .. } => "DockerAPIError",
             Self::Duplicate { .. } => "Duplicate",
+            Self::Withdrawn { .. } => "Withdrawn",
         }
     }
 }

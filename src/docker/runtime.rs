@@ -648,13 +648,38 @@ impl DockerRuntime {
         &self,
         spec: &ContainerSpec,
     ) -> Result<StartedContainer, DockerError> {
+        self.create_and_start_while(spec, &|| true).await
+    }
+
+    /// [`DockerRuntime::create_and_start_container`], asking `wanted()` before the pull,
+    /// before the create and right before the start: once it says no, nothing more happens, a
+    /// container already created is removed, and the answer is [`DockerError::Withdrawn`].
+    /// So a run cancelled while it was being submitted never gets a container started.
+    ///
+    /// # Errors
+    /// The failing step's [`DockerError`], or [`DockerError::Withdrawn`].
+    pub async fn create_and_start_while(
+        &self,
+        spec: &ContainerSpec,
+        wanted: &(dyn Fn() -> bool + Sync),
+    ) -> Result<StartedContainer, DockerError> {
+        if !wanted() {
+            return Err(DockerError::Withdrawn { stage: "pulled" });
+        }
         let pull_duration = self.ensure_image(spec).await?;
+        if !wanted() {
+            return Err(DockerError::Withdrawn { stage: "created" });
+        }
         let container = self.create_container(spec).await?;
         if let Some((key, value)) = &spec.exclusive_label {
             self.stand_down_if_duplicate(&container, key, value).await?;
         }
         self.connect_networks(&container, &spec.extra_networks)
             .await?;
+        if !wanted() {
+            self.remove_unstarted(&container).await;
+            return Err(DockerError::Withdrawn { stage: "started" });
+        }
         match self.start_container(&container).await {
             Err(DockerError::StartFailed { container, failure })
                 if spec.host_config_overrides.contains_key("DeviceRequests")
@@ -668,6 +693,20 @@ impl DockerRuntime {
             container,
             pull_duration,
         })
+    }
+
+    /// Removes a container that was created but is not to be started.
+    async fn remove_unstarted(&self, container: &CreatedContainer) {
+        let options = bollard::query_parameters::RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .build();
+        if let Err(e) = self
+            .docker
+            .remove_container(&container.id, Some(options))
+            .await
+        {
+            tracing::warn!(container = container.display_name(), error = %EngineFailure::from(e), "could not remove the withdrawn container");
+        }
     }
 
     /// Streams the container's output to `output` (one call per chunk of lines, right-trimmed)

@@ -75,6 +75,9 @@ pub struct Worker {
     running: Mutex<std::collections::HashMap<String, String>>,
     /// Runs whose container the worker is stopping because the run was cancelled.
     cancelling: Mutex<HashSet<String>>,
+    /// Runs cancelled while still being submitted (no container running yet): their
+    /// submission stops before the next step and no container is ever started for them.
+    cancel_requested: Mutex<HashSet<String>>,
     /// Wakes the poll loop before its interval: a run became due (fast pickup) or a `--limit`
     /// slot freed while due runs were waiting.
     poll_now: tokio::sync::Notify,
@@ -122,6 +125,7 @@ impl Worker {
             adopted: std::sync::atomic::AtomicBool::new(false),
             running: Mutex::new(std::collections::HashMap::new()),
             cancelling: Mutex::new(HashSet::new()),
+            cancel_requested: Mutex::new(HashSet::new()),
             poll_now: tokio::sync::Notify::new(),
             saturated: std::sync::atomic::AtomicBool::new(false),
             events_config,
@@ -405,6 +409,9 @@ impl Worker {
                 if let Ok(mut set) = worker.in_progress.lock() {
                     set.remove(&id);
                 }
+                if let Ok(mut set) = worker.cancel_requested.lock() {
+                    set.remove(&id);
+                }
                 drop(permit);
                 worker.slot_freed();
             });
@@ -560,13 +567,22 @@ impl Worker {
         }
     }
 
-    /// Asks the API which watched runs are Cancelling (or already Cancelled).
+    /// Asks the API which of the runs this worker handles (watched, or still being submitted)
+    /// are Cancelling (or already Cancelled).
     async fn poll_cancellations(self: &Arc<Self>) {
-        let ids: Vec<String> = self
+        let mut ids: Vec<String> = self
             .running
             .lock()
             .map(|r| r.keys().cloned().collect())
             .unwrap_or_default();
+        if let Ok(set) = self.in_progress.lock() {
+            ids.extend(
+                set.iter()
+                    .filter(|id| !ids.contains(id))
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            );
+        }
         if ids.is_empty() {
             return;
         }
@@ -587,14 +603,41 @@ impl Worker {
         }
     }
 
-    /// Stops the container of a watched run once (later calls for the same run do nothing).
-    fn cancel_run(self: &Arc<Self>, run_id: &str) {
+    /// Whether a run still being submitted was cancelled.
+    pub(crate) fn cancel_requested(&self, run_id: &str) -> bool {
+        self.cancel_requested
+            .lock()
+            .is_ok_and(|set| set.contains(run_id))
+    }
+
+    /// Notes that a run being submitted was cancelled (its submission checks before each step).
+    pub(crate) fn request_cancel(&self, run_id: &str) {
+        if let Ok(mut set) = self.cancel_requested.lock() {
+            set.insert(run_id.to_owned());
+        }
+    }
+
+    /// Stops the container of a watched run once (later calls for the same run do nothing);
+    /// a run still being submitted is flagged so it never gets a container started.
+    pub(crate) fn cancel_run(self: &Arc<Self>, run_id: &str) {
         let Some(container) = self
             .running
             .lock()
             .ok()
             .and_then(|r| r.get(run_id).cloned())
         else {
+            if self
+                .in_progress
+                .lock()
+                .is_ok_and(|set| set.contains(run_id))
+                && !self.cancel_requested(run_id)
+            {
+                tracing::info!(
+                    flow_run_id = run_id,
+                    "flow run cancelled while being submitted; its container will not be started"
+                );
+                self.request_cancel(run_id);
+            }
             return;
         };
         if !self

@@ -119,15 +119,32 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
     {
         tracing::warn!(error = %e, "could not label the flow run with this worker and pool");
     }
-    if let Err(e) = worker
+    match worker
         .api
         .set_flow_run_state(id, &StateProposal::submitting(), false)
         .await
     {
-        tracing::debug!(error = %e, "could not set the Submitting state; continuing");
+        Ok(result) if result.status == SetStateStatus::Accept => {}
+        Ok(result) => {
+            // Refused: the run left Pending meanwhile. If it was cancelled, stop here.
+            tracing::debug!(status = ?result.status, state = result.state_type(), "the Submitting state was not accepted");
+            if matches!(result.state_type(), Some("CANCELLING" | "CANCELLED")) {
+                worker.request_cancel(id);
+            } else if let Ok(run) = worker.api.read_flow_run(id).await
+                && matches!(run.state_type(), Some("CANCELLING" | "CANCELLED"))
+            {
+                worker.request_cancel(id);
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "could not set the Submitting state; continuing"),
     }
 
-    let (container, pull) = match worker.docker.create_and_start_container(&spec).await {
+    let still_wanted = || !worker.cancel_requested(id);
+    let started = worker
+        .docker
+        .create_and_start_while(&spec, &still_wanted)
+        .await;
+    let (container, pull) = match started {
         Ok(started) => {
             if let Some(pull) = started.pull_duration {
                 worker.metrics.pull_seconds.observe(pull.as_secs_f64());
@@ -135,6 +152,19 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
             let submission = claimed_at.elapsed().as_secs_f64();
             worker.metrics.submission_seconds.observe(submission);
             (started.container, started.pull_duration)
+        }
+        Err(DockerError::Withdrawn { stage }) => {
+            report_final_state(
+                worker,
+                id,
+                StateProposal::cancelled(format!(
+                    "Flow run cancelled by worker while pending (before its container was {stage})."
+                )),
+                &worker.metrics.runs_cancelled,
+            )
+            .await;
+            logs.info(id, format!("Cancelled pending flow run '{id}'"));
+            return;
         }
         Err(e @ DockerError::Duplicate { .. }) => {
             // The run is another worker's: not a failure of the run, nothing to report.
@@ -165,6 +195,10 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
 
     worker.metrics.runs_running.inc();
     worker.watching(id, &container.id);
+    if worker.cancel_requested(id) {
+        // Cancelled between the last check and the start: stop it now.
+        worker.cancel_run(id);
+    }
     let target = Target {
         flow_run: &flow_run,
         container: &container,

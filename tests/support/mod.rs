@@ -398,6 +398,19 @@ impl Api {
             .unwrap_or_default()
     }
 
+    /// Waits (up to 30 s) until a flow-run log line contains `needle` (logs arrive in
+    /// batches); returns all of the run's log lines.
+    pub async fn wait_for_log(&self, run_id: &str, needle: &str) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let logs = self.flow_run_logs(run_id).await;
+            if logs.iter().any(|l| l.contains(needle)) || Instant::now() > deadline {
+                return logs;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
     /// Waits until the run's state is final (or `timeout`), returning the run.
     pub async fn wait_for_final_state(&self, id: &str, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
