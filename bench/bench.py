@@ -375,7 +375,8 @@ class Proxy:
         slow = sorted(((median(v), k, len(v), max(v)) for k, v in lat.items()), reverse=True)[:6]
         errors = collections.Counter(f"{r[1]} {normalize_path(r[2])} → {r[3]}" for r in self.records
                                      if r[3] is not None and r[3] >= 500)
-        return {"status_counts": dict(st), "errors": dict(errors),
+        unanswered = collections.Counter(f"{r[1]} {normalize_path(r[2])}" for r in self.records if r[3] is None)
+        return {"status_counts": dict(st), "errors": dict(errors), "unanswered": dict(unanswered),
                 "slowest": [{"request": k, "n": n, "median_ms": round(md * 1000, 1), "max_ms": round(mx * 1000, 1)}
                             for md, k, n, mx in slow]}
 

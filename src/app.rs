@@ -13,7 +13,8 @@ use crate::gc::Report;
 use crate::logs::ApiLogs;
 use crate::metrics::Metrics;
 use crate::prefect::PrefectClient;
-use crate::worker::Worker;
+use crate::prefect::events::EventSink;
+use crate::worker::{Reporting, Worker};
 
 /// Runs the worker until `shutdown` is cancelled or it stops on its own.
 ///
@@ -57,16 +58,27 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
     let events_config = (settings.worker.cancellation_events || settings.worker.fast_pickup)
         .then(|| settings.api.clone());
-    let worker = Worker::new(
-        settings.worker,
-        api,
-        docker,
+    let events_shutdown = CancellationToken::new();
+    let (events, events_task) = if settings.worker.emit_events {
+        let (sink, task) = EventSink::spawn(settings.api.clone(), events_shutdown.clone());
+        (sink, Some(task))
+    } else {
+        (EventSink::disabled(), None)
+    };
+    let reporting = Reporting {
         logs,
+        events,
         metrics,
         events_config,
-        shutdown,
-    );
+    };
+    let worker = Worker::new(settings.worker, api, docker, reporting, shutdown);
     let result = worker.run().await;
+
+    // Deliver the last events (`prefect.worker.stopped`) before the process ends.
+    events_shutdown.cancel();
+    if let Some(task) = events_task {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(6), task).await;
+    }
 
     // Flush queued flow-run logs last, after every run task is done writing them.
     log_shutdown.cancel();

@@ -106,6 +106,8 @@ pub struct WorkerSettings {
     pub resource_accounting: bool,
     /// Pull the images of the pool's deployments at start and when deployments change.
     pub prepull: bool,
+    /// Emit the worker's and containers' Prefect events over `/events/in`.
+    pub emit_events: bool,
     /// Collect the pool's finished containers this often; `None` = never.
     pub gc_interval: Option<Duration>,
     /// Periodic collection keeps containers that finished less than this long ago.
@@ -626,6 +628,7 @@ impl Settings {
                 crash_log_lines: count(env, "DOCKER_WORKER_CRASH_LOG_LINES", 200)?,
                 resource_accounting: boolean(env, "DOCKER_WORKER_RESOURCE_ACCOUNTING", true)?,
                 prepull: args.prepull || boolean(env, "DOCKER_WORKER_PREPULL", false)?,
+                emit_events: boolean(env, "DOCKER_WORKER_EMIT_EVENTS", true)?,
                 gc_interval,
                 gc_older_than,
             },

@@ -242,3 +242,114 @@ async fn a_run_cancelled_while_pending_never_gets_a_container_started() {
         "{logs:?}"
     );
 }
+
+/// Every event whose resource or related resources include `resource_id`, oldest first.
+async fn events_about(api: &Api, resource_id: &str) -> Vec<Value> {
+    let body = json!({
+        "filter": {
+            "any_resource": {"id": [resource_id]},
+            "occurred": {"since": "2020-01-01T00:00:00Z"},
+            "order": "ASC",
+        },
+        "limit": 50,
+    });
+    let (status, page) = api
+        .call(reqwest::Method::POST, "events/filter", Some(body))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    page["events"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_and_container_events_have_the_reference_shapes_and_chains() {
+    require_docker();
+    let server = server();
+    let api = Api::new(server);
+    let pool = unique("events");
+    let _guard = ContainerGuard::for_pool(&pool);
+    let name = format!("Events Worker {}", unique("w"));
+    let mut worker = WorkerProcess::start(server, &["--pool", &pool, "--name", &name], &[]);
+    api.wait_for_pool(&pool, Duration::from_secs(60)).await;
+    let dep = api
+        .busybox_deployment(&pool, json!({"command": "sh -c 'exit 3'"}))
+        .await;
+    let run_id = api.create_flow_run(&dep, json!({})).await;
+    let run = api.wait_for_final_state(&run_id, RUN_TIMEOUT).await;
+    assert_eq!(run_state(&run).0, "CRASHED", "{run}");
+    // Let the exit events go out, then stop the worker for `stopped`.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    worker.signal("TERM");
+    assert!(worker.wait_timeout(Duration::from_secs(30)).is_some());
+
+    let slug = name.to_lowercase().replace(' ', "-");
+    let worker_id = format!("prefect.worker.docker.{slug}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let events = loop {
+        let events = events_about(&api, &worker_id).await;
+        if events
+            .iter()
+            .any(|e| e["event"] == "prefect.worker.stopped")
+            || std::time::Instant::now() > deadline
+        {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let find = |name: &str| -> Value {
+        events
+            .iter()
+            .find(|e| e["event"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {events:#?}\n{}", worker.output()))
+    };
+    let started = find("prefect.worker.started");
+    let stopped = find("prefect.worker.stopped");
+    assert_eq!(started["resource"]["prefect.resource.name"], name.as_str());
+    assert_eq!(started["resource"]["prefect.worker-type"], "docker");
+    assert_eq!(started["resource"]["prefect.version"], "3.9.1");
+    assert_eq!(started["related"][0]["prefect.resource.role"], "work-pool");
+    assert_eq!(stopped["follows"], started["id"]);
+
+    let submitted = find("prefect.worker.submitted-flow-run");
+    let executed = find("prefect.worker.executed-flow-run");
+    let roles: Vec<&str> = submitted["related"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["prefect.resource.role"].as_str())
+        .collect();
+    assert_eq!(roles, ["deployment", "flow", "flow-run", "work-pool"]);
+    assert_eq!(
+        submitted["related"][2]["prefect.resource.id"],
+        format!("prefect.flow-run.{run_id}")
+    );
+    assert_eq!(executed["follows"], submitted["id"]);
+    let run_entry = &executed["related"][2];
+    assert_eq!(run_entry["prefect.infrastructure.status-code"], "3");
+    assert_eq!(
+        run_entry["prefect.infrastructure.identifier"],
+        run["infrastructure_pid"]
+    );
+
+    let created = find("prefect.docker.container.created");
+    let running = find("prefect.docker.container.running");
+    let exited = find("prefect.docker.container.exited");
+    let container_id = run["infrastructure_pid"]
+        .as_str()
+        .and_then(|p| p.rsplit(':').next())
+        .unwrap();
+    assert_eq!(
+        created["resource"]["prefect.resource.id"],
+        format!("prefect.docker.container.{container_id}")
+    );
+    assert_eq!(running["follows"], created["id"]);
+    assert_eq!(exited["follows"], running["id"]);
+    let last = exited["related"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["prefect.resource.role"], "worker");
+    assert_eq!(last["prefect.resource.id"], worker_id.as_str());
+}

@@ -802,19 +802,6 @@ impl PrefectClient {
             .await
             .map(|_| ())
     }
-
-    /// Records events (`POST /events`, the REST twin of the `/events/in` websocket). Each
-    /// event is a Prefect event object: `occurred`, `event`, `resource`, `related`,
-    /// `payload`, `id`.
-    ///
-    /// # Errors
-    /// [`ApiError`] when the server refuses them or cannot be reached.
-    pub async fn emit_events(&self, events: &[Value]) -> Result<(), ApiError> {
-        let body = Value::Array(events.to_vec());
-        self.call(Method::POST, "events", Some(&body))
-            .await
-            .map(|_| ())
-    }
 }
 
 /// Percent-encodes one path segment (pool names may contain spaces or slashes).

@@ -2,7 +2,9 @@
 //! Depends on HTTP and serde only; nothing here knows about Docker.
 
 pub mod client;
+pub mod events;
 pub mod models;
+pub mod socket;
 pub mod subscriber;
 
 pub use client::{ApiError, ClientConfig, PrefectClient};

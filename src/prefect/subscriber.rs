@@ -8,44 +8,15 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
-use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
 
 use super::client::ClientConfig;
 
-/// Why a subscription attempt ended.
-#[derive(Debug, thiserror::Error)]
-pub enum SubscribeError {
-    /// The websocket could not be opened or broke.
-    #[error("events websocket: {0}")]
-    Socket(#[from] tokio_tungstenite::tungstenite::Error),
-    /// The server did not accept the handshake.
-    #[error("events websocket handshake refused: {0}")]
-    Handshake(String),
-    /// The URL cannot be turned into a websocket URL.
-    #[error("invalid events URL: {0}")]
-    Url(String),
-}
-
-/// `http://h/api` → `ws://h/api/events/out` (`https` → `wss`).
-pub fn events_out_url(api_url: &url::Url) -> Result<url::Url, SubscribeError> {
-    let mut url = api_url.clone();
-    let scheme = match url.scheme() {
-        "http" => "ws",
-        "https" => "wss",
-        other => return Err(SubscribeError::Url(format!("unsupported scheme {other}"))),
-    };
-    url.set_scheme(scheme)
-        .map_err(|()| SubscribeError::Url(api_url.to_string()))?;
-    let path = format!("{}/events/out", url.path().trim_end_matches('/'));
-    url.set_path(&path);
-    Ok(url)
-}
+pub use super::socket::{SocketError as SubscribeError, events_out_url};
 
 /// The flow-run state events the worker acts on.
 const EVENT_NAMES: &[&str] = &[
@@ -150,50 +121,12 @@ async fn session(
     seen: &mut VecDeque<String>,
     seen_set: &mut HashSet<String>,
 ) -> Result<(), SubscribeError> {
-    let url = events_out_url(&config.api_url)?;
-    let mut request = url
-        .as_str()
-        .into_client_request()
-        .map_err(SubscribeError::Socket)?;
-    let headers = request.headers_mut();
-    headers.insert(
-        "Sec-WebSocket-Protocol",
-        "prefect"
-            .parse()
-            .map_err(|_| SubscribeError::Url("header".into()))?,
-    );
     let token = config
         .auth_string
         .clone()
         .filter(|s| !s.is_empty())
         .or_else(|| config.api_key.clone().filter(|s| !s.is_empty()));
-    if let Some(auth) = config.auth_string.as_deref().filter(|s| !s.is_empty()) {
-        let value = format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(auth)
-        );
-        if let Ok(v) = value.parse() {
-            headers.insert("Authorization", v);
-        }
-    }
-    let (mut socket, _) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::connect_async(request),
-    )
-    .await
-    .map_err(|_| SubscribeError::Handshake("timed out connecting".into()))??;
-    socket
-        .send(Message::text(
-            json!({"type": "auth", "token": token}).to_string(),
-        ))
-        .await?;
-    let reply = tokio::time::timeout(Duration::from_secs(10), socket.next())
-        .await
-        .map_err(|_| SubscribeError::Handshake("no answer to auth".into()))?;
-    match reply {
-        Some(Ok(Message::Text(text))) if text.contains("auth_success") => {}
-        other => return Err(SubscribeError::Handshake(format!("{other:?}"))),
-    }
+    let mut socket = super::socket::connect(config, "events/out", token).await?;
     socket
         .send(Message::text(filter(pool_id, *since).to_string()))
         .await?;
@@ -248,14 +181,6 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls() {
-        let u = events_out_url(&url::Url::parse("http://127.0.0.1:4200/api").unwrap()).unwrap();
-        assert_eq!(u.as_str(), "ws://127.0.0.1:4200/api/events/out");
-        let u = events_out_url(&url::Url::parse("https://x/api/").unwrap()).unwrap();
-        assert_eq!(u.as_str(), "wss://x/api/events/out");
-    }
 
     #[test]
     fn filter_names_the_pool_and_event() {

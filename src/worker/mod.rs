@@ -5,6 +5,7 @@
 //! 5xx) back off and recover; 401/403 stop the worker with a message saying so, since
 //! retrying with the same credentials cannot help.
 
+mod events;
 mod exit_codes;
 mod gc_loop;
 mod jitter;
@@ -29,6 +30,7 @@ use crate::docker::DockerRuntime;
 use crate::job::default_base_job_template;
 use crate::logs::ApiLogs;
 use crate::metrics::Metrics;
+use crate::prefect::events::EventSink;
 use crate::prefect::subscriber::PoolEvent;
 use crate::prefect::{ApiError, PrefectClient, WorkPool};
 
@@ -85,6 +87,10 @@ pub struct Worker {
     saturated: std::sync::atomic::AtomicBool,
     /// API settings for the `/events/out` subscription; `None` = poll only.
     events_config: Option<crate::prefect::ClientConfig>,
+    /// Prefect events (`/events/in`).
+    events: EventSink,
+    /// The `prefect.worker.started` event, for `stopped` to follow.
+    started_event: Mutex<Option<events::Emitted>>,
     /// Facts from the Engine's event stream, by container id: exit codes seen in `die`
     /// events, and containers the OOM killer hit. Entries go when their run is reported.
     engine_facts: Mutex<std::collections::HashMap<String, EngineFacts>>,
@@ -99,17 +105,34 @@ pub(crate) struct EngineFacts {
     pub oom_killed: bool,
 }
 
+/// What a worker reports through besides state changes: flow-run logs, Prefect events,
+/// metrics, and the API settings of the `/events/out` subscription (`None` = poll only).
+pub struct Reporting {
+    /// Flow-run logs to the API.
+    pub logs: ApiLogs,
+    /// Prefect events (`/events/in`).
+    pub events: EventSink,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Settings for the `/events/out` subscription.
+    pub events_config: Option<crate::prefect::ClientConfig>,
+}
+
 impl Worker {
     /// Wires a worker from its parts.
     pub fn new(
         settings: WorkerSettings,
         api: Arc<PrefectClient>,
         docker: DockerRuntime,
-        logs: ApiLogs,
-        metrics: Arc<Metrics>,
-        events_config: Option<crate::prefect::ClientConfig>,
+        reporting: Reporting,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        let Reporting {
+            logs,
+            events,
+            metrics,
+            events_config,
+        } = reporting;
         let limiter = settings.limit.map(|n| Arc::new(Semaphore::new(n)));
         Arc::new(Self {
             settings,
@@ -129,6 +152,8 @@ impl Worker {
             poll_now: tokio::sync::Notify::new(),
             saturated: std::sync::atomic::AtomicBool::new(false),
             events_config,
+            events,
+            started_event: Mutex::new(None),
             engine_facts: Mutex::new(std::collections::HashMap::new()),
         })
     }
@@ -158,6 +183,7 @@ impl Worker {
             }
             Err(e) => return Err(WorkerError::Startup(e)),
         }
+        self.emit_worker_event("prefect.worker.started");
         tracing::info!(worker = %self.settings.name, pool = %self.settings.pool, "Worker '{}' started!", self.settings.name);
         if self.settings.stop_cancelled {
             let worker = Arc::clone(self);
@@ -217,8 +243,37 @@ impl Worker {
             }
             outcome
         };
+        self.emit_worker_event("prefect.worker.stopped");
         tracing::info!(worker = %self.settings.name, "Worker '{}' stopped!", self.settings.name);
         result
+    }
+
+    /// `prefect.worker.started` / `.stopped`, related to the pool when it is known; `stopped`
+    /// follows `started`.
+    fn emit_worker_event(&self, name: &str) {
+        let related: Vec<Value> = self
+            .current_pool()
+            .map(|p| {
+                events::pool_related(&PoolRef {
+                    id: p.id,
+                    name: p.name,
+                })
+            })
+            .into_iter()
+            .collect();
+        let Ok(mut started) = self.started_event.lock() else {
+            return;
+        };
+        let (event, emitted) = events::build(
+            name,
+            events::worker_resource(self.name()),
+            related,
+            started.as_ref(),
+        );
+        if started.is_none() {
+            *started = Some(emitted);
+        }
+        self.events.emit(event);
     }
 
     /// Reads (or creates) the pool, fills an empty base job template, and sends a heartbeat.

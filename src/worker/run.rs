@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tracing::Instrument as _;
 
+use super::events;
 use super::observe::{Accounting, EventIds, OutputTail};
 use super::{PoolRef, Worker, crash_message, explain, flow_run_labels};
 use crate::docker::usage::ResourceUsage;
@@ -106,11 +107,19 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
     worker.metrics.runs_claimed.inc();
     let claimed_at = std::time::Instant::now();
 
-    let spec =
+    let (spec, flow) =
         match resolve_configuration(worker, &flow_run, deployment.as_ref(), pool, template).await {
-            Ok(spec) => spec,
+            Ok(resolved) => resolved,
             Err(e) => return report_submission_failure(worker, &flow_run, &e).await,
         };
+    let related = events::run_related(&flow_run.raw, Some(&flow), deployment.as_ref(), pool);
+    let submitted = emit(
+        worker,
+        "prefect.worker.submitted-flow-run",
+        events::worker_resource(worker.name()),
+        related.clone(),
+        None,
+    );
 
     if let Err(e) = worker
         .api
@@ -173,9 +182,42 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
         }
         Err(e) => {
             worker.metrics.docker_error(&e);
+            if matches!(
+                e,
+                DockerError::CreateFailed { .. }
+                    | DockerError::NameConflict { .. }
+                    | DockerError::ImageNotFound { .. }
+                    | DockerError::InvalidOptions { .. }
+            ) {
+                emit(
+                    worker,
+                    "prefect.docker.container.creation-failed",
+                    events::worker_resource(worker.name()),
+                    related.clone(),
+                    None,
+                );
+            }
             return report_submission_failure(worker, &flow_run, &SubmitError::Docker(e)).await;
         }
     };
+    // The container's own events: created, then running, each following the one before.
+    let mut container_related = related.clone();
+    container_related.push(events::worker_related(worker.name()));
+    let container_resource = events::container_resource(&container.id, container.display_name());
+    let created = emit(
+        worker,
+        "prefect.docker.container.created",
+        container_resource.clone(),
+        container_related.clone(),
+        None,
+    );
+    let running = emit(
+        worker,
+        "prefect.docker.container.running",
+        container_resource,
+        container_related.clone(),
+        Some(&created),
+    );
     let pid = format!("{}:{}", worker.docker.base_url(), container.id);
     if let Err(e) = worker
         .through_outage("record infrastructure_pid", || {
@@ -205,6 +247,12 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
         pool,
         image: &spec.image,
         pull,
+        events: Some(RunEvents {
+            related,
+            container_related,
+            submitted,
+            last_container_event: running,
+        }),
     };
     watch(worker, &target, spec.auto_remove, spec.stream_output).await;
     worker.metrics.runs_running.dec();
@@ -217,6 +265,52 @@ struct Target<'a> {
     pool: &'a PoolRef,
     image: &'a str,
     pull: Option<Duration>,
+    /// What the exit's events relate to and follow; `None` for an adopted container.
+    events: Option<RunEvents>,
+}
+
+/// A submitted run's event context.
+struct RunEvents {
+    related: Vec<Value>,
+    container_related: Vec<Value>,
+    submitted: events::Emitted,
+    last_container_event: events::Emitted,
+}
+
+/// Emits one event and returns it for later ones to follow.
+fn emit(
+    worker: &Worker,
+    name: &str,
+    resource: Value,
+    related: Vec<Value>,
+    follows: Option<&events::Emitted>,
+) -> events::Emitted {
+    let (event, emitted) = events::build(name, resource, related, follows);
+    worker.events.emit(event);
+    emitted
+}
+
+/// The exit's events: `prefect.docker.container.exited` following the container's last
+/// event, then `prefect.worker.executed-flow-run` following `submitted-flow-run`.
+fn emit_exit_events(worker: &Worker, target: &Target<'_>, status: &ExitStatus) {
+    let Some(run) = &target.events else {
+        return;
+    };
+    emit(
+        worker,
+        "prefect.docker.container.exited",
+        events::container_resource(&target.container.id, target.container.display_name()),
+        run.container_related.clone(),
+        Some(&run.last_container_event),
+    );
+    let identifier = format!("{}:{}", worker.docker.base_url(), target.container.id);
+    emit(
+        worker,
+        "prefect.worker.executed-flow-run",
+        events::worker_resource(worker.name()),
+        events::with_outcome(run.related.clone(), &identifier, status.code),
+        Some(&run.submitted),
+    );
 }
 
 /// Watches a container found after a restart until its exit and reports it like any other run.
@@ -284,6 +378,7 @@ pub(crate) async fn reattach(
             pool,
             image: &found.image,
             pull: None,
+            events: None,
         };
         let observed = Observed {
             tail: tail.take(),
@@ -460,7 +555,7 @@ async fn resolve_configuration(
     deployment: Option<&Value>,
     pool: &PoolRef,
     template: &Value,
-) -> Result<ContainerSpec, SubmitError> {
+) -> Result<(ContainerSpec, Value), SubmitError> {
     let flow = worker
         .through_outage("read flow", || worker.api.read_flow(&flow_run.flow_id))
         .await?;
@@ -486,7 +581,7 @@ async fn resolve_configuration(
         default_image: &worker.settings.default_image,
         engine_version: Some(worker.docker.engine_version()),
     })?;
-    Ok(spec)
+    Ok((spec, flow))
 }
 
 /// Fetches the blocks and variables the rendered configuration refers to and substitutes them
@@ -627,7 +722,7 @@ fn send_crash_tail(worker: &Worker, id: &str, container: &str, code: i64, tail: 
 }
 
 /// Reports what the run cost: one flow-run log line and a
-/// `prefect.docker.container.resources` event (best effort: a failure is only logged).
+/// `prefect.docker.container.resources` event.
 async fn account(worker: &Worker, target: &Target<'_>, status: &ExitStatus, observed: &Observed) {
     if !worker.settings.resource_accounting {
         return;
@@ -653,10 +748,7 @@ async fn account(worker: &Worker, target: &Target<'_>, status: &ExitStatus, obse
         worker_name: worker.name(),
         image: target.image,
     });
-    if let Err(e) = worker.api.emit_events(&[event]).await {
-        worker.metrics.api_error(&e);
-        tracing::warn!(error = %e, "could not send the container's resource accounting event");
-    }
+    worker.events.emit(event);
 }
 
 /// Prints container output on the worker's stdout; errors (a closed pipe) are ignored.
@@ -759,6 +851,7 @@ async fn report_exit(
     if let Ok(status) = &outcome {
         account(worker, target, status, &observed).await;
     }
+    let exited = outcome.as_ref().ok().copied();
     match outcome {
         Ok(status) if cancelled_by_worker => {
             let message = format!(
@@ -806,5 +899,8 @@ async fn report_exit(
                 ),
             );
         }
+    }
+    if let Some(status) = exited {
+        emit_exit_events(worker, target, &status);
     }
 }
