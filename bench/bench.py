@@ -41,7 +41,6 @@ DOCKER_SOCK = "/var/run/docker.sock"
 BENCH_LABEL = "dev.docker-worker.bench"          # = session id, on every container we create
 GROUP_LABEL = "dev.docker-worker.bench.group"    # = pool name (or floor-<n>), per measurement
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1024 * 1024
 SCENARIOS = ["startup", "idle", "throughput", "flows", "scale"]
 WORKERS = ["rust", "python"]
@@ -269,7 +268,8 @@ class ProxyLoop:
 
 
 class Proxy:
-    """Forwards 127.0.0.1:port → the Prefect server, recording (monotonic time, method, path)."""
+    """Forwards 127.0.0.1:port → the Prefect server, recording each request (monotonic time, method,
+    path) and its response status and time."""
 
     def __init__(self, ploop: ProxyLoop, upstream_port: int):
         self.ploop = ploop

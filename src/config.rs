@@ -171,6 +171,24 @@ pub struct GcSettings {
 /// neither `--older-than` nor `DOCKER_WORKER_GC_OLDER_THAN` says.
 pub const DEFAULT_GC_OLDER_THAN: Duration = Duration::from_secs(24 * 3600);
 
+/// Prefect 3.9.1's packaged `profiles.toml`, used when the user has none (as Prefect does):
+/// its active `ephemeral` profile sets `PREFECT_SERVER_EPHEMERAL_ENABLED`, which the reference
+/// then passes into every flow-run container.
+const DEFAULT_PROFILES: &str = r#"active = "ephemeral"
+
+[profiles.ephemeral]
+PREFECT_SERVER_EPHEMERAL_ENABLED = "true"
+
+[profiles.local]
+PREFECT_API_URL = "http://127.0.0.1:4200/api"
+
+[profiles.test]
+PREFECT_SERVER_EPHEMERAL_ENABLED = "true"
+PREFECT_SERVER_DATABASE_CONNECTION_URL = "sqlite+aiosqlite:///:memory:"
+
+[profiles.cloud]
+"#;
+
 /// The process environment with the active Prefect profile underneath, as Prefect resolves
 /// settings: environment over profile over defaults. The profile is
 /// `$PREFECT_PROFILES_PATH` (default `$PREFECT_HOME/profiles.toml`, `PREFECT_HOME` default
@@ -190,6 +208,7 @@ pub fn with_profile(
                 .get("HOME")
                 .map(|h| PathBuf::from(h).join(".prefect"))
         });
+    let explicit_path = process_env.contains_key("PREFECT_PROFILES_PATH");
     let path = match process_env.get("PREFECT_PROFILES_PATH") {
         Some(p) => PathBuf::from(p),
         None => match home {
@@ -199,6 +218,10 @@ pub fn with_profile(
     };
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
+        // Like Prefect: with no profiles file of the user's, its packaged defaults apply.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit_path => {
+            DEFAULT_PROFILES.to_owned()
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(process_env),
         Err(e) => {
             return Err(ConfigError::Profiles {
@@ -529,10 +552,18 @@ impl Settings {
         // Every explicitly set Prefect setting goes to the flow-run container, as the reference
         // does, so the engine inside talks to the same API with the same credentials. Internal
         // `PREFECT__*` variables are the worker's own and are set per run instead.
+        // Booleans are written as Python prints them, as the reference's settings export does.
         let settings_env: Vec<(String, String)> = env
             .iter()
             .filter(|(k, _)| k.starts_with("PREFECT_") && !k.starts_with("PREFECT__"))
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| {
+                let value = match v.trim().to_ascii_lowercase().as_str() {
+                    "true" => "True".to_owned(),
+                    "false" => "False".to_owned(),
+                    _ => v.clone(),
+                };
+                (k.clone(), value)
+            })
             .collect();
 
         let default_image = args

@@ -58,6 +58,7 @@ async fn typed_options_reach_the_container_and_a_gpu_request_without_runtime_is_
                 "ipc_mode": "shareable",
                 "cpus": 0.5,
                 "ports": [format!("127.0.0.1:{host_port}:8080/tcp"), "9090"],
+                "network_mode": "bridge",
                 "platform": "linux/amd64",
                 "container_create_kwargs": {"shm_size": "32m", "cpu_shares": 512},
             }),

@@ -122,6 +122,13 @@ pub enum DockerError {
         /// What did not fit.
         message: String,
     },
+    /// A combination of options the Docker SDK refuses before asking the Engine (published
+    /// ports with the host's network, where the Engine would silently drop them).
+    #[error("{message}")]
+    InvalidArgument {
+        /// What is wrong, in docker-py's words.
+        message: String,
+    },
     /// The Engine refused to create the container.
     #[error("Docker could not create container '{name}': {failure}")]
     CreateFailed {
@@ -208,6 +215,7 @@ impl DockerError {
             Self::ImageNotFound { .. } => "ImageNotFound",
             Self::NameConflict { .. } => "NameConflict",
             Self::InvalidOptions { .. } => "InvalidContainerOptions",
+            Self::InvalidArgument { .. } => "InvalidArgument",
             Self::CreateFailed { .. } => "CreateFailed",
             Self::NetworkNotFound { .. } => "NetworkNotFound",
             Self::NetworkConnectFailed { .. } => "NetworkConnectFailed",

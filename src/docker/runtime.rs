@@ -412,6 +412,17 @@ impl DockerRuntime {
     /// # Errors
     /// [`DockerError::InvalidOptions`] when `container_create_kwargs` fields do not fit the API model.
     pub fn create_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, DockerError> {
+        if spec.network_mode == "host"
+            && spec
+                .host_config_overrides
+                .get("PortBindings")
+                .and_then(Value::as_object)
+                .is_some_and(|b| !b.is_empty())
+        {
+            return Err(DockerError::InvalidArgument {
+                message: "\"host\" network_mode is incompatible with port_bindings".into(),
+            });
+        }
         let mut host_config = Map::new();
         host_config.insert("NetworkMode".into(), json!(spec.network_mode));
         if let Some(m) = spec.mem_limit {

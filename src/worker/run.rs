@@ -188,6 +188,7 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
                     | DockerError::NameConflict { .. }
                     | DockerError::ImageNotFound { .. }
                     | DockerError::InvalidOptions { .. }
+                    | DockerError::InvalidArgument { .. }
             ) {
                 emit(
                     worker,

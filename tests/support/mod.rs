@@ -4,6 +4,7 @@
 //! saying what is missing and how to get it; nothing is skipped.
 #![allow(dead_code)]
 
+pub mod recorder;
 pub mod services;
 
 use std::io::{Read, Write};

@@ -1,0 +1,558 @@
+//! Conformance with the reference: the Python worker (prefect 3.9.1 + prefect-docker 0.7.4) and
+//! this one run the same corpus of job configurations against one Prefect server, each behind a
+//! recording proxy on the Docker socket and the Prefect API. For every configuration the
+//! `POST /containers/create` requests (query and body) and the flow-run state proposals must be
+//! equal, and every flow-run log line the reference sends must be sent by ours too — except the
+//! documented fixes of the reference's defects (see the README's "Differences").
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value, json};
+use support::recorder::{Endpoint, Recorded, Recorder};
+use support::*;
+
+const WORKER_NAME: &str = "conformance-worker";
+
+/// The corpus: (label, job variables). Every job field and Docker rule of the reference, on
+/// the busybox image; commands exit with various codes so the crash path is compared too.
+fn corpus(network_a: &str, network_b: &str) -> Vec<(&'static str, Value)> {
+    vec![
+        ("defaults-exit-0", json!({"command": "sh -c 'exit 0'"})),
+        ("exit-3", json!({"command": "sh -c 'echo failing; exit 3'"})),
+        ("exit-137", json!({"command": "sh -c 'kill -9 $$'"})),
+        (
+            "env",
+            json!({"command": "sh -c 'exit 0'", "env": {"A": "1", "B": "two words", "C": ""}}),
+        ),
+        (
+            "env-number-and-bool",
+            json!({"command": "sh -c 'exit 0'", "env": {"N": "5", "T": "True"}}),
+        ),
+        (
+            "labels",
+            json!({"command": "sh -c 'exit 0'", "labels": {"team": "data", "a.b/c": "d"}}),
+        ),
+        (
+            "name-template",
+            json!({"command": "sh -c 'exit 0'", "name": "job-{{ ctx.flow_run.name }}"}),
+        ),
+        (
+            "name-unicode",
+            json!({"command": "sh -c 'exit 0'", "name": "Café Ünïcode run"}),
+        ),
+        (
+            "auto-remove",
+            json!({"command": "sh -c 'exit 0'", "auto_remove": true}),
+        ),
+        (
+            "auto-remove-exit-2",
+            json!({"command": "sh -c 'exit 2'", "auto_remove": true}),
+        ),
+        (
+            "no-stream",
+            json!({"command": "sh -c 'exit 0'", "stream_output": false}),
+        ),
+        (
+            "mem-limit",
+            json!({"command": "sh -c 'exit 0'", "mem_limit": "64m"}),
+        ),
+        (
+            "mem-and-swap",
+            json!({"command": "sh -c 'exit 0'", "mem_limit": "64m", "memswap_limit": "128m"}),
+        ),
+        (
+            "privileged",
+            json!({"command": "sh -c 'exit 0'", "privileged": true}),
+        ),
+        (
+            "volumes",
+            json!({"command": "sh -c 'exit 0'", "volumes": ["/tmp:/host-tmp:ro", "dw-conf-vol:/data"]}),
+        ),
+        (
+            "network-mode-bridge",
+            json!({"command": "sh -c 'exit 0'", "network_mode": "bridge"}),
+        ),
+        (
+            "one-network",
+            json!({"command": "sh -c 'exit 0'", "networks": [network_a]}),
+        ),
+        (
+            "two-networks",
+            json!({"command": "sh -c 'exit 0'", "networks": [network_a, network_b]}),
+        ),
+        (
+            "pull-never",
+            json!({"command": "sh -c 'exit 0'", "image_pull_policy": "Never"}),
+        ),
+        (
+            "pull-if-not-present",
+            json!({"command": "sh -c 'exit 0'", "image_pull_policy": "IfNotPresent"}),
+        ),
+        (
+            "kwargs-user-workdir",
+            json!({"command": "sh -c 'exit 0'", "container_create_kwargs": {"user": "1000", "working_dir": "/tmp"}}),
+        ),
+        (
+            "kwargs-hostname-dns",
+            json!({"command": "sh -c 'exit 0'", "container_create_kwargs": {"hostname": "conf-host", "dns": ["1.1.1.1"], "dns_search": ["example.internal"]}}),
+        ),
+        (
+            "kwargs-caps",
+            json!({"command": "sh -c 'exit 0'", "container_create_kwargs": {"cap_add": ["NET_ADMIN"], "cap_drop": ["MKNOD"]}}),
+        ),
+        (
+            "kwargs-shm-cpu",
+            json!({"command": "sh -c 'exit 0'", "container_create_kwargs": {"shm_size": "128m", "cpu_shares": 512, "cpuset_cpus": "0"}}),
+        ),
+        (
+            "kwargs-extra-hosts",
+            json!({"command": "sh -c 'exit 0'", "container_create_kwargs": {"extra_hosts": {"db.internal": "10.0.0.5"}}}),
+        ),
+        (
+            "kwargs-tmpfs-readonly",
+            json!({"command": "sh -c 'exit 0'", "container_create_kwargs": {"tmpfs": {"/run": "size=1m"}, "read_only": true}}),
+        ),
+        (
+            "kwargs-init-pids",
+            json!({"command": "sh -c 'exit 0'", "container_create_kwargs": {"init": true, "pids_limit": 100}}),
+        ),
+        (
+            "kwargs-ports",
+            json!({"command": "sh -c 'exit 0'", "container_create_kwargs": {"ports": {"8080/tcp": null}}}),
+        ),
+        (
+            "kwargs-restart-policy",
+            json!({"command": "sh -c 'exit 0'", "container_create_kwargs": {"restart_policy": {"Name": "no"}}}),
+        ),
+        (
+            "kwargs-security-opt",
+            json!({"command": "sh -c 'exit 0'", "container_create_kwargs": {"security_opt": ["no-new-privileges"]}}),
+        ),
+        (
+            "kwargs-stop-signal",
+            json!({"command": "sh -c 'exit 0'", "container_create_kwargs": {"stop_signal": "SIGINT", "stop_timeout": 5}}),
+        ),
+        (
+            "api-url-override",
+            json!({"command": "sh -c 'exit 0'", "env": {"PREFECT_API_URL": "http://localhost:4200/api"}}),
+        ),
+        (
+            "quoted-command",
+            json!({"command": "sh -c 'echo \"a b\" c; exit 4'"}),
+        ),
+        (
+            "missing-image",
+            json!({"image": "local/not-there:1", "image_pull_policy": "Never"}),
+        ),
+    ]
+}
+
+/// Replaces run-specific strings (ids, names) with stable placeholders, drops null and empty
+/// object fields (the Engine treats them as absent), and sorts `Env`.
+fn normalize(value: &Value, replacements: &[(String, String)]) -> Value {
+    match value {
+        Value::String(s) => {
+            let mut s = s.clone();
+            for (from, to) in replacements {
+                if !from.is_empty() {
+                    s = s.replace(from, to);
+                }
+            }
+            Value::String(s)
+        }
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|v| normalize(v, replacements)).collect())
+        }
+        Value::Object(map) => {
+            let mut out = Map::new();
+            for (k, v) in map {
+                if v.is_null() {
+                    continue;
+                }
+                let mut v = normalize(v, replacements);
+                if k == "Env"
+                    && let Value::Array(items) = &mut v
+                {
+                    items.sort_by(|a, b| a.to_string().cmp(&b.to_string()));
+                }
+                // An object left empty (`NetworkingConfig: {"EndpointsConfig": null}`) is
+                // absent for the Engine too.
+                if v.as_object().is_some_and(Map::is_empty) {
+                    continue;
+                }
+                if k == "io.prefect.deployment-updated" {
+                    v = json!("<deployment-updated>");
+                }
+                out.insert(k.clone(), v);
+            }
+            Value::Object(out)
+        }
+        other => other.clone(),
+    }
+}
+
+struct Side {
+    pool: String,
+    pool_id: String,
+    deployment_names: BTreeMap<&'static str, String>,
+    runs: BTreeMap<&'static str, Value>,
+    docker: Recorder,
+}
+
+/// What one worker did for one configuration.
+#[derive(Debug, Default)]
+struct Observed {
+    creates: Vec<Value>,
+    states: Vec<Value>,
+    logs: Vec<String>,
+}
+
+fn observe(
+    side: &Side,
+    api_records: &[Recorded],
+    label: &str,
+    replacements: &[(String, String)],
+) -> Observed {
+    let run = &side.runs[label];
+    let run_id = run["id"].as_str().unwrap();
+    let mut seen = Observed::default();
+    // Containers are named after the flow run (or its name template): match by the run label.
+    for r in side.docker.records() {
+        if r.method == "POST" && r.path().ends_with("/containers/create") {
+            let body = r.json();
+            if body["Labels"]["io.prefect.flow-run-id"] == run_id {
+                seen.creates.push(json!({
+                    "name": r.query("name").map(|n| normalize(&json!(n), replacements)),
+                    // An empty `platform=` is the Engine's "unset", as an absent one.
+                    "platform": r.query("platform").filter(|p| !p.is_empty()),
+                    "body": normalize(&body, replacements),
+                }));
+            }
+        }
+    }
+    for r in api_records {
+        if r.method == "POST"
+            && r.path()
+                .ends_with(&format!("/flow_runs/{run_id}/set_state"))
+        {
+            let body = r.json();
+            let state = &body["state"];
+            seen.states.push(json!({
+                "type": state["type"], "name": state["name"],
+                "message": normalize(&state["message"], replacements),
+                "force": body["force"],
+            }));
+        }
+        if r.method == "POST" && r.path().ends_with("/logs/") {
+            for entry in r.json().as_array().into_iter().flatten() {
+                if entry["flow_run_id"] == run_id {
+                    let message = normalize(&entry["message"], replacements);
+                    seen.logs
+                        .push(message.as_str().unwrap_or_default().to_owned());
+                }
+            }
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reference_and_this_worker_make_the_same_containers_states_and_logs() {
+    require_docker();
+    let server = server();
+    let dir = tempfile::tempdir().unwrap();
+    let api_recorder = Recorder::tcp(Endpoint::Tcp(
+        server
+            .api_url
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned(),
+    ));
+    let Endpoint::Tcp(api_addr) = &api_recorder.listen else {
+        unreachable!()
+    };
+    let api_url = format!("http://{api_addr}/api");
+    let api = Api::new(server);
+
+    let suffix = unique("c");
+    let network_a = format!("dw-conf-a-{suffix}");
+    let network_b = format!("dw-conf-b-{suffix}");
+    for n in [&network_a, &network_b] {
+        run_ok(Command::new("docker").args(["network", "create", n]));
+    }
+    let corpus = corpus(&network_a, &network_b);
+
+    let reference_template = docker_worker::job::reference_base_job_template();
+    let mut sides = Vec::new();
+    for who in ["ref", "ours"] {
+        let pool = format!("conf-{who}-{suffix}");
+        let (status, body) = api
+            .call(
+                reqwest::Method::POST,
+                "work_pools/",
+                Some(json!({"name": pool, "type": "docker", "base_job_template": reference_template})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let pool_id = body["id"].as_str().unwrap().to_owned();
+        let mut runs = BTreeMap::new();
+        let mut deployment_names = BTreeMap::new();
+        for (label, vars) in &corpus {
+            let dep = api.busybox_deployment(&pool, vars.clone()).await;
+            let (_, deployment) = api
+                .call(reqwest::Method::GET, &format!("deployments/{dep}"), None)
+                .await;
+            deployment_names.insert(*label, deployment["name"].as_str().unwrap().to_owned());
+            let (status, run) = api
+                .call(
+                    reqwest::Method::POST,
+                    &format!("deployments/{dep}/create_flow_run"),
+                    Some(json!({"name": format!("conf {label}"), "job_variables": {}})),
+                )
+                .await;
+            assert_eq!(status, 201, "{run}");
+            runs.insert(*label, run);
+        }
+        let docker = Recorder::unix(
+            &dir.path().join(format!("{who}.sock")),
+            Endpoint::Unix("/var/run/docker.sock".into()),
+        );
+        sides.push(Side {
+            pool,
+            pool_id,
+            deployment_names,
+            runs,
+            docker,
+        });
+    }
+    let _guards: Vec<ContainerGuard> = sides
+        .iter()
+        .map(|s| ContainerGuard::for_pool(&s.pool))
+        .collect();
+
+    let home = dir.path().join("prefect-home");
+    std::fs::create_dir_all(&home).unwrap();
+    let env = |cmd: &mut Command, socket: &Endpoint| {
+        let Endpoint::Unix(path) = socket else {
+            unreachable!()
+        };
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", dir.path())
+            .env("PREFECT_HOME", &home)
+            .env("PREFECT_API_URL", &api_url)
+            .env("DOCKER_HOST", format!("unix://{}", path.display()))
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+    };
+    // The reference first, then ours (one at a time, so container names never collide).
+    let mut reference = Command::new(venv().join("bin/prefect"));
+    reference.args([
+        "worker",
+        "start",
+        "--pool",
+        &sides[0].pool,
+        "--type",
+        "docker",
+        "--run-once",
+        "--name",
+        WORKER_NAME,
+    ]);
+    env(&mut reference, &sides[0].docker.listen);
+    let out = run_with_timeout(reference, Duration::from_secs(400));
+    assert!(out.0, "reference worker failed:\n{}", out.1);
+    remove_pool_containers(&sides[0].pool);
+    let mut ours = Command::new(env!("CARGO_BIN_EXE_docker-worker"));
+    ours.args([
+        "start",
+        "--pool",
+        &sides[1].pool,
+        "--run-once",
+        "--name",
+        WORKER_NAME,
+    ]);
+    env(&mut ours, &sides[1].docker.listen);
+    let ours_out = run_with_timeout(ours, Duration::from_secs(400));
+    assert!(ours_out.0, "our worker failed:\n{}", ours_out.1);
+    // Batched logs are flushed at exit; give the server a moment to store them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let records = api_recorder.records();
+    let mut differences = Vec::new();
+    for (label, _) in &corpus {
+        let observed: Vec<Observed> = sides
+            .iter()
+            .map(|side| {
+                let run = &side.runs[label];
+                let dep_id = run["deployment_id"].as_str().unwrap_or_default().to_owned();
+                let replacements = vec![
+                    (
+                        side.deployment_names[label].clone(),
+                        "<deployment-name>".to_owned(),
+                    ),
+                    (side.pool_id.clone(), "<pool-id>".to_owned()),
+                    (
+                        run["id"].as_str().unwrap().to_owned(),
+                        "<run-id>".to_owned(),
+                    ),
+                    (
+                        run["flow_id"].as_str().unwrap().to_owned(),
+                        "<flow-id>".to_owned(),
+                    ),
+                    (dep_id, "<deployment-id>".to_owned()),
+                    (side.pool.clone(), "<pool>".to_owned()),
+                ];
+                observe(side, &records, label, &replacements)
+            })
+            .collect();
+        let (r, o) = (&observed[0], &observed[1]);
+        // Every configuration reaches the create call and a claim in both workers: an empty
+        // recording would make the comparison vacuous.
+        for (who, seen) in [("reference", r), ("ours", o)] {
+            assert!(
+                !seen.creates.is_empty() && !seen.states.is_empty() && !seen.logs.is_empty(),
+                "{label}: nothing recorded for {who}: {seen:?}\n{}",
+                ours_out.1
+            );
+        }
+        if let Some((_, why)) = KNOWN_DIFFERENCES.iter().find(|(l, _)| l == label) {
+            eprintln!("{label}: not compared ({why})");
+            continue;
+        }
+        if r.creates != o.creates {
+            differences.push(format!(
+                "{label}: containers/create differ\n  reference: {}\n  ours:      {}",
+                serde_json::to_string(&r.creates).unwrap(),
+                serde_json::to_string(&o.creates).unwrap()
+            ));
+        }
+        if !same_states(&r.states, &o.states) {
+            differences.push(format!(
+                "{label}: state proposals differ\n  reference: {}\n  ours:      {}",
+                serde_json::to_string(&r.states).unwrap(),
+                serde_json::to_string(&o.states).unwrap()
+            ));
+        }
+        let missing: Vec<&String> = r.logs.iter().filter(|l| !log_sent(l, &o.logs)).collect();
+        if !missing.is_empty() {
+            differences.push(format!(
+                "{label}: reference log lines ours did not send: {missing:?}\n  ours: {:?}",
+                o.logs
+            ));
+        }
+    }
+    for n in [&network_a, &network_b] {
+        let _ = Command::new("docker").args(["network", "rm", n]).output();
+    }
+    let _ = Command::new("docker")
+        .args(["volume", "rm", "dw-conf-vol"])
+        .output();
+    assert!(
+        differences.is_empty(),
+        "{} of {} configurations differ:\n{}\n\nour worker's output:\n{}",
+        differences.len(),
+        corpus.len(),
+        differences.join("\n"),
+        ours_out.1
+    );
+    eprintln!("conformance: {} configurations, all equal", corpus.len());
+}
+
+/// Configurations where this worker deliberately behaves differently (listed in the README).
+const KNOWN_DIFFERENCES: &[(&str, &str)] = &[(
+    "kwargs-stop-signal",
+    "the reference crashes with TypeError on container_create_kwargs.stop_timeout; this worker passes it to the Engine as StopTimeout",
+)];
+
+const SUBMIT_FAILED: &str = "Failed to submit flow run to infrastructure: ";
+
+/// State proposals are equal in type, name and force, and in message — except that a
+/// submission failure's message need only carry the Engine's own explanation (the reference
+/// prints docker-py's exception with the request URL; this worker names the failing step).
+fn same_states(reference: &[Value], ours: &[Value]) -> bool {
+    reference.len() == ours.len()
+        && reference.iter().zip(ours).all(|(r, o)| {
+            let same_kind =
+                r["type"] == o["type"] && r["name"] == o["name"] && r["force"] == o["force"];
+            let (rm, om) = (r["message"].as_str(), o["message"].as_str());
+            same_kind
+                && (rm == om
+                    || matches!((rm, om), (Some(rm), Some(om))
+                        if rm.starts_with(SUBMIT_FAILED)
+                            && om.starts_with(SUBMIT_FAILED)
+                            && om.contains(engine_explanation(rm))))
+        })
+}
+
+/// The Engine's message inside a docker-py error: `… ("No such image: x")` → `No such image: x`;
+/// otherwise the text after the exception class.
+fn engine_explanation(message: &str) -> &str {
+    if let Some(start) = message.rfind("(\"")
+        && let Some(end) = message.rfind("\")")
+        && end > start
+    {
+        return &message[start + 2..end];
+    }
+    message
+        .trim_start_matches(SUBMIT_FAILED)
+        .split_once(": ")
+        .map_or(message, |(_, rest)| rest)
+}
+
+/// A reference log line was sent by ours too: identically, or — for a line carrying a Python
+/// traceback — as a line starting with the same first sentence.
+fn log_sent(line: &str, ours: &[String]) -> bool {
+    if ours.iter().any(|l| l == line) {
+        return true;
+    }
+    // "Reported flow run '…' as crashed: Failed to submit …": the same report, the message
+    // compared as state messages are.
+    if let Some(at) = line.find(SUBMIT_FAILED) {
+        let (prefix, _) = line.split_at(at + SUBMIT_FAILED.len());
+        let explanation = engine_explanation(&line[at..]);
+        return ours
+            .iter()
+            .any(|l| l.starts_with(prefix) && l.contains(explanation));
+    }
+    match line.split_once("\nTraceback") {
+        Some((first, _)) => {
+            let first = first.trim_end_matches('.');
+            ours.iter().any(|l| l.starts_with(first))
+        }
+        None => false,
+    }
+}
+
+fn remove_pool_containers(pool: &str) {
+    let guard = ContainerGuard::for_pool(pool);
+    drop(guard);
+}
+
+/// Runs a command to its end (or kills it after `timeout`): success and combined output.
+fn run_with_timeout(mut cmd: Command, timeout: Duration) -> (bool, String) {
+    let child = cmd.spawn().expect("start worker");
+    let pid = child.id();
+    let deadline = Instant::now() + timeout;
+    let waiter = std::thread::spawn(move || child.wait_with_output());
+    while !waiter.is_finished() {
+        if Instant::now() > deadline {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = waiter.join().unwrap().expect("worker output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
