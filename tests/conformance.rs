@@ -177,7 +177,7 @@ fn normalize(value: &Value, replacements: &[(String, String)]) -> Value {
                 if k == "Env"
                     && let Value::Array(items) = &mut v
                 {
-                    items.sort_by(|a, b| a.to_string().cmp(&b.to_string()));
+                    items.sort_by_key(|a| a.to_string());
                 }
                 // An object left empty (`NetworkingConfig: {"EndpointsConfig": null}`) is
                 // absent for the Engine too.

@@ -1,8 +1,9 @@
 //! Resource accounting: samples a container's stats while it runs and keeps its peak memory
 //! and CPU time, so a run's cost is known after it exits, when the Engine no longer has its
-//! cgroup to ask. Samples come every second for the first ten seconds, then every five, so
-//! hundreds of long runs cost the worker and the Engine little; memory is the cgroup's own
-//! high-water mark where the Engine reports one (cgroup v1), which no sample can miss.
+//! cgroup to ask. Samples come every second for the first ten seconds, every five until a
+//! minute, then every thirty, so hundreds of long runs cost the worker and the Engine little;
+//! memory is the cgroup's own high-water mark where the Engine reports one (cgroup v1), which
+//! no sample can miss.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -43,6 +44,17 @@ impl ResourceUsage {
     }
 }
 
+/// How long to wait before the next sample of a container that has run for `age`.
+fn sample_interval(age: Duration) -> Duration {
+    if age < Duration::from_secs(10) {
+        Duration::from_secs(1)
+    } else if age < Duration::from_secs(60) {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(30)
+    }
+}
+
 impl DockerRuntime {
     /// Samples the container's stats until it stops (or the caller drops this future),
     /// folding each sample into `usage`. Errors just end the sampling: accounting never
@@ -56,11 +68,7 @@ impl DockerRuntime {
         let started = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(delay).await;
-            delay = if started.elapsed() < Duration::from_secs(10) {
-                Duration::from_secs(1)
-            } else {
-                Duration::from_secs(5)
-            };
+            delay = sample_interval(started.elapsed());
             let mut stream = self.docker.stats(container_id, Some(options.clone()));
             let Some(Ok(sample)) = stream.next().await else {
                 return;
@@ -97,6 +105,22 @@ mod tests {
         assert_eq!(u.peak_memory_bytes, Some(70));
         assert_eq!(u.cpu_seconds, Some(2.5));
         assert_eq!(u.samples, 3);
+    }
+
+    #[test]
+    fn sampling_slows_down_as_a_container_ages() {
+        assert_eq!(
+            sample_interval(Duration::from_secs(3)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            sample_interval(Duration::from_secs(30)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            sample_interval(Duration::from_secs(3600)),
+            Duration::from_secs(30)
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! 5xx) back off and recover; 401/403 stop the worker with a message saying so, since
 //! retrying with the same credentials cannot help.
 
+mod cache;
 mod events;
 mod exit_codes;
 mod gc_loop;
@@ -89,6 +90,10 @@ pub struct Worker {
     events_config: Option<crate::prefect::ClientConfig>,
     /// Prefect events (`/events/in`).
     events: EventSink,
+    /// Deployments read in the last few seconds (a burst of runs reads each once).
+    deployments: cache::TtlCache<Value>,
+    /// Flows read recently.
+    flows: cache::TtlCache<Value>,
     /// The `prefect.worker.started` event, for `stopped` to follow.
     started_event: Mutex<Option<events::Emitted>>,
     /// Facts from the Engine's event stream, by container id: exit codes seen in `die`
@@ -153,6 +158,8 @@ impl Worker {
             saturated: std::sync::atomic::AtomicBool::new(false),
             events_config,
             events,
+            deployments: cache::TtlCache::new(Duration::from_secs(3)),
+            flows: cache::TtlCache::new(Duration::from_secs(30)),
             started_event: Mutex::new(None),
             engine_facts: Mutex::new(std::collections::HashMap::new()),
         })
@@ -380,6 +387,29 @@ impl Worker {
         }
     }
 
+    /// A deployment, from the short-lived cache or the API; `None` when it no longer exists.
+    pub(crate) async fn deployment(&self, id: &str) -> Result<Option<Arc<Value>>, ApiError> {
+        if let Some(d) = self.deployments.get(id) {
+            return Ok(Some(d));
+        }
+        Ok(self
+            .api
+            .read_deployment(id)
+            .await?
+            .map(|d| self.deployments.put(id, d)))
+    }
+
+    /// A flow, from the cache or the API (through outages).
+    pub(crate) async fn flow(&self, id: &str) -> Result<Arc<Value>, ApiError> {
+        if let Some(f) = self.flows.get(id) {
+            return Ok(f);
+        }
+        let flow = self
+            .through_outage("read flow", || self.api.read_flow(id))
+            .await?;
+        Ok(self.flows.put(id, flow))
+    }
+
     /// Wakes the poll loop if the last poll had to leave due runs behind for lack of a slot.
     fn slot_freed(&self) {
         if self
@@ -425,6 +455,8 @@ impl Worker {
         self.metrics.polled(started.elapsed());
         tracing::debug!(count = runs.len(), "polled for scheduled flow runs");
         let mut submitted = 0;
+        // One copy of the template per poll, shared by its runs.
+        let template = Arc::new(pool.base_job_template.clone());
         for flow_run in runs {
             if self
                 .in_progress
@@ -453,7 +485,7 @@ impl Worker {
                 set.insert(flow_run.id.clone());
             }
             let worker = Arc::clone(self);
-            let template = pool.base_job_template.clone();
+            let template = Arc::clone(&template);
             let pool_ref = PoolRef {
                 id: pool.id.clone(),
                 name: pool.name.clone(),

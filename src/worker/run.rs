@@ -59,8 +59,9 @@ pub(crate) async fn submit_and_watch(
     run(worker, flow_run, pool, template).instrument(span).await;
 }
 
-async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: &Value) {
-    let id = flow_run.id.as_str();
+async fn run(worker: &Arc<Worker>, mut flow_run: FlowRun, pool: &PoolRef, template: &Value) {
+    let run_id = flow_run.id.clone();
+    let id = run_id.as_str();
     let logs = &worker.logs;
     logs.info(
         id,
@@ -69,7 +70,7 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
 
     let deployment = match &flow_run.deployment_id {
         None => None,
-        Some(deployment_id) => match worker.api.read_deployment(deployment_id).await {
+        Some(deployment_id) => match worker.deployment(deployment_id).await {
             Ok(Some(d)) => Some(d),
             Ok(None) => {
                 logs.error(
@@ -108,11 +109,12 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
     let claimed_at = std::time::Instant::now();
 
     let (spec, flow) =
-        match resolve_configuration(worker, &flow_run, deployment.as_ref(), pool, template).await {
+        match resolve_configuration(worker, &flow_run, deployment.as_deref(), pool, template).await
+        {
             Ok(resolved) => resolved,
             Err(e) => return report_submission_failure(worker, &flow_run, &e).await,
         };
-    let related = events::run_related(&flow_run.raw, Some(&flow), deployment.as_ref(), pool);
+    let related = events::run_related(&flow_run.raw, Some(&flow), deployment.as_deref(), pool);
     let submitted = emit(
         worker,
         "prefect.worker.submitted-flow-run",
@@ -121,12 +123,20 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
         None,
     );
 
-    if let Err(e) = worker
-        .api
-        .update_flow_run_labels(id, &flow_run_labels(worker.name(), pool))
-        .await
+    // The labels only inform the UI: sent alongside, never holding up the container (a busy
+    // server answering 503 would otherwise delay every start by its retries).
     {
-        tracing::warn!(error = %e, "could not label the flow run with this worker and pool");
+        let api = Arc::clone(&worker.api);
+        let labels = flow_run_labels(worker.name(), pool);
+        let run = id.to_owned();
+        tokio::spawn(
+            async move {
+                if let Err(e) = api.update_flow_run_labels(&run, &labels).await {
+                    tracing::warn!(error = %e, "could not label the flow run with this worker and pool");
+                }
+            }
+            .in_current_span(),
+        );
     }
     match worker
         .api
@@ -242,11 +252,20 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
         // Cancelled between the last check and the start: stop it now.
         worker.cancel_run(id);
     }
+    // A run may be watched for days, hundreds at a time: keep only what the exit report
+    // needs, not the deployment, flow, template-rendered spec or the run's full JSON.
+    let (image, auto_remove, stream_output) =
+        (spec.image.clone(), spec.auto_remove, spec.stream_output);
+    drop(spec);
+    drop(flow);
+    drop(deployment);
+    flow_run.raw = Value::Null;
+    flow_run.job_variables = serde_json::Map::new();
     let target = Target {
         flow_run: &flow_run,
         container: &container,
         pool,
-        image: &spec.image,
+        image: &image,
         pull,
         events: Some(RunEvents {
             related,
@@ -255,7 +274,7 @@ async fn run(worker: &Arc<Worker>, flow_run: FlowRun, pool: &PoolRef, template: 
             last_container_event: running,
         }),
     };
-    watch(worker, &target, spec.auto_remove, spec.stream_output).await;
+    watch(worker, &target, auto_remove, stream_output).await;
     worker.metrics.runs_running.dec();
 }
 
@@ -556,10 +575,8 @@ async fn resolve_configuration(
     deployment: Option<&Value>,
     pool: &PoolRef,
     template: &Value,
-) -> Result<(ContainerSpec, Value), SubmitError> {
-    let flow = worker
-        .through_outage("read flow", || worker.api.read_flow(&flow_run.flow_id))
-        .await?;
+) -> Result<(ContainerSpec, Arc<Value>), SubmitError> {
+    let flow = worker.flow(&flow_run.flow_id).await?;
     let deployment_vars = deployment
         .and_then(|d| d.get("job_variables"))
         .and_then(Value::as_object);
@@ -573,7 +590,7 @@ async fn resolve_configuration(
     }
     let spec = config.prepare(&RunContext {
         flow_run: &flow_run.raw,
-        flow: Some(&flow),
+        flow: Some(flow.as_ref()),
         deployment,
         worker_name: worker.name(),
         work_pool_name: &pool.name,
