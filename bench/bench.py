@@ -42,7 +42,7 @@ BENCH_LABEL = "dev.docker-worker.bench"          # = session id, on every contai
 GROUP_LABEL = "dev.docker-worker.bench.group"    # = pool name (or floor-<n>), per measurement
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MiB = 1024 * 1024
-SCENARIOS = ["startup", "idle", "throughput", "flows", "scale"]
+SCENARIOS = ["startup", "idle", "throughput", "flows", "scale", "pickup"]
 WORKERS = ["rust", "python"]
 
 
@@ -1053,6 +1053,55 @@ class Bench:
             res[w] = self.scale_one(w)
         return res
 
+    def pickup(self):
+        """Issue #5: a run created "now" → its container starting, our worker with fast pickup
+        (the /events/out subscription) and with plain polling (DOCKER_WORKER_FAST_PICKUP=false),
+        Prefect's default 10 s poll interval; plus the idle API calls per minute of each mode."""
+        a = self.args
+        res = {"definition": "flow run created (API call returns) → container start event; runs "
+                             "created one at a time, 1–3 s apart, poll interval 10 s (Prefect's "
+                             "default); idle calls/min over 60 s on an empty pool",
+               "runs": a.pickup_runs}
+        import random
+        for mode, extra in (("events", {}), ("polling", {"DOCKER_WORKER_FAST_PICKUP": "false"})):
+            pool = self.new_pool(f"pickup-{mode}")
+            dep = self.api.create_deployment(pool, "exit-code", "flows.py:exit_code",
+                                             self.job_vars(pool, image=BUSYBOX, command="true", auto_remove=True))
+            proxy = Proxy(self.ploop, self.server.port)
+            saved = self.args.rust_env
+            self.args.rust_env = list(saved or []) + [f"{k}={v}" for k, v in extra.items()]
+            proc = self.start_worker("rust", pool, proxy, poll_seconds=None, tag=f"pickup-{mode}")
+            self.args.rust_env = saved
+            try:
+                proxy.wait_first_poll(120, proc)
+                # Idle first: the subscription must not add API calls.
+                time.sleep(2)
+                t0 = time.time()
+                time.sleep(a.pickup_idle_seconds)
+                idle_calls = proxy.count(t0, time.time()) * 60 / (time.time() - t0)
+                latencies = []
+                for i in range(a.pickup_runs):
+                    created = time.time()
+                    rid = self.api.call("POST", f"deployments/{dep}/create_flow_run", {"job_variables": {}})["id"]
+                    deadline = time.time() + 60
+                    start = None
+                    while time.time() < deadline and start is None:
+                        starts = [e for e in self.docker.group_events(pool, "start") if e["run"] == rid]
+                        start = starts[0]["t"] if starts else None
+                        time.sleep(0.02)
+                    if start is None:
+                        raise RuntimeError(f"pickup {mode}: run {rid} never started\n{self.tail(proc)}")
+                    latencies.append(start - created)
+                    log(f"pickup {mode} {i + 1}/{a.pickup_runs}: {latencies[-1]:.2f} s")
+                    time.sleep(random.uniform(1, 3))
+            finally:
+                self.stop_worker(proc)
+                proxy.close()
+            res[mode] = {"median_s": median(latencies), "p95_s": pctl(latencies, 95),
+                         "max_s": max(latencies), "seconds": latencies,
+                         "idle_api_calls_per_min": idle_calls}
+        return res
+
     def run(self):
         self.setup()
         t_all = time.monotonic()
@@ -1198,6 +1247,17 @@ def report(results: dict) -> tuple[str, list]:
                      json.dumps((fr.get("python") or {}).get("final_states")) if isinstance(fr.get("python"), dict) else "–", ""))
         rows.append(("  server 503 answers (retried)", str((fr.get("rust") or {}).get("api_503")),
                      str((fr.get("python") or {}).get("api_503")) if isinstance(fr.get("python"), dict) else "–", ""))
+    if "pickup" in sc and "events" in sc["pickup"]:
+        pk = sc["pickup"]
+        ev, po = pk["events"], pk.get("polling", {})
+        rows.append(("pickup: created → container start, median (events | polling)",
+                     f(ev.get("median_s"), " s"), f(po.get("median_s"), " s"), ""))
+        rows.append(("pickup: p95 (events | polling)", f(ev.get("p95_s"), " s"), f(po.get("p95_s"), " s"), ""))
+        rows.append(("pickup: idle API calls/min (events | polling)", f(ev.get("idle_api_calls_per_min"), "", 1, 1),
+                     f(po.get("idle_api_calls_per_min"), "", 1, 1), ""))
+        ic, ip = ev.get("idle_api_calls_per_min"), po.get("idle_api_calls_per_min")
+        check("fast pickup adds no idle API calls", None if ic is None or ip is None else ic <= ip * 1.1 + 0.5,
+              f"{f(ic, '', 1, 1)} vs {f(ip, '', 1, 1)} calls/min")
     if "scale" in sc and "runs" in sc["scale"]:
         s = sc["scale"]
         r_ = s.get("rust") if isinstance(s.get("rust"), dict) else {}
@@ -1244,6 +1304,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="small sizes: 10 runs, 20 scale containers, 5 s idle, 1 repeat")
+    p.add_argument("--pickup-runs", type=int, default=None, help="runs created one by one per pickup mode")
+    p.add_argument("--pickup-idle-seconds", type=float, default=None, help="idle window per pickup mode")
     p.add_argument("--only", default=",".join(SCENARIOS), help=f"comma list of {','.join(SCENARIOS)}")
     p.add_argument("--workers", default="rust,python", help="rust,python (scale runs Python only with --python-scale)")
     p.add_argument("--python-scale", action="store_true", help="also run the Python worker at scale (slow)")
@@ -1275,6 +1337,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     q = a.quick
     for name, full, quick in [("repeats", 3, 1), ("idle_seconds", 30, 5), ("throughput_runs", 50, 10),
+                              ("pickup_runs", 15, 3), ("pickup_idle_seconds", 60, 10),
                               ("flow_runs", 20, 5), ("scale_runs", 500, 20), ("scale_window", 60, 10)]:
         if getattr(a, name) is None:
             setattr(a, name, quick if q else full)

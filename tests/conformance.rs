@@ -386,6 +386,7 @@ async fn the_reference_and_this_worker_make_the_same_containers_states_and_logs(
 
     let records = api_recorder.records();
     let mut differences = Vec::new();
+    let mut creates_seen = (0, 0);
     for (label, _) in &corpus {
         let observed: Vec<Observed> = sides
             .iter()
@@ -413,11 +414,13 @@ async fn the_reference_and_this_worker_make_the_same_containers_states_and_logs(
             })
             .collect();
         let (r, o) = (&observed[0], &observed[1]);
-        // Every configuration reaches the create call and a claim in both workers: an empty
-        // recording would make the comparison vacuous.
+        // Every configuration is claimed and logged by both workers, and nearly all reach the
+        // create call (counted below): an empty recording would make the comparison vacuous.
+        creates_seen.0 += r.creates.len();
+        creates_seen.1 += o.creates.len();
         for (who, seen) in [("reference", r), ("ours", o)] {
             assert!(
-                !seen.creates.is_empty() && !seen.states.is_empty() && !seen.logs.is_empty(),
+                !seen.states.is_empty() && !seen.logs.is_empty(),
                 "{label}: nothing recorded for {who}: {seen:?}\n{}",
                 ours_out.1
             );
@@ -448,6 +451,11 @@ async fn the_reference_and_this_worker_make_the_same_containers_states_and_logs(
             ));
         }
     }
+    // Only `kwargs-ports` is refused before the create call (by both).
+    assert!(
+        creates_seen.0 >= corpus.len() - 1 && creates_seen.1 >= corpus.len() - 1,
+        "too few containers/create requests recorded: {creates_seen:?}"
+    );
     for n in [&network_a, &network_b] {
         let _ = Command::new("docker").args(["network", "rm", n]).output();
     }
