@@ -82,6 +82,15 @@ pub enum TemplateError {
     MissingJobConfiguration,
 }
 
+/// A deployment's job variables: `job_variables` (Prefect 3), or `infra_overrides` where a
+/// Prefect 2 server keeps them (it answers `job_variables: null`).
+pub fn deployment_job_variables(deployment: &Value) -> Option<&Map<String, Value>> {
+    deployment
+        .get("job_variables")
+        .and_then(Value::as_object)
+        .or_else(|| deployment.get("infra_overrides").and_then(Value::as_object))
+}
+
 /// Renders `base_job_template` with `job_variables`, returning the job configuration object
 /// (still untyped; validation happens in `config`).
 ///

@@ -121,6 +121,13 @@ impl ApiError {
     pub fn is_not_found(&self) -> bool {
         self.status() == Some(404)
     }
+
+    /// A 404 for the route itself (`{"detail":"Not Found"}`), not for a missing object: the
+    /// server does not have this endpoint (an older Prefect).
+    pub fn is_missing_endpoint(&self) -> bool {
+        matches!(self, Self::Status { status: 404, body, .. }
+            if body.replace(' ', "").contains(r#"{"detail":"NotFound"}"#))
+    }
 }
 
 #[derive(Default)]

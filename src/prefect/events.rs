@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::client::ClientConfig;
-use super::socket::{EventSocket, SocketError, connect};
+use super::socket::{EventSocket, SocketError, connect, connect_legacy, is_subprotocol_refusal};
 
 /// Events waiting to be sent or confirmed; beyond this the oldest are dropped (with a warning).
 const QUEUE_LIMIT: usize = 10_000;
@@ -59,6 +59,11 @@ async fn send_loop(
     let mut socket: Option<EventSocket> = None;
     let mut delay = Duration::from_secs(1);
     let mut flush_deadline: Option<tokio::time::Instant> = None;
+    // Prefect 2 servers take events without the subprotocol and auth message.
+    let mut legacy = false;
+    // Nothing was ever delivered: at shutdown there is no point waiting for a server that
+    // has not taken a single event.
+    let mut ever_delivered = false;
     loop {
         if unconfirmed.is_empty() {
             let next = tokio::select! {
@@ -91,9 +96,16 @@ async fn send_loop(
             );
         }
         if shutdown.is_cancelled() {
+            if !ever_delivered && socket.is_none() {
+                tracing::debug!(
+                    undelivered = unconfirmed.len(),
+                    "stopping with events no server ever accepted"
+                );
+                return;
+            }
             flush_deadline.get_or_insert_with(|| tokio::time::Instant::now() + FLUSH_LIMIT);
         }
-        let attempt = deliver(&config, &mut socket, &unconfirmed);
+        let attempt = deliver(&config, &mut socket, &unconfirmed, legacy);
         let result = match flush_deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, attempt)
                 .await
@@ -103,7 +115,12 @@ async fn send_loop(
         match result {
             Ok(()) => {
                 unconfirmed.clear();
+                ever_delivered = true;
                 delay = Duration::from_secs(1);
+            }
+            Err(e) if !legacy && socket.is_none() && is_subprotocol_refusal(&e) => {
+                tracing::debug!(error = %e, "the server does not speak Prefect 3's events protocol; using the legacy one");
+                legacy = true;
             }
             Err(e) => {
                 socket = None;
@@ -130,10 +147,15 @@ async fn deliver(
     config: &ClientConfig,
     socket: &mut Option<EventSocket>,
     events: &VecDeque<Value>,
+    legacy: bool,
 ) -> Result<(), SocketError> {
     if socket.is_none() {
-        let token = config.auth_string.clone().filter(|s| !s.is_empty());
-        *socket = Some(connect(config, "events/in", token).await?);
+        *socket = Some(if legacy {
+            connect_legacy(config, "events/in").await?
+        } else {
+            let token = config.auth_string.clone().filter(|s| !s.is_empty());
+            connect(config, "events/in", token).await?
+        });
     }
     let Some(ws) = socket.as_mut() else {
         return Err(SocketError::Handshake("no socket".into()));

@@ -66,15 +66,41 @@ pub async fn connect(
     path: &str,
     token: Option<String>,
 ) -> Result<EventSocket, SocketError> {
+    open(config, path, Some(token)).await
+}
+
+/// Opens `path` the way Prefect 2 servers expect: no `prefect` subprotocol and no auth
+/// message (Prefect 3 servers accept this too when no auth string is configured).
+///
+/// # Errors
+/// [`SocketError`] when the socket cannot be opened.
+pub async fn connect_legacy(config: &ClientConfig, path: &str) -> Result<EventSocket, SocketError> {
+    open(config, path, None).await
+}
+
+/// Whether a failed handshake says the server does not speak the `prefect` subprotocol.
+pub fn is_subprotocol_refusal(error: &SocketError) -> bool {
+    let text = error.to_string().to_ascii_lowercase();
+    text.contains("subprotocol")
+}
+
+/// `auth`: `Some(token)` for Prefect 3's handshake, `None` for the legacy one.
+async fn open(
+    config: &ClientConfig,
+    path: &str,
+    auth: Option<Option<String>>,
+) -> Result<EventSocket, SocketError> {
     let url = ws_url(&config.api_url, path)?;
     let mut request = url.as_str().into_client_request()?;
     let headers = request.headers_mut();
-    headers.insert(
-        "Sec-WebSocket-Protocol",
-        "prefect"
-            .parse()
-            .map_err(|_| SocketError::Url("header".into()))?,
-    );
+    if auth.is_some() {
+        headers.insert(
+            "Sec-WebSocket-Protocol",
+            "prefect"
+                .parse()
+                .map_err(|_| SocketError::Url("header".into()))?,
+        );
+    }
     if let Some(auth) = config.auth_string.as_deref().filter(|s| !s.is_empty()) {
         let value = format!(
             "Basic {}",
@@ -90,6 +116,9 @@ pub async fn connect(
     )
     .await
     .map_err(|_| SocketError::Handshake("timed out connecting".into()))??;
+    let Some(token) = auth else {
+        return Ok(socket);
+    };
     socket
         .send(Message::text(
             json!({"type": "auth", "token": token}).to_string(),

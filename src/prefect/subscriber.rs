@@ -76,7 +76,7 @@ fn filter(pool_id: &str, since: chrono::DateTime<chrono::Utc>) -> Value {
         "event": {"prefix": null, "exclude_prefix": null, "name": EVENT_NAMES, "exclude_name": null},
         "resource": null, "related": null,
         "any_resource": {"id": [format!("prefect.work-pool.{pool_id}")], "id_prefix": null, "labels": null},
-        "id": {"id": []}, "text": null, "order": "DESC"
+        "id": {"id": []}, "order": "DESC"
     }})
 }
 
@@ -94,13 +94,22 @@ pub async fn pool_flow_run_events(
     let mut delay = Duration::from_secs(1);
     loop {
         let attempt = session(&config, &pool_id, &mut since, &tx, &mut seen, &mut seen_set);
+        let began = tokio::time::Instant::now();
         let result = tokio::select! {
             r = attempt => r,
             () = shutdown.cancelled() => return,
         };
         match result {
             Ok(()) if tx.is_closed() => return,
-            Ok(()) => delay = Duration::from_secs(1),
+            // Only a session that lasted resets the backoff: a server that accepts and then
+            // closes at once (an older Prefect refusing the filter) must not be hammered.
+            Ok(()) if began.elapsed() > Duration::from_secs(30) => delay = Duration::from_secs(1),
+            Ok(()) => {
+                tracing::debug!(
+                    retry_in_s = delay.as_secs(),
+                    "events subscription closed by the server"
+                )
+            }
             Err(e) => {
                 tracing::debug!(error = %e, retry_in_s = delay.as_secs(), "events subscription interrupted")
             }

@@ -94,6 +94,8 @@ pub struct Worker {
     deployments: cache::TtlCache<Value>,
     /// Flows read recently.
     flows: cache::TtlCache<Value>,
+    /// The server has no flow-run labels endpoint (Prefect 2): labels are not sent.
+    labels_unsupported: std::sync::atomic::AtomicBool,
     /// The `prefect.worker.started` event, for `stopped` to follow.
     started_event: Mutex<Option<events::Emitted>>,
     /// Facts from the Engine's event stream, by container id: exit codes seen in `die`
@@ -160,6 +162,7 @@ impl Worker {
             events,
             deployments: cache::TtlCache::new(Duration::from_secs(3)),
             flows: cache::TtlCache::new(Duration::from_secs(30)),
+            labels_unsupported: std::sync::atomic::AtomicBool::new(false),
             started_event: Mutex::new(None),
             engine_facts: Mutex::new(std::collections::HashMap::new()),
         })

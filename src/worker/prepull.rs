@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::Worker;
-use crate::job::render::{merge_job_variables, render_job_configuration};
+use crate::job::render::{deployment_job_variables, merge_job_variables, render_job_configuration};
 use crate::job::{ContainerSpec, DockerJobConfiguration, PullPolicy, RunContext};
 
 impl Worker {
@@ -97,10 +97,7 @@ impl Worker {
         deployment: &Value,
         template: &Value,
     ) -> Result<ContainerSpec, String> {
-        let variables = merge_job_variables(
-            deployment.get("job_variables").and_then(Value::as_object),
-            None,
-        );
+        let variables = merge_job_variables(deployment_job_variables(deployment), None);
         let rendered =
             render_job_configuration(template, &variables, &|name| std::env::var(name).ok())
                 .map_err(|e| e.to_string())?;

@@ -14,7 +14,7 @@ use super::observe::{Accounting, EventIds, OutputTail};
 use super::{PoolRef, Worker, crash_message, explain, flow_run_labels};
 use crate::docker::usage::ResourceUsage;
 use crate::docker::{CreatedContainer, DockerError, ExitStatus, FoundContainer};
-use crate::job::render::{merge_job_variables, render_job_configuration};
+use crate::job::render::{deployment_job_variables, merge_job_variables, render_job_configuration};
 use crate::job::{ContainerSpec, DockerJobConfiguration, RunContext};
 use crate::prefect::{ApiError, FlowRun, SetStateStatus, StateProposal};
 
@@ -124,15 +124,28 @@ async fn run(worker: &Arc<Worker>, mut flow_run: FlowRun, pool: &PoolRef, templa
     );
 
     // The labels only inform the UI: sent alongside, never holding up the container (a busy
-    // server answering 503 would otherwise delay every start by its retries).
+    // server answering 503 would otherwise delay every start by its retries). A server without
+    // the endpoint (Prefect 2) is not asked again.
+    if !worker
+        .labels_unsupported
+        .load(std::sync::atomic::Ordering::Relaxed)
     {
-        let api = Arc::clone(&worker.api);
+        let w = Arc::clone(worker);
         let labels = flow_run_labels(worker.name(), pool);
         let run = id.to_owned();
         tokio::spawn(
             async move {
-                if let Err(e) = api.update_flow_run_labels(&run, &labels).await {
-                    tracing::warn!(error = %e, "could not label the flow run with this worker and pool");
+                match w.api.update_flow_run_labels(&run, &labels).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_missing_endpoint() => {
+                        if !w
+                            .labels_unsupported
+                            .swap(true, std::sync::atomic::Ordering::Relaxed)
+                        {
+                            tracing::info!("this Prefect server has no flow-run labels endpoint (Prefect 2); runs are not labelled with the worker and pool");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not label the flow run with this worker and pool"),
                 }
             }
             .in_current_span(),
@@ -577,9 +590,7 @@ async fn resolve_configuration(
     template: &Value,
 ) -> Result<(ContainerSpec, Arc<Value>), SubmitError> {
     let flow = worker.flow(&flow_run.flow_id).await?;
-    let deployment_vars = deployment
-        .and_then(|d| d.get("job_variables"))
-        .and_then(Value::as_object);
+    let deployment_vars = deployment.and_then(deployment_job_variables);
     let variables = merge_job_variables(deployment_vars, Some(&flow_run.job_variables));
     let rendered =
         render_job_configuration(template, &variables, &|name| std::env::var(name).ok())?;
