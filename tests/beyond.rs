@@ -316,19 +316,12 @@ async fn a_crash_sends_the_output_tail_and_every_run_its_resource_accounting() {
 
 /// The `prefect.docker.container.resources` events related to a flow run.
 async fn resource_events(api: &Api, flow_run_id: &str) -> Vec<Value> {
-    let body = json!({
-        "filter": {
-            "event": {"name": ["prefect.docker.container.resources"]},
-            "related": {"id": [format!("prefect.flow-run.{flow_run_id}")]},
-            "occurred": {"since": "2020-01-01T00:00:00Z"},
-        },
-        "limit": 10,
+    let filter = json!({
+        "event": {"name": ["prefect.docker.container.resources"]},
+        "related": {"id": [format!("prefect.flow-run.{flow_run_id}")]},
+        "occurred": {"since": "2020-01-01T00:00:00Z"},
     });
-    let (status, page) = api
-        .call(reqwest::Method::POST, "events/filter", Some(body))
-        .await;
-    assert_eq!(status, 200, "{page}");
-    page["events"].as_array().cloned().unwrap_or_default()
+    api.events(filter, 10).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

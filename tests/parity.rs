@@ -245,19 +245,12 @@ async fn a_run_cancelled_while_pending_never_gets_a_container_started() {
 
 /// Every event whose resource or related resources include `resource_id`, oldest first.
 async fn events_about(api: &Api, resource_id: &str) -> Vec<Value> {
-    let body = json!({
-        "filter": {
-            "any_resource": {"id": [resource_id]},
-            "occurred": {"since": "2020-01-01T00:00:00Z"},
-            "order": "ASC",
-        },
-        "limit": 50,
+    let filter = json!({
+        "any_resource": {"id": [resource_id]},
+        "occurred": {"since": "2020-01-01T00:00:00Z"},
+        "order": "ASC",
     });
-    let (status, page) = api
-        .call(reqwest::Method::POST, "events/filter", Some(body))
-        .await;
-    assert_eq!(status, 200, "{page}");
-    page["events"].as_array().cloned().unwrap_or_default()
+    api.events(filter, 50).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

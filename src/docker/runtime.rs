@@ -688,7 +688,7 @@ impl DockerRuntime {
         self.connect_networks(&container, &spec.extra_networks)
             .await?;
         if !wanted() {
-            self.remove_unstarted(&container).await;
+            self.force_remove(&container, "withdrawn container").await;
             return Err(DockerError::Withdrawn { stage: "started" });
         }
         match self.start_container(&container).await {
@@ -706,8 +706,9 @@ impl DockerRuntime {
         })
     }
 
-    /// Removes a container that was created but is not to be started.
-    async fn remove_unstarted(&self, container: &CreatedContainer) {
+    /// Force-removes a container the worker is done with; a failure is only logged, with
+    /// `what` saying which container it was.
+    async fn force_remove(&self, container: &CreatedContainer, what: &str) {
         let options = bollard::query_parameters::RemoveContainerOptionsBuilder::default()
             .force(true)
             .build();
@@ -716,7 +717,7 @@ impl DockerRuntime {
             .remove_container(&container.id, Some(options))
             .await
         {
-            tracing::warn!(container = container.display_name(), error = %EngineFailure::from(e), "could not remove the withdrawn container");
+            tracing::warn!(container = container.display_name(), error = %EngineFailure::from(e), "could not remove the {what}");
         }
     }
 
@@ -922,16 +923,8 @@ impl DockerRuntime {
         let (waited, ()) = tokio::join!(wait, logs);
         match waited {
             Ok(code) if auto_remove && self.is_podman => {
-                let options = bollard::query_parameters::RemoveContainerOptionsBuilder::default()
-                    .force(true)
-                    .build();
-                if let Err(e) = self
-                    .docker
-                    .remove_container(&container.id, Some(options))
-                    .await
-                {
-                    tracing::warn!(container = container.display_name(), error = %EngineFailure::from(e), "could not remove the exited container (auto_remove)");
-                }
+                self.force_remove(container, "exited container (auto_remove)")
+                    .await;
                 Ok(code)
             }
             Ok(code) => Ok(code),

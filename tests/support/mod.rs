@@ -399,6 +399,16 @@ impl Api {
             .unwrap_or_default()
     }
 
+    /// Events matching a Prefect event `filter` (`POST /events/filter`), up to `limit`.
+    pub async fn events(&self, filter: Value, limit: usize) -> Vec<Value> {
+        let body = json!({"filter": filter, "limit": limit});
+        let (status, page) = self
+            .call(reqwest::Method::POST, "events/filter", Some(body))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        page["events"].as_array().cloned().unwrap_or_default()
+    }
+
     /// Waits (up to 30 s) until a flow-run log line contains `needle` (logs arrive in
     /// batches); returns all of the run's log lines.
     pub async fn wait_for_log(&self, run_id: &str, needle: &str) -> Vec<String> {
