@@ -235,7 +235,9 @@ async fn a_run_cancelled_while_pending_never_gets_a_container_started() {
     );
     assert!(guard.containers().is_empty(), "{:?}", guard.containers());
     assert!(run["infrastructure_pid"].is_null(), "{run}");
-    let logs = api.flow_run_logs(&run_id).await;
+    let logs = api
+        .wait_for_log(&run_id, "Cancelled pending flow run")
+        .await;
     assert!(
         logs.iter()
             .any(|l| l == &format!("Cancelled pending flow run '{run_id}'")),
