@@ -650,7 +650,14 @@ impl Worker {
                     let due = scheduled_time.is_none_or(|t| t <= horizon);
                     if self.settings.fast_pickup && due {
                         tracing::debug!(flow_run_id, "a flow run became due; polling now");
-                        self.poll_now.notify_one();
+                        // A short random pause, so several workers of one pool do not all
+                        // claim the same run at the same instant.
+                        let pause = Duration::from_millis(rand::random_range(0..200));
+                        let worker = Arc::clone(&self);
+                        tokio::spawn(async move {
+                            tokio::time::sleep(pause).await;
+                            worker.poll_now.notify_one();
+                        });
                     }
                 }
             }

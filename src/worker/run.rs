@@ -427,8 +427,8 @@ pub(crate) async fn reattach(
 /// Checks an accepted claim against the run's state history. Under load a server on SQLite
 /// has been seen to accept a Pending proposal made from a stale poll after another worker had
 /// already claimed (or even finished) the run. The claim stands only if the state right
-/// before ours was Scheduled and ours is still the newest; a claim that displaced a final
-/// state puts that state back.
+/// before ours was Scheduled and ours is still the newest; a claim that became the current
+/// state of a run that had already ended puts the run's final state back.
 async fn claim_stands(
     worker: &Worker,
     id: &str,
@@ -478,41 +478,67 @@ async fn claim_stands(
         id,
         format!("Aborted submission of flow run '{id}': another worker claimed it first (state before this claim: '{displaced}')"),
     );
-    if let Some(previous) = previous.filter(|_| {
+    // If this late claim is now the run's current state although the run had already ended
+    // (states are listed by their timestamps, which need not be the order the server committed
+    // them), the run's newest final state is put back as it was.
+    let is_final = |s: &Value| {
         matches!(
-            displaced.as_str(),
+            state_type(s).as_str(),
             "COMPLETED" | "FAILED" | "CRASHED" | "CANCELLED"
         )
-    }) {
-        // This claim overwrote a final state: put it back as it was.
-        let restore = crate::prefect::StateProposal {
-            state_type: match displaced.as_str() {
-                "COMPLETED" => "COMPLETED",
-                "FAILED" => "FAILED",
-                "CRASHED" => "CRASHED",
-                _ => "CANCELLED",
-            },
-            name: "",
-            message: previous
-                .get("message")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-        };
-        let name = previous
-            .get("name")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        if let Err(e) = worker
-            .api
-            .set_flow_run_state_named(id, &restore, &name, true)
-            .await
-        {
+    };
+    let Some(last_final) = states
+        .iter()
+        .rev()
+        .filter(|s| s.get("id").and_then(Value::as_str) != Some(ours))
+        .find(|s| is_final(s))
+    else {
+        return false;
+    };
+    let current = match worker
+        .through_outage("read flow run", || worker.api.read_flow_run(id))
+        .await
+    {
+        Ok(run) => run,
+        Err(e) => {
             worker.logs.error(
                 id,
-                format!("Failed to restore the final state of flow run '{id}': {e}"),
+                format!("Failed to verify the claim of flow run '{id}': {e}"),
             );
+            return false;
         }
+    };
+    if current.raw.pointer("/state/id").and_then(Value::as_str) != Some(ours) {
+        return false;
+    }
+    let final_type = state_type(last_final);
+    let restore = crate::prefect::StateProposal {
+        state_type: match final_type.as_str() {
+            "COMPLETED" => "COMPLETED",
+            "FAILED" => "FAILED",
+            "CRASHED" => "CRASHED",
+            _ => "CANCELLED",
+        },
+        name: "",
+        message: last_final
+            .get("message")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+    };
+    let name = last_final
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if let Err(e) = worker
+        .api
+        .set_flow_run_state_named(id, &restore, &name, true)
+        .await
+    {
+        worker.logs.error(
+            id,
+            format!("Failed to restore the final state of flow run '{id}': {e}"),
+        );
     }
     false
 }
