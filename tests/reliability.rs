@@ -23,7 +23,19 @@ async fn crashed_states(api: &Api, run_id: &str) -> usize {
     assert_eq!(status, 200, "{states}");
     states
         .as_array()
-        .map(|a| a.iter().filter(|s| s["type"] == json!("CRASHED")).count())
+        .map(|a| {
+            a.iter()
+                // A final state put back after another worker's late claim displaced it is
+                // not a second report of the run.
+                .filter(|s| {
+                    s["type"] == json!("CRASHED")
+                        && !s["message"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .contains("[restored by worker")
+                })
+                .count()
+        })
         .unwrap_or_default()
 }
 
@@ -443,8 +455,8 @@ async fn r4_three_workers_300_runs_each_executed_once() {
         per_run.values().all(|n| *n == 1) && per_run.len() == 300,
         "a run ran twice"
     );
-    for id in ids.iter().step_by(10) {
-        assert_eq!(crashed_states(&api, id).await, 1);
+    for id in &ids {
+        assert_eq!(crashed_states(&api, id).await, 1, "run {id}");
     }
     let mut shares: Vec<_> = per_worker.into_iter().collect();
     shares.sort();

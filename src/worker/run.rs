@@ -520,25 +520,33 @@ async fn claim_stands(
             _ => "CANCELLED",
         },
         name: "",
-        message: last_final
-            .get("message")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
+        message: Some(format!(
+            "{} [restored by worker '{}' after its late claim displaced it]",
+            last_final
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
+            worker.name()
+        )),
     };
     let name = last_final
         .get("name")
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned();
-    if let Err(e) = worker
+    match worker
         .api
         .set_flow_run_state_named(id, &restore, &name, true)
         .await
     {
-        worker.logs.error(
+        Ok(_) => worker.logs.info(
+            id,
+            format!("Restored the final state '{name}' of flow run '{id}', which this worker's late claim had displaced"),
+        ),
+        Err(e) => worker.logs.error(
             id,
             format!("Failed to restore the final state of flow run '{id}': {e}"),
-        );
+        ),
     }
     false
 }
