@@ -96,6 +96,8 @@ pub struct Worker {
     flows: cache::TtlCache<Value>,
     /// The server has no flow-run labels endpoint (Prefect 2): labels are not sent.
     labels_unsupported: std::sync::atomic::AtomicBool,
+    /// Label updates in flight at once.
+    labels_gate: Semaphore,
     /// The `prefect.worker.started` event, for `stopped` to follow.
     started_event: Mutex<Option<events::Emitted>>,
     /// Facts from the Engine's event stream, by container id: exit codes seen in `die`
@@ -163,6 +165,7 @@ impl Worker {
             deployments: cache::TtlCache::new(Duration::from_secs(3)),
             flows: cache::TtlCache::new(Duration::from_secs(30)),
             labels_unsupported: std::sync::atomic::AtomicBool::new(false),
+            labels_gate: Semaphore::new(2),
             started_event: Mutex::new(None),
             engine_facts: Mutex::new(std::collections::HashMap::new()),
         })

@@ -135,6 +135,11 @@ async fn run(worker: &Arc<Worker>, mut flow_run: FlowRun, pool: &PoolRef, templa
         let run = id.to_owned();
         tokio::spawn(
             async move {
+                // Two at a time: a burst of hundreds of runs must not flood a busy server
+                // with label updates (and their retries) ahead of the calls that matter.
+                let Ok(_permit) = w.labels_gate.acquire().await else {
+                    return;
+                };
                 match w.api.update_flow_run_labels(&run, &labels).await {
                     Ok(()) => {}
                     Err(e) if e.is_missing_endpoint() => {
