@@ -1076,9 +1076,11 @@ class Bench:
                 proxy.wait_first_poll(120, proc)
                 # Idle first: the subscription must not add API calls.
                 time.sleep(2)
-                t0 = time.time()
+                # The proxy stamps requests with the monotonic clock.
+                t0 = time.monotonic()
                 time.sleep(a.pickup_idle_seconds)
-                idle_calls = proxy.count(t0, time.time()) * 60 / (time.time() - t0)
+                t1 = time.monotonic()
+                idle_calls = proxy.count(t0, t1) * 60 / (t1 - t0)
                 latencies = []
                 for i in range(a.pickup_runs):
                     created = time.time()
