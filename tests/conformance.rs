@@ -436,7 +436,7 @@ async fn the_reference_and_this_worker_make_the_same_containers_states_and_logs(
                 serde_json::to_string(&o.creates).unwrap()
             ));
         }
-        if !same_states(&r.states, &o.states) {
+        if !same_states(&r.states, &o.states) && !exit_code_fix(&r.states, &o.states) {
             differences.push(format!(
                 "{label}: state proposals differ\n  reference: {}\n  ours:      {}",
                 serde_json::to_string(&r.states).unwrap(),
@@ -498,6 +498,24 @@ fn same_states(reference: &[Value], ours: &[Value]) -> bool {
                             && om.starts_with(SUBMIT_FAILED)
                             && om.contains(engine_explanation(rm))))
         })
+}
+
+/// Difference 1 of the README: the reference sometimes misses a non-zero exit of an
+/// auto-removed container (its inspect finds the container gone) and reports nothing, where
+/// this worker reports Crashed with the code from the wait. Ours = the reference's + that one.
+fn exit_code_fix(reference: &[Value], ours: &[Value]) -> bool {
+    let Some((last, earlier)) = ours.split_last() else {
+        return false;
+    };
+    let fixed = same_states(reference, earlier)
+        && last["type"] == "CRASHED"
+        && last["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("exited with non-zero status code"));
+    if fixed {
+        eprintln!("the reference missed a non-zero exit this worker reported (difference 1)");
+    }
+    fixed
 }
 
 /// The Engine's message inside a docker-py error: `… ("No such image: x")` → `No such image: x`;
