@@ -58,22 +58,11 @@ impl DockerRuntime {
                 vec!["exited".to_owned(), "dead".to_owned()],
             ),
         ]);
-        let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let summaries = self
-            .engine()
-            .list_containers(Some(options))
-            .await
-            .map_err(|e| DockerError::Api {
-                operation: "list containers",
-                failure: e.into(),
-            })?;
+        let summaries = self.list_containers(&filters).await?;
         let mut found = Vec::with_capacity(summaries.len());
         for summary in summaries {
             let Some(id) = summary.id else { continue };
-            let info = match self.engine().inspect_container(&id, None).await {
+            let info = match self.docker.inspect_container(&id, None).await {
                 Ok(info) => info,
                 Err(e) => {
                     let failure = EngineFailure::from(e);
@@ -120,7 +109,7 @@ impl DockerRuntime {
             .v(true)
             .force(false)
             .build();
-        match self.engine().remove_container(id, Some(options)).await {
+        match self.docker.remove_container(id, Some(options)).await {
             Ok(()) => Ok(Removal::Removed),
             Err(e) => {
                 let failure = EngineFailure::from(e);

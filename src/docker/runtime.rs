@@ -1145,18 +1145,7 @@ impl DockerRuntime {
         labels: &[String],
     ) -> Result<Vec<FoundContainer>, DockerError> {
         let filters = HashMap::from([("label".to_owned(), labels.to_vec())]);
-        let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let summaries = self
-            .docker
-            .list_containers(Some(options))
-            .await
-            .map_err(|e| DockerError::Api {
-                operation: "list containers",
-                failure: e.into(),
-            })?;
+        let summaries = self.list_containers(&filters).await?;
         let mut found = Vec::with_capacity(summaries.len());
         for summary in summaries {
             let Some(id) = summary.id else { continue };
@@ -1192,9 +1181,22 @@ impl DockerRuntime {
         Ok(found)
     }
 
-    /// The bollard client, for the other parts of this module (`cleanup`).
-    pub(super) fn engine(&self) -> &Docker {
-        &self.docker
+    /// Every container (running or not) matching the Engine's list `filters`.
+    pub(super) async fn list_containers(
+        &self,
+        filters: &HashMap<String, Vec<String>>,
+    ) -> Result<Vec<bollard::models::ContainerSummary>, DockerError> {
+        let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(filters)
+            .build();
+        self.docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| DockerError::Api {
+                operation: "list containers",
+                failure: e.into(),
+            })
     }
 
     /// Whether a container exists (for tests and reattachment).
