@@ -70,6 +70,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         events,
         metrics,
         events_config,
+        channel_config: settings.worker.worker_channel.then(|| settings.api.clone()),
     };
     let worker = Worker::new(settings.worker, api, docker, reporting, shutdown);
     let result = worker.run().await;

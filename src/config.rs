@@ -108,6 +108,9 @@ pub struct WorkerSettings {
     pub prepull: bool,
     /// Emit the worker's and containers' Prefect events over `/events/in`.
     pub emit_events: bool,
+    /// Sync over Prefect's worker channel websocket (≥ 3.9) when the server offers it,
+    /// which also brings cleanup delivery; REST otherwise.
+    pub worker_channel: bool,
     /// Collect the pool's finished containers this often; `None` = never.
     pub gc_interval: Option<Duration>,
     /// Periodic collection keeps containers that finished less than this long ago.
@@ -660,6 +663,7 @@ impl Settings {
                 resource_accounting: boolean(env, "DOCKER_WORKER_RESOURCE_ACCOUNTING", true)?,
                 prepull: args.prepull || boolean(env, "DOCKER_WORKER_PREPULL", false)?,
                 emit_events: boolean(env, "DOCKER_WORKER_EMIT_EVENTS", true)?,
+                worker_channel: boolean(env, "DOCKER_WORKER_CHANNEL", true)?,
                 gc_interval,
                 gc_older_than,
             },

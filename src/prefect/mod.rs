@@ -1,6 +1,7 @@
 //! The Prefect side: a REST client for the endpoints a worker uses and their models.
 //! Depends on HTTP and serde only; nothing here knows about Docker.
 
+pub mod channel;
 pub mod client;
 pub mod events;
 pub mod models;

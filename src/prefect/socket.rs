@@ -1,6 +1,6 @@
 //! Opening one of Prefect's event websockets (`/events/out`, `/events/in`): the URL, the
 //! `prefect` subprotocol, Basic auth on the upgrade when an auth string is set, and the in-band
-//! `{"type":"auth"}` handshake. Shared by the subscriber and the emitter.
+//! `{"type":"auth"}` handshake. Shared by the subscriber, the emitter and the worker channel.
 
 use std::time::Duration;
 
@@ -84,16 +84,33 @@ pub fn is_subprotocol_refusal(error: &SocketError) -> bool {
     text.contains("subprotocol")
 }
 
-/// `auth`: `Some(token)` for Prefect 3's handshake, `None` for the legacy one.
-async fn open(
+/// The token of the in-band auth message: the auth string, else the API key.
+pub fn auth_token(config: &ClientConfig) -> Option<String> {
+    config
+        .auth_string
+        .clone()
+        .filter(|s| !s.is_empty())
+        .or_else(|| config.api_key.clone().filter(|s| !s.is_empty()))
+}
+
+/// Opens `path` with the `prefect` subprotocol and stops there: the caller sends the auth
+/// message itself (the worker channel reads the server's refusal reasons).
+///
+/// # Errors
+/// [`SocketError`] when the upgrade fails (the HTTP status is in [`SocketError::Socket`]).
+pub async fn upgrade(config: &ClientConfig, path: &str) -> Result<EventSocket, SocketError> {
+    upgrade_with(config, path, true).await
+}
+
+async fn upgrade_with(
     config: &ClientConfig,
     path: &str,
-    auth: Option<Option<String>>,
+    subprotocol: bool,
 ) -> Result<EventSocket, SocketError> {
     let url = ws_url(&config.api_url, path)?;
     let mut request = url.as_str().into_client_request()?;
     let headers = request.headers_mut();
-    if auth.is_some() {
+    if subprotocol {
         headers.insert(
             "Sec-WebSocket-Protocol",
             "prefect"
@@ -110,12 +127,22 @@ async fn open(
             headers.insert("Authorization", v);
         }
     }
-    let (mut socket, _) = tokio::time::timeout(
+    let (socket, _) = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_tungstenite::connect_async(request),
     )
     .await
     .map_err(|_| SocketError::Handshake("timed out connecting".into()))??;
+    Ok(socket)
+}
+
+/// `auth`: `Some(token)` for Prefect 3's handshake, `None` for the legacy one.
+async fn open(
+    config: &ClientConfig,
+    path: &str,
+    auth: Option<Option<String>>,
+) -> Result<EventSocket, SocketError> {
+    let mut socket = upgrade_with(config, path, auth.is_some()).await?;
     let Some(token) = auth else {
         return Ok(socket);
     };

@@ -130,11 +130,7 @@ async fn session(
     seen: &mut VecDeque<String>,
     seen_set: &mut HashSet<String>,
 ) -> Result<(), SubscribeError> {
-    let token = config
-        .auth_string
-        .clone()
-        .filter(|s| !s.is_empty())
-        .or_else(|| config.api_key.clone().filter(|s| !s.is_empty()));
+    let token = super::socket::auth_token(config);
     let mut socket = super::socket::connect(config, "events/out", token).await?;
     socket
         .send(Message::text(filter(pool_id, *since).to_string()))

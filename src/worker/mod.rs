@@ -6,6 +6,7 @@
 //! retrying with the same credentials cannot help.
 
 mod cache;
+mod channel;
 mod events;
 mod exit_codes;
 mod gc_loop;
@@ -100,6 +101,8 @@ pub struct Worker {
     labels_gate: Semaphore,
     /// The `prefect.worker.started` event, for `stopped` to follow.
     started_event: Mutex<Option<events::Emitted>>,
+    /// Prefect's worker channel (heartbeats, pool snapshots, cleanup delivery).
+    channel: channel::ChannelState,
     /// Facts from the Engine's event stream, by container id: exit codes seen in `die`
     /// events, and containers the OOM killer hit. Entries go when their run is reported.
     engine_facts: Mutex<std::collections::HashMap<String, EngineFacts>>,
@@ -125,6 +128,8 @@ pub struct Reporting {
     pub metrics: Arc<Metrics>,
     /// Settings for the `/events/out` subscription.
     pub events_config: Option<crate::prefect::ClientConfig>,
+    /// Settings for the worker channel; `None` = sync over REST only.
+    pub channel_config: Option<crate::prefect::ClientConfig>,
 }
 
 impl Worker {
@@ -141,6 +146,7 @@ impl Worker {
             events,
             metrics,
             events_config,
+            channel_config,
         } = reporting;
         let limiter = settings.limit.map(|n| Arc::new(Semaphore::new(n)));
         Arc::new(Self {
@@ -168,6 +174,7 @@ impl Worker {
             labels_gate: Semaphore::new(2),
             started_event: Mutex::new(None),
             engine_facts: Mutex::new(std::collections::HashMap::new()),
+            channel: channel::ChannelState::new(channel_config),
         })
     }
 
@@ -187,7 +194,13 @@ impl Worker {
     /// [`WorkerError`] when the worker cannot go on (credentials, start-up).
     pub async fn run(self: &Arc<Self>) -> Result<(), WorkerError> {
         let shutdown = self.shutdown.clone();
-        match self.sync().await {
+        let over_channel =
+            !self.settings.run_once && self.start_channel(shutdown.child_token()).await;
+        match if over_channel {
+            Ok(())
+        } else {
+            self.sync().await
+        } {
             Ok(()) => {}
             // A 403 here can also be a refusal of the pool itself (reserved names): say so as is.
             Err(e) if e.status() == Some(401) => return Err(WorkerError::Unauthorized(e)),
@@ -328,14 +341,9 @@ impl Worker {
             self.api.update_work_pool_template(name, &template).await?;
             pool.base_job_template = template;
         }
-        if pool.pool_type != "docker" {
-            tracing::warn!(
-                "Worker type mismatch! This worker process expects type 'docker' but received '{}' from the server. Unexpected behavior may occur.",
-                pool.pool_type
-            );
-        }
-        if pool.is_paused {
-            tracing::warn!(pool = %name, "Work pool is paused; no flow runs will be handed out until it is resumed");
+        if self.channel.healthy() {
+            // The channel came back while this sync was in flight: its snapshot is newer.
+            return Ok(());
         }
         self.api
             .send_worker_heartbeat(
@@ -344,10 +352,27 @@ impl Worker {
                 self.settings.heartbeat_interval.as_secs(),
             )
             .await?;
-        if let Ok(mut guard) = self.pool.write() {
-            *guard = Some(pool);
-        }
+        self.record_pool(pool);
         Ok(())
+    }
+
+    /// Makes `pool` the worker's view of its pool (from a REST read or a channel snapshot),
+    /// warning when its type is not `docker` or it is paused, as the state changes.
+    fn record_pool(&self, pool: WorkPool) {
+        let Ok(mut guard) = self.pool.write() else {
+            return;
+        };
+        let previous = guard.as_ref();
+        if pool.pool_type != "docker" && previous.is_none_or(|p| p.pool_type != pool.pool_type) {
+            tracing::warn!(
+                "Worker type mismatch! This worker process expects type 'docker' but received '{}' from the server. Unexpected behavior may occur.",
+                pool.pool_type
+            );
+        }
+        if pool.is_paused && previous.is_none_or(|p| !p.is_paused) {
+            tracing::warn!(pool = %pool.name, "Work pool is paused; no flow runs will be handed out until it is resumed");
+        }
+        *guard = Some(pool);
     }
 
     async fn sync_loop(&self, shutdown: CancellationToken) -> Result<(), WorkerError> {
@@ -357,6 +382,10 @@ impl Worker {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = shutdown.cancelled() => return Ok(()),
+            }
+            if self.channel.healthy() {
+                tracing::debug!("worker channel healthy: no REST heartbeat or pool read");
+                continue;
             }
             match self.sync().await {
                 Ok(()) => failures = 0,

@@ -90,6 +90,8 @@ pub struct PrefectServer {
     home: PathBuf,
     log: PathBuf,
     child: Child,
+    /// Extra server settings (environment), kept for restarts.
+    env: Vec<(String, String)>,
 }
 
 fn http_get_status(port: u16, path: &str) -> Option<u16> {
@@ -104,7 +106,7 @@ fn http_get_status(port: u16, path: &str) -> Option<u16> {
 }
 
 impl PrefectServer {
-    fn spawn(home: &Path, port: u16, log: &Path) -> Child {
+    fn spawn(home: &Path, port: u16, log: &Path, env: &[(String, String)]) -> Child {
         let venv = venv();
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -133,6 +135,7 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
             .env("PREFECT_UI_ENABLED", "false")
             .env("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
             .env_remove("PREFECT_API_URL")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(log_file.try_clone().expect("log fd"))
             .stderr(log_file)
             .spawn()
@@ -161,17 +164,27 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
 
     /// A server of the caller's own (stopped when dropped), for tests that stop and restart it.
     pub fn start() -> Self {
+        Self::start_with_env(&[])
+    }
+
+    /// Like [`Self::start`], with extra server settings (`PREFECT_SERVER_…` variables).
+    pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         let port = free_port();
         let home = std::env::temp_dir().join(unique("dw-prefect-home"));
         std::fs::create_dir_all(&home).expect("temp PREFECT_HOME");
         let log = home.join("server.log");
-        let child = Self::spawn(&home, port, &log);
+        let child = Self::spawn(&home, port, &log, &env);
         let mut server = Self {
             port,
             api_url: format!("http://127.0.0.1:{port}/api"),
             home,
             log,
             child,
+            env,
         };
         server.wait_healthy();
         server
@@ -191,7 +204,7 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
 
     /// Starts it again on the same port and database.
     pub fn restart(&mut self) {
-        self.child = Self::spawn(&self.home, self.port, &self.log);
+        self.child = Self::spawn(&self.home, self.port, &self.log, &self.env);
         self.wait_healthy();
     }
 

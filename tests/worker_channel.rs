@@ -1,0 +1,265 @@
+//! Prefect's worker channel (issue #3, §3.1/§7.3), against a real Prefect 3.9.1 server: the
+//! websocket replaces REST heartbeats and pool reads, the server creates the pool from the
+//! hello, and cleanup delivery stops the container of a run the server cancelled on its own.
+
+mod support;
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::recorder::{Endpoint, Recorder};
+use support::*;
+
+/// This binary's server: CANCELLING runs time out after 15 s (the default is 300 s), so the
+/// server hands the teardown to a connected worker within the test.
+fn channel_server() -> &'static PrefectServer {
+    static SERVER: OnceLock<PrefectServer> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        PrefectServer::start_with_env(&[(
+            "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_CANCELLING_TIMEOUT_SECONDS",
+            "15",
+        )])
+    })
+}
+
+fn api_recorder(server: &PrefectServer) -> (Recorder, String) {
+    let recorder = Recorder::tcp(Endpoint::Tcp(format!("127.0.0.1:{}", server.port)));
+    let Endpoint::Tcp(addr) = &recorder.listen else {
+        unreachable!()
+    };
+    let url = format!("http://{addr}/api");
+    (recorder, url)
+}
+
+async fn workers_of(api: &Api, pool: &str) -> Vec<serde_json::Value> {
+    let (status, body) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("work_pools/{pool}/workers/filter"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body.as_array().cloned().unwrap_or_default()
+}
+
+async fn wait_for_log(worker: &WorkerProcess, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !worker.output().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "the worker never logged {needle:?}:\n{}",
+            worker.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_channel_creates_the_pool_and_carries_heartbeats_instead_of_rest() {
+    let server = channel_server();
+    let api = Api::new(server);
+    let (recorder, url) = api_recorder(server);
+    let pool = unique("chan-pool");
+    let worker = WorkerProcess::start(
+        server,
+        &["--pool", &pool, "--name", "chan-worker"],
+        &[
+            ("PREFECT_API_URL", &url),
+            ("PREFECT_WORKER_HEARTBEAT_SECONDS", "1"),
+        ],
+    );
+    wait_for_log(
+        &worker,
+        "connected to Prefect's worker channel",
+        Duration::from_secs(30),
+    )
+    .await;
+
+    // The server created the pool from the hello, with this worker's template.
+    let pool_json = api.wait_for_pool(&pool, Duration::from_secs(10)).await;
+    assert_eq!(pool_json["type"], "docker");
+    let properties = &pool_json["base_job_template"]["variables"]["properties"];
+    assert!(
+        properties.get("image").is_some() && properties.get("gpus").is_some(),
+        "{pool_json}"
+    );
+
+    // Heartbeats arrive over the socket: the worker's heartbeat time moves on…
+    let first = workers_of(&api, &pool).await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0]["name"], "chan-worker");
+    assert_eq!(first[0]["status"], "ONLINE");
+    let t0 = first[0]["last_heartbeat_time"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = workers_of(&api, &pool).await;
+        if now[0]["last_heartbeat_time"].as_str().unwrap() > t0.as_str() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat over the channel within 20 s:\n{}",
+            worker.output()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // …while REST saw the upgrade and polls, and — once the channel was up (a busy SQLite
+    // server may refuse the first handshake; REST covers that moment, as in the reference) —
+    // no heartbeat or pool read at all, over several heartbeat intervals.
+    let before = recorder.records().len();
+    let window_start = workers_of(&api, &pool).await[0]["last_heartbeat_time"].clone();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let all = recorder.records();
+    let records = &all[before..];
+    let window_end = workers_of(&api, &pool).await[0]["last_heartbeat_time"].clone();
+    assert!(
+        window_end.as_str() > window_start.as_str(),
+        "no heartbeat during the window: {window_start} → {window_end}"
+    );
+    let upgrade = format!("/api/work_pools/{pool}/workers/connect");
+    assert!(
+        all.iter()
+            .any(|r| r.path() == upgrade && r.header("sec-websocket-protocol") == Some("prefect")),
+        "no channel upgrade recorded"
+    );
+    let paths: Vec<String> = records
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path()))
+        .collect();
+    assert!(
+        paths
+            .iter()
+            .any(|p| p.ends_with("/get_scheduled_flow_runs")),
+        "{paths:?}"
+    );
+    assert!(
+        !paths
+            .iter()
+            .any(|p| p.ends_with("/workers/heartbeat")
+                || *p == format!("GET /api/work_pools/{pool}")),
+        "REST sync happened while the channel was healthy: {paths:?}"
+    );
+    drop(worker);
+
+    // With the channel switched off, the same worker syncs over REST.
+    let (recorder, url) = api_recorder(server);
+    let worker = WorkerProcess::start(
+        server,
+        &["--pool", &pool, "--name", "rest-worker"],
+        &[
+            ("PREFECT_API_URL", &url),
+            ("PREFECT_WORKER_HEARTBEAT_SECONDS", "1"),
+            ("DOCKER_WORKER_CHANNEL", "false"),
+        ],
+    );
+    wait_for_log(&worker, "started!", Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let records = recorder.records();
+    assert!(
+        records
+            .iter()
+            .filter(|r| r.path().ends_with("/workers/heartbeat"))
+            .count()
+            >= 2,
+        "expected REST heartbeats"
+    );
+    assert!(
+        !records
+            .iter()
+            .any(|r| r.path().ends_with("/workers/connect"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cleanup_delivery_stops_the_container_of_a_run_the_server_cancelled() {
+    require_docker();
+    let server = channel_server();
+    let api = Api::new(server);
+    let pool = unique("chan-cleanup");
+    let _containers = ContainerGuard::for_pool(&pool);
+    let deployment = api
+        .busybox_deployment(
+            &pool,
+            json!({"command": "sh -c \"trap 'echo got TERM; exit 0' TERM; echo started; sleep 600 & wait\""}),
+        )
+        .await;
+    // The worker does not stop cancelled runs itself, so only the server's cleanup can.
+    let worker = WorkerProcess::start(server, &["--pool", &pool, "--no-stop-cancelled"], &[]);
+    wait_for_log(
+        &worker,
+        "connected to Prefect's worker channel",
+        Duration::from_secs(30),
+    )
+    .await;
+    let run = api.create_flow_run(&deployment, json!({})).await;
+    wait_for_pids(&api, &[&run], Duration::from_secs(120), &worker).await;
+    let running = ContainerGuard::for_label("io.prefect.flow-run-id", &run);
+    assert_eq!(running.running().len(), 1, "{}", worker.output());
+
+    let (status, body) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("flow_runs/{run}/set_state"),
+            Some(json!({"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": true})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let cancelling_at = Instant::now();
+
+    // The container keeps running until the server times the cancellation out (15 s)…
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(
+        running.running().len(),
+        1,
+        "stopped before the timeout:\n{}",
+        worker.output()
+    );
+    // …then the server marks it Cancelled and delivers the teardown to this worker.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !running.running().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the cleanup never stopped the container:\n{}\n{}",
+            worker.output(),
+            server.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let stopped_after = cancelling_at.elapsed();
+    assert!(
+        stopped_after >= Duration::from_secs(15),
+        "{stopped_after:?}"
+    );
+    let state = api.read_flow_run(&run).await;
+    let (kind, message) = run_state(&state);
+    assert_eq!(kind, "CANCELLED", "{state}");
+    assert!(message.contains("timed out"), "{message}");
+    wait_for_log(
+        &worker,
+        "cleanup delivered by the worker channel finished",
+        Duration::from_secs(30),
+    )
+    .await;
+    let out = worker.output();
+    assert!(out.contains("Stopped Docker container"), "{out}");
+    let finished = out
+        .lines()
+        .find(|l| l.contains("cleanup delivered by the worker channel finished"))
+        .unwrap();
+    // Acknowledged, and the server accepted the ack.
+    assert!(
+        finished.contains("Ok(())") && finished.contains("\"accepted\""),
+        "{finished}"
+    );
+    // The container's exit report does not overwrite the server's Cancelled state.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let final_state = api.read_flow_run(&run).await;
+    assert_eq!(
+        run_state(&final_state),
+        ("CANCELLED", message),
+        "{final_state}"
+    );
+}
