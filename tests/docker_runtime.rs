@@ -8,8 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use docker_worker::docker::{DockerError, DockerRuntime};
-use docker_worker::job::{ContainerSpec, PullPolicy};
+use docker_worker::job::{ContainerSpec, PullPolicy, RegistryCredentials};
 use serde_json::json;
+use support::recorder::{Endpoint, Recorder};
+use support::services::Registry;
 use support::*;
 
 async fn runtime() -> DockerRuntime {
@@ -209,6 +211,143 @@ async fn a_failed_pull_names_the_image_and_the_registry_error() {
         err.to_string()
             .starts_with(&format!("Docker pull failed for {}", s.image)),
         "{err}"
+    );
+}
+
+fn credentials(registry: &Registry, password: &str) -> Option<RegistryCredentials> {
+    Some(RegistryCredentials {
+        username: registry.user.clone(),
+        password: password.to_owned(),
+        registry_url: registry.addr.clone(),
+        reauth: true,
+    })
+}
+
+/// A runtime whose Docker socket is a recording proxy to the machine's daemon.
+async fn recorded_runtime(dir: &std::path::Path) -> (DockerRuntime, Recorder) {
+    require_docker();
+    let recorder = Recorder::unix(
+        &dir.join("docker.sock"),
+        Endpoint::Unix("/var/run/docker.sock".into()),
+    );
+    let docker = DockerRuntime::connect(
+        Some(&format!("unix://{}", dir.join("docker.sock").display())),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("connect through the recorder");
+    (docker, recorder)
+}
+
+#[tokio::test]
+async fn registry_login_comes_before_the_pull_and_concurrent_runs_share_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let (docker, recorder) = recorded_runtime(dir.path()).await;
+    let registry = Registry::start();
+    let image = registry.push_busybox(&unique("login"));
+    let _image = ImageGuard(image.clone());
+    let run = unique("dw-rt-login");
+    let _guard = ContainerGuard::for_label(TEST_LABEL, &run);
+
+    // A wrong password: the login fails, nothing is pulled, the error says it was the login.
+    let mut s = spec(&run, "true");
+    s.image = image.clone();
+    s.pull_policy = PullPolicy::Always;
+    s.registry_credentials = credentials(&registry, "wrong");
+    let err = docker.create_and_start_container(&s).await.unwrap_err();
+    match &err {
+        DockerError::PullFailed { login_registry, .. } => {
+            assert_eq!(login_registry.as_deref(), Some(registry.addr.as_str()));
+        }
+        other => panic!("not a failed login: {other}"),
+    }
+    assert!(
+        err.to_string().starts_with(&format!(
+            "Docker pull failed for {image}: login to registry {} failed: ",
+            registry.addr
+        )) && err.to_string().contains("401 Unauthorized"),
+        "{err}"
+    );
+    assert_eq!(docker.pulls_made(), 0);
+
+    // Three runs at once with the right password: one login, one pull, three containers.
+    s.registry_credentials = credentials(&registry, &registry.password);
+    let specs: Vec<ContainerSpec> = (0..3)
+        .map(|i| {
+            let mut s = s.clone();
+            s.name = Some(format!("{run}-{i}"));
+            s
+        })
+        .collect();
+    let started =
+        futures_util::future::join_all(specs.iter().map(|s| docker.create_and_start_container(s)))
+            .await;
+    for result in started {
+        result.expect("pulled after the login");
+    }
+    assert_eq!(docker.pulls_made(), 1);
+    let records = recorder.records();
+    let logins: Vec<serde_json::Value> = records
+        .iter()
+        .filter(|r| r.method == "POST" && r.path().ends_with("/auth"))
+        .map(|r| r.json())
+        .collect();
+    let expected = |password: &str| json!({"username": registry.user, "password": password, "serveraddress": registry.addr});
+    assert_eq!(
+        logins,
+        vec![expected("wrong"), expected(&registry.password)],
+        "the failed login, then one for the three runs"
+    );
+    let pulls = records
+        .iter()
+        .filter(|r| r.method == "POST" && r.path().ends_with("/images/create"))
+        .count();
+    assert_eq!(pulls, 1);
+}
+
+#[tokio::test]
+async fn if_possible_falls_back_to_a_local_image_when_the_login_fails() {
+    let docker = runtime().await;
+    let registry = Registry::start();
+    let run = unique("dw-rt-ifpossible");
+    let _guard = ContainerGuard::for_label(TEST_LABEL, &run);
+    let local = format!("{}/dw/busybox:{}", registry.addr, unique("local"));
+    run_ok(Command::new("docker").args(["tag", BUSYBOX, &local]));
+    let _image = ImageGuard(local.clone());
+
+    let mut s = spec(&run, "true");
+    s.image = local.clone();
+    s.pull_policy = PullPolicy::IfPossible;
+    s.registry_credentials = credentials(&registry, "wrong");
+    let started = docker
+        .create_and_start_container(&s)
+        .await
+        .expect("the local image is used");
+    assert_eq!(started.pull_duration, None);
+
+    // Neither in the registry nor here: both failures, in the reference's layout.
+    let mut s = spec(&format!("{run}-none"), "true");
+    s.labels.insert(TEST_LABEL.to_owned(), run.clone());
+    s.image = format!("{local}-missing");
+    s.pull_policy = PullPolicy::IfPossible;
+    s.registry_credentials = credentials(&registry, "wrong");
+    let err = docker.create_and_start_container(&s).await.unwrap_err();
+    assert!(
+        matches!(err, DockerError::PullAndLocalFailed { .. }),
+        "{err}"
+    );
+    let message = err.to_string();
+    let expected_start = format!(
+        "Docker operation completely failed for '{image}':\n-> [1. Login/Pull Error]: Docker pull failed for {image}: login to registry {} failed: ",
+        registry.addr,
+        image = s.image
+    );
+    assert!(message.starts_with(&expected_start), "{message}");
+    assert!(
+        message.contains("\n\n-> [2. Local Error]: ")
+            && message.contains("No such image")
+            && message.ends_with("\n\n-> NOTE: Because ImagePullPolicy was set to 'ImagePullPolicy.IF_POSSIBLE', a local fallback was attempted after the pull failed, but the image could not be found locally either."),
+        "{message}"
     );
 }
 

@@ -66,11 +66,29 @@ fn from_helper(helper: &str, server: &str) -> Option<DockerCredentials> {
     })
 }
 
+/// Whether a registry address as users write it (`127.0.0.1:5000`,
+/// `https://index.docker.io/v1/`) is the registry `image` is pulled from: only then do a job's
+/// `registry_credentials` go with the pull, as docker-py keys logins by registry.
+pub fn serves(registry_url: &str, image: &str) -> bool {
+    same_registry(registry_url, &registry_of(image))
+}
+
 /// Credentials for `image`'s registry from `config_dir/config.json`, if any are stored.
 pub fn credentials_for(image: &str, config_dir: &Path) -> Option<DockerCredentials> {
+    credentials_for_registry(&registry_of(image), config_dir)
+}
+
+/// Credentials stored in `config_dir/config.json` for a registry address (a host, `host:port`
+/// or a URL such as `https://index.docker.io/v1/`), if any.
+pub fn credentials_for_registry(registry: &str, config_dir: &Path) -> Option<DockerCredentials> {
     let text = std::fs::read_to_string(config_dir.join("config.json")).ok()?;
     let config: Value = serde_json::from_str(&text).ok()?;
-    let registry = registry_of(image);
+    let host = host_of_key(registry);
+    let registry = if same_registry(host, "docker.io") {
+        "docker.io".to_owned()
+    } else {
+        host.to_owned()
+    };
     let server = if registry == "docker.io" {
         DOCKER_HUB.to_owned()
     } else {
@@ -154,6 +172,20 @@ mod tests {
         assert_eq!(hub.username.as_deref(), Some("hub"));
         assert!(credentials_for("ghcr.io/x/y", dir.path()).is_none());
         assert!(credentials_for("x", Path::new("/nonexistent")).is_none());
+        let by_url = credentials_for_registry("https://index.docker.io/v1/", dir.path()).unwrap();
+        assert_eq!(by_url.username.as_deref(), Some("hub"));
+        let by_host = credentials_for_registry("http://127.0.0.1:5000", dir.path()).unwrap();
+        assert_eq!(by_host.username.as_deref(), Some("user"));
+    }
+
+    #[test]
+    fn registry_addresses_serve_their_images() {
+        assert!(serves("127.0.0.1:5000", "127.0.0.1:5000/a/b:1"));
+        assert!(serves("http://127.0.0.1:5000/", "127.0.0.1:5000/a/b:1"));
+        assert!(serves("https://index.docker.io/v1/", "busybox"));
+        assert!(serves("index.docker.io", "library/busybox:1"));
+        assert!(!serves("127.0.0.1:5000", "127.0.0.1:5001/a/b:1"));
+        assert!(!serves("ghcr.io", "busybox"));
     }
 
     #[test]

@@ -76,23 +76,27 @@ pub enum DockerError {
         /// What happened.
         failure: EngineFailure,
     },
-    /// The registry or the Engine refused a pull.
-    #[error("Docker pull failed for {image}: {failure}")]
+    /// The registry or the Engine refused a pull, or the registry login (`POST /auth`) that
+    /// comes first when the job has `registry_credentials`.
+    #[error("Docker pull failed for {image}: {}{failure}", login_failed_prefix(.login_registry.as_deref()))]
     PullFailed {
         /// Image reference.
         image: String,
+        /// The registry whose login failed, when it was the login that failed.
+        login_registry: Option<String>,
         /// What the Engine said.
         failure: EngineFailure,
     },
-    /// `IfPossible`: the pull failed and there is no local copy either.
+    /// `IfPossible`: the pull (or its login) failed and there is no local copy either. Laid out
+    /// as the Python worker's message, so both read the same in the UI.
     #[error(
-        "Docker operation completely failed for '{image}': the pull failed ({pull}) and the image is not present locally ({local}); image_pull_policy IfPossible allows a local fallback, but there was none"
+        "Docker operation completely failed for '{image}':\n-> [1. Login/Pull Error]: {pull}\n\n-> [2. Local Error]: {local}\n\n-> NOTE: Because ImagePullPolicy was set to 'ImagePullPolicy.IF_POSSIBLE', a local fallback was attempted after the pull failed, but the image could not be found locally either."
     )]
     PullAndLocalFailed {
         /// Image reference.
         image: String,
-        /// Why the pull failed.
-        pull: EngineFailure,
+        /// Why the pull failed (a [`DockerError::PullFailed`]).
+        pull: Box<DockerError>,
         /// Why the local lookup failed.
         local: EngineFailure,
     },
@@ -204,12 +208,20 @@ pub enum DockerError {
     },
 }
 
+fn login_failed_prefix(registry: Option<&str>) -> String {
+    registry
+        .map(|r| format!("login to registry {r} failed: "))
+        .unwrap_or_default()
+}
+
 impl DockerError {
     /// A short class name for Prefect state messages, in the spirit of the Python worker's
     /// `<ExceptionClass>: <message>` (`ImageNotFound`, `PullFailed`, …).
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Connect { .. } => "DockerConnectionError",
+            // A failed login is reported as a failed pull: it is the first step of getting the
+            // image, as in the Python worker's "[1. Login/Pull Error]".
             Self::PullFailed { .. } => "PullFailed",
             Self::PullAndLocalFailed { .. } => "PullFailed",
             Self::ImageNotFound { .. } => "ImageNotFound",

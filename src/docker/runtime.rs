@@ -14,10 +14,11 @@ use bollard::query_parameters::{
 };
 use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
+use tracing::Instrument as _;
 
 use super::error::{DockerError, EngineFailure};
 use super::single_flight::SingleFlight;
-use crate::job::{ContainerSpec, PullPolicy};
+use crate::job::{ContainerSpec, PullPolicy, RegistryCredentials};
 
 /// How long a watch waits for a lost Engine to come back before giving the run up.
 const ENGINE_RECOVERY_LIMIT: Duration = Duration::from_secs(15 * 60);
@@ -145,10 +146,107 @@ pub struct DockerRuntime {
     is_podman: bool,
     /// Where the Docker CLI's `config.json` lives (registry credentials for pulls).
     docker_config: Option<std::path::PathBuf>,
-    /// Pulls in flight, shared by every run that needs the same image at the same time.
-    pulls: SingleFlight<Result<(), EngineFailure>>,
+    /// Pulls (with their registry logins) in flight, shared by every run that needs the same
+    /// image with the same credentials at the same time.
+    pulls: SingleFlight<Result<(), PullFailure>>,
     /// Pulls actually made (not joined), for tests and metrics.
     pulls_made: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// How a shared pull failed: at the registry login before it, or at the pull itself.
+#[derive(Debug, Clone)]
+enum PullFailure {
+    Login {
+        registry: String,
+        failure: EngineFailure,
+    },
+    Pull(EngineFailure),
+}
+
+/// What `POST /auth` receives: the body docker-py's `login` sends (it drops its null `email`).
+#[derive(serde::Serialize)]
+struct LoginRequest<'a> {
+    username: &'a str,
+    password: &'a str,
+    serveraddress: &'a str,
+}
+
+/// Logs the Engine in to a registry (`POST /auth`), which checks the credentials with the
+/// registry. bollard 0.21 has no call for this endpoint, so a clone of the client whose request
+/// modifier turns its `GET /_ping` into `POST /auth` with the login body makes it: the same
+/// transport (unix socket, TCP, TLS), timeout and error classification as every other call.
+async fn registry_login(
+    docker: &Docker,
+    credentials: &RegistryCredentials,
+) -> Result<(), EngineFailure> {
+    let body = serde_json::to_vec(&LoginRequest {
+        username: &credentials.username,
+        password: &credentials.password,
+        serveraddress: &credentials.registry_url,
+    })
+    .map_err(|e| EngineFailure {
+        status: None,
+        message: e.to_string(),
+    })?;
+    let login = docker.clone().with_request_modifier(move |mut request| {
+        let mut parts = request.uri().clone().into_parts();
+        parts.path_and_query = Some(hyper::http::uri::PathAndQuery::from_static("/auth"));
+        if let Ok(uri) = hyper::Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+            *request.method_mut() = hyper::Method::POST;
+            *request.body_mut() = bollard::body_full(body.clone().into());
+        }
+        request
+    });
+    let answer = login.ping().await.map_err(EngineFailure::from)?;
+    // `{"Status":"Login Succeeded", …}`; anything else (the ping's `OK` if the request could
+    // not be rewritten) is not a login.
+    let status = serde_json::from_str::<Value>(&answer)
+        .ok()
+        .and_then(|v| v.get("Status").and_then(Value::as_str).map(str::to_owned));
+    match status {
+        Some(_) => Ok(()),
+        None => Err(EngineFailure {
+            status: None,
+            message: format!("unexpected answer to the registry login: {answer}"),
+        }),
+    }
+}
+
+/// The single-flight key of a pull: image, platform, and who logs in and pulls. The password
+/// enters only as a hash, so a run with a wrong password never shares a good one's pull.
+fn pull_key(
+    spec: &ContainerSpec,
+    login: Option<&RegistryCredentials>,
+    pull: Option<&DockerCredentials>,
+) -> String {
+    use std::hash::{Hash as _, Hasher as _};
+    let secret = |password: Option<&str>| {
+        let mut hasher = std::hash::DefaultHasher::new();
+        password.hash(&mut hasher);
+        hasher.finish()
+    };
+    let login = login.map_or_else(String::new, |c| {
+        format!(
+            "{}@{}#{:x}",
+            c.username,
+            c.registry_url,
+            secret(Some(&c.password))
+        )
+    });
+    let pull = pull.map_or_else(String::new, |c| {
+        format!(
+            "{}@{}#{:x}",
+            c.username.as_deref().unwrap_or_default(),
+            c.serveraddress.as_deref().unwrap_or_default(),
+            secret(c.password.as_deref().or(c.identitytoken.as_deref()))
+        )
+    });
+    format!(
+        "{}|{}|{login}|{pull}",
+        spec.image,
+        spec.platform.as_deref().unwrap_or_default()
+    )
 }
 
 /// The `base_url` the Python worker puts in infrastructure pids, so pids stay comparable.
@@ -301,6 +399,7 @@ impl DockerRuntime {
                 Err(e) => {
                     let failure = EngineFailure::from(e);
                     if failure.status == Some(404) {
+                        tracing::debug!(image = %spec.image, "Could not find Docker image locally: {}", spec.image);
                         self.pull_image(spec).await.map(|()| true)
                     } else {
                         Err(DockerError::Api {
@@ -312,20 +411,19 @@ impl DockerRuntime {
             },
             PullPolicy::IfPossible => match self.pull_image(spec).await {
                 Ok(()) => Ok(true),
-                Err(pull_error) => {
-                    tracing::warn!(image = %spec.image, error = %pull_error, "could not pull the image; image_pull_policy is IfPossible, so a local image will be used if there is one");
-                    let pull = match pull_error {
-                        DockerError::PullFailed { failure, .. } => failure,
-                        other => EngineFailure {
-                            status: None,
-                            message: other.to_string(),
-                        },
-                    };
+                Err(pull) => {
+                    // The Python worker's warning, word for word, so log searches find both.
+                    tracing::warn!(
+                        image = %spec.image,
+                        error = %pull,
+                        "We could not pull the image '{}'. But because ImagePullPolicy is set to 'ImagePullPolicy.IF_POSSIBLE' we still continue. Maybe we have an local one.\nPulling failed with:\n{pull}",
+                        spec.image
+                    );
                     match self.docker.inspect_image(&spec.image).await {
                         Ok(_) => Ok(false),
                         Err(e) => Err(DockerError::PullAndLocalFailed {
                             image: spec.image.clone(),
-                            pull,
+                            pull: Box::new(pull),
                             local: e.into(),
                         }),
                     }
@@ -339,71 +437,106 @@ impl DockerRuntime {
         self.pulls_made.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Pulls the spec's image. Concurrent pulls of the same image (same platform, same
-    /// registry login) are one pull: the later callers wait for it and share its outcome.
-    async fn pull_image(&self, spec: &ContainerSpec) -> Result<(), DockerError> {
-        let image_ref = crate::job::image::ImageRef::parse(&spec.image).map_err(|e| {
-            DockerError::PullFailed {
-                image: spec.image.clone(),
-                failure: EngineFailure {
-                    status: None,
-                    message: e.to_string(),
-                },
+    /// Whether the Docker SDK would skip the login: `reauth: false` and `config.json` already
+    /// holds a login of the same user for that registry (whose credentials the pull then uses).
+    fn login_cached(&self, credentials: &RegistryCredentials) -> bool {
+        !credentials.reauth
+            && self
+                .docker_config
+                .as_deref()
+                .and_then(|dir| {
+                    super::auth::credentials_for_registry(&credentials.registry_url, dir)
+                })
+                .is_some_and(|stored| stored.username.as_deref() == Some(&credentials.username))
+    }
+
+    /// The credentials sent with a pull (`X-Registry-Auth`): the job's `registry_credentials`
+    /// when they are for the image's registry (and were logged in with), else whatever
+    /// `config.json` holds for that registry.
+    fn pull_credentials(&self, spec: &ContainerSpec) -> Option<DockerCredentials> {
+        match &spec.registry_credentials {
+            Some(c)
+                if super::auth::serves(&c.registry_url, &spec.image) && !self.login_cached(c) =>
+            {
+                Some(DockerCredentials {
+                    username: Some(c.username.clone()),
+                    password: Some(c.password.clone()),
+                    serveraddress: Some(c.registry_url.clone()),
+                    ..DockerCredentials::default()
+                })
             }
-        })?;
-        let mut options = CreateImageOptionsBuilder::default()
-            .from_image(&image_ref.repository)
-            .tag(image_ref.tag.as_deref().unwrap_or("latest"));
-        if let Some(platform) = &spec.platform {
-            options = options.platform(platform);
-        }
-        let options = options.build();
-        let credentials = match &spec.registry_credentials {
-            Some(c) => Some(DockerCredentials {
-                username: Some(c.username.clone()),
-                password: Some(c.password.clone()),
-                serveraddress: Some(c.registry_url.clone()),
-                ..DockerCredentials::default()
-            }),
-            None => self
+            _ => self
                 .docker_config
                 .as_deref()
                 .and_then(|dir| super::auth::credentials_for(&spec.image, dir)),
-        };
-        let key = format!(
-            "{}|{}|{}@{}",
-            spec.image,
-            spec.platform.as_deref().unwrap_or_default(),
-            credentials
-                .as_ref()
-                .and_then(|c| c.username.as_deref())
-                .unwrap_or_default(),
-            credentials
-                .as_ref()
-                .and_then(|c| c.serveraddress.as_deref())
-                .unwrap_or_default(),
-        );
+        }
+    }
+
+    /// Logs in to the registry when the job has `registry_credentials` (`POST /auth`), then
+    /// pulls the spec's image; a failed login fails the pull. Concurrent pulls of the same image
+    /// (same platform, same credentials) are one login and one pull: the later callers wait for
+    /// it and share its outcome.
+    async fn pull_image(&self, spec: &ContainerSpec) -> Result<(), DockerError> {
+        let login = spec
+            .registry_credentials
+            .as_ref()
+            .filter(|c| !self.login_cached(c))
+            .cloned();
+        let credentials = self.pull_credentials(spec);
+        let key = pull_key(spec, login.as_ref(), credentials.as_ref());
         let docker = self.docker.clone();
         let image = spec.image.clone();
+        let platform = spec.platform.clone();
         let made = std::sync::Arc::clone(&self.pulls_made);
         let (result, started_here) = self
             .pulls
-            .run(&key, move || async move {
-                made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(image = %image, "Pulling image");
-                let mut stream = docker.create_image(Some(options), None, credentials);
-                while let Some(item) = stream.next().await {
-                    item.map_err(EngineFailure::from)?;
+            .run(&key, move || {
+                async move {
+                    if let Some(login) = &login {
+                        tracing::info!(registry = %login.registry_url, "Logging into Docker registry...");
+                        registry_login(&docker, login)
+                            .await
+                            .map_err(|failure| PullFailure::Login {
+                                registry: login.registry_url.clone(),
+                                failure,
+                            })?;
+                    }
+                    made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(image = %image, "Pulling image '{image}'...");
+                    let image_ref = crate::job::image::ImageRef::parse(&image).map_err(|e| {
+                        PullFailure::Pull(EngineFailure {
+                            status: None,
+                            message: e.to_string(),
+                        })
+                    })?;
+                    let mut options = CreateImageOptionsBuilder::default()
+                        .from_image(&image_ref.repository)
+                        .tag(image_ref.tag.as_deref().unwrap_or("latest"));
+                    if let Some(platform) = &platform {
+                        options = options.platform(platform);
+                    }
+                    let mut stream = docker.create_image(Some(options.build()), None, credentials);
+                    while let Some(item) = stream.next().await {
+                        item.map_err(|e| PullFailure::Pull(e.into()))?;
+                    }
+                    Ok(())
                 }
-                Ok(())
+                .in_current_span()
             })
             .await;
         if !started_here {
             tracing::info!(image = %spec.image, ok = result.is_ok(), "shared another run's pull of the same image");
         }
-        result.map_err(|failure| DockerError::PullFailed {
-            image: spec.image.clone(),
-            failure,
+        result.map_err(|failure| {
+            let (login_registry, failure) = match failure {
+                PullFailure::Login { registry, failure } => (Some(registry), failure),
+                PullFailure::Pull(failure) => (None, failure),
+            };
+            DockerError::PullFailed {
+                image: spec.image.clone(),
+                login_registry,
+                failure,
+            }
         })
     }
 

@@ -18,6 +18,8 @@ pub struct Recorded {
     pub method: String,
     /// Path and query, as sent.
     pub target: String,
+    /// Header names (lower-cased) and values, in order.
+    pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
 
@@ -33,6 +35,22 @@ impl Recorded {
         url::form_urlencoded::parse(query.as_bytes())
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.into_owned())
+    }
+
+    /// Every query parameter, percent-decoded, by name (a repeated name keeps its last value).
+    pub fn query_map(&self) -> std::collections::BTreeMap<String, String> {
+        let query = self.target.split_once('?').map_or("", |(_, q)| q);
+        url::form_urlencoded::parse(query.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    }
+
+    /// One header's value (`name` in lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The body as JSON (`Null` when it is not JSON).
@@ -239,13 +257,15 @@ impl Parser {
                         body_start + len,
                     )
                 };
+            let upgrade = header("upgrade").is_some();
             out.push(Recorded {
                 method,
                 target,
+                headers,
                 body,
             });
             self.buf.drain(..consumed);
-            if header("upgrade").is_some() {
+            if upgrade {
                 self.piping = true;
                 self.buf.clear();
                 return out;
