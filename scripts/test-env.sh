@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares everything the test suite talks to, idempotently, on a Debian machine as root:
 #   - a Docker daemon (the running one; dockerd is started if none answers),
-#   - a Python venv with the reference Prefect server and worker (pinned),
+#   - a Python venv with the reference Prefect server and worker (pinned), and one with a
+#     Prefect 2.x server (venv-prefect2),
 #   - local images built without any registry pull:
 #       local/busybox:dw            FROM scratch + Debian's static busybox
 #       local/prefect:3.9.1         debootstrap'ed Debian + python3 + prefect 3.9.1
@@ -16,6 +17,9 @@ ENV_DIR=${DW_TEST_ENV_DIR:-$REPO/.test-env}
 VENV=$ENV_DIR/venv
 PREFECT_VERSION=3.9.1
 PREFECT_DOCKER_VERSION=0.7.4
+# A Prefect 2.x server, to check the REST path there (tests/prefect2.rs).
+VENV2=$ENV_DIR/venv-prefect2
+PREFECT2_VERSION=2.20.27
 log() { printf '[test-env %s] %s\n' "$(date +%T)" "$*" >&2; }
 
 mkdir -p "$ENV_DIR"
@@ -66,6 +70,13 @@ if ! venv_ok; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "prefect==$PREFECT_VERSION" "prefect-docker==$PREFECT_DOCKER_VERSION"
   venv_ok || { log "venv check failed after install"; exit 1; }
+fi
+
+if ! { [ -x "$VENV2/bin/prefect" ] && "$VENV2/bin/python" -c "import sys; from importlib.metadata import version; sys.exit(version('prefect') != '$PREFECT2_VERSION')" 2>/dev/null; }; then
+  log "creating venv $VENV2 (prefect==$PREFECT2_VERSION)"
+  rm -rf "$VENV2"
+  python3 -m venv "$VENV2"
+  "$VENV2/bin/pip" install -q "prefect==$PREFECT2_VERSION"
 fi
 
 # ---------------------------------------------------------------- images

@@ -107,7 +107,10 @@ fn http_get_status(port: u16, path: &str) -> Option<u16> {
 
 impl PrefectServer {
     fn spawn(home: &Path, port: u16, log: &Path, env: &[(String, String)]) -> Child {
-        let venv = venv();
+        let venv = env
+            .iter()
+            .find(|(k, _)| k == VENV_OVERRIDE)
+            .map_or_else(venv, |(_, v)| PathBuf::from(v));
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -135,7 +138,11 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
             .env("PREFECT_UI_ENABLED", "false")
             .env("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
             .env_remove("PREFECT_API_URL")
-            .envs(env.iter().map(|(k, v)| (k, v)))
+            .envs(
+                env.iter()
+                    .filter(|(k, _)| k != VENV_OVERRIDE)
+                    .map(|(k, v)| (k, v)),
+            )
             .stdout(log_file.try_clone().expect("log fd"))
             .stderr(log_file)
             .spawn()
@@ -190,6 +197,20 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
         server
     }
 
+    /// A Prefect 2.x server (`.test-env/venv-prefect2`, made by `scripts/test-env.sh`).
+    pub fn start_prefect2() -> Self {
+        let venv2 = venv()
+            .parent()
+            .map(|d| d.join("venv-prefect2"))
+            .expect("venv dir");
+        assert!(
+            venv2.join("bin/prefect").exists(),
+            "the Prefect 2.x test venv is missing at {} — run `scripts/test-env.sh` first",
+            venv2.display()
+        );
+        Self::start_with_env(&[(VENV_OVERRIDE, venv2.to_str().expect("utf-8 path"))])
+    }
+
     /// Stops the server process (its database stays).
     pub fn stop(&mut self) {
         let _ = Command::new("kill")
@@ -224,6 +245,9 @@ impl Drop for PrefectServer {
         let _ = self.child.wait();
     }
 }
+
+/// Pseudo-setting naming another venv's `prefect` to start (not passed to the server).
+const VENV_OVERRIDE: &str = "DW_TEST_SERVER_VENV";
 
 /// The one server of this test binary, started on first use.
 pub fn server() -> &'static PrefectServer {
