@@ -104,6 +104,63 @@ async fn r1_killed_worker_restarts_and_reports_every_run_once() {
         reported += 1;
     }
     assert_eq!(guard.containers().len(), 20, "a run got a second container");
+    // Adopted runs emit their exit events like any other: the container exited, and the
+    // restarted worker executed the run (whose exit code the event carries).
+    for (id, code) in &runs[..2] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let filter = json!({
+                "any_resource": {"id": [format!("prefect.flow-run.{id}")]},
+                "occurred": {"since": "2020-01-01T00:00:00Z"},
+                "order": "ASC",
+            });
+            let events = api.events(filter, 50).await;
+            let named = |name: &str| {
+                events
+                    .iter()
+                    .filter(|e| e["event"] == name)
+                    .cloned()
+                    .collect::<Vec<_>>()
+            };
+            let exited = named("prefect.docker.container.exited");
+            let executed = named("prefect.worker.executed-flow-run");
+            if exited.len() == 1 && executed.len() == 1 {
+                let worker_id = format!("prefect.worker.docker.{name}");
+                assert!(
+                    exited[0]["related"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|r| r["prefect.resource.id"] == worker_id.as_str()),
+                    "{}",
+                    exited[0]
+                );
+                assert_eq!(executed[0]["resource"]["prefect.resource.id"], worker_id);
+                let run_related = executed[0]["related"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|r| r["prefect.resource.role"] == "flow-run")
+                    .cloned()
+                    .unwrap_or_default();
+                assert_eq!(
+                    run_related["prefect.infrastructure.status-code"],
+                    code.to_string(),
+                    "{}",
+                    executed[0]
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "adopted run {id}: exited {} / executed {} events:\n{}",
+                exited.len(),
+                executed.len(),
+                worker.output()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
     eprintln!(
         "R1 figure: {reported}/20 runs reported with true exit codes after SIGKILL + restart, 0 duplicates, last report {:.1} s after restart",
         restarted.elapsed().as_secs_f64()

@@ -288,8 +288,8 @@ async fn run(worker: &Arc<Worker>, mut flow_run: FlowRun, pool: &PoolRef, templa
         events: Some(RunEvents {
             related,
             container_related,
-            submitted,
-            last_container_event: running,
+            submitted: Some(submitted),
+            last_container_event: Some(running),
         }),
     };
     watch(worker, &target, auto_remove, stream_output).await;
@@ -303,16 +303,17 @@ struct Target<'a> {
     pool: &'a PoolRef,
     image: &'a str,
     pull: Option<Duration>,
-    /// What the exit's events relate to and follow; `None` for an adopted container.
+    /// What the exit's events relate to and follow.
     events: Option<RunEvents>,
 }
 
-/// A submitted run's event context.
+/// A run's event context. An adopted run's exit events follow nothing: the events they
+/// would follow were emitted by an earlier process, often longer ago than `follows` spans.
 struct RunEvents {
     related: Vec<Value>,
     container_related: Vec<Value>,
-    submitted: events::Emitted,
-    last_container_event: events::Emitted,
+    submitted: Option<events::Emitted>,
+    last_container_event: Option<events::Emitted>,
 }
 
 /// Emits one event and returns it for later ones to follow.
@@ -339,7 +340,7 @@ fn emit_exit_events(worker: &Worker, target: &Target<'_>, status: &ExitStatus) {
         "prefect.docker.container.exited",
         events::container_resource(&target.container.id, target.container.display_name()),
         run.container_related.clone(),
-        Some(&run.last_container_event),
+        run.last_container_event.as_ref(),
     );
     let identifier = format!("{}:{}", worker.docker.base_url(), target.container.id);
     emit(
@@ -347,7 +348,7 @@ fn emit_exit_events(worker: &Worker, target: &Target<'_>, status: &ExitStatus) {
         "prefect.worker.executed-flow-run",
         events::worker_resource(worker.name()),
         events::with_outcome(run.related.clone(), &identifier, status.code),
-        Some(&run.submitted),
+        run.submitted.as_ref(),
     );
 }
 
@@ -416,7 +417,7 @@ pub(crate) async fn reattach(
             pool,
             image: &found.image,
             pull: None,
-            events: None,
+            events: Some(adopted_run_events(worker, &flow_run, pool).await),
         };
         let observed = Observed {
             tail: tail.take(),
@@ -427,6 +428,25 @@ pub(crate) async fn reattach(
     }
     .instrument(span)
     .await;
+}
+
+/// The event context of an adopted run, read when its container exits (the deployment or
+/// flow may be gone by then: the events still relate to the run and the pool).
+async fn adopted_run_events(worker: &Worker, flow_run: &FlowRun, pool: &PoolRef) -> RunEvents {
+    let flow = worker.flow(&flow_run.flow_id).await.ok();
+    let deployment = match flow_run.deployment_id.as_deref() {
+        Some(id) => worker.deployment(id).await.ok().flatten(),
+        None => None,
+    };
+    let related = events::run_related(&flow_run.raw, flow.as_deref(), deployment.as_deref(), pool);
+    let mut container_related = related.clone();
+    container_related.push(events::worker_related(worker.name()));
+    RunEvents {
+        related,
+        container_related,
+        submitted: None,
+        last_container_event: None,
+    }
 }
 
 /// Checks an accepted claim against the run's state history. Under load a server on SQLite
