@@ -50,6 +50,10 @@ pub struct Metrics {
     pub queued_reports: Gauge,
     /// Containers removed by the periodic garbage collection.
     pub gc_removed: Counter,
+    /// 1 while Prefect's worker channel is healthy (REST sync stands down), else 0.
+    pub channel_connected: Gauge,
+    /// Cleanups delivered by the worker channel, by outcome (`ack` or the release reason).
+    pub cleanups: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -74,6 +78,18 @@ impl Metrics {
         let docker_errors = Family::<KindLabel, Counter>::default();
         let queued_reports = Gauge::default();
         let gc_removed = Counter::default();
+        let channel_connected = Gauge::default();
+        let cleanups = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "channel_connected",
+            "1 while the Prefect worker channel websocket is healthy",
+            channel_connected.clone(),
+        );
+        registry.register(
+            "channel_cleanups",
+            "Cleanups delivered by the worker channel, by outcome",
+            cleanups.clone(),
+        );
         registry.register(
             "flow_runs_claimed",
             "Flow runs claimed by this worker",
@@ -150,6 +166,8 @@ impl Metrics {
             docker_errors,
             queued_reports,
             gc_removed,
+            channel_connected,
+            cleanups,
         }
     }
 

@@ -187,7 +187,15 @@ async fn cleanup_delivery_stops_the_container_of_a_run_the_server_cancelled() {
         )
         .await;
     // The worker does not stop cancelled runs itself, so only the server's cleanup can.
-    let worker = WorkerProcess::start(server, &["--pool", &pool, "--no-stop-cancelled"], &[]);
+    let port = free_port().to_string();
+    let worker = WorkerProcess::start(
+        server,
+        &["--pool", &pool, "--no-stop-cancelled", "--with-metrics"],
+        &[
+            ("PREFECT_WORKER_WEBSERVER_HOST", "127.0.0.1"),
+            ("PREFECT_WORKER_WEBSERVER_PORT", &port),
+        ],
+    );
     wait_for_log(
         &worker,
         "connected to Prefect's worker channel",
@@ -254,6 +262,22 @@ async fn cleanup_delivery_stops_the_container_of_a_run_the_server_cancelled() {
         finished.contains("Ok(())") && finished.contains("\"accepted\""),
         "{finished}"
     );
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for expected in [
+        "docker_worker_channel_connected 1",
+        "docker_worker_channel_cleanups_total{kind=\"ack\"} 1",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing {expected:?} in:\n{metrics}"
+        );
+    }
+
     // The container's exit report does not overwrite the server's Cancelled state.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let final_state = api.read_flow_run(&run).await;

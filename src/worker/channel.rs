@@ -145,6 +145,7 @@ impl Worker {
         }
         self.apply_snapshot(session.ready.initial_snapshot.clone());
         self.channel.healthy.store(true, Ordering::SeqCst);
+        self.metrics.channel_connected.set(1);
         tracing::info!(
             heartbeat_seconds = session.ready.heartbeat_interval_seconds,
             cleanup = session.ready.cleanup_accepted,
@@ -198,6 +199,7 @@ impl Worker {
                 Err(e) => e,
             };
             self.channel.healthy.store(false, Ordering::SeqCst);
+            self.metrics.channel_connected.set(0);
             if error.is_terminal() {
                 self.channel.disabled.store(true, Ordering::SeqCst);
                 tracing::warn!(error = %error, "worker channel disabled; syncing over REST from now on");
@@ -300,6 +302,14 @@ impl Worker {
     }
 
     async fn finish_cleanup(&self, message: &CleanupMessage, outcome: Result<(), Release>) {
+        let kind = match outcome {
+            Ok(()) => "ack",
+            Err(reason) => reason,
+        };
+        self.metrics
+            .cleanups
+            .get_or_create(&crate::metrics::KindLabel { kind: kind.into() })
+            .inc();
         let result = match outcome {
             Ok(()) => self.operation(Operation::Ack, message, None, None).await,
             Err(reason) => {
