@@ -3,7 +3,10 @@
 //! recording proxy on the Docker socket and the Prefect API. For every configuration the
 //! `POST /containers/create` requests (query and body) and the flow-run state proposals must be
 //! equal, and every flow-run log line the reference sends must be sent by ours too — except the
-//! documented fixes of the reference's defects (see the README's "Differences").
+//! documented fixes of the reference's defects (see the README's "Differences"). Five
+//! configurations pull from a real registry with htpasswd auth; for those the registry logins
+//! (`POST /auth` bodies) and pulls (`POST /images/create` queries and the credentials in their
+//! `X-Registry-Auth`) must be equal too.
 
 mod support;
 
@@ -13,13 +16,54 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 use support::recorder::{Endpoint, Recorded, Recorder};
+use support::services::Registry;
 use support::*;
 
 const WORKER_NAME: &str = "conformance-worker";
 
+/// Images and credentials of the registry configurations.
+struct RegistryCase {
+    /// Pushed to the registry, not present locally.
+    pushed: String,
+    /// Neither in the registry nor local.
+    missing: String,
+    /// Tagged locally only.
+    local_only: String,
+    /// Neither in the registry nor local (pulled without credentials).
+    nowhere: String,
+    /// `registry_credentials` that work.
+    credentials: Value,
+    /// `registry_credentials` with a wrong password.
+    wrong_password: Value,
+}
+
+impl RegistryCase {
+    fn new(registry: &Registry) -> Self {
+        let tag = unique("conf");
+        let pushed = registry.push_busybox(&tag);
+        let local_only = format!("{pushed}-local");
+        run_ok(Command::new("docker").args(["tag", BUSYBOX, &local_only]));
+        let credentials = json!({"username": registry.user, "password": registry.password, "registry_url": registry.addr});
+        let mut wrong_password = credentials.clone();
+        wrong_password["password"] = json!("not-the-password");
+        Self {
+            missing: format!("{pushed}-missing"),
+            nowhere: format!("{pushed}-nowhere"),
+            local_only,
+            pushed,
+            credentials,
+            wrong_password,
+        }
+    }
+
+    fn images(&self) -> [&str; 4] {
+        [&self.pushed, &self.missing, &self.local_only, &self.nowhere]
+    }
+}
+
 /// The corpus: (label, job variables). Every job field and Docker rule of the reference, on
 /// the busybox image; commands exit with various codes so the crash path is compared too.
-fn corpus(network_a: &str, network_b: &str) -> Vec<(&'static str, Value)> {
+fn corpus(network_a: &str, network_b: &str, registry: &RegistryCase) -> Vec<(&'static str, Value)> {
     vec![
         ("defaults-exit-0", json!({"command": "sh -c 'exit 0'"})),
         ("exit-3", json!({"command": "sh -c 'echo failing; exit 3'"})),
@@ -148,7 +192,74 @@ fn corpus(network_a: &str, network_b: &str) -> Vec<(&'static str, Value)> {
             "missing-image",
             json!({"image": "local/not-there:1", "image_pull_policy": "Never"}),
         ),
+        (
+            "registry-always",
+            json!({"command": "sh -c 'exit 0'", "image": registry.pushed, "image_pull_policy": "Always",
+                   "registry_credentials": registry.credentials}),
+        ),
+        (
+            "registry-wrong-password",
+            json!({"command": "sh -c 'exit 0'", "image": registry.pushed, "image_pull_policy": "Always",
+                   "registry_credentials": registry.wrong_password}),
+        ),
+        (
+            "registry-missing-tag-if-not-present",
+            json!({"command": "sh -c 'exit 0'", "image": registry.missing, "image_pull_policy": "IfNotPresent",
+                   "registry_credentials": registry.credentials}),
+        ),
+        (
+            "registry-if-possible-local",
+            json!({"command": "sh -c 'exit 0'", "image": registry.local_only, "image_pull_policy": "IfPossible",
+                   "registry_credentials": registry.credentials}),
+        ),
+        (
+            "registry-if-possible-nowhere",
+            json!({"command": "sh -c 'exit 0'", "image": registry.nowhere, "image_pull_policy": "IfPossible"}),
+        ),
     ]
+}
+
+/// Configurations that stop before `POST /containers/create`: published ports with the host's
+/// network (both), `stop_timeout` (the reference, README difference 11), and the registry
+/// configurations whose login or pull fails without a local image.
+const NO_CREATE: usize = 5;
+
+/// One worker's registry traffic on its Docker socket, in a comparable order: the `POST /auth`
+/// bodies, and per `POST /images/create` its query (empty values dropped: the Engine's "unset")
+/// and the credentials of its `X-Registry-Auth` (null fields dropped).
+fn registry_traffic(side: &Side) -> (Vec<Value>, Vec<Value>) {
+    let records = side.docker.records();
+    let mut logins: Vec<Value> = records
+        .iter()
+        .filter(|r| r.method == "POST" && r.path().ends_with("/auth"))
+        .map(|r| normalize(&r.json(), &[]))
+        .collect();
+    let mut pulls: Vec<Value> = records
+        .iter()
+        .filter(|r| r.method == "POST" && r.path().ends_with("/images/create"))
+        .map(|r| {
+            let query: Map<String, Value> = r
+                .query_map()
+                .into_iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| (k, json!(v)))
+                .collect();
+            let auth = r.header("x-registry-auth").map(|h| {
+                use base64::Engine as _;
+                let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(h.trim_end_matches('='))
+                    .unwrap_or_default();
+                normalize(
+                    &serde_json::from_slice(&decoded).unwrap_or(Value::Null),
+                    &[],
+                )
+            });
+            json!({"query": query, "auth": auth.filter(|a| a.as_object().is_some_and(|o| !o.is_empty()))})
+        })
+        .collect();
+    logins.sort_by_key(Value::to_string);
+    pulls.sort_by_key(Value::to_string);
+    (logins, pulls)
 }
 
 /// Replaces run-specific strings (ids, names) with stable placeholders, drops null and empty
@@ -286,7 +397,14 @@ async fn the_reference_and_this_worker_make_the_same_containers_states_and_logs(
     for n in [&network_a, &network_b] {
         run_ok(Command::new("docker").args(["network", "create", n]));
     }
-    let corpus = corpus(&network_a, &network_b);
+    let registry = Registry::start();
+    let registry_case = RegistryCase::new(&registry);
+    let _images: Vec<ImageGuard> = registry_case
+        .images()
+        .iter()
+        .map(|i| ImageGuard((*i).to_owned()))
+        .collect();
+    let corpus = corpus(&network_a, &network_b, &registry_case);
 
     let reference_template = docker_worker::job::reference_base_job_template();
     let mut sides = Vec::new();
@@ -387,6 +505,7 @@ async fn the_reference_and_this_worker_make_the_same_containers_states_and_logs(
     let records = api_recorder.records();
     let mut differences = Vec::new();
     let mut creates_seen = (0, 0);
+    let mut without_create: (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
     for (label, _) in &corpus {
         let observed: Vec<Observed> = sides
             .iter()
@@ -418,6 +537,12 @@ async fn the_reference_and_this_worker_make_the_same_containers_states_and_logs(
         // create call (counted below): an empty recording would make the comparison vacuous.
         creates_seen.0 += r.creates.len();
         creates_seen.1 += o.creates.len();
+        if r.creates.is_empty() {
+            without_create.0.push(label);
+        }
+        if o.creates.is_empty() {
+            without_create.1.push(label);
+        }
         for (who, seen) in [("reference", r), ("ours", o)] {
             assert!(
                 !seen.states.is_empty() && !seen.logs.is_empty(),
@@ -451,12 +576,51 @@ async fn the_reference_and_this_worker_make_the_same_containers_states_and_logs(
             ));
         }
     }
-    // Only `kwargs-ports` (both) and `kwargs-stop-signal` (the reference) stop before the
-    // create call.
     assert!(
-        creates_seen.0 >= corpus.len() - 2 && creates_seen.1 >= corpus.len() - 2,
-        "too few containers/create requests recorded: {creates_seen:?}"
+        creates_seen.0 >= corpus.len() - NO_CREATE && creates_seen.1 >= corpus.len() - NO_CREATE,
+        "too few containers/create requests recorded: {creates_seen:?}; none for {without_create:?}\n{}",
+        differences.join("\n")
     );
+    let (reference_logins, reference_pulls) = registry_traffic(&sides[0]);
+    let (our_logins, our_pulls) = registry_traffic(&sides[1]);
+    // Four registry configurations log in (one has no credentials); four pull (one login fails).
+    assert!(
+        reference_logins.len() == 4 && reference_pulls.len() == 4,
+        "the reference's registry traffic is not what the corpus asks for: {reference_logins:?} {reference_pulls:?}"
+    );
+    if reference_logins != our_logins {
+        differences.push(format!(
+            "registry logins (POST /auth bodies) differ\n  reference: {}\n  ours:      {}",
+            serde_json::to_string(&reference_logins).unwrap(),
+            serde_json::to_string(&our_logins).unwrap()
+        ));
+    }
+    // The worker's own (console) lines around pulls: the reference's, word for word. It
+    // prints one login line, four pulls and two IfPossible warnings.
+    let console_lines = pull_console_lines(&out.1);
+    assert_eq!(
+        console_lines.len(),
+        7,
+        "the reference's console lines around pulls: {console_lines:?}"
+    );
+    for line in console_lines {
+        let (theirs, ours) = (
+            out.1.matches(line.as_str()).count(),
+            ours_out.1.matches(line.as_str()).count(),
+        );
+        if ours < theirs {
+            differences.push(format!(
+                "console line {line:?}: the reference printed it {theirs} times, ours {ours}"
+            ));
+        }
+    }
+    if reference_pulls != our_pulls {
+        differences.push(format!(
+            "pulls (POST /images/create) differ\n  reference: {}\n  ours:      {}",
+            serde_json::to_string(&reference_pulls).unwrap(),
+            serde_json::to_string(&our_pulls).unwrap()
+        ));
+    }
     for n in [&network_a, &network_b] {
         let _ = Command::new("docker").args(["network", "rm", n]).output();
     }
@@ -493,11 +657,52 @@ fn same_states(reference: &[Value], ours: &[Value]) -> bool {
             let (rm, om) = (r["message"].as_str(), o["message"].as_str());
             same_kind
                 && (rm == om
-                    || matches!((rm, om), (Some(rm), Some(om))
-                        if rm.starts_with(SUBMIT_FAILED)
-                            && om.starts_with(SUBMIT_FAILED)
-                            && om.contains(engine_explanation(rm))))
+                    || matches!((rm, om), (Some(rm), Some(om)) if same_submit_failure(rm, om)))
         })
+}
+
+/// Where the IfPossible message (pull and local lookup both failed) puts the pull's error.
+const LOGIN_PULL_ERROR: &str = "\n-> [1. Login/Pull Error]: ";
+
+/// Two submission-failure messages say the same: ours carries the Engine's explanation from the
+/// reference's. The IfPossible message must also have the reference's layout — the same header,
+/// each of its two errors with its Engine explanation, the same closing note.
+fn same_submit_failure(reference: &str, ours: &str) -> bool {
+    if !(reference.starts_with(SUBMIT_FAILED) && ours.starts_with(SUBMIT_FAILED)) {
+        return false;
+    }
+    if !reference.contains(LOGIN_PULL_ERROR) {
+        return ours.contains(engine_explanation(reference));
+    }
+    let (r, o): (Vec<&str>, Vec<&str>) = (
+        reference.split("\n\n").collect(),
+        ours.split("\n\n").collect(),
+    );
+    let [r_pull, r_local, r_note] = r[..] else {
+        return false;
+    };
+    let [o_pull, o_local, o_note] = o[..] else {
+        return false;
+    };
+    let (Some((r_head, r_pull)), Some((o_head, o_pull))) = (
+        r_pull.split_once(LOGIN_PULL_ERROR),
+        o_pull.split_once(LOGIN_PULL_ERROR),
+    ) else {
+        return false;
+    };
+    // The exception class before the header differs (RuntimeError / PullFailed).
+    let head = |m: &str| {
+        m.find("Docker operation completely failed for ")
+            .map(|at| m[at..].to_owned())
+    };
+    let local = "-> [2. Local Error]: ";
+    head(r_head).is_some()
+        && head(r_head) == head(o_head)
+        && o_pull.contains(engine_explanation(r_pull))
+        && r_local.starts_with(local)
+        && o_local.starts_with(local)
+        && o_local.contains(engine_explanation(r_local))
+        && r_note == o_note
 }
 
 /// Difference 1 of the README: the reference sometimes misses a non-zero exit of an
@@ -543,10 +748,9 @@ fn log_sent(line: &str, ours: &[String]) -> bool {
     // compared as state messages are.
     if let Some(at) = line.find(SUBMIT_FAILED) {
         let (prefix, _) = line.split_at(at + SUBMIT_FAILED.len());
-        let explanation = engine_explanation(&line[at..]);
         return ours
             .iter()
-            .any(|l| l.starts_with(prefix) && l.contains(explanation));
+            .any(|l| l.starts_with(prefix) && same_submit_failure(&line[at..], &l[at..]));
     }
     match line.split_once("\nTraceback") {
         Some((first, _)) => {
@@ -555,6 +759,24 @@ fn log_sent(line: &str, ours: &[String]) -> bool {
         }
         None => false,
     }
+}
+
+/// The distinct messages (first lines) the reference's worker logger printed around logins and
+/// pulls: `Logging into Docker registry...`, `Pulling image '…'...`, and the IfPossible warning.
+fn pull_console_lines(output: &str) -> Vec<String> {
+    let mut lines: Vec<String> = output
+        .lines()
+        .filter(|l| l.contains("| prefect.workers.docker."))
+        .filter_map(|l| l.split_once(" - ").map(|(_, message)| message.to_owned()))
+        .filter(|m| {
+            m == "Logging into Docker registry..."
+                || m.starts_with("Pulling image '")
+                || m.starts_with("We could not pull the image '")
+        })
+        .collect();
+    lines.sort();
+    lines.dedup();
+    lines
 }
 
 fn remove_pool_containers(pool: &str) {
