@@ -352,11 +352,16 @@ fn observe(
         {
             let body = r.json();
             let state = &body["state"];
-            seen.states.push(json!({
+            let proposal = json!({
                 "type": state["type"], "name": state["name"],
                 "message": normalize(&state["message"], replacements),
                 "force": body["force"],
-            }));
+            });
+            // The same proposal twice in a row is a client retry of a request the busy SQLite
+            // server answered 503 (both workers retry), not a second proposal.
+            if seen.states.last() != Some(&proposal) {
+                seen.states.push(proposal);
+            }
         }
         if r.method == "POST" && r.path().ends_with("/logs/") {
             for entry in r.json().as_array().into_iter().flatten() {
