@@ -149,7 +149,8 @@ fn python_repr(value: &Value) -> String {
     }
 }
 
-fn python_string_repr(s: &str) -> String {
+/// Python's `repr()` of a string (`'a'`, `"it's"`), as messages quoting user input show it.
+pub(crate) fn python_string_repr(s: &str) -> String {
     let quote = if s.contains('\'') && !s.contains('"') {
         '"'
     } else {

@@ -5,6 +5,8 @@
 
 use std::path::Path;
 
+use super::template::python_string_repr;
+
 /// One validated volume string.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Volume {
@@ -14,19 +16,10 @@ pub struct Volume {
     pub container_path: String,
 }
 
-fn is_bind_source(host: &str) -> bool {
+/// A Windows drive prefix (`C:\`); only the backslash form counts, as in the reference.
+fn has_drive_prefix(host: &str) -> bool {
     let b = host.as_bytes();
-    host.starts_with('/')
-        || (b.len() >= 3
-            && b[0].is_ascii_alphabetic()
-            && b[1] == b':'
-            && (b[2] == b'\\' || b[2] == b'/'))
-        || host.starts_with("\\\\")
-        || host == "."
-        || host == ".."
-        || ["./", "../", ".\\", "..\\"]
-            .iter()
-            .any(|p| host.starts_with(p))
+    b.len() >= 3 && b[0].is_ascii_alphabetic() && b[1] == b':' && b[2] == b'\\'
 }
 
 fn is_relative_bind(host: &str) -> bool {
@@ -37,72 +30,104 @@ fn is_relative_bind(host: &str) -> bool {
             .any(|p| host.starts_with(p))
 }
 
+fn is_bind_source(host: &str) -> bool {
+    host.starts_with('/')
+        || has_drive_prefix(host)
+        || host.starts_with("\\\\")
+        || is_relative_bind(host)
+}
+
 fn is_volume_name(host: &str) -> bool {
     let mut chars = host.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
+/// Splits `host:container[:options]`. The host and container are non-empty and colon-free
+/// (except a host's drive prefix `C:\`, taken when the rest still splits); the options are
+/// everything after the second separator (so `ro:x` is one, invalid, option) and may not
+/// contain a line break. `None` when the string has no such shape.
+fn split_volume(spec: &str) -> Option<(&str, &str, Option<&str>)> {
+    let split_after_host = |host_end: usize| {
+        let rest = &spec[host_end + 1..];
+        let (container, options) = match rest.split_once(':') {
+            Some((container, options)) => (container, Some(options)),
+            None => (rest, None),
+        };
+        let bad_options = options.is_some_and(|o| o.is_empty() || o.contains('\n'));
+        (!container.is_empty() && !bad_options).then_some((&spec[..host_end], container, options))
+    };
+    if has_drive_prefix(spec)
+        && let Some(end) = spec[3..].find(':').filter(|i| *i > 0)
+        && let Some(parts) = split_after_host(end + 3)
+    {
+        return Some(parts);
+    }
+    spec.find(':')
+        .filter(|end| *end > 0)
+        .and_then(split_after_host)
+}
+
 /// Validates one volume string and resolves a relative bind source against `cwd`.
 ///
+/// The forms: an anonymous volume `/container/path`; `host:container[:ro|rw]` where the host is
+/// a bind source (absolute, `C:\…`, `\\…`, or explicitly relative: `.`, `..`, `./…`,
+/// `../…`) needing an absolute container path, or else a volume name
+/// (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`).
+///
 /// # Errors
-/// The reference's validation message for the first rule the string breaks.
+/// The reference's validation message for the first rule the string breaks, in the
+/// reference's order (shape, then bind path or volume name, then the option).
 pub fn parse_volume(raw: &str, cwd: &Path) -> Result<Volume, String> {
     let spec = raw.trim();
     if spec.is_empty() {
         return Err("Invalid volume specification: cannot be empty".to_owned());
     }
-    // A Windows drive letter's colon is not a separator.
-    let drive = spec.len() >= 3
-        && spec.as_bytes()[0].is_ascii_alphabetic()
-        && spec.as_bytes()[1] == b':'
-        && matches!(spec.as_bytes()[2], b'\\' | b'/');
-    let (drive_prefix, rest) = if drive { spec.split_at(2) } else { ("", spec) };
-    let parts: Vec<&str> = rest.split(':').collect();
-    if parts.len() == 1 && drive_prefix.is_empty() {
-        if !spec.starts_with('/') {
-            return Err(format!("Invalid volume specification: {spec}"));
+    let invalid = || format!("Invalid volume specification: {raw}");
+    if !spec.contains(':') {
+        // Anonymous volume: a container path, and more than the root.
+        if spec.starts_with('/') && spec.len() > 1 {
+            return Ok(Volume {
+                bind: spec.to_owned(),
+                container_path: spec.to_owned(),
+            });
         }
-        return Ok(Volume {
-            bind: spec.to_owned(),
-            container_path: spec.to_owned(),
-        });
+        return Err(invalid());
     }
-    if !(2..=3).contains(&parts.len()) || parts.iter().any(|p| p.is_empty()) {
-        return Err(format!("Invalid volume specification: {spec}"));
-    }
-    let host = format!("{drive_prefix}{}", parts[0]);
-    let container = parts[1];
-    if let Some(option) = parts.get(2)
-        && !matches!(*option, "ro" | "rw")
-    {
-        return Err(format!(
-            "Invalid volume option: '{option}'. Must be 'ro' or 'rw'"
-        ));
-    }
-    if is_bind_source(&host) {
+    let (host, container, options) = split_volume(spec).ok_or_else(invalid)?;
+    if is_bind_source(host) {
         if !container.starts_with('/') {
             return Err("For bind mounts, container path must be absolute".to_owned());
         }
-    } else if !is_volume_name(&host) {
+    } else if !is_volume_name(host) {
         return Err(format!(
-            "Invalid volume name: '{host}'. Named volumes must match [a-zA-Z0-9][a-zA-Z0-9_.-]*. Shell expressions such as $(pwd) are not evaluated; use an absolute host path or an explicit relative path such as '.' or './dir' for bind mounts."
+            "Invalid volume name: {}. Named volumes must match [a-zA-Z0-9][a-zA-Z0-9_.-]*. Shell expressions such as $(pwd) are not evaluated; use an absolute host path or an explicit relative path such as '.' or './dir' for bind mounts.",
+            python_string_repr(host)
         ));
     }
-    let bind = if is_relative_bind(&host) {
-        let resolved = normalize(&cwd.join(&host));
-        let mut s = format!("{resolved}:{container}");
-        if let Some(option) = parts.get(2) {
-            s.push(':');
-            s.push_str(option);
-        }
-        s
+    if let Some(option) = options
+        && !matches!(option, "ro" | "rw")
+    {
+        return Err(format!(
+            "Invalid volume option: {}. Must be 'ro' or 'rw'",
+            python_string_repr(option)
+        ));
+    }
+    let bind = if is_relative_bind(host) {
+        format!("{}{}", normalize(&cwd.join(host)), &spec[host.len()..])
     } else {
         spec.to_owned()
     };
+    // docker-py's `Volumes` entry: a named volume written `name:ro` names no container path,
+    // so the whole host part stands in for it.
+    let container_path = if options.is_none() && matches!(container, "ro" | "rw") {
+        host
+    } else {
+        container
+    };
     Ok(Volume {
         bind,
-        container_path: container.to_owned(),
+        container_path: container_path.to_owned(),
     })
 }
 
@@ -141,27 +166,112 @@ mod tests {
         assert_eq!(ok("/tmp:/hosttmp").container_path, "/hosttmp");
         assert_eq!(ok(" pfnamedvol:/nv ").bind, "pfnamedvol:/nv");
         assert_eq!(ok("/anon").container_path, "/anon");
+        assert_eq!(ok("/anon ").bind, "/anon");
+        assert_eq!(ok("/x:/y:ro").container_path, "/y");
+        assert_eq!(ok("C:\\data:/data").container_path, "/data");
+        assert_eq!(ok("\\\\srv\\share:/x").bind, "\\\\srv\\share:/x");
+        assert_eq!(ok("/a b:/x").bind, "/a b:/x");
+        assert_eq!(ok("v.1_-:/x").bind, "v.1_-:/x");
+        // A named volume needs no absolute container path (the Engine decides).
+        assert_eq!(ok("vol:data").container_path, "data");
+        // The reference reads `C:\data` as volume `C` at `\data`.
+        assert_eq!(ok("C:\\data").container_path, "\\data");
+    }
+
+    #[test]
+    fn relative_binds_resolve_against_the_worker_directory() {
+        // As the reference's os.path.abspath does (observed with cwd /tmp/audit/w).
         assert_eq!(ok("./data:/data:ro").bind, "/work/dir/data:/data:ro");
         assert_eq!(ok(".:/w").bind, "/work/dir:/w");
+        assert_eq!(ok("..:/u").bind, "/work:/u");
         assert_eq!(ok("../up:/u:rw").bind, "/work/up:/u:rw");
-        assert_eq!(ok("C:\\data:/data").container_path, "/data");
+        assert_eq!(ok("../x/./y:/z:ro").bind, "/work/x/y:/z:ro");
+        assert_eq!(ok("./:/r").bind, "/work/dir:/r");
+        // A backslash is not a separator on Linux: `.\win` is one relative component.
+        assert_eq!(ok(".\\win:/p").bind, "/work/dir/.\\win:/p");
+        assert_eq!(ok("..\\up:/q").bind, "/work/dir/..\\up:/q");
+        // Absolute, named and anonymous volumes are left alone.
+        assert_eq!(ok("/abs:/a").bind, "/abs:/a");
+        assert_eq!(ok("named:/n").bind, "named:/n");
     }
 
     #[test]
     fn messages() {
+        // Every message below is what prefect-docker 0.7.4's validator says for the same input.
+        assert_eq!(err(""), "Invalid volume specification: cannot be empty");
         assert_eq!(err("  "), "Invalid volume specification: cannot be empty");
         assert_eq!(err("relative"), "Invalid volume specification: relative");
-        assert_eq!(err("a:b:c:d"), "Invalid volume specification: a:b:c:d");
+        // The untrimmed string is quoted.
+        assert_eq!(err(" a "), "Invalid volume specification:  a ");
+        assert_eq!(err("/"), "Invalid volume specification: /");
+        assert_eq!(err(":/x"), "Invalid volume specification: :/x");
+        assert_eq!(err("/x:"), "Invalid volume specification: /x:");
+        assert_eq!(err("/a:/b:"), "Invalid volume specification: /a:/b:");
+        assert_eq!(
+            err("/a:/b:r\no"),
+            "Invalid volume specification: /a:/b:r\no"
+        );
         assert_eq!(
             err("/tmp:rel"),
+            "For bind mounts, container path must be absolute"
+        );
+        assert_eq!(
+            err("C:\\data:rel"),
+            "For bind mounts, container path must be absolute"
+        );
+        assert_eq!(
+            err("\\\\srv\\share:x"),
+            "For bind mounts, container path must be absolute"
+        );
+        // The container path is checked before the option.
+        assert_eq!(
+            err("/tmp:rel:rx"),
             "For bind mounts, container path must be absolute"
         );
         assert_eq!(
             err("/tmp:/x:rx"),
             "Invalid volume option: 'rx'. Must be 'ro' or 'rw'"
         );
-        assert!(
-            err("$(pwd):/x").starts_with("Invalid volume name: '$(pwd)'. Named volumes must match")
+        assert_eq!(
+            err("/x:/y:RO"),
+            "Invalid volume option: 'RO'. Must be 'ro' or 'rw'"
         );
+        // Everything after the second ':' is the option.
+        assert_eq!(
+            err("/a:/b:ro:x"),
+            "Invalid volume option: 'ro:x'. Must be 'ro' or 'rw'"
+        );
+        assert_eq!(
+            err("a:b:c:d"),
+            "Invalid volume option: 'c:d'. Must be 'ro' or 'rw'"
+        );
+        assert_eq!(
+            err("a:/b::"),
+            "Invalid volume option: ':'. Must be 'ro' or 'rw'"
+        );
+        // Only `C:\` is a drive: `C:/data` is volume `C` with option `/data`.
+        assert_eq!(
+            err("C:/data:/data"),
+            "Invalid volume option: '/data'. Must be 'ro' or 'rw'"
+        );
+        assert_eq!(
+            err("C:\\:/x"),
+            "Invalid volume option: '/x'. Must be 'ro' or 'rw'"
+        );
+        let name = |host: &str| {
+            format!(
+                "Invalid volume name: {host}. Named volumes must match [a-zA-Z0-9][a-zA-Z0-9_.-]*. Shell expressions such as $(pwd) are not evaluated; use an absolute host path or an explicit relative path such as '.' or './dir' for bind mounts."
+            )
+        };
+        assert_eq!(err("$(pwd):/x"), name("'$(pwd)'"));
+        // The volume name is checked before the option.
+        assert_eq!(err("$(pwd):/x:rx"), name("'$(pwd)'"));
+        assert_eq!(err("_vol:/x"), name("'_vol'"));
+        assert_eq!(err("v$:/x"), name("'v$'"));
+        assert_eq!(err("-v:/x"), name("'-v'"));
+        assert_eq!(err("~/d:/d"), name("'~/d'"));
+        assert_eq!(err("a b:/x"), name("'a b'"));
+        // Python's repr picks the quotes.
+        assert_eq!(err("it's:/x"), name("\"it's\""));
     }
 }
