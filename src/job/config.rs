@@ -139,8 +139,8 @@ impl Checker<'_> {
     fn boolean(&mut self, field: &str, default: bool) -> bool {
         match self.source.get(field) {
             None => default,
-            Some(v) => parse_lax_bool(v).unwrap_or_else(|| {
-                self.fail(field, "Input should be a valid boolean");
+            Some(v) => parse_lax_bool(v).unwrap_or_else(|message| {
+                self.fail(field, message);
                 default
             }),
         }
@@ -166,6 +166,7 @@ impl Checker<'_> {
         }
     }
 
+    /// `Option<dict>` fields: missing or null → None; other types are an error.
     fn object(&mut self, field: &str) -> Option<Map<String, Value>> {
         match self.source.get(field) {
             None | Some(Value::Null) => None,
@@ -176,23 +177,51 @@ impl Checker<'_> {
             }
         }
     }
+
+    /// `dict` fields with a default: missing → empty; null and other types are an error.
+    fn required_object(&mut self, field: &str) -> Map<String, Value> {
+        match self.source.get(field) {
+            None => Map::new(),
+            Some(Value::Object(m)) => m.clone(),
+            Some(_) => {
+                self.fail(field, "Input should be a valid dictionary");
+                Map::new()
+            }
+        }
+    }
 }
 
-/// pydantic's lax boolean parsing (`"true"`, `"0"`, `1`, …).
-fn parse_lax_bool(value: &Value) -> Option<bool> {
+/// pydantic's lax boolean parsing: booleans, the integers 0 and 1 (also written `1.0`), and
+/// the strings `1 0 on off t f true false y n yes no` in any case, without surrounding spaces.
+///
+/// # Errors
+/// pydantic's message: "unable to interpret input" for strings and whole numbers it does
+/// not know, the bare message for other types (null, fractions, lists, objects).
+fn parse_lax_bool(value: &Value) -> Result<bool, &'static str> {
+    const UNINTERPRETABLE: &str = "Input should be a valid boolean, unable to interpret input";
+    const NOT_A_BOOLEAN: &str = "Input should be a valid boolean";
     match value {
-        Value::Bool(b) => Some(*b),
-        Value::Number(n) => match n.as_f64() {
-            Some(0.0) => Some(false),
-            Some(1.0) => Some(true),
-            _ => None,
+        Value::Bool(b) => Ok(*b),
+        Value::Number(n) => {
+            let whole = n.as_i64().or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && f.abs() < 9.2e18)
+                    .map(|f| f as i64)
+            });
+            match whole {
+                Some(0) => Ok(false),
+                Some(1) => Ok(true),
+                Some(_) => Err(UNINTERPRETABLE),
+                None if n.is_u64() => Err(UNINTERPRETABLE),
+                None => Err(NOT_A_BOOLEAN),
+            }
+        }
+        Value::String(s) => match s.to_ascii_lowercase().as_str() {
+            "1" | "on" | "t" | "true" | "y" | "yes" => Ok(true),
+            "0" | "off" | "f" | "false" | "n" | "no" => Ok(false),
+            _ => Err(UNINTERPRETABLE),
         },
-        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
-            "1" | "on" | "t" | "true" | "y" | "yes" => Some(true),
-            "0" | "off" | "f" | "false" | "n" | "no" => Some(false),
-            _ => None,
-        },
-        _ => None,
+        _ => Err(NOT_A_BOOLEAN),
     }
 }
 
@@ -207,9 +236,33 @@ impl DockerJobConfiguration {
             errors: Vec::new(),
         };
 
+        // Fields are checked in the order of the reference's model, so that the errors are
+        // listed as pydantic lists them.
         let command = c.opt_string("command").filter(|s| !s.is_empty());
+
+        // The reference's env pre-validator crashes on anything but a dict (AttributeError);
+        // here that is the dictionary error pydantic gives for `labels`.
+        let env = c
+            .required_object("env")
+            .into_iter()
+            .map(|(k, v)| {
+                let value = match v {
+                    Value::Null => None,
+                    other => Some(python_str(&other)),
+                };
+                (k, value)
+            })
+            .collect();
+
+        let mut labels = Vec::new();
+        for (k, v) in c.required_object("labels") {
+            match v {
+                Value::String(s) => labels.push((k, s)),
+                _ => c.fail(&format!("labels.{k}"), "Input should be a valid string"),
+            }
+        }
+
         let name = c.opt_string("name");
-        let network_mode = c.opt_string("network_mode");
 
         let image = match source.get("image") {
             None => None,
@@ -220,54 +273,53 @@ impl DockerJobConfiguration {
             }
         };
 
-        let env = match c.object("env") {
-            None => Vec::new(),
-            Some(map) => map
-                .into_iter()
-                .map(|(k, v)| {
-                    let value = match v {
-                        Value::Null => None,
-                        other => Some(python_str(&other)),
-                    };
-                    (k, value)
-                })
-                .collect(),
-        };
-
-        let mut labels = Vec::new();
-        for (k, v) in c.object("labels").unwrap_or_default() {
-            match v {
-                Value::String(s) => labels.push((k, s)),
-                _ => c.fail(&format!("labels.{k}"), "Input should be a valid string"),
+        let registry_credentials = match source.get("registry_credentials") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(map)) => {
+                let mut text = |name: &str| match map.get(name) {
+                    Some(Value::String(s)) => Some(s.clone()),
+                    Some(_) => {
+                        c.fail(
+                            &format!("registry_credentials.{name}"),
+                            "Input should be a valid string",
+                        );
+                        None
+                    }
+                    None => {
+                        c.fail(&format!("registry_credentials.{name}"), "Field required");
+                        None
+                    }
+                };
+                let username = text("username");
+                let password = text("password");
+                let registry_url = text("registry_url");
+                let reauth = match map.get("reauth") {
+                    None => true,
+                    Some(v) => parse_lax_bool(v).unwrap_or_else(|message| {
+                        c.fail("registry_credentials.reauth", message);
+                        true
+                    }),
+                };
+                match (username, password, registry_url) {
+                    (Some(username), Some(password), Some(registry_url)) => {
+                        Some(RegistryCredentials {
+                            username,
+                            password,
+                            registry_url,
+                            reauth,
+                        })
+                    }
+                    _ => None,
+                }
             }
-        }
-
-        let registry_credentials = c.object("registry_credentials").and_then(|map| {
-            let mut field = |name: &str| match map.get(name) {
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(_) => {
-                    c.fail(
-                        &format!("registry_credentials.{name}"),
-                        "Input should be a valid string",
-                    );
-                    None
-                }
-                None => {
-                    c.fail(&format!("registry_credentials.{name}"), "Field required");
-                    None
-                }
-            };
-            let username = field("username");
-            let password = field("password");
-            let registry_url = field("registry_url");
-            let reauth = map.get("reauth").and_then(parse_lax_bool).unwrap_or(true);
-            Some(RegistryCredentials {
-                username: username?,
-                password: password?,
-                registry_url: registry_url?,
-                reauth,
-            })
-        });
+            Some(_) => {
+                c.fail(
+                    "registry_credentials",
+                    "Input should be a valid dictionary or instance of DockerRegistryCredentials",
+                );
+                None
+            }
+        };
 
         let image_pull_policy = match source.get("image_pull_policy") {
             None | Some(Value::Null) => None,
@@ -282,9 +334,8 @@ impl DockerJobConfiguration {
         };
 
         let networks = c.string_list("networks");
+        let network_mode = c.opt_string("network_mode");
         let auto_remove = c.boolean("auto_remove", false);
-        let stream_output = c.boolean("stream_output", true);
-        let privileged = c.boolean("privileged", false);
 
         let mut volumes = Vec::new();
         match source.get("volumes") {
@@ -296,16 +347,17 @@ impl DockerJobConfiguration {
                             Ok(v) => volumes.push(v),
                             Err(m) => c.fail(&format!("volumes.{i}"), format!("Value error, {m}")),
                         },
-                        _ => c.fail(
-                            &format!("volumes.{i}"),
-                            "Value error, Invalid volume specification: must be a string",
-                        ),
+                        _ => c.fail(&format!("volumes.{i}"), "Input should be a valid string"),
                     }
                 }
             }
             Some(_) => c.fail("volumes", "Input should be a valid list"),
         }
 
+        let stream_output = c.boolean("stream_output", true);
+
+        // The reference only checks for a string here and parses the units when it creates the
+        // container; both checks happen now, with docker-py's words for the second.
         let mut memory = |field: &str| {
             c.opt_string(field).and_then(|s| match parse_bytes(&s) {
                 Ok(n) => Some(n),
@@ -318,13 +370,37 @@ impl DockerJobConfiguration {
         let mem_limit = memory("mem_limit");
         let memswap_limit = memory("memswap_limit");
 
+        let privileged = c.boolean("privileged", false);
+
         let mut overrides = match c.object("container_create_kwargs") {
             None => EngineOverrides::default(),
-            Some(kwargs) => map_create_kwargs(&kwargs).unwrap_or_else(|m| {
-                c.fail("container_create_kwargs", m);
+            Some(kwargs) => map_create_kwargs(&kwargs).unwrap_or_else(|errors| {
+                for error in errors {
+                    c.fail(
+                        &format!("container_create_kwargs.{}", error.key),
+                        error.message,
+                    );
+                }
                 EngineOverrides::default()
             }),
         };
+        // docker-py applies networking_config only with the network the container is created
+        // on, and only when it names that network.
+        if let Some(endpoints) = overrides.networking_config.take() {
+            match networks.first() {
+                Some(first) if endpoints.contains_key(first) => {
+                    overrides.networking_config = Some(endpoints);
+                }
+                first => overrides.warnings.push(format!(
+                    "container_create_kwargs.networking_config is ignored: it applies only to the first of the job's networks{}",
+                    first.map_or_else(
+                        || ", and the job has none".to_owned(),
+                        |f| format!(" ('{f}'), which it does not name")
+                    )
+                )),
+            }
+        }
+
         let typed = match TypedOptions::from_rendered(source) {
             Ok(mut typed) => {
                 typed.apply(&mut overrides);
@@ -439,6 +515,339 @@ mod tests {
             text.starts_with("8 validation errors for DockerWorkerJobConfiguration"),
             "{text}"
         );
+    }
+
+    /// (field, message) pairs of a failed validation.
+    fn errors(v: Value) -> Vec<(String, String)> {
+        parse(v)
+            .unwrap_err()
+            .errors
+            .into_iter()
+            .map(|e| (e.field, e.message))
+            .collect()
+    }
+
+    fn error(v: Value) -> (String, String) {
+        let mut all = errors(v.clone());
+        assert_eq!(all.len(), 1, "{v}: {all:?}");
+        all.remove(0)
+    }
+
+    fn pair(field: &str, message: &str) -> (String, String) {
+        (field.to_owned(), message.to_owned())
+    }
+
+    /// Every field of the reference's model wrong at once: the same errors, in the same order,
+    /// as prefect-docker 0.7.4's `DockerWorkerJobConfiguration(**values)` reports (its
+    /// `str(ValidationError)` without pydantic's `[type=…]` and documentation-link lines).
+    #[test]
+    fn every_field_fails_as_in_the_reference_and_in_its_order() {
+        let err = parse(json!({
+            "command": 5, "env": {"A": 1}, "labels": null, "name": 5, "image": null,
+            "registry_credentials": "x", "image_pull_policy": "x", "networks": "x",
+            "network_mode": 5, "auto_remove": "x", "volumes": [5], "stream_output": null,
+            "mem_limit": 1, "memswap_limit": 2, "privileged": 0.5, "container_create_kwargs": []
+        }))
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "15 validation errors for DockerWorkerJobConfiguration
+command
+  Input should be a valid string
+labels
+  Input should be a valid dictionary
+name
+  Input should be a valid string
+image
+  Input should be a valid string
+registry_credentials
+  Input should be a valid dictionary or instance of DockerRegistryCredentials
+image_pull_policy
+  Input should be 'IfNotPresent', 'Always', 'IfPossible' or 'Never'
+networks
+  Input should be a valid list
+network_mode
+  Input should be a valid string
+auto_remove
+  Input should be a valid boolean, unable to interpret input
+volumes.0
+  Input should be a valid string
+stream_output
+  Input should be a valid boolean
+mem_limit
+  Input should be a valid string
+memswap_limit
+  Input should be a valid string
+privileged
+  Input should be a valid boolean
+container_create_kwargs
+  Input should be a valid dictionary"
+        );
+        assert_eq!(
+            parse(json!({"image": null})).unwrap_err().to_string(),
+            "1 validation error for DockerWorkerJobConfiguration\nimage\n  Input should be a valid string"
+        );
+    }
+
+    /// Each case and message as the reference's model gives it (run in its venv).
+    #[test]
+    fn reference_messages_per_field() {
+        let string = "Input should be a valid string";
+        let dict = "Input should be a valid dictionary";
+        let list = "Input should be a valid list";
+        let policy = "Input should be 'IfNotPresent', 'Always', 'IfPossible' or 'Never'";
+        for (values, field, message) in [
+            (json!({"image": 5}), "image", string),
+            (json!({"image": ["a"]}), "image", string),
+            (json!({"image": true}), "image", string),
+            (json!({"command": ["a"]}), "command", string),
+            (json!({"name": true}), "name", string),
+            (json!({"labels": "x"}), "labels", dict),
+            (json!({"labels": {"a": 1}}), "labels.a", string),
+            (json!({"labels": {"a": null}}), "labels.a", string),
+            (json!({"labels": {"a": true}}), "labels.a", string),
+            (
+                json!({"image_pull_policy": "always"}),
+                "image_pull_policy",
+                policy,
+            ),
+            (json!({"image_pull_policy": 5}), "image_pull_policy", policy),
+            (
+                json!({"image_pull_policy": ""}),
+                "image_pull_policy",
+                policy,
+            ),
+            (json!({"networks": null}), "networks", list),
+            (json!({"networks": {"a": 1}}), "networks", list),
+            (json!({"networks": [1]}), "networks.0", string),
+            (json!({"networks": [null]}), "networks.0", string),
+            (json!({"volumes": "x"}), "volumes", list),
+            (json!({"volumes": null}), "volumes", list),
+            (json!({"volumes": [null]}), "volumes.0", string),
+            (json!({"mem_limit": 1.5}), "mem_limit", string),
+            (json!({"mem_limit": true}), "mem_limit", string),
+            (json!({"memswap_limit": false}), "memswap_limit", string),
+            (
+                json!({"container_create_kwargs": "x"}),
+                "container_create_kwargs",
+                dict,
+            ),
+        ] {
+            assert_eq!(error(values.clone()), pair(field, message), "{values}");
+        }
+        // Null is allowed where the model says Optional.
+        parse(
+            json!({"command": null, "name": null, "image_pull_policy": null,
+                     "network_mode": null, "mem_limit": null, "memswap_limit": null,
+                     "container_create_kwargs": null, "registry_credentials": null}),
+        )
+        .unwrap();
+    }
+
+    /// pydantic's lax booleans, with its two messages (cases run against the reference).
+    #[test]
+    fn booleans_as_pydantic_reads_them() {
+        for (value, expected) in [
+            (json!(true), true),
+            (json!("TRUE"), true),
+            (json!("tRuE"), true),
+            (json!("True"), true),
+            (json!("Yes"), true),
+            (json!("ON"), true),
+            (json!("t"), true),
+            (json!("y"), true),
+            (json!("1"), true),
+            (json!(1), true),
+            (json!(1.0), true),
+            (json!("off"), false),
+            (json!("n"), false),
+            (json!(0), false),
+            (json!(0.0), false),
+        ] {
+            let c = parse(json!({"auto_remove": value, "privileged": value})).unwrap();
+            assert_eq!(
+                (c.auto_remove, c.privileged),
+                (expected, expected),
+                "{value}"
+            );
+        }
+        let uninterpretable = "Input should be a valid boolean, unable to interpret input";
+        let not_boolean = "Input should be a valid boolean";
+        for (value, message) in [
+            (json!("maybe"), uninterpretable),
+            (json!(" true "), uninterpretable),
+            (json!(""), uninterpretable),
+            (json!("1.0"), uninterpretable),
+            (json!(2), uninterpretable),
+            (json!(-1), uninterpretable),
+            (json!(2.0), uninterpretable),
+            (json!(0.5), not_boolean),
+            (json!(1e300), not_boolean),
+            (json!(null), not_boolean),
+            (json!([1]), not_boolean),
+            (json!({"a": 1}), not_boolean),
+        ] {
+            for field in ["auto_remove", "stream_output", "privileged"] {
+                assert_eq!(
+                    error(json!({ field: value })),
+                    pair(field, message),
+                    "{field}: {value}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn env_values_become_python_strings_and_must_be_an_object() {
+        let c = parse(json!({"env": {"C": [1], "D": {"x": 1}, "E": 1.5, "F": false}})).unwrap();
+        assert_eq!(
+            c.env,
+            vec![
+                ("C".into(), Some("[1]".into())),
+                ("D".into(), Some("{'x': 1}".into())),
+                ("E".into(), Some("1.5".into())),
+                ("F".into(), Some("False".into())),
+            ]
+        );
+        // The reference crashes here (AttributeError: 'str' object has no attribute 'items');
+        // pydantic's dictionary message instead (README "Differences").
+        for env in [json!("x"), json!([1]), json!(null)] {
+            assert_eq!(
+                error(json!({ "env": env })),
+                pair("env", "Input should be a valid dictionary")
+            );
+        }
+    }
+
+    #[test]
+    fn registry_credentials_as_the_block_validates_them() {
+        let all_missing = errors(json!({"registry_credentials": {}}));
+        assert_eq!(
+            all_missing,
+            [
+                pair("registry_credentials.username", "Field required"),
+                pair("registry_credentials.password", "Field required"),
+                pair("registry_credentials.registry_url", "Field required"),
+            ]
+        );
+        assert_eq!(
+            errors(
+                json!({"registry_credentials": {"username": null, "password": 2, "registry_url": 3}})
+            ),
+            [
+                pair(
+                    "registry_credentials.username",
+                    "Input should be a valid string"
+                ),
+                pair(
+                    "registry_credentials.password",
+                    "Input should be a valid string"
+                ),
+                pair(
+                    "registry_credentials.registry_url",
+                    "Input should be a valid string"
+                ),
+            ]
+        );
+        let creds = |reauth: Value| json!({"registry_credentials": {"username": "u", "password": "p", "registry_url": "r", "reauth": reauth}});
+        assert_eq!(
+            error(creds(json!("maybe"))),
+            pair(
+                "registry_credentials.reauth",
+                "Input should be a valid boolean, unable to interpret input"
+            )
+        );
+        assert_eq!(
+            error(creds(json!(null))),
+            pair(
+                "registry_credentials.reauth",
+                "Input should be a valid boolean"
+            )
+        );
+        let c = parse(creds(json!("false"))).unwrap();
+        assert!(!c.registry_credentials.unwrap().reauth);
+        for bad in [json!("x"), json!(5), json!([])] {
+            assert_eq!(
+                error(json!({ "registry_credentials": bad })),
+                pair(
+                    "registry_credentials",
+                    "Input should be a valid dictionary or instance of DockerRegistryCredentials"
+                )
+            );
+        }
+        // Extra keys (a block document's own fields) are allowed.
+        parse(
+            json!({"registry_credentials": {"username": "u", "password": "p", "registry_url": "r",
+                                              "block_type_slug": "docker-registry-credentials"}}),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn volumes_and_memory_report_per_item_with_the_reference_words() {
+        assert_eq!(
+            errors(json!({"volumes": ["/x:/y", 5, "bad", "/a:/b:ro:x"]})),
+            [
+                pair("volumes.1", "Input should be a valid string"),
+                pair(
+                    "volumes.2",
+                    "Value error, Invalid volume specification: bad"
+                ),
+                pair(
+                    "volumes.3",
+                    "Value error, Invalid volume option: 'ro:x'. Must be 'ro' or 'rw'"
+                ),
+            ]
+        );
+        // docker-py's parse_bytes words, at validation (the reference fails at create).
+        assert_eq!(
+            error(json!({"mem_limit": "12x"})),
+            pair(
+                "mem_limit",
+                "The specified value for memory (12x) should specify the units. The postfix should be one of the `b` `k` `m` `g` characters"
+            )
+        );
+        assert_eq!(
+            error(json!({"memswap_limit": "kb"})),
+            pair(
+                "memswap_limit",
+                "Failed converting the string value for memory () to an integer."
+            )
+        );
+        // docker-py reads an empty size as 0 (no limit).
+        assert_eq!(parse(json!({"mem_limit": ""})).unwrap().mem_limit, Some(0));
+    }
+
+    #[test]
+    fn create_kwargs_errors_name_the_key() {
+        assert_eq!(
+            errors(json!({"container_create_kwargs": {"bogus_option": 1, "cpu_shares": "x"}})),
+            [
+                pair(
+                    "container_create_kwargs.bogus_option",
+                    "unknown key 'bogus_option' (not a docker-py containers.create argument)"
+                ),
+                pair(
+                    "container_create_kwargs.cpu_shares",
+                    "expected an integer; got \"x\""
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn networking_config_applies_only_to_the_first_network() {
+        let kwargs = json!({"networking_config": {"n1": {"Aliases": ["a"]}}});
+        let c =
+            parse(json!({"networks": ["n1", "n2"], "container_create_kwargs": kwargs})).unwrap();
+        assert!(c.overrides.networking_config.is_some());
+        assert!(c.overrides.warnings.is_empty());
+        let c = parse(json!({"networks": ["n2"], "container_create_kwargs": kwargs})).unwrap();
+        assert_eq!(c.overrides.networking_config, None);
+        assert!(c.overrides.warnings[0].contains("('n2'), which it does not name"));
+        let c = parse(json!({"container_create_kwargs": kwargs})).unwrap();
+        assert_eq!(c.overrides.networking_config, None);
+        assert!(c.overrides.warnings[0].ends_with("and the job has none"));
     }
 
     #[test]

@@ -410,7 +410,17 @@ impl DockerJobConfiguration {
             auto_remove: self.auto_remove,
             stream_output: self.stream_output,
             extra_hosts,
-            config_overrides: self.overrides.config.clone(),
+            config_overrides: {
+                let mut config = self.overrides.config.clone();
+                // Kept by validation only when it names the first network (as docker-py uses it).
+                if let Some(endpoints) = &self.overrides.networking_config {
+                    config.insert(
+                        "NetworkingConfig".into(),
+                        json!({"EndpointsConfig": endpoints}),
+                    );
+                }
+                config
+            },
             host_config_overrides: self.overrides.host_config.clone(),
             exclusive_label: Some(("io.prefect.flow-run-id".to_owned(), flow_run_id.to_owned())),
             platform: self.typed.platform.clone(),
@@ -570,6 +580,23 @@ mod tests {
             engine_version: None,
         });
         assert!(matches!(bad, Err(PrepareError::InvalidCommand { .. })));
+    }
+
+    #[test]
+    fn networking_config_goes_to_the_create_body_for_the_first_network() {
+        let f = fixture("https://api.example.com/api");
+        let spec = prepare(
+            &config(json!({"networks": ["n1"],
+                           "container_create_kwargs": {"networking_config": {"n1": {"Aliases": ["a"]}}}})),
+            &f,
+            None,
+        );
+        assert_eq!(
+            spec.config_overrides["NetworkingConfig"],
+            json!({"EndpointsConfig": {"n1": {"Aliases": ["a"]}}})
+        );
+        let spec = prepare(&config(json!({"networks": ["n1"]})), &f, None);
+        assert!(!spec.config_overrides.contains_key("NetworkingConfig"));
     }
 
     #[test]
