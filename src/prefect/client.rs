@@ -255,6 +255,15 @@ impl PrefectClient {
             .map_err(|e| ApiError::Config(format!("bad path {path}: {e}")))
     }
 
+    /// Fetches the CSRF token (or learns the server has CSRF off) ahead of the first state
+    /// change, so start-up can overlap it with other round trips. Failures are left for the
+    /// first mutating request to meet and report.
+    pub async fn prefetch_csrf_token(&self) {
+        if let Err(e) = self.csrf_token().await {
+            tracing::debug!(error = %e, "could not prefetch the CSRF token");
+        }
+    }
+
     async fn csrf_token(&self) -> Result<Option<String>, ApiError> {
         let mut csrf = self.csrf.lock().await;
         if csrf.disabled {

@@ -194,8 +194,10 @@ impl Worker {
     /// [`WorkerError`] when the worker cannot go on (credentials, start-up).
     pub async fn run(self: &Arc<Self>) -> Result<(), WorkerError> {
         let shutdown = self.shutdown.clone();
-        let over_channel =
-            !self.settings.run_once && self.start_channel(shutdown.child_token()).await;
+        // The CSRF token is needed by the first claim: fetch it while the channel connects.
+        let channel =
+            async { !self.settings.run_once && self.start_channel(shutdown.child_token()).await };
+        let (over_channel, ()) = tokio::join!(channel, self.api.prefetch_csrf_token());
         match if over_channel {
             Ok(())
         } else {
