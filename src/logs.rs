@@ -4,6 +4,11 @@
 //! appear in the Prefect UI beside the run, as with the Python worker. Every line is also
 //! written to the worker's own log. The queue is bounded: when it is full, lines are
 //! dropped with a warning rather than growing memory without limit.
+//!
+//! Batching follows Prefect's `APILogWorker`: one flush per `PREFECT_LOGGING_TO_API_BATCH_INTERVAL`
+//! (and one at shutdown), lines of several runs in one request, requests within Prefect's
+//! 4 MB batch size, and an entry over 1 MB of JSON cut and marked `... [truncated]`.
+//! Depends on `prefect` (the client) and `metrics` only.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,10 +25,18 @@ use crate::prefect::{LogEntry, PrefectClient, models::timestamp_now};
 pub const LOGGER_NAME: &str = "prefect.flow_runs.worker";
 /// Lines held in memory at most.
 const QUEUE_CAPACITY: usize = 10_000;
-/// Longest message sent; longer ones are cut (Prefect's `MAX_LOG_SIZE`).
-const MAX_MESSAGE_BYTES: usize = 1_000_000;
-/// Largest batch body (Prefect's `BATCH_SIZE - MAX_LOG_SIZE - 1`).
-const MAX_BATCH_BYTES: usize = 3_000_000 - 1;
+/// Largest log entry, as JSON (Prefect's `PREFECT_LOGGING_TO_API_MAX_LOG_SIZE` default).
+const MAX_LOG_SIZE: usize = 1_000_000;
+/// Largest request body (Prefect's `PREFECT_LOGGING_TO_API_BATCH_SIZE` default).
+const BATCH_SIZE: usize = 4_000_000;
+/// A batch takes entries while their JSON, one separator each, is under this; the last one
+/// taken may be of the maximum size, so the request stays within [`BATCH_SIZE`] (Prefect's
+/// `BATCH_SIZE - MAX_LOG_SIZE - 1`).
+const MAX_BATCH_BYTES: usize = BATCH_SIZE - MAX_LOG_SIZE - 1;
+/// What a cut message ends with (Prefect's words).
+const TRUNCATED: &str = "... [truncated]";
+/// Characters cut beyond the excess, leaving room for [`TRUNCATED`] (Prefect's margin).
+const TRUNCATION_MARGIN: usize = 50;
 
 /// Python logging levels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,24 +103,16 @@ impl ApiLogs {
     /// Queues `message` for the API only, not the worker's log: for text the worker log
     /// already has, such as container output it printed.
     pub fn to_api(&self, flow_run_id: &str, level: Level, message: impl Into<String>) {
-        let mut message = message.into();
         let Some(tx) = &self.tx else { return };
-        if message.len() > MAX_MESSAGE_BYTES {
-            let mut end = MAX_MESSAGE_BYTES;
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            message.truncate(end);
-            message.push_str("... [truncated]");
-        }
-        let entry = LogEntry {
+        let mut entry = LogEntry {
             name: LOGGER_NAME.to_owned(),
             level: level as u8,
-            message,
+            message: message.into(),
             timestamp: timestamp_now(),
             flow_run_id: Some(flow_run_id.to_owned()),
             task_run_id: None,
         };
+        truncate(&mut entry);
         let sent = tx.try_send(entry);
         if let Some(m) = &self.metrics {
             m.queued_reports
@@ -148,7 +153,8 @@ async fn send_loop(
     shutdown: CancellationToken,
 ) {
     let mut batch: Vec<LogEntry> = Vec::new();
-    let mut ticker = tokio::time::interval(interval);
+    // The first flush is one interval in, not at once: lines logged together go together.
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -182,15 +188,7 @@ async fn flush(api: &PrefectClient, batch: &mut Vec<LogEntry>) {
         );
     }
     while !batch.is_empty() {
-        let mut size = 0;
-        let mut take = 0;
-        for entry in batch.iter() {
-            size += entry.message.len() + 200;
-            if take > 0 && size > MAX_BATCH_BYTES {
-                break;
-            }
-            take += 1;
-        }
+        let take = next_batch_len(batch);
         match api.create_logs(&batch[..take]).await {
             Ok(()) => {
                 batch.drain(..take);
@@ -204,5 +202,333 @@ async fn flush(api: &PrefectClient, batch: &mut Vec<LogEntry>) {
                 batch.drain(..take);
             }
         }
+    }
+}
+
+/// The size of an entry in a request body.
+fn json_size(entry: &LogEntry) -> usize {
+    serde_json::to_vec(entry).map_or(0, |json| json.len())
+}
+
+/// Cuts an entry whose JSON is over [`MAX_LOG_SIZE`] as Prefect does: the message loses as
+/// many characters as the JSON has bytes too many, plus a margin, and ends with
+/// `... [truncated]`, so the entry fits.
+fn truncate(entry: &mut LogEntry) {
+    let size = json_size(entry);
+    if size <= MAX_LOG_SIZE {
+        return;
+    }
+    let excess = size - MAX_LOG_SIZE;
+    let keep = entry
+        .message
+        .chars()
+        .count()
+        .saturating_sub(excess + TRUNCATION_MARGIN);
+    let end = entry
+        .message
+        .char_indices()
+        .nth(keep)
+        .map_or(entry.message.len(), |(i, _)| i);
+    entry.message.truncate(end);
+    entry.message.push_str(TRUNCATED);
+}
+
+/// How many of the queued entries the next request takes: the first, then more while the
+/// batch (each entry's JSON and its separator) is under [`MAX_BATCH_BYTES`].
+fn next_batch_len(batch: &[LogEntry]) -> usize {
+    let mut size = 0;
+    let mut take = 0;
+    for entry in batch {
+        if size >= MAX_BATCH_BYTES {
+            break;
+        }
+        size += json_size(entry) + 1;
+        take += 1;
+    }
+    take
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    use serde_json::Value;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use crate::prefect::ClientConfig;
+
+    fn entry(message: &str) -> LogEntry {
+        LogEntry {
+            name: LOGGER_NAME.to_owned(),
+            level: 20,
+            message: message.to_owned(),
+            timestamp: "2026-11-27T22:51:24.111655Z".to_owned(),
+            flow_run_id: Some("9235a16a-76c1-4c82-8caa-25dd8d07031c".to_owned()),
+            task_run_id: None,
+        }
+    }
+
+    #[test]
+    fn an_entry_over_the_maximum_is_cut_as_prefect_cuts_it() {
+        // Under the limit: untouched.
+        let mut small = entry(&"x".repeat(MAX_LOG_SIZE - 1000));
+        truncate(&mut small);
+        assert_eq!(small.message.len(), MAX_LOG_SIZE - 1000);
+
+        // Over: the message loses the excess bytes of JSON plus 50 characters, then ends with
+        // the marker (Prefect: message[:len - oversize - 50] + "... [truncated]").
+        let mut big = entry(&"x".repeat(MAX_LOG_SIZE));
+        let excess = json_size(&big) - MAX_LOG_SIZE;
+        truncate(&mut big);
+        assert_eq!(
+            big.message.len(),
+            MAX_LOG_SIZE - excess - TRUNCATION_MARGIN + TRUNCATED.len()
+        );
+        assert!(big.message.ends_with("x... [truncated]"));
+        assert!(json_size(&big) <= MAX_LOG_SIZE);
+
+        // Characters, not bytes, are cut; JSON escapes count toward the size.
+        let mut wide = entry(&"é\"".repeat(MAX_LOG_SIZE / 3));
+        let excess = json_size(&wide) - MAX_LOG_SIZE;
+        let chars = wide.message.chars().count();
+        truncate(&mut wide);
+        assert_eq!(
+            wide.message.chars().count(),
+            chars - excess - TRUNCATION_MARGIN + TRUNCATED.chars().count()
+        );
+        assert!(json_size(&wide) <= MAX_LOG_SIZE);
+    }
+
+    #[test]
+    fn batches_stay_within_prefects_request_size() {
+        // Each entry ~900 KB: the batch takes entries while it is under 2 999 999 bytes, so
+        // four (the fourth may be a maximum-size entry) and then the rest.
+        let lines: Vec<LogEntry> = (0..5).map(|_| entry(&"y".repeat(900_000))).collect();
+        assert_eq!(next_batch_len(&lines), 4);
+        assert_eq!(next_batch_len(&lines[4..]), 1);
+        let body = serde_json::to_vec(&lines[..4]).unwrap();
+        assert!(body.len() <= BATCH_SIZE, "{}", body.len());
+        // Maximum-size entries: three fit under the threshold after the first two.
+        let mut max = entry(&"z".repeat(2 * MAX_LOG_SIZE));
+        truncate(&mut max);
+        let maxed = vec![max; 5];
+        let take = next_batch_len(&maxed);
+        assert_eq!(take, 4);
+        assert!(serde_json::to_vec(&maxed[..take]).unwrap().len() <= BATCH_SIZE);
+        // Small lines all go together; one line always goes.
+        let small: Vec<LogEntry> = (0..1000).map(|i| entry(&format!("line {i}"))).collect();
+        assert_eq!(next_batch_len(&small), 1000);
+        assert_eq!(next_batch_len(&small[..1]), 1);
+        assert_eq!(next_batch_len(&[]), 0);
+    }
+
+    #[test]
+    fn a_disabled_handle_sends_nothing() {
+        // PREFECT_LOGGING_TO_API_ENABLED=false gives this handle (src/app.rs): no queue at all.
+        let logs = ApiLogs::disabled();
+        logs.info("run", "hello");
+        assert!(logs.tx.is_none());
+        assert_eq!(logs.dropped.load(Ordering::Relaxed), 0);
+    }
+
+    /// `PREFECT_LOGGING_TO_API_ENABLED` (Prefect's boolean words) and
+    /// `PREFECT_LOGGING_TO_API_BATCH_INTERVAL` as the settings read them; src/app.rs spawns the
+    /// sender with that interval, or uses [`ApiLogs::disabled`].
+    #[test]
+    fn settings_turn_api_logs_off_and_set_the_interval() {
+        use clap::Parser;
+        let settings = |pairs: &[(&str, &str)]| {
+            let crate::cli::Command::Start(args) =
+                crate::cli::Cli::parse_from(["docker-worker", "start", "--pool", "p"]).command
+            else {
+                unreachable!("parsed `start`")
+            };
+            let env: std::collections::BTreeMap<String, String> =
+                [("PREFECT_API_URL", "http://127.0.0.1:4200/api")]
+                    .iter()
+                    .chain(pairs)
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect();
+            crate::config::Settings::from_start_args(&args, &env)
+        };
+        let default = settings(&[]).unwrap();
+        assert!(default.worker.logging_to_api);
+        assert_eq!(default.worker.log_batch_interval, Duration::from_secs(2));
+        for off in ["false", "FALSE", "0", "off", "no", "f", "n"] {
+            let s = settings(&[("PREFECT_LOGGING_TO_API_ENABLED", off)]).unwrap();
+            assert!(!s.worker.logging_to_api, "{off}");
+        }
+        for on in ["true", "True", "1", "on", "yes"] {
+            let s = settings(&[("PREFECT_LOGGING_TO_API_ENABLED", on)]).unwrap();
+            assert!(s.worker.logging_to_api, "{on}");
+        }
+        assert!(settings(&[("PREFECT_LOGGING_TO_API_ENABLED", "maybe")]).is_err());
+        let s = settings(&[("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.5")]).unwrap();
+        assert_eq!(s.worker.log_batch_interval, Duration::from_millis(500));
+    }
+
+    /// Bodies of the `POST /logs/` requests a stub API received; answers `statuses` in order
+    /// (the last repeated). A stub because request boundaries are what is checked here; the
+    /// real server's view of the logs is checked in tests/e2e.rs and tests/conformance.rs.
+    async fn stub(statuses: Vec<u16>) -> (Arc<PrefectClient>, Arc<Mutex<Vec<Value>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/api/", listener.local_addr().unwrap());
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&bodies);
+        tokio::spawn(async move {
+            let mut i = 0;
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 1 << 16];
+                let body_start = loop {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break None;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break Some(end + 4);
+                    }
+                };
+                let Some(start) = body_start else { continue };
+                let status = statuses[i.min(statuses.len() - 1)];
+                i += 1;
+                if status == 201 {
+                    seen.lock()
+                        .unwrap()
+                        .push(serde_json::from_slice(&buf[start..]).unwrap_or(Value::Null));
+                }
+                let body = if status == 201 { "null" } else { "{}" };
+                let response = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(response.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            }
+        });
+        let client = PrefectClient::new(&ClientConfig {
+            api_url: url.parse().unwrap(),
+            api_key: None,
+            auth_string: None,
+            timeout: Duration::from_secs(10),
+            max_retries: 0,
+            worker_name: None,
+            csrf_enabled: false,
+        })
+        .unwrap();
+        (Arc::new(client), bodies)
+    }
+
+    async fn wait_for(bodies: &Mutex<Vec<Value>>, n: usize) {
+        for _ in 0..200 {
+            if bodies.lock().unwrap().len() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "expected {n} requests, got {:?}",
+            bodies.lock().unwrap().len()
+        );
+    }
+
+    #[tokio::test]
+    async fn lines_of_several_runs_go_in_one_batch_per_interval_and_the_rest_at_shutdown() {
+        let (api, bodies) = stub(vec![201]).await;
+        let shutdown = CancellationToken::new();
+        let (logs, task) = ApiLogs::spawn(
+            api,
+            Duration::from_millis(300),
+            Arc::new(Metrics::new()),
+            shutdown.clone(),
+        );
+        logs.info("run-a", "Worker 'w1' submitting flow run 'run-a'");
+        logs.warn("run-b", "warned");
+        logs.error("run-a", "failed");
+        wait_for(&bodies, 1).await;
+        logs.log("run-b", Level::Debug, "last");
+        shutdown.cancel();
+        task.await.unwrap();
+        let bodies = bodies.lock().unwrap().clone();
+        assert_eq!(bodies.len(), 2, "{bodies:?}");
+        let first = bodies[0].as_array().unwrap();
+        let summary: Vec<(&str, u64, &str)> = first
+            .iter()
+            .map(|e| {
+                (
+                    e["flow_run_id"].as_str().unwrap(),
+                    e["level"].as_u64().unwrap(),
+                    e["message"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("run-a", 20, "Worker 'w1' submitting flow run 'run-a'"),
+                ("run-b", 30, "warned"),
+                ("run-a", 40, "failed"),
+            ]
+        );
+        for e in first {
+            assert_eq!(e["name"], LOGGER_NAME);
+            assert_eq!(e["task_run_id"], Value::Null);
+            let ts = e["timestamp"].as_str().unwrap();
+            assert!(ts.ends_with('Z') && ts.len() == 27, "{ts}");
+        }
+        assert_eq!(bodies[1][0]["message"], "last");
+        assert_eq!(bodies[1][0]["level"], 10);
+    }
+
+    /// Beyond the reference, which drops a batch it could not send: a batch the API could
+    /// not take (5xx, unreachable) is sent again at the next interval; a refused one (4xx)
+    /// is dropped.
+    #[tokio::test]
+    async fn an_unavailable_api_delays_the_batch_and_a_refusing_one_drops_it() {
+        let (api, bodies) = stub(vec![503, 201]).await;
+        let shutdown = CancellationToken::new();
+        let (logs, task) = ApiLogs::spawn(
+            api,
+            Duration::from_millis(100),
+            Arc::new(Metrics::new()),
+            shutdown.clone(),
+        );
+        logs.info("run-a", "kept");
+        wait_for(&bodies, 1).await;
+        shutdown.cancel();
+        task.await.unwrap();
+        assert_eq!(bodies.lock().unwrap()[0][0]["message"], "kept");
+
+        let (api, bodies) = stub(vec![422, 201]).await;
+        let mut batch = vec![entry("refused")];
+        flush(&api, &mut batch).await;
+        assert!(batch.is_empty());
+        batch.push(entry("accepted"));
+        flush(&api, &mut batch).await;
+        let bodies = bodies.lock().unwrap().clone();
+        assert_eq!(bodies.len(), 1);
+        assert_eq!(bodies[0][0]["message"], "accepted");
+    }
+
+    #[tokio::test]
+    async fn one_flush_splits_a_large_backlog_into_requests_within_the_batch_size() {
+        let (api, bodies) = stub(vec![201]).await;
+        let mut batch: Vec<LogEntry> = (0..5).map(|_| entry(&"y".repeat(900_000))).collect();
+        flush(&api, &mut batch).await;
+        let bodies = bodies.lock().unwrap().clone();
+        let sizes: Vec<usize> = bodies.iter().map(|b| b.as_array().unwrap().len()).collect();
+        assert_eq!(sizes, [4, 1]);
     }
 }
