@@ -48,6 +48,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         let (logs, task) = ApiLogs::spawn(
             Arc::clone(&api),
             settings.worker.log_batch_interval,
+            settings.worker.log_limits,
             Arc::clone(&metrics),
             log_shutdown.clone(),
         );

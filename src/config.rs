@@ -86,6 +86,8 @@ pub struct WorkerSettings {
     pub logging_to_api: bool,
     /// Interval of log batches.
     pub log_batch_interval: Duration,
+    /// Size limits of flow-run logs (`PREFECT_LOGGING_TO_API_MAX_LOG_SIZE` / `_BATCH_SIZE`).
+    pub log_limits: crate::logs::LogLimits,
     /// The worker's `PREFECT_*` settings handed to every flow-run container.
     pub settings_env: Vec<(String, String)>,
     /// Directory relative bind mounts are resolved against.
@@ -329,6 +331,31 @@ fn boolean(env: &BTreeMap<String, String>, name: &str, default: bool) -> Result<
             }),
         },
     }
+}
+
+/// `PREFECT_LOGGING_TO_API_MAX_LOG_SIZE` / `_BATCH_SIZE`, checked as Prefect checks them.
+fn log_limits(env: &BTreeMap<String, String>) -> Result<crate::logs::LogLimits, ConfigError> {
+    let defaults = crate::logs::LogLimits::default();
+    let limits = crate::logs::LogLimits {
+        max_log_size: count(
+            env,
+            "PREFECT_LOGGING_TO_API_MAX_LOG_SIZE",
+            defaults.max_log_size,
+        )?,
+        batch_size: count(
+            env,
+            "PREFECT_LOGGING_TO_API_BATCH_SIZE",
+            defaults.batch_size,
+        )?,
+    };
+    if limits.batch_size < limits.max_log_size {
+        return Err(ConfigError::Invalid {
+            name: "PREFECT_LOGGING_TO_API_MAX_LOG_SIZE".into(),
+            value: limits.max_log_size.to_string(),
+            reason: "`PREFECT_LOGGING_TO_API_MAX_LOG_SIZE` cannot be larger than `PREFECT_LOGGING_TO_API_BATCH_SIZE`".into(),
+        });
+    }
+    Ok(limits)
 }
 
 /// A non-negative whole number from the environment.
@@ -641,6 +668,7 @@ impl Settings {
                 default_image,
                 logging_to_api: boolean(env, "PREFECT_LOGGING_TO_API_ENABLED", true)?,
                 log_batch_interval: seconds(env, "PREFECT_LOGGING_TO_API_BATCH_INTERVAL", 2.0)?,
+                log_limits: log_limits(env)?,
                 settings_env,
                 cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
                 stop_cancelled: !args.no_stop_cancelled
@@ -951,6 +979,42 @@ mod tests {
                 .settings_env
                 .iter()
                 .any(|(k, _)| k.starts_with("PREFECT__"))
+        );
+    }
+
+    #[test]
+    fn flow_run_log_size_limits_default_to_prefects_and_are_checked_as_it_checks_them() {
+        let base = [("PREFECT_API_URL", "http://x/api")];
+        let s = Settings::from_start_args(&args(&[]), &env(&base)).unwrap();
+        assert_eq!(s.worker.log_limits, crate::logs::LogLimits::default());
+        assert_eq!(s.worker.log_limits.max_log_size, 1_000_000);
+        assert_eq!(s.worker.log_limits.batch_size, 4_000_000);
+        let s = Settings::from_start_args(
+            &args(&[]),
+            &env(&[
+                base[0],
+                ("PREFECT_LOGGING_TO_API_MAX_LOG_SIZE", "2000"),
+                ("PREFECT_LOGGING_TO_API_BATCH_SIZE", "10000"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                s.worker.log_limits.max_log_size,
+                s.worker.log_limits.batch_size
+            ),
+            (2000, 10000)
+        );
+        let e = Settings::from_start_args(
+            &args(&[]),
+            &env(&[base[0], ("PREFECT_LOGGING_TO_API_MAX_LOG_SIZE", "5000000")]),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "`PREFECT_LOGGING_TO_API_MAX_LOG_SIZE` cannot be larger than `PREFECT_LOGGING_TO_API_BATCH_SIZE`"
+            ),
+            "{e}"
         );
     }
 }

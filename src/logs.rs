@@ -33,6 +33,32 @@ const BATCH_SIZE: usize = 4_000_000;
 /// taken may be of the maximum size, so the request stays within [`BATCH_SIZE`] (Prefect's
 /// `BATCH_SIZE - MAX_LOG_SIZE - 1`).
 const MAX_BATCH_BYTES: usize = BATCH_SIZE - MAX_LOG_SIZE - 1;
+
+/// Size limits of flow-run logs sent to the API
+/// (`PREFECT_LOGGING_TO_API_MAX_LOG_SIZE` / `_BATCH_SIZE`, Prefect's defaults by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLimits {
+    /// Largest log entry, as JSON; longer messages are cut.
+    pub max_log_size: usize,
+    /// Largest request body.
+    pub batch_size: usize,
+}
+
+impl Default for LogLimits {
+    fn default() -> Self {
+        Self {
+            max_log_size: MAX_LOG_SIZE,
+            batch_size: BATCH_SIZE,
+        }
+    }
+}
+
+impl LogLimits {
+    /// What the batch may reach before one more (maximum-size) entry is added.
+    fn max_batch_bytes(self) -> usize {
+        self.batch_size.saturating_sub(self.max_log_size + 1)
+    }
+}
 /// What a cut message ends with (Prefect's words).
 const TRUNCATED: &str = "... [truncated]";
 /// Characters cut beyond the excess, leaving room for [`TRUNCATED`] (Prefect's margin).
@@ -57,6 +83,7 @@ pub struct ApiLogs {
     tx: Option<mpsc::Sender<LogEntry>>,
     dropped: Arc<AtomicU64>,
     metrics: Option<Arc<Metrics>>,
+    limits: LogLimits,
 }
 
 impl ApiLogs {
@@ -66,6 +93,7 @@ impl ApiLogs {
             tx: None,
             dropped: Arc::new(AtomicU64::new(0)),
             metrics: None,
+            limits: LogLimits::default(),
         }
     }
 
@@ -73,16 +101,25 @@ impl ApiLogs {
     pub fn spawn(
         api: Arc<PrefectClient>,
         interval: Duration,
+        limits: LogLimits,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let handle = tokio::spawn(send_loop(api, rx, interval, Arc::clone(&metrics), shutdown));
+        let handle = tokio::spawn(send_loop(
+            api,
+            rx,
+            interval,
+            limits,
+            Arc::clone(&metrics),
+            shutdown,
+        ));
         (
             Self {
                 tx: Some(tx),
                 dropped: Arc::new(AtomicU64::new(0)),
                 metrics: Some(metrics),
+                limits,
             },
             handle,
         )
@@ -112,7 +149,7 @@ impl ApiLogs {
             flow_run_id: Some(flow_run_id.to_owned()),
             task_run_id: None,
         };
-        truncate(&mut entry);
+        truncate(&mut entry, self.limits.max_log_size);
         let sent = tx.try_send(entry);
         if let Some(m) = &self.metrics {
             m.queued_reports
@@ -149,6 +186,7 @@ async fn send_loop(
     api: Arc<PrefectClient>,
     mut rx: mpsc::Receiver<LogEntry>,
     interval: Duration,
+    limits: LogLimits,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -163,7 +201,7 @@ async fn send_loop(
                 None => break,
             },
             _ = ticker.tick() => {
-                flush(&api, &mut batch).await;
+                flush(&api, &mut batch, limits).await;
                 metrics.queued_reports.set(rx.len() as i64);
             }
             () = shutdown.cancelled() => break,
@@ -172,13 +210,13 @@ async fn send_loop(
     while let Ok(entry) = rx.try_recv() {
         batch.push(entry);
     }
-    flush(&api, &mut batch).await;
+    flush(&api, &mut batch, limits).await;
 }
 
 /// Sends the batch in chunks. A chunk the API could not take because it is unreachable stays
 /// queued (in order) for the next tick; the queue is bounded, dropping its oldest lines with a
 /// warning. Other failures drop the chunk (the API refused its content).
-async fn flush(api: &PrefectClient, batch: &mut Vec<LogEntry>) {
+async fn flush(api: &PrefectClient, batch: &mut Vec<LogEntry>, limits: LogLimits) {
     if batch.len() > QUEUE_CAPACITY {
         let excess = batch.len() - QUEUE_CAPACITY;
         batch.drain(..excess);
@@ -188,7 +226,7 @@ async fn flush(api: &PrefectClient, batch: &mut Vec<LogEntry>) {
         );
     }
     while !batch.is_empty() {
-        let take = next_batch_len(batch);
+        let take = next_batch_len(batch, limits.max_batch_bytes());
         match api.create_logs(&batch[..take]).await {
             Ok(()) => {
                 batch.drain(..take);
@@ -210,15 +248,15 @@ fn json_size(entry: &LogEntry) -> usize {
     serde_json::to_vec(entry).map_or(0, |json| json.len())
 }
 
-/// Cuts an entry whose JSON is over [`MAX_LOG_SIZE`] as Prefect does: the message loses as
+/// Cuts an entry whose JSON is over `max_log_size` as Prefect does: the message loses as
 /// many characters as the JSON has bytes too many, plus a margin, and ends with
 /// `... [truncated]`, so the entry fits.
-fn truncate(entry: &mut LogEntry) {
+fn truncate(entry: &mut LogEntry, max_log_size: usize) {
     let size = json_size(entry);
-    if size <= MAX_LOG_SIZE {
+    if size <= max_log_size {
         return;
     }
-    let excess = size - MAX_LOG_SIZE;
+    let excess = size - max_log_size;
     let keep = entry
         .message
         .chars()
@@ -234,12 +272,12 @@ fn truncate(entry: &mut LogEntry) {
 }
 
 /// How many of the queued entries the next request takes: the first, then more while the
-/// batch (each entry's JSON and its separator) is under [`MAX_BATCH_BYTES`].
-fn next_batch_len(batch: &[LogEntry]) -> usize {
+/// batch (each entry's JSON and its separator) is under `max_batch_bytes`.
+fn next_batch_len(batch: &[LogEntry], max_batch_bytes: usize) -> usize {
     let mut size = 0;
     let mut take = 0;
     for entry in batch {
-        if size >= MAX_BATCH_BYTES {
+        if size >= max_batch_bytes {
             break;
         }
         size += json_size(entry) + 1;
@@ -274,14 +312,14 @@ mod tests {
     fn an_entry_over_the_maximum_is_cut_as_prefect_cuts_it() {
         // Under the limit: untouched.
         let mut small = entry(&"x".repeat(MAX_LOG_SIZE - 1000));
-        truncate(&mut small);
+        truncate(&mut small, MAX_LOG_SIZE);
         assert_eq!(small.message.len(), MAX_LOG_SIZE - 1000);
 
         // Over: the message loses the excess bytes of JSON plus 50 characters, then ends with
         // the marker (Prefect: message[:len - oversize - 50] + "... [truncated]").
         let mut big = entry(&"x".repeat(MAX_LOG_SIZE));
         let excess = json_size(&big) - MAX_LOG_SIZE;
-        truncate(&mut big);
+        truncate(&mut big, MAX_LOG_SIZE);
         assert_eq!(
             big.message.len(),
             MAX_LOG_SIZE - excess - TRUNCATION_MARGIN + TRUNCATED.len()
@@ -293,7 +331,7 @@ mod tests {
         let mut wide = entry(&"é\"".repeat(MAX_LOG_SIZE / 3));
         let excess = json_size(&wide) - MAX_LOG_SIZE;
         let chars = wide.message.chars().count();
-        truncate(&mut wide);
+        truncate(&mut wide, MAX_LOG_SIZE);
         assert_eq!(
             wide.message.chars().count(),
             chars - excess - TRUNCATION_MARGIN + TRUNCATED.chars().count()
@@ -306,22 +344,22 @@ mod tests {
         // Each entry ~900 KB: the batch takes entries while it is under 2 999 999 bytes, so
         // four (the fourth may be a maximum-size entry) and then the rest.
         let lines: Vec<LogEntry> = (0..5).map(|_| entry(&"y".repeat(900_000))).collect();
-        assert_eq!(next_batch_len(&lines), 4);
-        assert_eq!(next_batch_len(&lines[4..]), 1);
+        assert_eq!(next_batch_len(&lines, MAX_BATCH_BYTES), 4);
+        assert_eq!(next_batch_len(&lines[4..], MAX_BATCH_BYTES), 1);
         let body = serde_json::to_vec(&lines[..4]).unwrap();
         assert!(body.len() <= BATCH_SIZE, "{}", body.len());
         // Maximum-size entries: three fit under the threshold after the first two.
         let mut max = entry(&"z".repeat(2 * MAX_LOG_SIZE));
-        truncate(&mut max);
+        truncate(&mut max, MAX_LOG_SIZE);
         let maxed = vec![max; 5];
-        let take = next_batch_len(&maxed);
+        let take = next_batch_len(&maxed, MAX_BATCH_BYTES);
         assert_eq!(take, 4);
         assert!(serde_json::to_vec(&maxed[..take]).unwrap().len() <= BATCH_SIZE);
         // Small lines all go together; one line always goes.
         let small: Vec<LogEntry> = (0..1000).map(|i| entry(&format!("line {i}"))).collect();
-        assert_eq!(next_batch_len(&small), 1000);
-        assert_eq!(next_batch_len(&small[..1]), 1);
-        assert_eq!(next_batch_len(&[]), 0);
+        assert_eq!(next_batch_len(&small, MAX_BATCH_BYTES), 1000);
+        assert_eq!(next_batch_len(&small[..1], MAX_BATCH_BYTES), 1);
+        assert_eq!(next_batch_len(&[], MAX_BATCH_BYTES), 0);
     }
 
     #[test]
@@ -451,6 +489,7 @@ mod tests {
         let (logs, task) = ApiLogs::spawn(
             api,
             Duration::from_millis(300),
+            LogLimits::default(),
             Arc::new(Metrics::new()),
             shutdown.clone(),
         );
@@ -495,6 +534,25 @@ mod tests {
     /// Beyond the reference, which drops a batch it could not send: a batch the API could
     /// not take (5xx, unreachable) is sent again at the next interval; a refused one (4xx)
     /// is dropped.
+    #[test]
+    fn configured_limits_cut_entries_and_batches_at_their_sizes() {
+        let limits = LogLimits {
+            max_log_size: 2_000,
+            batch_size: 10_000,
+        };
+        let mut big = entry(&"y".repeat(5_000));
+        truncate(&mut big, limits.max_log_size);
+        assert!(json_size(&big) <= 2_000, "{}", json_size(&big));
+        assert!(big.message.ends_with(TRUNCATED));
+        let lines: Vec<LogEntry> = (0..20).map(|_| big.clone()).collect();
+        let take = next_batch_len(&lines, limits.max_batch_bytes());
+        let body: usize = lines[..take].iter().map(|e| json_size(e) + 1).sum();
+        assert!(
+            take > 1 && body <= limits.batch_size,
+            "{take} entries, {body} bytes"
+        );
+    }
+
     #[tokio::test]
     async fn an_unavailable_api_delays_the_batch_and_a_refusing_one_drops_it() {
         let (api, bodies) = stub(vec![503, 201]).await;
@@ -502,6 +560,7 @@ mod tests {
         let (logs, task) = ApiLogs::spawn(
             api,
             Duration::from_millis(100),
+            LogLimits::default(),
             Arc::new(Metrics::new()),
             shutdown.clone(),
         );
@@ -513,10 +572,10 @@ mod tests {
 
         let (api, bodies) = stub(vec![422, 201]).await;
         let mut batch = vec![entry("refused")];
-        flush(&api, &mut batch).await;
+        flush(&api, &mut batch, LogLimits::default()).await;
         assert!(batch.is_empty());
         batch.push(entry("accepted"));
-        flush(&api, &mut batch).await;
+        flush(&api, &mut batch, LogLimits::default()).await;
         let bodies = bodies.lock().unwrap().clone();
         assert_eq!(bodies.len(), 1);
         assert_eq!(bodies[0][0]["message"], "accepted");
@@ -526,7 +585,7 @@ mod tests {
     async fn one_flush_splits_a_large_backlog_into_requests_within_the_batch_size() {
         let (api, bodies) = stub(vec![201]).await;
         let mut batch: Vec<LogEntry> = (0..5).map(|_| entry(&"y".repeat(900_000))).collect();
-        flush(&api, &mut batch).await;
+        flush(&api, &mut batch, LogLimits::default()).await;
         let bodies = bodies.lock().unwrap().clone();
         let sizes: Vec<usize> = bodies.iter().map(|b| b.as_array().unwrap().len()).collect();
         assert_eq!(sizes, [4, 1]);
