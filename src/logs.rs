@@ -32,6 +32,7 @@ const BATCH_SIZE: usize = 4_000_000;
 /// A batch takes entries while their JSON, one separator each, is under this; the last one
 /// taken may be of the maximum size, so the request stays within [`BATCH_SIZE`] (Prefect's
 /// `BATCH_SIZE - MAX_LOG_SIZE - 1`).
+#[cfg(test)]
 const MAX_BATCH_BYTES: usize = BATCH_SIZE - MAX_LOG_SIZE - 1;
 
 /// Size limits of flow-run logs sent to the API
