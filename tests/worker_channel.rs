@@ -287,3 +287,78 @@ async fn cleanup_delivery_stops_the_container_of_a_run_the_server_cancelled() {
         "{final_state}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cleanup_for_another_docker_hosts_container_is_released_and_nothing_is_stopped() {
+    require_docker();
+    let server = channel_server();
+    let api = Api::new(server);
+    let pool = unique("chan-elsewhere");
+    let _containers = ContainerGuard::for_pool(&pool);
+    let deployment = api
+        .busybox_deployment(
+            &pool,
+            json!({"command": "sh -c \"trap 'exit 0' TERM; sleep 600 & wait\""}),
+        )
+        .await;
+    let port = free_port().to_string();
+    let worker = WorkerProcess::start(
+        server,
+        &["--pool", &pool, "--no-stop-cancelled", "--with-metrics"],
+        &[
+            ("PREFECT_WORKER_WEBSERVER_HOST", "127.0.0.1"),
+            ("PREFECT_WORKER_WEBSERVER_PORT", &port),
+        ],
+    );
+    let run = api.create_flow_run(&deployment, json!({})).await;
+    wait_for_pids(&api, &[&run], Duration::from_secs(120), &worker).await;
+    let running = ContainerGuard::for_label("io.prefect.flow-run-id", &run);
+    let ids = running.running();
+    assert_eq!(ids.len(), 1, "{}", worker.output());
+    // The run's pid now names the same container id on another Docker host.
+    let (status, body) = api
+        .call(
+            reqwest::Method::PATCH,
+            &format!("flow_runs/{run}"),
+            Some(json!({"infrastructure_pid": format!("tcp://10.255.0.1:2376:{}", ids[0])})),
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("flow_runs/{run}/set_state"),
+            Some(json!({"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": true})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    wait_for_log(
+        &worker,
+        "cleanup delivered by the worker channel finished",
+        Duration::from_secs(120),
+    )
+    .await;
+    let out = worker.output();
+    let finished = out
+        .lines()
+        .find(|l| l.contains("cleanup delivered by the worker channel finished"))
+        .unwrap();
+    assert!(
+        finished.contains("infrastructure_not_available"),
+        "{finished}"
+    );
+    assert!(!out.contains("Stopped Docker container"), "{out}");
+    assert_eq!(running.running(), ids, "the container must keep running");
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "docker_worker_channel_cleanups_total{kind=\"infrastructure_not_available\"}"
+        ),
+        "{metrics}"
+    );
+}
