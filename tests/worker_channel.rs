@@ -173,66 +173,116 @@ async fn the_channel_creates_the_pool_and_carries_heartbeats_instead_of_rest() {
     );
 }
 
+/// A run of a long `sleep` (exits 0 on SIGTERM) picked up by a worker that does not stop
+/// cancelled runs itself — so only the server's cleanup can — with `/metrics` served.
+struct CleanupCase {
+    api: Api,
+    run: String,
+    worker: WorkerProcess,
+    metrics_port: String,
+    /// The run's container (the only one carrying its id).
+    container: ContainerGuard,
+    _pool_containers: ContainerGuard,
+}
+
+impl CleanupCase {
+    async fn start(pool_prefix: &str) -> Self {
+        let server = channel_server();
+        let api = Api::new(server);
+        let pool = unique(pool_prefix);
+        let pool_containers = ContainerGuard::for_pool(&pool);
+        let deployment = api
+            .busybox_deployment(
+                &pool,
+                json!({"command": "sh -c \"trap 'echo got TERM; exit 0' TERM; echo started; sleep 600 & wait\""}),
+            )
+            .await;
+        let metrics_port = free_port().to_string();
+        let worker = WorkerProcess::start(
+            server,
+            &["--pool", &pool, "--no-stop-cancelled", "--with-metrics"],
+            &[
+                ("PREFECT_WORKER_WEBSERVER_HOST", "127.0.0.1"),
+                ("PREFECT_WORKER_WEBSERVER_PORT", &metrics_port),
+            ],
+        );
+        wait_for_log(
+            &worker,
+            "connected to Prefect's worker channel",
+            Duration::from_secs(30),
+        )
+        .await;
+        let run = api.create_flow_run(&deployment, json!({})).await;
+        wait_for_pids(&api, &[&run], Duration::from_secs(120), &worker).await;
+        let container = ContainerGuard::for_label("io.prefect.flow-run-id", &run);
+        assert_eq!(container.running().len(), 1, "{}", worker.output());
+        Self {
+            api,
+            run,
+            worker,
+            metrics_port,
+            container,
+            _pool_containers: pool_containers,
+        }
+    }
+
+    async fn set_cancelling(&self) {
+        let (status, body) = self
+            .api
+            .call(
+                reqwest::Method::POST,
+                &format!("flow_runs/{}/set_state", self.run),
+                Some(json!({"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": true})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+
+    /// The worker's log line saying how the cleanup ended.
+    async fn cleanup_outcome(&self) -> String {
+        const FINISHED: &str = "cleanup delivered by the worker channel finished";
+        wait_for_log(&self.worker, FINISHED, Duration::from_secs(120)).await;
+        self.worker
+            .output()
+            .lines()
+            .find(|l| l.contains(FINISHED))
+            .unwrap()
+            .to_owned()
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cleanup_delivery_stops_the_container_of_a_run_the_server_cancelled() {
     require_docker();
-    let server = channel_server();
-    let api = Api::new(server);
-    let pool = unique("chan-cleanup");
-    let _containers = ContainerGuard::for_pool(&pool);
-    let deployment = api
-        .busybox_deployment(
-            &pool,
-            json!({"command": "sh -c \"trap 'echo got TERM; exit 0' TERM; echo started; sleep 600 & wait\""}),
-        )
-        .await;
-    // The worker does not stop cancelled runs itself, so only the server's cleanup can.
-    let port = free_port().to_string();
-    let worker = WorkerProcess::start(
-        server,
-        &["--pool", &pool, "--no-stop-cancelled", "--with-metrics"],
-        &[
-            ("PREFECT_WORKER_WEBSERVER_HOST", "127.0.0.1"),
-            ("PREFECT_WORKER_WEBSERVER_PORT", &port),
-        ],
-    );
-    wait_for_log(
-        &worker,
-        "connected to Prefect's worker channel",
-        Duration::from_secs(30),
-    )
-    .await;
-    let run = api.create_flow_run(&deployment, json!({})).await;
-    wait_for_pids(&api, &[&run], Duration::from_secs(120), &worker).await;
-    let running = ContainerGuard::for_label("io.prefect.flow-run-id", &run);
-    assert_eq!(running.running().len(), 1, "{}", worker.output());
-
-    let (status, body) = api
-        .call(
-            reqwest::Method::POST,
-            &format!("flow_runs/{run}/set_state"),
-            Some(json!({"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": true})),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
+    let case = CleanupCase::start("chan-cleanup").await;
+    case.set_cancelling().await;
     let cancelling_at = Instant::now();
 
     // The container keeps running until the server times the cancellation out (15 s)…
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert_eq!(
-        running.running().len(),
+        case.container.running().len(),
         1,
         "stopped before the timeout:\n{}",
-        worker.output()
+        case.worker.output()
     );
     // …then the server marks it Cancelled and delivers the teardown to this worker.
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !running.running().is_empty() {
+    while !case.container.running().is_empty() {
         assert!(
             Instant::now() < deadline,
             "the cleanup never stopped the container:\n{}\n{}",
-            worker.output(),
-            server.log_tail()
+            case.worker.output(),
+            channel_server().log_tail()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -241,33 +291,18 @@ async fn cleanup_delivery_stops_the_container_of_a_run_the_server_cancelled() {
         stopped_after >= Duration::from_secs(15),
         "{stopped_after:?}"
     );
-    let state = api.read_flow_run(&run).await;
+    let state = case.api.read_flow_run(&case.run).await;
     let (kind, message) = run_state(&state);
     assert_eq!(kind, "CANCELLED", "{state}");
     assert!(message.contains("timed out"), "{message}");
-    wait_for_log(
-        &worker,
-        "cleanup delivered by the worker channel finished",
-        Duration::from_secs(30),
-    )
-    .await;
-    let out = worker.output();
-    assert!(out.contains("Stopped Docker container"), "{out}");
-    let finished = out
-        .lines()
-        .find(|l| l.contains("cleanup delivered by the worker channel finished"))
-        .unwrap();
     // Acknowledged, and the server accepted the ack.
+    let outcome = case.cleanup_outcome().await;
     assert!(
-        finished.contains("Ok(())") && finished.contains("\"accepted\""),
-        "{finished}"
+        outcome.contains("Ok(())") && outcome.contains("\"accepted\""),
+        "{outcome}"
     );
-    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    assert!(case.worker.output().contains("Stopped Docker container"));
+    let metrics = case.metrics().await;
     for expected in [
         "docker_worker_channel_connected 1",
         "docker_worker_channel_cleanups_total{kind=\"ack\"} 1",
@@ -280,7 +315,7 @@ async fn cleanup_delivery_stops_the_container_of_a_run_the_server_cancelled() {
 
     // The container's exit report does not overwrite the server's Cancelled state.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let final_state = api.read_flow_run(&run).await;
+    let final_state = case.api.read_flow_run(&case.run).await;
     assert_eq!(
         run_state(&final_state),
         ("CANCELLED", message),
@@ -291,70 +326,32 @@ async fn cleanup_delivery_stops_the_container_of_a_run_the_server_cancelled() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cleanup_for_another_docker_hosts_container_is_released_and_nothing_is_stopped() {
     require_docker();
-    let server = channel_server();
-    let api = Api::new(server);
-    let pool = unique("chan-elsewhere");
-    let _containers = ContainerGuard::for_pool(&pool);
-    let deployment = api
-        .busybox_deployment(
-            &pool,
-            json!({"command": "sh -c \"trap 'exit 0' TERM; sleep 600 & wait\""}),
-        )
-        .await;
-    let port = free_port().to_string();
-    let worker = WorkerProcess::start(
-        server,
-        &["--pool", &pool, "--no-stop-cancelled", "--with-metrics"],
-        &[
-            ("PREFECT_WORKER_WEBSERVER_HOST", "127.0.0.1"),
-            ("PREFECT_WORKER_WEBSERVER_PORT", &port),
-        ],
-    );
-    let run = api.create_flow_run(&deployment, json!({})).await;
-    wait_for_pids(&api, &[&run], Duration::from_secs(120), &worker).await;
-    let running = ContainerGuard::for_label("io.prefect.flow-run-id", &run);
-    let ids = running.running();
-    assert_eq!(ids.len(), 1, "{}", worker.output());
+    let case = CleanupCase::start("chan-elsewhere").await;
+    let ids = case.container.running();
     // The run's pid now names the same container id on another Docker host.
-    let (status, body) = api
+    let (status, body) = case
+        .api
         .call(
             reqwest::Method::PATCH,
-            &format!("flow_runs/{run}"),
+            &format!("flow_runs/{}", case.run),
             Some(json!({"infrastructure_pid": format!("tcp://10.255.0.1:2376:{}", ids[0])})),
         )
         .await;
     assert_eq!(status, 204, "{body}");
-    let (status, body) = api
-        .call(
-            reqwest::Method::POST,
-            &format!("flow_runs/{run}/set_state"),
-            Some(json!({"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": true})),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    wait_for_log(
-        &worker,
-        "cleanup delivered by the worker channel finished",
-        Duration::from_secs(120),
-    )
-    .await;
-    let out = worker.output();
-    let finished = out
-        .lines()
-        .find(|l| l.contains("cleanup delivered by the worker channel finished"))
-        .unwrap();
+    case.set_cancelling().await;
+    let outcome = case.cleanup_outcome().await;
     assert!(
-        finished.contains("infrastructure_not_available"),
-        "{finished}"
+        outcome.contains("infrastructure_not_available"),
+        "{outcome}"
     );
+    let out = case.worker.output();
     assert!(!out.contains("Stopped Docker container"), "{out}");
-    assert_eq!(running.running(), ids, "the container must keep running");
-    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    assert_eq!(
+        case.container.running(),
+        ids,
+        "the container must keep running"
+    );
+    let metrics = case.metrics().await;
     assert!(
         metrics.contains(
             "docker_worker_channel_cleanups_total{kind=\"infrastructure_not_available\"}"
