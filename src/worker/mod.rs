@@ -34,7 +34,7 @@ use crate::logs::ApiLogs;
 use crate::metrics::Metrics;
 use crate::prefect::events::EventSink;
 use crate::prefect::subscriber::PoolEvent;
-use crate::prefect::{ApiError, PrefectClient, WorkPool};
+use crate::prefect::{ApiError, FlowRun, PrefectClient, WorkPool};
 
 /// Why the worker stopped on its own.
 #[derive(Debug, thiserror::Error)]
@@ -194,10 +194,20 @@ impl Worker {
     /// [`WorkerError`] when the worker cannot go on (credentials, start-up).
     pub async fn run(self: &Arc<Self>) -> Result<(), WorkerError> {
         let shutdown = self.shutdown.clone();
-        // The CSRF token is needed by the first claim: fetch it while the channel connects.
+        // Start-up's round trips overlap: the channel handshake (or REST sync after it), the
+        // CSRF token the first claim needs, and the first poll. The poll's runs wait for the
+        // sync (they need the pool's template) and for re-attachment, as always.
         let channel =
             async { !self.settings.run_once && self.start_channel(shutdown.child_token()).await };
-        let (over_channel, ()) = tokio::join!(channel, self.api.prefetch_csrf_token());
+        let first_poll = async {
+            if self.settings.run_once {
+                None
+            } else {
+                self.fetch_scheduled_runs(&self.settings.pool).await.ok()
+            }
+        };
+        let (over_channel, (), first_runs) =
+            tokio::join!(channel, self.api.prefetch_csrf_token(), first_poll);
         match if over_channel {
             Ok(())
         } else {
@@ -256,7 +266,7 @@ impl Worker {
             let loops = shutdown.child_token();
             let outcome = tokio::select! {
                 r = self.sync_loop(loops.clone()) => r,
-                r = self.poll_loop(loops.clone()) => r,
+                r = self.poll_loop(first_runs, loops.clone()) => r,
                 () = shutdown.cancelled() => Ok(()),
             };
             loops.cancel();
@@ -401,10 +411,15 @@ impl Worker {
         }
     }
 
-    async fn poll_loop(self: &Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    /// Polls every interval (sooner when woken); `first` = runs already fetched at start-up.
+    async fn poll_loop(
+        self: &Arc<Self>,
+        mut first: Option<Vec<FlowRun>>,
+        shutdown: CancellationToken,
+    ) -> Result<(), WorkerError> {
         let mut failures = 0;
         loop {
-            match self.poll_once().await {
+            match self.poll_with(first.take()).await {
                 Ok(_) => failures = 0,
                 Err(e) if e.is_auth() => return Err(WorkerError::Unauthorized(e)),
                 Err(e) => {
@@ -460,6 +475,35 @@ impl Worker {
     /// One poll: fetch due runs and submit each (in response order) until `--limit` is reached.
     /// Returns how many runs were submitted.
     async fn poll_once(self: &Arc<Self>) -> Result<usize, ApiError> {
+        self.poll_with(None).await
+    }
+
+    /// `POST /work_pools/{pool}/get_scheduled_flow_runs` for runs due within the prefetch.
+    async fn fetch_scheduled_runs(&self, pool: &str) -> Result<Vec<FlowRun>, ApiError> {
+        let scheduled_before = chrono::Utc::now()
+            + chrono::Duration::seconds(
+                self.settings
+                    .prefetch
+                    .as_secs()
+                    .try_into()
+                    .unwrap_or(i64::MAX / 2),
+            );
+        let started = std::time::Instant::now();
+        let runs = self
+            .api
+            .get_scheduled_flow_runs(pool, &self.settings.work_queues, scheduled_before)
+            .await?;
+        self.metrics.polled(started.elapsed());
+        tracing::debug!(count = runs.len(), "polled for scheduled flow runs");
+        Ok(runs)
+    }
+
+    /// One poll: `prefetched` runs (from start-up's overlapped poll) or freshly fetched ones,
+    /// each submitted in its own task.
+    async fn poll_with(
+        self: &Arc<Self>,
+        prefetched: Option<Vec<FlowRun>>,
+    ) -> Result<usize, ApiError> {
         let pool = match self.current_pool() {
             Some(pool) => pool,
             None => {
@@ -476,21 +520,10 @@ impl Worker {
             self.adopted
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        let scheduled_before = chrono::Utc::now()
-            + chrono::Duration::seconds(
-                self.settings
-                    .prefetch
-                    .as_secs()
-                    .try_into()
-                    .unwrap_or(i64::MAX / 2),
-            );
-        let started = std::time::Instant::now();
-        let runs = self
-            .api
-            .get_scheduled_flow_runs(&pool.name, &self.settings.work_queues, scheduled_before)
-            .await?;
-        self.metrics.polled(started.elapsed());
-        tracing::debug!(count = runs.len(), "polled for scheduled flow runs");
+        let runs = match prefetched {
+            Some(runs) => runs,
+            None => self.fetch_scheduled_runs(&pool.name).await?,
+        };
         let mut submitted = 0;
         // One copy of the template per poll, shared by its runs.
         let template = Arc::new(pool.base_job_template.clone());
