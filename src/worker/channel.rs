@@ -38,8 +38,6 @@ pub(crate) struct ChannelState {
     consumer_id: String,
     /// A session is up and has applied a snapshot: REST sync stands down.
     healthy: AtomicBool,
-    /// Off for good (terminal failure).
-    disabled: AtomicBool,
     /// The newest snapshot sequence applied on the current connection.
     sequence: Mutex<Option<u64>>,
     metadata_sent: AtomicBool,
@@ -62,7 +60,6 @@ impl ChannelState {
             config,
             consumer_id: channel::frame_id(),
             healthy: AtomicBool::new(false),
-            disabled: AtomicBool::new(false),
             sequence: Mutex::new(None),
             metadata_sent: AtomicBool::new(false),
             outbound,
@@ -117,7 +114,6 @@ impl Worker {
         let session = match first {
             Ok(session) => Some(session),
             Err(e) if e.is_terminal() => {
-                self.channel.disabled.store(true, Ordering::SeqCst);
                 tracing::info!(error = %e, "Prefect's worker channel is not available; syncing over REST");
                 return false;
             }
@@ -171,13 +167,15 @@ impl Worker {
         let mut attempt = 0u32;
         // The session handed in was readied by `start_channel`; later ones are readied here.
         let mut fresh = session.is_none();
+        // A refused connection is terminal until a session was once healthy, then retryable.
+        let mut been_healthy = session.is_some();
         loop {
             let current = match session.take() {
                 Some(s) => Ok(s),
                 None => {
                     let hello = self.hello();
                     tokio::select! {
-                        r = channel::open(&config, &self.settings.pool, &hello, true) => r,
+                        r = channel::open(&config, &self.settings.pool, &hello, been_healthy) => r,
                         () = shutdown.cancelled() => return,
                     }
                 }
@@ -188,6 +186,7 @@ impl Worker {
                         self.session_ready(&live);
                     }
                     fresh = true;
+                    been_healthy = true;
                     attempt = 0;
                     let hello = self.hello();
                     let worker = Arc::clone(&self);
@@ -201,7 +200,6 @@ impl Worker {
             self.channel.healthy.store(false, Ordering::SeqCst);
             self.metrics.channel_connected.set(0);
             if error.is_terminal() {
-                self.channel.disabled.store(true, Ordering::SeqCst);
                 tracing::warn!(error = %error, "worker channel disabled; syncing over REST from now on");
                 return;
             }
