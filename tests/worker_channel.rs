@@ -173,8 +173,8 @@ async fn the_channel_creates_the_pool_and_carries_heartbeats_instead_of_rest() {
     );
 }
 
-/// A run of a long `sleep` (exits 0 on SIGTERM) picked up by a worker that does not stop
-/// cancelled runs itself — so only the server's cleanup can — with `/metrics` served.
+/// A run of a long `sleep` picked up by a worker that does not stop cancelled runs itself — so
+/// only the server's cleanup can — with `/metrics` served.
 struct CleanupCase {
     api: Api,
     run: String,
@@ -186,16 +186,14 @@ struct CleanupCase {
 }
 
 impl CleanupCase {
-    async fn start(pool_prefix: &str) -> Self {
+    /// `command`: what the container runs (how it answers SIGTERM decides the stop's length).
+    async fn start(pool_prefix: &str, command: &str) -> Self {
         let server = channel_server();
         let api = Api::new(server);
         let pool = unique(pool_prefix);
         let pool_containers = ContainerGuard::for_pool(&pool);
         let deployment = api
-            .busybox_deployment(
-                &pool,
-                json!({"command": "sh -c \"trap 'echo got TERM; exit 0' TERM; echo started; sleep 600 & wait\""}),
-            )
+            .busybox_deployment(&pool, json!({ "command": command }))
             .await;
         let metrics_port = free_port().to_string();
         let worker = WorkerProcess::start(
@@ -263,7 +261,13 @@ impl CleanupCase {
 #[tokio::test(flavor = "multi_thread")]
 async fn cleanup_delivery_stops_the_container_of_a_run_the_server_cancelled() {
     require_docker();
-    let case = CleanupCase::start("chan-cleanup").await;
+    // The container ignores SIGTERM: the stop lasts the whole 30 s grace, longer than the
+    // server's 30 s lease, so the worker must renew it before acknowledging.
+    let case = CleanupCase::start(
+        "chan-cleanup",
+        "sh -c \"trap '' TERM; echo started; sleep 600 & wait\"",
+    )
+    .await;
     case.set_cancelling().await;
     let cancelling_at = Instant::now();
 
@@ -286,9 +290,10 @@ async fn cleanup_delivery_stops_the_container_of_a_run_the_server_cancelled() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // Not before the 15 s timeout, and with the 30 s grace honoured after it.
     let stopped_after = cancelling_at.elapsed();
     assert!(
-        stopped_after >= Duration::from_secs(15),
+        stopped_after >= Duration::from_secs(45),
         "{stopped_after:?}"
     );
     let state = case.api.read_flow_run(&case.run).await;
@@ -301,7 +306,9 @@ async fn cleanup_delivery_stops_the_container_of_a_run_the_server_cancelled() {
         outcome.contains("Ok(())") && outcome.contains("\"accepted\""),
         "{outcome}"
     );
-    assert!(case.worker.output().contains("Stopped Docker container"));
+    let out = case.worker.output();
+    assert!(out.contains("Stopped Docker container"), "{out}");
+    assert!(out.contains("cleanup lease renewed"), "{out}");
     let metrics = case.metrics().await;
     for expected in [
         "docker_worker_channel_connected 1",
@@ -326,7 +333,11 @@ async fn cleanup_delivery_stops_the_container_of_a_run_the_server_cancelled() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cleanup_for_another_docker_hosts_container_is_released_and_nothing_is_stopped() {
     require_docker();
-    let case = CleanupCase::start("chan-elsewhere").await;
+    let case = CleanupCase::start(
+        "chan-elsewhere",
+        "sh -c \"trap 'exit 0' TERM; sleep 600 & wait\"",
+    )
+    .await;
     let ids = case.container.running();
     // The run's pid now names the same container id on another Docker host.
     let (status, body) = case

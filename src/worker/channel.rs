@@ -344,6 +344,7 @@ impl Worker {
                 .await
             {
                 Some(result) if result.status == "accepted" => {
+                    tracing::debug!(message_id = %message.message_id, lease_expires_at = ?result.lease_expires_at, "cleanup lease renewed");
                     if let (Some(new), Ok(mut l)) = (result.lease_expires_at, lease.lock()) {
                         *l = new;
                     }
