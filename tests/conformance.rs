@@ -470,6 +470,9 @@ async fn the_reference_and_this_worker_make_the_same_containers_states_and_logs(
             .env("HOME", dir.path())
             .env("PREFECT_HOME", &home)
             .env("PREFECT_API_URL", &api_url)
+            // Both clients retry 503s (SQLite busy under a burst of 39 runs); more attempts
+            // than the default 5 keep a busy moment from dropping a run from the comparison.
+            .env("PREFECT_CLIENT_MAX_RETRIES", "10")
             .env("DOCKER_HOST", format!("unix://{}", path.display()))
             .current_dir(dir.path())
             .stdout(Stdio::piped())
