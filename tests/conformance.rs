@@ -381,6 +381,14 @@ async fn the_reference_and_this_worker_make_the_same_containers_states_and_logs(
     require_docker();
     let server = server();
     let dir = tempfile::tempdir().unwrap();
+    // Both workers' HOME: a Docker client config with proxies, which docker-py (and so the
+    // reference) puts in every container's env — every configuration compares them too.
+    std::fs::create_dir_all(dir.path().join(".docker")).unwrap();
+    std::fs::write(
+        dir.path().join(".docker/config.json"),
+        r#"{"proxies": {"default": {"httpProxy": "http://proxy.conformance:3128", "noProxy": "localhost,127.0.0.1"}}}"#,
+    )
+    .unwrap();
     let api_recorder = Recorder::tcp(Endpoint::Tcp(
         server
             .api_url
@@ -589,6 +597,25 @@ async fn the_reference_and_this_worker_make_the_same_containers_states_and_logs(
         "too few containers/create requests recorded: {creates_seen:?}; none for {without_create:?}\n{}",
         differences.join("\n")
     );
+    for side in &sides {
+        let with_proxy = side
+            .docker
+            .records()
+            .iter()
+            .filter(|r| r.method == "POST" && r.path().ends_with("/containers/create"))
+            .filter(|r| {
+                r.json()["Env"].as_array().is_some_and(|e| {
+                    e.iter()
+                        .any(|v| v == "HTTP_PROXY=http://proxy.conformance:3128")
+                })
+            })
+            .count();
+        assert!(
+            with_proxy >= corpus.len() - NO_CREATE,
+            "{}: only {with_proxy} creates carry the client config's proxies",
+            side.pool
+        );
+    }
     let (reference_logins, reference_pulls) = registry_traffic(&sides[0]);
     let (our_logins, our_pulls) = registry_traffic(&sides[1]);
     // Four registry configurations log in (one has no credentials); four pull (one login fails).

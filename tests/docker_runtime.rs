@@ -420,3 +420,51 @@ async fn unreachable_daemon_is_a_connect_error() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn proxies_from_the_docker_client_config_come_first_in_the_container_env() {
+    // As docker-py does: `proxies.default` of config.json, both spellings, before the job's
+    // own variables (so a job's HTTP_PROXY, coming later, wins in the Engine).
+    let config = tempfile::tempdir().unwrap();
+    std::fs::write(
+        config.path().join("config.json"),
+        r#"{"proxies": {"default": {"httpProxy": "http://proxy.internal:3128", "noProxy": "localhost"}}}"#,
+    )
+    .unwrap();
+    let docker = runtime()
+        .await
+        .with_docker_config(Some(config.path().to_owned()));
+    let run = unique("dw-rt-proxy");
+    let _guard = ContainerGuard::for_label(TEST_LABEL, &run);
+    let mut s = spec(&run, "exit 0");
+    s.env
+        .push(("HTTP_PROXY".into(), "http://job-choice:1".into()));
+    let container = docker.create_container(&s).await.expect("create");
+    let env: Vec<String> = inspect(&container.id)["Config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        env[..4],
+        [
+            "http_proxy=http://proxy.internal:3128",
+            "HTTP_PROXY=http://proxy.internal:3128",
+            "no_proxy=localhost",
+            "NO_PROXY=localhost",
+        ],
+        "{env:?}"
+    );
+    assert!(
+        env.contains(&"GREETING=hello from env".to_owned()),
+        "{env:?}"
+    );
+    let job_choice = env
+        .iter()
+        .rposition(|e| e == "HTTP_PROXY=http://job-choice:1");
+    assert!(
+        job_choice > Some(1),
+        "the job's own value must come last: {env:?}"
+    );
+}

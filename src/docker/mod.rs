@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod cleanup;
 pub mod error;
+pub mod proxies;
 pub mod runtime;
 pub mod single_flight;
 pub mod usage;

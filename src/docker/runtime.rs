@@ -619,6 +619,14 @@ impl DockerRuntime {
         spec: &ContainerSpec,
     ) -> Result<CreatedContainer, DockerError> {
         let mut body = Self::create_body(spec)?;
+        // docker-py puts the client's configured proxies first, so the job's own env wins.
+        if let Some(dir) = &self.docker_config {
+            let proxies = super::proxies::proxy_env(dir, &[&self.host, &self.base_url]);
+            if !proxies.is_empty() {
+                let env = body.env.take().unwrap_or_default();
+                body.env = Some(proxies.into_iter().chain(env).collect());
+            }
+        }
         if self.is_podman
             && let Some(host_config) = body.host_config.as_mut()
         {
