@@ -29,11 +29,6 @@ const QUEUE_CAPACITY: usize = 10_000;
 const MAX_LOG_SIZE: usize = 1_000_000;
 /// Largest request body (Prefect's `PREFECT_LOGGING_TO_API_BATCH_SIZE` default).
 const BATCH_SIZE: usize = 4_000_000;
-/// A batch takes entries while their JSON, one separator each, is under this; the last one
-/// taken may be of the maximum size, so the request stays within [`BATCH_SIZE`] (Prefect's
-/// `BATCH_SIZE - MAX_LOG_SIZE - 1`).
-#[cfg(test)]
-const MAX_BATCH_BYTES: usize = BATCH_SIZE - MAX_LOG_SIZE - 1;
 
 /// Size limits of flow-run logs sent to the API
 /// (`PREFECT_LOGGING_TO_API_MAX_LOG_SIZE` / `_BATCH_SIZE`, Prefect's defaults by default).
@@ -55,7 +50,9 @@ impl Default for LogLimits {
 }
 
 impl LogLimits {
-    /// What the batch may reach before one more (maximum-size) entry is added.
+    /// A batch takes entries while their JSON, one separator each, is under this; the last
+    /// one taken may be of the maximum size, so the request stays within `batch_size`
+    /// (Prefect's `BATCH_SIZE - MAX_LOG_SIZE - 1`).
     fn max_batch_bytes(self) -> usize {
         self.batch_size.saturating_sub(self.max_log_size + 1)
     }
@@ -345,22 +342,37 @@ mod tests {
         // Each entry ~900 KB: the batch takes entries while it is under 2 999 999 bytes, so
         // four (the fourth may be a maximum-size entry) and then the rest.
         let lines: Vec<LogEntry> = (0..5).map(|_| entry(&"y".repeat(900_000))).collect();
-        assert_eq!(next_batch_len(&lines, MAX_BATCH_BYTES), 4);
-        assert_eq!(next_batch_len(&lines[4..], MAX_BATCH_BYTES), 1);
+        assert_eq!(
+            next_batch_len(&lines, LogLimits::default().max_batch_bytes()),
+            4
+        );
+        assert_eq!(
+            next_batch_len(&lines[4..], LogLimits::default().max_batch_bytes()),
+            1
+        );
         let body = serde_json::to_vec(&lines[..4]).unwrap();
         assert!(body.len() <= BATCH_SIZE, "{}", body.len());
         // Maximum-size entries: three fit under the threshold after the first two.
         let mut max = entry(&"z".repeat(2 * MAX_LOG_SIZE));
         truncate(&mut max, MAX_LOG_SIZE);
         let maxed = vec![max; 5];
-        let take = next_batch_len(&maxed, MAX_BATCH_BYTES);
+        let take = next_batch_len(&maxed, LogLimits::default().max_batch_bytes());
         assert_eq!(take, 4);
         assert!(serde_json::to_vec(&maxed[..take]).unwrap().len() <= BATCH_SIZE);
         // Small lines all go together; one line always goes.
         let small: Vec<LogEntry> = (0..1000).map(|i| entry(&format!("line {i}"))).collect();
-        assert_eq!(next_batch_len(&small, MAX_BATCH_BYTES), 1000);
-        assert_eq!(next_batch_len(&small[..1], MAX_BATCH_BYTES), 1);
-        assert_eq!(next_batch_len(&[], MAX_BATCH_BYTES), 0);
+        assert_eq!(
+            next_batch_len(&small, LogLimits::default().max_batch_bytes()),
+            1000
+        );
+        assert_eq!(
+            next_batch_len(&small[..1], LogLimits::default().max_batch_bytes()),
+            1
+        );
+        assert_eq!(
+            next_batch_len(&[], LogLimits::default().max_batch_bytes()),
+            0
+        );
     }
 
     #[test]

@@ -58,6 +58,8 @@ async fn wait_for_log(worker: &WorkerProcess, needle: &str, timeout: Duration) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_channel_creates_the_pool_and_carries_heartbeats_instead_of_rest() {
+    // The worker connects to Docker before it talks to Prefect.
+    require_docker();
     let server = channel_server();
     let api = Api::new(server);
     let (recorder, url) = api_recorder(server);

@@ -109,45 +109,49 @@ impl Recorder {
     pub fn unix(path: &Path, upstream: Endpoint) -> Self {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).expect("bind recorder socket");
-        let records = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (r, s) = (Arc::clone(&records), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                if s.load(Ordering::Relaxed) {
-                    return;
-                }
-                if let Ok(client) = client {
-                    serve(Box::new(client), &upstream, &r);
-                }
-            }
-        });
-        Self {
-            listen: Endpoint::Unix(path.to_owned()),
-            records,
-            stop,
-        }
+        Self::serve_all(Endpoint::Unix(path.to_owned()), upstream, move || {
+            listener
+                .accept()
+                .ok()
+                .map(|(c, _)| Box::new(c) as Box<dyn Conn>)
+        })
     }
 
     /// Listens on 127.0.0.1 (a free port), forwarding to `upstream`.
     pub fn tcp(upstream: Endpoint) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind recorder port");
         let addr = listener.local_addr().unwrap().to_string();
+        Self::serve_all(Endpoint::Tcp(addr), upstream, move || {
+            listener
+                .accept()
+                .ok()
+                .map(|(c, _)| Box::new(c) as Box<dyn Conn>)
+        })
+    }
+
+    /// Accepts clients (`accept` yields the next one, `None` for a failed accept) on a thread
+    /// until the recorder is dropped, serving each through `upstream`.
+    fn serve_all(
+        listen: Endpoint,
+        upstream: Endpoint,
+        mut accept: impl FnMut() -> Option<Box<dyn Conn>> + Send + 'static,
+    ) -> Self {
         let records = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (r, s) = (Arc::clone(&records), Arc::clone(&stop));
         std::thread::spawn(move || {
-            for client in listener.incoming() {
+            loop {
+                let client = accept();
                 if s.load(Ordering::Relaxed) {
                     return;
                 }
-                if let Ok(client) = client {
-                    serve(Box::new(client), &upstream, &r);
+                if let Some(client) = client {
+                    serve(client, &upstream, &r);
                 }
             }
         });
         Self {
-            listen: Endpoint::Tcp(addr),
+            listen,
             records,
             stop,
         }
