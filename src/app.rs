@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{DockerSettings, GcSettings, Settings};
 use crate::docker::{DockerRuntime, TlsFiles};
@@ -14,14 +15,14 @@ use crate::logs::ApiLogs;
 use crate::metrics::Metrics;
 use crate::prefect::PrefectClient;
 use crate::prefect::events::EventSink;
-use crate::worker::{Reporting, Worker};
+use crate::worker::{Lifetime, Ports, Reporting, Worker};
 
 /// Runs the worker until `shutdown` is cancelled or it stops on its own.
 ///
 /// # Errors
 /// Start-up failures (Docker unreachable, API rejected the worker, port in use) and fatal
 /// worker errors, with context for the user.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(settings: Settings, lifetime: Lifetime) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let server_shutdown = CancellationToken::new();
     if let Some(endpoints) = settings.endpoints.clone() {
@@ -73,8 +74,20 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         events_config,
         channel_config: settings.worker.worker_channel.then(|| settings.api.clone()),
     };
-    let worker = Worker::new(settings.worker, api, docker, reporting, shutdown);
+    let ports = Ports {
+        api,
+        docker: Arc::new(docker),
+    };
+    let worker = Worker::new(
+        settings.worker,
+        ports,
+        reporting,
+        TaskTracker::new(),
+        lifetime,
+    );
     let result = worker.run().await;
+    // The worker's handles to the log and event queues go with it, so their senders close.
+    drop(worker);
 
     // Deliver the last events (`prefect.worker.stopped`) before the process ends.
     events_shutdown.cancel();

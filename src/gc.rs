@@ -16,15 +16,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::docker::{DockerError, DockerRuntime, Removal, StoppedContainer};
-use crate::prefect::PrefectClient;
+use crate::docker::{DockerError, Removal, StoppedContainer};
+use crate::worker::ports::{ContainerRuntime, PrefectApi};
 
 /// The label every flow-run container carries (the Python worker's too).
 pub const FLOW_RUN_LABEL: &str = "io.prefect.flow-run-id";
 /// The label naming the container's work pool.
 pub const POOL_LABEL: &str = "io.prefect.work-pool-name";
-/// Prefect state types after which a flow run's container has nothing left to do.
-const FINAL_STATE_TYPES: [&str; 4] = ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"];
 
 /// What one collection looks at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -279,8 +277,8 @@ fn keep_before_asking(
 /// # Errors
 /// [`GcError::ListFailed`] when the Engine cannot list containers at all.
 pub async fn collect(
-    docker: &DockerRuntime,
-    api: &PrefectClient,
+    docker: &dyn ContainerRuntime,
+    api: &dyn PrefectApi,
     options: &GcOptions,
     in_use: &(dyn Fn(&str) -> bool + Send + Sync),
 ) -> Result<Report, GcError> {
@@ -326,20 +324,24 @@ pub async fn collect(
                 continue;
             }
         };
-        let state_type = run.state_type().unwrap_or_default().to_owned();
+        let state_type = run.state_type();
+        let type_text = state_type
+            .map(|t| t.as_str().to_owned())
+            .unwrap_or_default();
         decision.state = Some(
-            run.raw
-                .pointer("/state/name")
-                .and_then(serde_json::Value::as_str)
+            run.state
+                .as_ref()
+                .and_then(|s| s.name.as_deref())
                 .filter(|n| !n.is_empty())
-                .unwrap_or(if state_type.is_empty() {
+                .unwrap_or(if type_text.is_empty() {
                     "no state"
                 } else {
-                    &state_type
+                    &type_text
                 })
                 .to_owned(),
         );
-        if !FINAL_STATE_TYPES.contains(&state_type.as_str()) {
+        if !state_type.is_some_and(crate::prefect::StateType::is_final) {
+            let state_type = type_text;
             decision.outcome = Outcome::Kept(KeepReason::RunNotFinal { state_type });
         } else if !options.dry_run {
             decision.outcome = match docker.remove_stopped_container(&decision.id).await {

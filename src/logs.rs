@@ -103,24 +103,25 @@ impl ApiLogs {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> (Self, JoinHandle<()>) {
+        let (logs, rx) = Self::queue(limits, Some(Arc::clone(&metrics)));
+        let handle = tokio::spawn(send_loop(api, rx, interval, limits, metrics, shutdown));
+        (logs, handle)
+    }
+
+    /// A handle and the queue its lines go to, for a sender of the caller's choosing (the
+    /// background sender above; a test reading what a run logged).
+    pub fn queue(
+        limits: LogLimits,
+        metrics: Option<Arc<Metrics>>,
+    ) -> (Self, mpsc::Receiver<LogEntry>) {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let handle = tokio::spawn(send_loop(
-            api,
-            rx,
-            interval,
+        let logs = Self {
+            tx: Some(tx),
+            dropped: Arc::new(AtomicU64::new(0)),
+            metrics,
             limits,
-            Arc::clone(&metrics),
-            shutdown,
-        ));
-        (
-            Self {
-                tx: Some(tx),
-                dropped: Arc::new(AtomicU64::new(0)),
-                metrics: Some(metrics),
-                limits,
-            },
-            handle,
-        )
+        };
+        (logs, rx)
     }
 
     /// Logs `message` for a flow run: to the worker's log now, to the API soon.

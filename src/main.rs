@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser};
 use docker_worker::cli::{Cli, Command};
 use docker_worker::config::{GcSettings, LogFormat, Settings, with_profile};
-use tokio_util::sync::CancellationToken;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -150,12 +149,13 @@ fn main() -> ExitCode {
                 }
             };
             runtime.block_on(async {
-                let shutdown = CancellationToken::new();
-                if let Err(e) = docker_worker::shutdown::spawn_signal_handler(shutdown.clone()) {
+                let lifetime = docker_worker::worker::Lifetime::new();
+                if let Err(e) = docker_worker::shutdown::spawn_signal_handler(lifetime.stop.clone())
+                {
                     eprintln!("docker-worker: cannot install signal handlers: {e}");
                     return ExitCode::FAILURE;
                 }
-                match docker_worker::app::run(settings, shutdown).await {
+                match docker_worker::app::run(settings, lifetime).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!("{e:#}");

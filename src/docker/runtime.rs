@@ -911,6 +911,28 @@ impl DockerRuntime {
             .await)
     }
 
+    /// [`DockerRuntime::watch_container`] with the output taken from `logs_since` (unix
+    /// seconds) on when given: one call for a container this process started and for one it
+    /// adopted after a restart.
+    ///
+    /// # Errors
+    /// [`DockerError::WatchFailed`] when the outcome cannot be learned.
+    pub async fn watch_container_since(
+        &self,
+        container: &CreatedContainer,
+        auto_remove: bool,
+        stream_output: bool,
+        logs_since: Option<i64>,
+        output: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<ExitStatus, DockerError> {
+        let (code, engine_lost) = self
+            .watch_inner(container, auto_remove, stream_output, logs_since, output)
+            .await?;
+        Ok(self
+            .exit_status(container, auto_remove, code, engine_lost)
+            .await)
+    }
+
     async fn exit_status(
         &self,
         container: &CreatedContainer,

@@ -13,7 +13,9 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use url::Url;
 
-use super::models::{FlowRun, LogEntry, OrchestrationResult, StateProposal, WorkPool};
+use super::models::{
+    Deployment, Flow, FlowRun, LogEntry, OrchestrationResult, State, StateProposal, WorkPool,
+};
 
 /// The API version this client speaks (sent as `X-PREFECT-API-VERSION`).
 pub const API_VERSION: &str = "0.8.4";
@@ -545,7 +547,7 @@ impl PrefectClient {
     ///
     /// # Errors
     /// Any [`ApiError`].
-    pub async fn pool_deployments(&self, pool: &str) -> Result<Vec<Value>, ApiError> {
+    pub async fn pool_deployments(&self, pool: &str) -> Result<Vec<Deployment>, ApiError> {
         let mut all = Vec::new();
         loop {
             let body = json!({
@@ -558,7 +560,11 @@ impl PrefectClient {
                 .call_json(Method::POST, "deployments/filter", Some(&body))
                 .await?;
             let done = page.len() < 200;
-            all.extend(page);
+            // A deployment without an id cannot be pulled for; it is skipped, not fatal.
+            all.extend(
+                page.into_iter()
+                    .filter_map(|d| Deployment::from_value(d).ok()),
+            );
             if done || all.len() >= 10_000 {
                 return Ok(all);
             }
@@ -611,12 +617,12 @@ impl PrefectClient {
     ///
     /// # Errors
     /// Any [`ApiError`] but 404.
-    pub async fn read_deployment(&self, id: &str) -> Result<Option<Value>, ApiError> {
-        match self
-            .call_json(Method::GET, &format!("deployments/{}", encode(id)), None)
-            .await
-        {
-            Ok(v) => Ok(Some(v)),
+    pub async fn read_deployment(&self, id: &str) -> Result<Option<Deployment>, ApiError> {
+        let path = format!("deployments/{}", encode(id));
+        match self.call_json(Method::GET, &path, None).await {
+            Ok(v) => Deployment::from_value(v)
+                .map(Some)
+                .map_err(|message| ApiError::Decode { path, message }),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
@@ -687,9 +693,10 @@ impl PrefectClient {
     ///
     /// # Errors
     /// Any [`ApiError`].
-    pub async fn read_flow(&self, id: &str) -> Result<Value, ApiError> {
-        self.call_json(Method::GET, &format!("flows/{}", encode(id)), None)
-            .await
+    pub async fn read_flow(&self, id: &str) -> Result<Flow, ApiError> {
+        let path = format!("flows/{}", encode(id));
+        let raw = self.call_json(Method::GET, &path, None).await?;
+        Flow::from_value(raw).map_err(|message| ApiError::Decode { path, message })
     }
 
     /// `GET /flow_runs/{id}`.
@@ -706,18 +713,10 @@ impl PrefectClient {
     ///
     /// # Errors
     /// Any [`ApiError`].
-    pub async fn read_flow_run_states(&self, flow_run_id: &str) -> Result<Vec<Value>, ApiError> {
+    pub async fn read_flow_run_states(&self, flow_run_id: &str) -> Result<Vec<State>, ApiError> {
         let path = format!("flow_run_states/?flow_run_id={}", encode(flow_run_id));
-        let mut states: Vec<Value> = self.call_json(Method::GET, &path, None).await?;
-        states.sort_by(|a, b| {
-            let t = |v: &Value| {
-                v.get("timestamp")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned()
-            };
-            t(a).cmp(&t(b))
-        });
+        let mut states: Vec<State> = self.call_json(Method::GET, &path, None).await?;
+        states.sort_by(|a, b| a.timestamp.cmp(&b.timestamp));
         Ok(states)
     }
 
@@ -731,26 +730,10 @@ impl PrefectClient {
         state: &StateProposal,
         force: bool,
     ) -> Result<OrchestrationResult, ApiError> {
-        self.set_flow_run_state_named(flow_run_id, state, state.name, force)
-            .await
-    }
-
-    /// Like [`PrefectClient::set_flow_run_state`] with a state name chosen at run time (to put
-    /// back a state as it was).
-    ///
-    /// # Errors
-    /// Any [`ApiError`].
-    pub async fn set_flow_run_state_named(
-        &self,
-        flow_run_id: &str,
-        state: &StateProposal,
-        name: &str,
-        force: bool,
-    ) -> Result<OrchestrationResult, ApiError> {
         let body = json!({
             "state": {
                 "type": state.state_type,
-                "name": name,
+                "name": state.name,
                 "message": state.message,
                 "state_details": {
                     "flow_run_id": flow_run_id, "task_run_id": null, "child_flow_run_id": null,

@@ -35,9 +35,16 @@ impl EventSink {
 
     /// Starts the sender; it delivers until `shutdown`, then flushes for up to 5 s.
     pub fn spawn(config: ClientConfig, shutdown: CancellationToken) -> (Self, JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(QUEUE_LIMIT);
+        let (sink, rx) = Self::queue();
         let task = tokio::spawn(send_loop(config, rx, shutdown));
-        (Self { tx: Some(tx) }, task)
+        (sink, task)
+    }
+
+    /// A sink and the queue its events go to, for a sender of the caller's choosing (the
+    /// websocket sender above; a test reading what was emitted).
+    pub fn queue() -> (Self, mpsc::Receiver<Value>) {
+        let (tx, rx) = mpsc::channel(QUEUE_LIMIT);
+        (Self { tx: Some(tx) }, rx)
     }
 
     /// Queues one event (a full Prefect event object). Never blocks.

@@ -9,4 +9,7 @@ pub mod socket;
 pub mod subscriber;
 
 pub use client::{ApiError, ClientConfig, PrefectClient};
-pub use models::{FlowRun, LogEntry, OrchestrationResult, SetStateStatus, StateProposal, WorkPool};
+pub use models::{
+    Deployment, Flow, FlowRun, LogEntry, OrchestrationResult, SetStateStatus, State, StateProposal,
+    StateType, WorkPool,
+};

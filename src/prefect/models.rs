@@ -24,6 +24,88 @@ pub struct WorkPool {
     pub is_paused: bool,
 }
 
+/// The type of a Prefect state. The worker decides on these, so they are an enum, not
+/// strings compared here and there; a type this release does not know reads as `Unknown`
+/// rather than failing the whole answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum StateType {
+    /// Waiting for its scheduled time (or for a worker).
+    Scheduled,
+    /// Claimed by a worker (`Pending`, `Submitting`).
+    Pending,
+    /// The engine inside the container reported it running.
+    Running,
+    /// Final: the flow finished.
+    Completed,
+    /// Final: the flow raised.
+    Failed,
+    /// Final: cancelled.
+    Cancelled,
+    /// Final: the infrastructure failed.
+    Crashed,
+    /// Paused by the flow.
+    Paused,
+    /// A cancellation was asked for; the infrastructure should stop.
+    Cancelling,
+    /// A type newer than this worker.
+    #[serde(other)]
+    Unknown,
+}
+
+impl StateType {
+    /// Completed, Failed, Crashed or Cancelled: nothing will run any more.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::Completed | Self::Failed | Self::Crashed | Self::Cancelled
+        )
+    }
+
+    /// The API's spelling (`SCHEDULED`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Scheduled => "SCHEDULED",
+            Self::Pending => "PENDING",
+            Self::Running => "RUNNING",
+            Self::Completed => "COMPLETED",
+            Self::Failed => "FAILED",
+            Self::Cancelled => "CANCELLED",
+            Self::Crashed => "CRASHED",
+            Self::Paused => "PAUSED",
+            Self::Cancelling => "CANCELLING",
+            Self::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+impl std::fmt::Display for StateType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A state as the API returns it (a run's current state, one of its history, or the state a
+/// proposal led to), with the fields the worker reads.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct State {
+    /// The state's id (a claim is checked against it).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Its type.
+    #[serde(rename = "type")]
+    pub state_type: StateType,
+    /// Its name (`Pending`, `Submitting`, `Crashed`, `AwaitingRetry`, …).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The message shown in the UI.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// When it was set (ISO 8601), for ordering a run's history.
+    #[serde(default)]
+    pub timestamp: Option<String>,
+}
+
 /// A flow run as the API returned it.
 #[derive(Debug, Clone)]
 pub struct FlowRun {
@@ -37,6 +119,10 @@ pub struct FlowRun {
     pub deployment_id: Option<String>,
     /// Run-level job variable overrides.
     pub job_variables: Map<String, Value>,
+    /// Its current state, if it has one.
+    pub state: Option<State>,
+    /// Where its infrastructure runs (`<docker base url>:<container id>`), once recorded.
+    pub infrastructure_pid: Option<String>,
     /// The full JSON, for templating.
     pub raw: Value,
 }
@@ -48,6 +134,13 @@ impl FlowRun {
     /// A message naming the missing field when the JSON is not a flow run.
     pub fn from_value(raw: Value) -> Result<Self, String> {
         let text = |key: &str| raw.get(key).and_then(Value::as_str).map(str::to_owned);
+        let state = match raw.get("state") {
+            None | Some(Value::Null) => None,
+            Some(state) => Some(
+                State::deserialize(state)
+                    .map_err(|e| format!("flow run with a bad `state`: {e}"))?,
+            ),
+        };
         Ok(Self {
             id: text("id").ok_or("flow run without an `id`")?,
             name: text("name").unwrap_or_default(),
@@ -58,13 +151,70 @@ impl FlowRun {
                 .and_then(Value::as_object)
                 .cloned()
                 .unwrap_or_default(),
+            state,
+            infrastructure_pid: text("infrastructure_pid").filter(|p| !p.is_empty()),
             raw,
         })
     }
 
-    /// The run's current state type (`SCHEDULED`, `PENDING`, …), if it has a state.
-    pub fn state_type(&self) -> Option<&str> {
-        self.raw.pointer("/state/type").and_then(Value::as_str)
+    /// The run's current state type, if it has a state.
+    pub fn state_type(&self) -> Option<StateType> {
+        self.state.as_ref().map(|s| s.state_type)
+    }
+}
+
+/// The fields of a deployment the worker decides on; the whole JSON stays for templating.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// Deployment id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// When it last changed (`--prepull` pulls again when this moves).
+    pub updated: Option<String>,
+    /// The full JSON (`ctx.deployment`, job variables, tags).
+    pub raw: Value,
+}
+
+impl Deployment {
+    /// Reads the fields the worker needs.
+    ///
+    /// # Errors
+    /// A message when the JSON has no `id`.
+    pub fn from_value(raw: Value) -> Result<Self, String> {
+        let text = |key: &str| raw.get(key).and_then(Value::as_str).map(str::to_owned);
+        Ok(Self {
+            id: text("id").ok_or("deployment without an `id`")?,
+            name: text("name").unwrap_or_default(),
+            updated: text("updated"),
+            raw,
+        })
+    }
+}
+
+/// The fields of a flow the worker reads; the whole JSON stays for templating and events.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    /// Flow id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// The full JSON (`ctx.flow`, tags).
+    pub raw: Value,
+}
+
+impl Flow {
+    /// Reads the fields the worker needs.
+    ///
+    /// # Errors
+    /// A message when the JSON has no `id`.
+    pub fn from_value(raw: Value) -> Result<Self, String> {
+        let text = |key: &str| raw.get(key).and_then(Value::as_str).map(str::to_owned);
+        Ok(Self {
+            id: text("id").ok_or("flow without an `id`")?,
+            name: text("name").unwrap_or_default(),
+            raw,
+        })
     }
 }
 
@@ -89,7 +239,7 @@ pub struct OrchestrationResult {
     pub status: SetStateStatus,
     /// The run's state after the proposal.
     #[serde(default)]
-    pub state: Option<Value>,
+    pub state: Option<State>,
     /// `reason`, `delay_seconds`, …
     #[serde(default)]
     pub details: Value,
@@ -97,8 +247,13 @@ pub struct OrchestrationResult {
 
 impl OrchestrationResult {
     /// The resulting state's type (`PENDING`, `CRASHED`, …).
-    pub fn state_type(&self) -> Option<&str> {
-        self.state.as_ref()?.get("type")?.as_str()
+    pub fn state_type(&self) -> Option<StateType> {
+        self.state.as_ref().map(|s| s.state_type)
+    }
+
+    /// The resulting state's id.
+    pub fn state_id(&self) -> Option<&str> {
+        self.state.as_ref()?.id.as_deref()
     }
 
     /// The server's reason for a REJECT, ABORT or WAIT.
@@ -122,9 +277,9 @@ impl OrchestrationResult {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateProposal {
     /// `PENDING`, `CRASHED`, `CANCELLED`, …
-    pub state_type: &'static str,
-    /// `Pending`, `Submitting`, `Crashed`, …
-    pub name: &'static str,
+    pub state_type: StateType,
+    /// `Pending`, `Submitting`, `Crashed`, … (or a name put back as it was).
+    pub name: std::borrow::Cow<'static, str>,
     /// Shown in the UI.
     pub message: Option<String>,
 }
@@ -133,8 +288,8 @@ impl StateProposal {
     /// `PENDING/Pending`: the claim.
     pub fn pending() -> Self {
         Self {
-            state_type: "PENDING",
-            name: "Pending",
+            state_type: StateType::Pending,
+            name: "Pending".into(),
             message: None,
         }
     }
@@ -142,8 +297,8 @@ impl StateProposal {
     /// `PENDING/Submitting`: the worker is creating the infrastructure.
     pub fn submitting() -> Self {
         Self {
-            state_type: "PENDING",
-            name: "Submitting",
+            state_type: StateType::Pending,
+            name: "Submitting".into(),
             message: None,
         }
     }
@@ -151,8 +306,8 @@ impl StateProposal {
     /// `CRASHED/Crashed` with an explanation.
     pub fn crashed(message: impl Into<String>) -> Self {
         Self {
-            state_type: "CRASHED",
-            name: "Crashed",
+            state_type: StateType::Crashed,
+            name: "Crashed".into(),
             message: Some(message.into()),
         }
     }
@@ -160,9 +315,18 @@ impl StateProposal {
     /// `CANCELLED/Cancelled` with an explanation.
     pub fn cancelled(message: impl Into<String>) -> Self {
         Self {
-            state_type: "CANCELLED",
-            name: "Cancelled",
+            state_type: StateType::Cancelled,
+            name: "Cancelled".into(),
             message: Some(message.into()),
+        }
+    }
+
+    /// A state put back exactly as it was (type, name and a message).
+    pub fn restore(state: &State, message: String) -> Self {
+        Self {
+            state_type: state.state_type,
+            name: state.name.clone().unwrap_or_default().into(),
+            message: Some(message),
         }
     }
 }
@@ -205,12 +369,36 @@ mod tests {
         .unwrap();
         assert_eq!(run.deployment_id, None);
         assert_eq!(run.job_variables["image"], json!("x"));
-        assert_eq!(run.state_type(), Some("SCHEDULED"));
+        assert_eq!(run.state_type(), Some(StateType::Scheduled));
+        assert_eq!(run.infrastructure_pid, None);
         assert!(
             FlowRun::from_value(json!({"name": "x"}))
                 .unwrap_err()
                 .contains("id")
         );
+    }
+
+    #[test]
+    fn unknown_state_types_do_not_fail_the_answer() {
+        let run = FlowRun::from_value(json!({
+            "id": "r", "flow_id": "f", "state": {"type": "SOMETHING_NEW", "id": "s"},
+            "infrastructure_pid": "http+docker://localhost:abc"
+        }))
+        .unwrap();
+        assert_eq!(run.state_type(), Some(StateType::Unknown));
+        assert_eq!(
+            run.infrastructure_pid.as_deref(),
+            Some("http+docker://localhost:abc")
+        );
+        assert!(!StateType::Unknown.is_final());
+        assert!(StateType::Crashed.is_final());
+    }
+
+    #[test]
+    fn a_state_of_the_wrong_shape_is_an_error_naming_it() {
+        let err = FlowRun::from_value(json!({"id": "r", "flow_id": "f", "state": {"type": 3}}))
+            .unwrap_err();
+        assert!(err.contains("`state`"), "{err}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::Worker;
+use super::infra_pid::InfrastructurePid;
 use crate::job::default_base_job_template;
 use crate::prefect::ClientConfig;
 use crate::prefect::channel::{
@@ -127,7 +128,8 @@ impl Worker {
             self.session_ready(s);
         }
         let worker = Arc::clone(self);
-        tokio::spawn(async move { worker.channel_loop(config, session, shutdown).await });
+        self.tasks
+            .spawn(async move { worker.channel_loop(config, session, shutdown).await });
         healthy
     }
 
@@ -141,7 +143,7 @@ impl Worker {
         }
         self.apply_snapshot(session.ready.initial_snapshot.clone());
         self.channel.healthy.store(true, Ordering::SeqCst);
-        self.metrics.channel_connected.set(1);
+        self.out.metrics.channel_connected.set(1);
         tracing::info!(
             heartbeat_seconds = session.ready.heartbeat_interval_seconds,
             cleanup = session.ready.cleanup_accepted,
@@ -198,7 +200,7 @@ impl Worker {
                 Err(e) => e,
             };
             self.channel.healthy.store(false, Ordering::SeqCst);
-            self.metrics.channel_connected.set(0);
+            self.out.metrics.channel_connected.set(0);
             if error.is_terminal() {
                 tracing::warn!(error = %error, "worker channel disabled; syncing over REST from now on");
                 return;
@@ -247,8 +249,15 @@ impl Worker {
                 }
             }
             Inbound::Cleanup(message) => {
+                // A cleanup in flight at shutdown gets the shutdown grace, no more.
                 let worker = Arc::clone(self);
-                tokio::spawn(async move { worker.execute_cleanup(message).await });
+                let abandon = self.lifetime.abandon.clone();
+                self.tasks.spawn(async move {
+                    tokio::select! {
+                        () = worker.execute_cleanup(message) => {}
+                        () = abandon.cancelled() => {}
+                    }
+                });
             }
         }
     }
@@ -304,7 +313,8 @@ impl Worker {
             Ok(()) => "ack",
             Err(reason) => reason,
         };
-        self.metrics
+        self.out
+            .metrics
             .cleanups
             .get_or_create(&crate::metrics::KindLabel { kind: kind.into() })
             .inc();
@@ -429,12 +439,7 @@ impl Worker {
             .as_deref()
             .filter(|p| !p.is_empty())
         else {
-            return if run
-                .raw
-                .get("infrastructure_pid")
-                .and_then(serde_json::Value::as_str)
-                .is_some_and(|p| !p.is_empty())
-            {
+            return if run.infrastructure_pid.is_some() {
                 Err("missing_infrastructure_handle")
             } else {
                 Ok(())
@@ -450,13 +455,14 @@ impl Worker {
                 }
             }
         }
-        let Some((base_url, container)) = pid.rsplit_once(':') else {
+        let Some(pid) = InfrastructurePid::parse(pid) else {
             return Err("infrastructure_not_available");
         };
-        if base_url != self.docker.base_url() {
+        let container = pid.container_id();
+        if !pid.is_on(self.docker.base_url()) {
             tracing::info!(
                 flow_run_id = run_id,
-                pid,
+                pid = %pid,
                 "cleanup names a container on another Docker host; leaving it to that host's worker"
             );
             return Err("infrastructure_not_available");
@@ -486,7 +492,7 @@ impl Worker {
                 Ok(())
             }
             Err(e) => {
-                self.metrics.docker_error(&e);
+                self.out.metrics.docker_error(&e);
                 tracing::warn!(error = %e, flow_run_id = run_id, "cleanup could not stop the container");
                 Err("handler_failed")
             }

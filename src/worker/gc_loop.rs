@@ -19,20 +19,15 @@ impl Worker {
             older_than: self.settings.gc_older_than,
             dry_run: false,
         };
-        let in_use = |run_id: &str| {
-            self.in_progress
-                .lock()
-                .is_ok_and(|set| set.contains(run_id))
-        };
+        let in_use = |run_id: &str| self.registry.holds(run_id);
         loop {
-            let collection = gc::collect(&self.docker, &self.api, &options, &in_use);
+            let collection = gc::collect(&*self.docker, &*self.api, &options, &in_use);
             tokio::select! {
                 result = collection => self.log_collection(result),
                 () = shutdown.cancelled() => return,
             }
-            tokio::select! {
-                () = tokio::time::sleep(interval) => {}
-                () = shutdown.cancelled() => return,
+            if !crate::backoff::sleep(interval, &shutdown).await {
+                return;
             }
         }
     }
@@ -42,7 +37,7 @@ impl Worker {
             Ok(report) => report,
             Err(e) => {
                 let gc::GcError::ListFailed(docker) = &e;
-                self.metrics.docker_error(docker);
+                self.out.metrics.docker_error(docker);
                 tracing::warn!(error = %e, "garbage collection failed; will try again");
                 return;
             }
@@ -50,7 +45,7 @@ impl Worker {
         for decision in &report.decisions {
             match &decision.outcome {
                 Outcome::Removed => {
-                    self.metrics.gc_removed.inc();
+                    self.out.metrics.gc_removed.inc();
                     tracing::info!(flow_run_id = %decision.flow_run_id, container = %decision.name, "{decision}");
                 }
                 Outcome::Kept(reason) if reason.is_error() => {

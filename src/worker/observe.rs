@@ -26,9 +26,10 @@ impl OutputTail {
         }
     }
 
-    /// Whether anything is kept (so output must be followed even when not printed).
-    pub fn enabled(&self) -> bool {
-        self.capacity > 0
+    /// Whether a tail of `capacity` lines keeps anything (so output must be followed even
+    /// when it is not printed).
+    pub fn keeps_lines(capacity: usize) -> bool {
+        capacity > 0
     }
 
     /// Adds a chunk of output (one or more lines).
@@ -172,7 +173,7 @@ mod tests {
         assert!(tail.take().is_empty());
         let off = OutputTail::new(0);
         off.push("x");
-        assert!(!off.enabled());
+        assert!(!OutputTail::keeps_lines(0) && OutputTail::keeps_lines(3));
         assert!(off.take().is_empty());
     }
 

@@ -1,0 +1,217 @@
+//! Starting a claimed run: mark it Submitting, pull, create and start its container (asking
+//! the registry before each step whether it was cancelled meanwhile), record the container's
+//! id on the run, and hand it to the watch. Emits the reference's `submitted-flow-run`,
+//! `container.created` and `container.running` events along the way.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::Value;
+
+use super::super::events::{self, Emitted};
+use super::super::infra_pid::InfrastructurePid;
+use super::super::observe::OutputTail;
+use super::super::ports::WatchOptions;
+use super::super::registry::{CancelAction, RunGuard};
+use super::super::{PoolRef, Worker};
+use super::resolve::Submission;
+use super::watch::{RunEvents, Watched};
+use crate::docker::DockerError;
+use crate::prefect::{FlowRun, SetStateStatus, StateProposal, StateType};
+
+/// How a start ended.
+#[derive(Debug)]
+pub(crate) enum Start {
+    /// The container runs; watch it.
+    Running(Box<Watched>),
+    /// The run was cancelled before the named step; no container was started.
+    Withdrawn {
+        /// The step that did not happen.
+        stage: &'static str,
+    },
+    /// Another container of this run exists on this host (another worker runs it); ours
+    /// stood down. Not a failure of the run.
+    StoodDown(DockerError),
+    /// The pull, create or start failed.
+    Failed(DockerError),
+}
+
+/// Starts a claimed run's container.
+pub(crate) async fn start(
+    worker: &Arc<Worker>,
+    guard: &RunGuard,
+    flow_run: &FlowRun,
+    submission: Submission,
+    pool: &PoolRef,
+    claimed_at: Instant,
+) -> Start {
+    let id = flow_run.id.as_str();
+    let Submission {
+        spec,
+        deployment,
+        flow,
+    } = submission;
+    let related = events::run_related(
+        &flow_run.raw,
+        Some(&flow.raw),
+        deployment.as_ref().map(|d| &d.raw),
+        pool,
+    );
+    let submitted = emit(
+        worker,
+        "prefect.worker.submitted-flow-run",
+        events::worker_resource(worker.name()),
+        related.clone(),
+        None,
+    );
+    worker.label_run(id, pool);
+    mark_submitting(worker, guard, id).await;
+
+    let wanted = || !guard.cancel_requested();
+    let started = match worker.docker.create_and_start(&spec, &wanted).await {
+        Ok(started) => started,
+        Err(DockerError::Withdrawn { stage }) => return Start::Withdrawn { stage },
+        Err(e @ DockerError::Duplicate { .. }) => return Start::StoodDown(e),
+        Err(e) => {
+            worker.out.metrics.docker_error(&e);
+            if creation_failed(&e) {
+                emit(
+                    worker,
+                    "prefect.docker.container.creation-failed",
+                    events::worker_resource(worker.name()),
+                    related,
+                    None,
+                );
+            }
+            return Start::Failed(e);
+        }
+    };
+    let metrics = &worker.out.metrics;
+    if let Some(pull) = started.pull_duration {
+        metrics.pull_seconds.observe(pull.as_secs_f64());
+    }
+    metrics
+        .submission_seconds
+        .observe(claimed_at.elapsed().as_secs_f64());
+    let container = started.container;
+
+    // The container's own events: created, then running, each following the one before.
+    let mut container_related = related.clone();
+    container_related.push(events::worker_related(worker.name()));
+    let resource = events::container_resource(&container.id, container.display_name());
+    let created = emit(
+        worker,
+        "prefect.docker.container.created",
+        resource.clone(),
+        container_related.clone(),
+        None,
+    );
+    let running = emit(
+        worker,
+        "prefect.docker.container.running",
+        resource,
+        container_related.clone(),
+        Some(&created),
+    );
+    record_pid(worker, id, &container.id).await;
+    worker.out.logs.info(
+        id,
+        format!("Flow run '{}' submitted to infrastructure", flow_run.name),
+    );
+    if let CancelAction::Stop { container } = guard.watching(&container.id) {
+        // Cancelled between the last check and the start: stop it now.
+        worker.stop_for_cancel(id, container);
+    }
+    // A run may be watched for days, hundreds at a time: keep only what the exit report
+    // needs, not the deployment, flow, rendered spec or the run's full JSON.
+    Start::Running(Box::new(Watched {
+        flow_run_id: flow_run.id.clone(),
+        flow_run_name: flow_run.name.clone(),
+        container,
+        image: spec.image.clone(),
+        pull: started.pull_duration,
+        options: WatchOptions {
+            auto_remove: spec.auto_remove,
+            follow_output: spec.stream_output
+                || OutputTail::keeps_lines(worker.settings.crash_log_lines),
+            logs_since: None,
+        },
+        print_output: spec.stream_output,
+        pool: pool.clone(),
+        events: RunEvents {
+            related,
+            container_related,
+            submitted: Some(submitted),
+            last_container_event: Some(running),
+        },
+    }))
+}
+
+/// Errors after which the reference emits `prefect.docker.container.creation-failed`.
+fn creation_failed(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::CreateFailed { .. }
+            | DockerError::NameConflict { .. }
+            | DockerError::ImageNotFound { .. }
+            | DockerError::InvalidOptions { .. }
+            | DockerError::InvalidArgument { .. }
+    )
+}
+
+/// Proposes `PENDING/Submitting`. A refusal because the run was cancelled meanwhile is
+/// recorded in the registry, so the submission withdraws before its next step.
+async fn mark_submitting(worker: &Worker, guard: &RunGuard, id: &str) {
+    let answer = worker
+        .api
+        .set_flow_run_state(id, &StateProposal::submitting(), false)
+        .await;
+    let result = match answer {
+        Ok(result) if result.status == SetStateStatus::Accept => return,
+        Ok(result) => result,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not set the Submitting state; continuing");
+            return;
+        }
+    };
+    tracing::debug!(status = ?result.status, state = ?result.state_type(), "the Submitting state was not accepted");
+    let cancelled =
+        |t: Option<StateType>| matches!(t, Some(StateType::Cancelling | StateType::Cancelled));
+    if cancelled(result.state_type()) {
+        guard.request_cancel();
+    } else if let Ok(run) = worker.api.read_flow_run(id).await
+        && cancelled(run.state_type())
+    {
+        guard.request_cancel();
+    }
+}
+
+/// Records `<base_url>:<container id>` on the run (through outages), so the run can be
+/// cancelled and its container found again.
+async fn record_pid(worker: &Worker, id: &str, container_id: &str) {
+    let pid = InfrastructurePid::new(worker.docker.base_url(), container_id).to_string();
+    if let Err(e) = worker
+        .through_outage("record infrastructure_pid", || {
+            worker.api.set_infrastructure_pid(id, &pid)
+        })
+        .await
+    {
+        worker.out.logs.error(
+            id,
+            format!("An error occurred while setting the `infrastructure_pid` on flow run '{id}'. The flow run will not be cancellable. ({e})"),
+        );
+    }
+}
+
+/// Emits one event and returns it for later ones to follow.
+pub(super) fn emit(
+    worker: &Worker,
+    name: &str,
+    resource: Value,
+    related: Vec<Value>,
+    follows: Option<&Emitted>,
+) -> Emitted {
+    let (event, emitted) = events::build(name, resource, related, follows);
+    worker.out.events.emit(event);
+    emitted
+}

@@ -1,0 +1,219 @@
+//! Watching a run's container to its exit — one path for a container this process started
+//! and one it adopted after a restart — while keeping the tail of its output (for a crash
+//! report) and sampling what it costs; then the exit is completed with the Engine's event
+//! facts and reported through the policy. Shutdown stops the watch, never the container.
+
+use std::io::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::super::events::{self, Emitted};
+use super::super::observe::OutputTail;
+use super::super::policy::{self, Outcome};
+use super::super::ports::WatchOptions;
+use super::super::registry::RunGuard;
+use super::super::{PoolRef, Worker};
+use super::report;
+use crate::docker::usage::ResourceUsage;
+use crate::docker::{CreatedContainer, DockerError, ExitStatus, FoundContainer};
+use crate::prefect::FlowRun;
+
+/// A run whose container is watched, with only what its exit report needs.
+#[derive(Debug)]
+pub(crate) struct Watched {
+    pub flow_run_id: String,
+    pub flow_run_name: String,
+    pub container: CreatedContainer,
+    /// The image as it was asked for.
+    pub image: String,
+    /// How long its pull took, if one was made.
+    pub pull: Option<Duration>,
+    pub options: WatchOptions,
+    /// Print its output on the worker's stdout (`stream_output`).
+    pub print_output: bool,
+    pub pool: PoolRef,
+    pub events: RunEvents,
+}
+
+/// What a run's exit events relate to and follow. An adopted run's follow nothing: the
+/// events they would follow were emitted by an earlier process, often longer ago than
+/// `follows` spans.
+#[derive(Debug)]
+pub(crate) struct RunEvents {
+    pub related: Vec<Value>,
+    pub container_related: Vec<Value>,
+    pub submitted: Option<Emitted>,
+    pub last_container_event: Option<Emitted>,
+}
+
+impl Watched {
+    /// A container found after a restart: its output from now on only (nothing already
+    /// printed is printed twice), its events related to the run's flow and deployment if they
+    /// can still be read.
+    pub async fn adopted(
+        worker: &Worker,
+        flow_run: &FlowRun,
+        found: &FoundContainer,
+        pool: PoolRef,
+    ) -> Self {
+        let flow = worker.flow(&flow_run.flow_id).await.ok();
+        let deployment = match flow_run.deployment_id.as_deref() {
+            Some(id) => worker.deployment(id).await.ok().flatten(),
+            None => None,
+        };
+        let related = events::run_related(
+            &flow_run.raw,
+            flow.as_ref().map(|f| &f.raw),
+            deployment.as_ref().map(|d| &d.raw),
+            &pool,
+        );
+        let mut container_related = related.clone();
+        container_related.push(events::worker_related(worker.name()));
+        Self {
+            flow_run_id: flow_run.id.clone(),
+            flow_run_name: flow_run.name.clone(),
+            container: found.container.clone(),
+            image: found.image.clone(),
+            pull: None,
+            options: WatchOptions {
+                auto_remove: found.auto_remove,
+                follow_output: true,
+                logs_since: Some(chrono::Utc::now().timestamp()),
+            },
+            print_output: true,
+            pool,
+            events: RunEvents {
+                related,
+                container_related,
+                submitted: None,
+                last_container_event: None,
+            },
+        }
+    }
+}
+
+/// What was seen of a run while it was watched.
+#[derive(Debug, Default)]
+pub(crate) struct Observed {
+    /// The last output lines.
+    pub tail: Vec<String>,
+    /// Stats samples.
+    pub usage: ResourceUsage,
+    /// Watch time.
+    pub wall: Duration,
+}
+
+impl Observed {
+    /// Nothing seen (a container that had exited before it was found).
+    pub fn none() -> Self {
+        Self::default()
+    }
+}
+
+/// Watches the container to its exit and reports it; on shutdown, stops watching (the
+/// container keeps running for the next worker to adopt).
+pub(crate) async fn follow(worker: &Arc<Worker>, watched: Watched, guard: RunGuard) {
+    let tail = OutputTail::new(worker.settings.crash_log_lines);
+    let usage = Mutex::new(ResourceUsage::default());
+    let started = Instant::now();
+    let print = watched.print_output;
+    let output = |text: &str| {
+        if print {
+            print_output(text);
+        }
+        tail.push(text);
+    };
+    let waiting = worker
+        .docker
+        .watch(&watched.container, watched.options, &output);
+    worker.out.metrics.runs_running.inc();
+    let waited = tokio::select! {
+        r = with_sampling(worker, &watched.container.id, &usage, waiting) => Some(r),
+        () = worker.lifetime.stop.cancelled() => None,
+    };
+    worker.out.metrics.runs_running.dec();
+    let Some(waited) = waited else {
+        tracing::info!(
+            container = watched.container.display_name(),
+            "worker stopping; the container keeps running"
+        );
+        return;
+    };
+    let observed = Observed {
+        tail: tail.take(),
+        usage: usage.lock().map(|u| *u).unwrap_or_default(),
+        wall: started.elapsed(),
+    };
+    finish(worker, &watched, guard, waited, observed).await;
+}
+
+/// Reports a watched container's end: the wait's answer completed with the Engine's facts,
+/// turned into a state by the policy, then the crash tail and the exit events.
+pub(crate) async fn finish(
+    worker: &Worker,
+    watched: &Watched,
+    guard: RunGuard,
+    waited: Result<ExitStatus, DockerError>,
+    observed: Observed,
+) {
+    let stopped_for_cancel = guard.reporting();
+    let facts = worker.engine_facts.take(&watched.container.id);
+    let name = watched.container.display_name();
+    let outcome = match policy::exit_with_facts(waited, facts) {
+        Ok(status) => {
+            report::account(worker, watched, &status, &observed);
+            if status.code == 0 {
+                tracing::info!(container = name, "container exited with status code 0");
+            }
+            Outcome::Exited {
+                container: name.to_owned(),
+                status,
+                stopped_for_cancel,
+            }
+        }
+        Err(error) => {
+            worker.out.metrics.docker_error(&error);
+            Outcome::Lost {
+                run_name: watched.flow_run_name.clone(),
+                error,
+            }
+        }
+    };
+    let verdict = policy::verdict(&watched.flow_run_id, &outcome);
+    report::carry_out(worker, &watched.flow_run_id, &verdict).await;
+    if let Outcome::Exited { status, .. } = &outcome {
+        if verdict.send_tail {
+            report::send_crash_tail(worker, watched, status.code, &observed.tail);
+        }
+        report::emit_exit_events(worker, watched, status);
+    }
+    drop(guard);
+}
+
+/// Runs `watching` to its end while sampling the container's resource use alongside (when
+/// resource accounting is on); the sampling never delays the result.
+async fn with_sampling<T>(
+    worker: &Worker,
+    container_id: &str,
+    usage: &Mutex<ResourceUsage>,
+    watching: impl std::future::Future<Output = T>,
+) -> T {
+    let sampling = async {
+        if worker.settings.resource_accounting {
+            worker.docker.sample_usage(container_id, usage).await;
+        }
+        std::future::pending::<std::convert::Infallible>().await
+    };
+    tokio::select! {
+        r = watching => r,
+        never = sampling => match never {},
+    }
+}
+
+/// Prints container output on the worker's stdout; errors (a closed pipe) are ignored.
+fn print_output(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+}

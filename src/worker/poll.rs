@@ -1,0 +1,125 @@
+//! Polling for scheduled runs: every `PREFECT_WORKER_QUERY_SECONDS` (jittered, stretched while
+//! the API keeps failing), sooner when the registry is woken (a run became due, a slot freed
+//! after a poll had to leave runs behind). Each due run the registry admits gets its own
+//! lifecycle task.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::registry::Admission;
+use super::{PoolRef, Worker, WorkerError, lifecycle};
+use crate::backoff;
+use crate::prefect::{ApiError, FlowRun, WorkPool};
+
+impl Worker {
+    /// Polls until `shutdown`; `first` = runs already fetched at start-up.
+    pub(super) async fn poll_loop(
+        self: &Arc<Self>,
+        mut first: Option<Vec<FlowRun>>,
+        shutdown: CancellationToken,
+    ) -> Result<(), WorkerError> {
+        let mut failures = 0;
+        let mut adopted = false;
+        loop {
+            match self.poll_with(first.take(), &mut adopted).await {
+                Ok(_) => failures = 0,
+                Err(e) if e.is_auth() => return Err(WorkerError::Unauthorized(e)),
+                Err(e) => {
+                    failures += 1;
+                    self.out.metrics.api_error(&e);
+                    tracing::warn!(error = %e, consecutive_failures = failures, "polling for flow runs failed");
+                }
+            }
+            let interval = super::clamped_poisson_interval(self.settings.query_interval);
+            let delay = backoff::stretched(interval, failures);
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.registry.poll_wanted(), if failures == 0 => {
+                    tracing::debug!("polling early: a run became due or a slot freed");
+                }
+                () = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    /// One poll (`--run-once`). Returns how many runs were taken on.
+    pub(super) async fn poll_once(self: &Arc<Self>) -> Result<usize, ApiError> {
+        self.poll_with(None, &mut false).await
+    }
+
+    /// `POST /work_pools/{pool}/get_scheduled_flow_runs` for runs due within the prefetch.
+    pub(super) async fn fetch_scheduled_runs(&self, pool: &str) -> Result<Vec<FlowRun>, ApiError> {
+        let prefetch = chrono::Duration::from_std(self.settings.prefetch)
+            .unwrap_or_else(|_| chrono::Duration::days(365));
+        let scheduled_before = chrono::Utc::now() + prefetch;
+        let started = std::time::Instant::now();
+        let runs = self
+            .api
+            .get_scheduled_flow_runs(pool, &self.settings.work_queues, scheduled_before)
+            .await?;
+        self.out.metrics.polled(started.elapsed());
+        tracing::debug!(count = runs.len(), "polled for scheduled flow runs");
+        Ok(runs)
+    }
+
+    /// One poll: `prefetched` runs (from start-up's overlapped poll) or freshly fetched ones.
+    /// The first successful one adopts what an earlier process left behind first.
+    async fn poll_with(
+        self: &Arc<Self>,
+        prefetched: Option<Vec<FlowRun>>,
+        adopted: &mut bool,
+    ) -> Result<usize, ApiError> {
+        let Some(pool) = self.synced_pool().await? else {
+            return Ok(0);
+        };
+        if !*adopted {
+            self.adopt_orphans(&pool).await?;
+            *adopted = true;
+        }
+        let runs = match prefetched {
+            Some(runs) => runs,
+            None => self.fetch_scheduled_runs(&pool.name).await?,
+        };
+        Ok(self.take_on(runs, &pool))
+    }
+
+    /// The pool; with no successful sync yet, one is tried now rather than idling an interval.
+    async fn synced_pool(&self) -> Result<Option<WorkPool>, ApiError> {
+        if let Some(pool) = self.current_pool() {
+            return Ok(Some(pool));
+        }
+        self.sync().await?;
+        Ok(self.current_pool())
+    }
+
+    /// Starts a lifecycle task for each run the registry admits, in response order, until the
+    /// limit is reached. Returns how many were taken on.
+    fn take_on(self: &Arc<Self>, runs: Vec<FlowRun>, pool: &WorkPool) -> usize {
+        // One copy of the template per poll, shared by its runs.
+        let template = Arc::new(pool.base_job_template.clone());
+        let mut taken = 0;
+        for flow_run in runs {
+            let guard = match self.registry.admit(&flow_run.id) {
+                Admission::Admitted(guard) => guard,
+                Admission::AlreadyHeld => continue,
+                Admission::AtLimit => {
+                    let limit = self.settings.limit.unwrap_or_default();
+                    tracing::debug!(
+                        limit,
+                        "Flow run limit reached; {limit} flow runs in progress."
+                    );
+                    break;
+                }
+            };
+            let worker = Arc::clone(self);
+            let template = Arc::clone(&template);
+            let pool = PoolRef::of(pool);
+            self.tasks.spawn(async move {
+                lifecycle::submit(&worker, flow_run, guard, pool, template).await;
+            });
+            taken += 1;
+        }
+        taken
+    }
+}

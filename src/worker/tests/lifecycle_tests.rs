@@ -1,0 +1,442 @@
+//! One run's lifecycle through the fakes: claims, cancellations at every step, exit codes
+//! from every source, and the slot freed on every path.
+
+use super::Harness;
+use super::fakes::{Plan, Race, Step};
+use crate::docker::{ContainerEvent, ContainerEventKind, DockerError};
+use crate::prefect::{SetStateStatus, StateType};
+use crate::worker::registry::Phase;
+
+fn state_of(h: &Harness, id: &str) -> (StateType, String) {
+    let state = h.api.current(id);
+    (state.state_type, state.message.unwrap_or_default())
+}
+
+// ---------------------------------------------------------------- claims
+
+#[tokio::test]
+async fn a_clean_run_is_claimed_submitted_watched_and_left_to_its_engine() {
+    let mut h = Harness::new();
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.submit(run).await;
+    let names: Vec<String> = h
+        .api
+        .history("r1")
+        .iter()
+        .filter_map(|s| s.name.clone())
+        .collect();
+    assert_eq!(names, ["Scheduled", "Pending", "Submitting"]);
+    assert_eq!(h.api.calls_to("pid r1").len(), 1, "{:?}", h.api.calls());
+    assert_eq!(h.docker.calls_to("start").len(), 1);
+    assert_eq!(h.metrics.runs_completed.get(), 1);
+    assert_eq!(h.metrics.runs_claimed.get(), 1);
+    assert_eq!(h.worker.registry.len(), 0, "the slot is free");
+    let events = h.emitted();
+    assert_eq!(
+        events,
+        [
+            "prefect.worker.submitted-flow-run",
+            "prefect.docker.container.created",
+            "prefect.docker.container.running",
+            "prefect.docker.container.resources",
+            "prefect.docker.container.exited",
+            "prefect.worker.executed-flow-run",
+        ]
+    );
+    let logs = h.logged();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("submitted to infrastructure")),
+        "{logs:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_run_no_longer_scheduled_is_not_claimed() {
+    let h = Harness::new();
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.api.set_externally("r1", StateType::Pending); // another worker's claim
+    h.submit(run).await;
+    assert!(h.api.calls_to("set_state").is_empty());
+    assert!(h.docker.calls().is_empty());
+    assert_eq!(h.worker.registry.len(), 0);
+}
+
+#[tokio::test]
+async fn a_refused_claim_starts_nothing() {
+    let mut h = Harness::new();
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.api
+        .answer_next("r1", SetStateStatus::Reject, Some(StateType::Running));
+    h.submit(run).await;
+    assert!(h.docker.calls().is_empty());
+    assert!(
+        h.logged()
+            .iter()
+            .any(|l| l.contains("Server returned a non-pending state 'RUNNING'")),
+    );
+    assert_eq!(h.metrics.runs_claimed.get(), 0);
+    assert_eq!(h.worker.registry.len(), 0);
+}
+
+#[tokio::test]
+async fn an_aborted_claim_starts_nothing() {
+    let mut h = Harness::new();
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.api.answer_next("r1", SetStateStatus::Abort, None);
+    h.submit(run).await;
+    assert!(h.docker.calls().is_empty());
+    assert!(
+        h.logged()
+            .iter()
+            .any(|l| l.contains("Server sent an abort signal: scripted"))
+    );
+    assert_eq!(h.worker.registry.len(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_told_to_wait_proposes_again() {
+    let h = Harness::new();
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.api.answer_next("r1", SetStateStatus::Wait, None);
+    h.submit(run).await;
+    assert_eq!(h.api.calls_to("set_state r1 PENDING/Pending").len(), 2);
+    assert_eq!(h.docker.calls_to("start").len(), 1);
+}
+
+#[tokio::test]
+async fn a_claim_displaced_by_an_earlier_one_stands_down() {
+    let mut h = Harness::new();
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    // Another worker's claim lands between our read and ours, and this server accepts ours
+    // anyway (what SQLite under load was seen to do).
+    h.api.race_claim(
+        "r1",
+        Race {
+            before: vec![StateType::Pending],
+            ours_current: true,
+            ..Race::default()
+        },
+    );
+    h.submit(run).await;
+    assert!(h.docker.calls().is_empty(), "{:?}", h.docker.calls());
+    let logs = h.logged();
+    assert!(
+        logs.iter()
+            .any(|l| l
+                .contains("another worker claimed it first (state before this claim: 'PENDING')")),
+        "{logs:?}"
+    );
+    assert!(h.api.calls_to("set_state r1 PENDING/Submitting").is_empty());
+    assert_eq!(h.worker.registry.len(), 0);
+}
+
+#[tokio::test]
+async fn a_late_claim_on_a_finished_run_puts_its_final_state_back() {
+    let mut h = Harness::new();
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.api.race_claim(
+        "r1",
+        Race {
+            after: vec![StateType::Pending, StateType::Running, StateType::Completed],
+            ours_current: true,
+            ..Race::default()
+        },
+    );
+    h.submit(run).await;
+    let restored = h.api.current("r1");
+    assert_eq!(restored.state_type, StateType::Completed);
+    assert!(
+        restored
+            .message
+            .unwrap_or_default()
+            .contains("[restored by worker 'me' after its late claim displaced it]")
+    );
+    assert_eq!(
+        h.api
+            .calls_to("set_state r1 COMPLETED/Completed force=true")
+            .len(),
+        1
+    );
+    assert!(h.docker.calls().is_empty());
+    assert!(
+        h.logged()
+            .iter()
+            .any(|l| l.contains("Restored the final state 'Completed'"))
+    );
+}
+
+#[tokio::test]
+async fn a_late_claim_that_is_not_current_changes_nothing() {
+    let h = Harness::new();
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.api.race_claim(
+        "r1",
+        Race {
+            after: vec![StateType::Pending, StateType::Completed],
+            ours_current: false,
+            ..Race::default()
+        },
+    );
+    h.submit(run).await;
+    assert!(h.api.calls_to("set_state r1 COMPLETED").is_empty());
+    assert!(h.docker.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_deleted_deployment_cancels_the_run_once_with_force() {
+    let h = Harness::new();
+    h.api.add_deployment();
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.api.delete_deployment();
+    h.submit(run).await;
+    let (state, message) = state_of(&h, "r1");
+    assert_eq!(state, StateType::Cancelled);
+    assert_eq!(message, "Deployment d1 no longer exists, cancelled run.");
+    assert_eq!(
+        h.api
+            .calls_to("set_state r1 CANCELLED/Cancelled force=true")
+            .len(),
+        1
+    );
+    assert_eq!(h.metrics.runs_cancelled.get(), 1);
+    assert!(h.docker.calls().is_empty());
+}
+
+// ---------------------------------------------------------------- cancellation
+
+#[tokio::test]
+async fn cancelled_before_the_create_no_container_is_made() {
+    let h = Harness::new();
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    let worker = std::sync::Arc::clone(&h.worker);
+    h.docker
+        .after(Step::Pulled, move || worker.cancel_run("r1"));
+    h.submit(run).await;
+    assert!(
+        h.docker.calls_to("create").is_empty(),
+        "{:?}",
+        h.docker.calls()
+    );
+    let (state, message) = state_of(&h, "r1");
+    assert_eq!(state, StateType::Cancelled);
+    assert_eq!(
+        message,
+        "Flow run cancelled by worker while pending (before its container was created)."
+    );
+    assert_eq!(h.metrics.runs_cancelled.get(), 1);
+    assert_eq!(h.worker.registry.len(), 0);
+}
+
+#[tokio::test]
+async fn cancelled_between_create_and_start_the_container_is_removed() {
+    let h = Harness::new();
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    let worker = std::sync::Arc::clone(&h.worker);
+    h.docker
+        .after(Step::Created, move || worker.cancel_run("r1"));
+    h.submit(run).await;
+    assert_eq!(h.docker.calls_to("remove c1").len(), 1);
+    assert!(h.docker.calls_to("start").is_empty());
+    assert_eq!(h.docker.existing(), 0);
+    assert!(
+        state_of(&h, "r1")
+            .1
+            .contains("before its container was started")
+    );
+    assert_eq!(h.worker.registry.len(), 0);
+}
+
+#[tokio::test]
+async fn cancelled_right_after_the_start_the_container_is_stopped_at_once() {
+    let h = Harness::new();
+    h.docker.plan(Plan::Hold);
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    let worker = std::sync::Arc::clone(&h.worker);
+    h.docker
+        .after(Step::Started, move || worker.cancel_run("r1"));
+    h.submit(run).await;
+    assert_eq!(h.docker.calls_to("stop c1 grace=30").len(), 1);
+    let (state, message) = state_of(&h, "r1");
+    assert_eq!(state, StateType::Cancelled);
+    assert!(message.contains("the worker stopped its container 'name-c1' (exit code 143)"));
+}
+
+#[tokio::test]
+async fn cancelled_while_watched_the_container_is_stopped_once_and_the_run_cancelled() {
+    let h = Harness::with(&["--cancel-grace", "5"]);
+    h.docker.plan(Plan::Hold);
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    let task = h.spawn_submit(run);
+    h.until("the container is watched", |h| {
+        matches!(h.worker.registry.phase("r1"), Some(Phase::Watching { .. }))
+    })
+    .await;
+    h.api.set_externally("r1", StateType::Cancelling);
+    h.worker.cancel_run("r1");
+    h.worker.cancel_run("r1"); // a second notice (event and poll) does nothing more
+    task.await.expect("run task");
+    h.worker.tasks.close();
+    h.worker.tasks.wait().await;
+    assert_eq!(h.docker.calls_to("stop c1 grace=5").len(), 1);
+    assert_eq!(state_of(&h, "r1").0, StateType::Cancelled);
+    assert_eq!(h.metrics.runs_cancelled.get(), 1);
+    assert_eq!(h.worker.registry.len(), 0);
+}
+
+#[tokio::test]
+async fn a_run_found_cancelled_by_its_submitting_proposal_withdraws_before_the_pull() {
+    let h = Harness::new();
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.api
+        .answer_next("r1", SetStateStatus::Accept, Some(StateType::Pending));
+    h.api
+        .answer_next("r1", SetStateStatus::Reject, Some(StateType::Cancelling));
+    h.submit(run).await;
+    assert!(h.docker.calls().is_empty(), "{:?}", h.docker.calls());
+    assert!(
+        state_of(&h, "r1")
+            .1
+            .contains("before its container was pulled")
+    );
+}
+
+// ---------------------------------------------------------------- exits
+
+#[tokio::test]
+async fn a_non_zero_exit_from_the_wait_is_crashed_with_its_tail() {
+    let mut h = Harness::new();
+    h.docker.plan(Plan::Exit(3));
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.submit(run).await;
+    let (state, message) = state_of(&h, "r1");
+    assert_eq!(state, StateType::Crashed);
+    assert_eq!(message, crate::worker::crash_message(3));
+    let logs = h.logged();
+    let announce = logs
+        .iter()
+        .position(|l| l.contains("exited with status code 3; its last 2 lines of output follow"))
+        .expect("the tail is announced");
+    assert_eq!(logs[announce + 1..announce + 3], ["line 1", "line 2"]);
+    assert_eq!(h.metrics.runs_crashed.get(), 1);
+}
+
+#[tokio::test]
+async fn a_lost_wait_takes_the_exit_code_from_the_engine_events() {
+    let h = Harness::new();
+    h.docker.plan(Plan::Lost);
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    let worker = std::sync::Arc::clone(&h.worker);
+    h.docker.after(Step::Started, move || {
+        worker.engine_facts.record(&ContainerEvent {
+            id: "c1".into(),
+            kind: ContainerEventKind::Died { code: 7 },
+            time: 0,
+        });
+        worker.engine_facts.record(&ContainerEvent {
+            id: "c1".into(),
+            kind: ContainerEventKind::OomKilled,
+            time: 0,
+        });
+    });
+    h.submit(run).await;
+    let (state, message) = state_of(&h, "r1");
+    assert_eq!(state, StateType::Crashed);
+    assert!(
+        message.starts_with(&crate::worker::crash_message(7)),
+        "{message}"
+    );
+    assert!(message.contains("(OOMKilled)"));
+}
+
+#[tokio::test]
+async fn a_lost_wait_with_no_engine_facts_is_logged_not_reported() {
+    let mut h = Harness::new();
+    h.docker.plan(Plan::Lost);
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.submit(run).await;
+    assert_eq!(h.api.current("r1").name.as_deref(), Some("Submitting"));
+    assert!(
+        h.logged()
+            .iter()
+            .any(|l| l.contains("Lost connection to flow run"))
+    );
+    assert_eq!(h.worker.registry.len(), 0);
+}
+
+#[tokio::test]
+async fn an_exit_after_an_engine_restart_says_so() {
+    let h = Harness::new();
+    h.docker.plan(Plan::ExitAfterEngineLoss(1));
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.submit(run).await;
+    assert!(state_of(&h, "r1").1.contains("The Docker Engine restarted"));
+}
+
+#[tokio::test]
+async fn a_create_failure_is_crashed_with_the_step_and_a_creation_failed_event() {
+    let mut h = Harness::new();
+    h.docker.fail_create(|| DockerError::NameConflict {
+        name: "x".into(),
+        attempts: 50,
+    });
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.submit(run).await;
+    let (state, message) = state_of(&h, "r1");
+    assert_eq!(state, StateType::Crashed);
+    assert!(
+        message.starts_with("Failed to submit flow run to infrastructure: NameConflict: "),
+        "{message}"
+    );
+    assert!(
+        h.emitted()
+            .contains(&"prefect.docker.container.creation-failed".to_owned())
+    );
+    assert_eq!(h.worker.registry.len(), 0);
+}
+
+#[tokio::test]
+async fn a_duplicate_on_this_host_stands_down_without_a_report() {
+    let mut h = Harness::new();
+    h.docker.fail_create(|| DockerError::Duplicate {
+        label: "io.prefect.flow-run-id=r1".into(),
+    });
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.submit(run).await;
+    assert_eq!(h.api.current("r1").name.as_deref(), Some("Submitting"));
+    assert!(h.logged().iter().any(|l| l.contains("this one stood down")));
+    assert_eq!(h.metrics.runs_crashed.get(), 0);
+}
+
+#[tokio::test]
+async fn an_invalid_job_configuration_is_crashed_before_any_container() {
+    let h = Harness::new();
+    let mut run = h.api.add_run("r1", StateType::Scheduled);
+    run.job_variables
+        .insert("mem_limit".into(), serde_json::json!("lots"));
+    h.submit(run).await;
+    let (state, message) = state_of(&h, "r1");
+    assert_eq!(state, StateType::Crashed);
+    assert!(message.contains("ValidationError"), "{message}");
+    assert!(h.docker.calls().is_empty());
+}
+
+// ---------------------------------------------------------------- shutdown
+
+#[tokio::test]
+async fn shutdown_stops_the_watch_not_the_container_and_frees_the_slot() {
+    let h = Harness::new();
+    h.docker.plan(Plan::Hold);
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    let task = h.spawn_submit(run);
+    h.until("the container is watched", |h| {
+        matches!(h.worker.registry.phase("r1"), Some(Phase::Watching { .. }))
+    })
+    .await;
+    h.lifetime.stop.cancel();
+    task.await.expect("run task");
+    assert!(h.docker.calls_to("stop").is_empty());
+    assert_eq!(h.api.current("r1").name.as_deref(), Some("Submitting"));
+    assert_eq!(h.worker.registry.len(), 0);
+    assert_eq!(h.metrics.runs_running.get(), 0);
+}
