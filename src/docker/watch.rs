@@ -12,9 +12,14 @@ use super::connect::DockerRuntime;
 use super::create::CreatedContainer;
 use super::error::{DockerError, EngineFailure};
 use super::find::FoundContainer;
+use crate::backoff::Backoff;
 
 /// How long a watch waits for a lost Engine to come back before giving the run up.
 const ENGINE_RECOVERY_LIMIT: Duration = Duration::from_secs(15 * 60);
+/// The first wait before asking a lost Engine again; doubled after each unanswered ask…
+const RECOVERY_BACKOFF_MIN: Duration = Duration::from_millis(500);
+/// … up to this, so an Engine back after a long restart is noticed within 15 s.
+const RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(15);
 
 /// How a watched container ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,11 +157,15 @@ impl DockerRuntime {
 
     /// Waits (with backoff, up to [`ENGINE_RECOVERY_LIMIT`]) for the Engine to answer, then
     /// inspects the container: `Some(code)` if it has exited, `None` if it is still running.
+    ///
+    /// The waits take no shutdown token: this runs inside a container watch, and the watch's
+    /// owner (the run task) selects on shutdown and drops the watch future, which ends the
+    /// sleep with it. Stopping the worker stops watching, never the container.
     async fn recover(&self, container: &CreatedContainer) -> Result<Option<i64>, EngineFailure> {
         let started = std::time::Instant::now();
-        let mut delay = Duration::from_millis(500);
+        let mut backoff = Backoff::new(RECOVERY_BACKOFF_MIN, RECOVERY_BACKOFF_MAX);
         loop {
-            tokio::time::sleep(delay).await;
+            tokio::time::sleep(backoff.next_delay()).await;
             match self.docker.inspect_container(&container.id, None).await {
                 Ok(info) => {
                     let state = info.state.unwrap_or_default();
@@ -178,7 +187,6 @@ impl DockerRuntime {
                     }
                 }
             }
-            delay = (delay * 2).min(Duration::from_secs(15));
         }
     }
 
@@ -311,5 +319,17 @@ fn log_stream_failure(container: &CreatedContainer, auto_remove: bool, failure: 
         );
     } else {
         tracing::error!(container = name, error = %failure, "An unexpected Docker API error occurred while streaming output from the container");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_recovery_asks_again_after_half_a_second_doubling_to_fifteen() {
+        let mut backoff = Backoff::new(RECOVERY_BACKOFF_MIN, RECOVERY_BACKOFF_MAX);
+        let delays: Vec<u128> = (0..7).map(|_| backoff.next_delay().as_millis()).collect();
+        assert_eq!(delays, vec![500, 1000, 2000, 4000, 8000, 15000, 15000]);
     }
 }
