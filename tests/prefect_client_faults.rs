@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use docker_worker::prefect::{ClientConfig, PrefectClient, StateProposal};
+use docker_worker::prefect::{ClientConfig, PrefectClient, StateProposal, StateType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -173,7 +173,7 @@ async fn csrf_token_is_fetched_once_and_sent_on_mutations() {
             .set_flow_run_state("run-1", &StateProposal::pending(), false)
             .await
             .unwrap();
-        assert_eq!(r.state_type(), Some("PENDING"));
+        assert_eq!(r.state_type(), Some(StateType::Pending));
     }
     let seen = seen.lock().unwrap();
     assert!(

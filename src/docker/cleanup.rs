@@ -5,8 +5,9 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
+use super::connect::DockerRuntime;
+use super::create::CreatedContainer;
 use super::error::{DockerError, EngineFailure};
-use super::runtime::{CreatedContainer, DockerRuntime};
 
 /// A container that is no longer running and will not run again by itself.
 #[derive(Debug, Clone, PartialEq, Eq)]

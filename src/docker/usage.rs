@@ -11,7 +11,7 @@ use std::time::Duration;
 use bollard::query_parameters::StatsOptionsBuilder;
 use futures_util::StreamExt as _;
 
-use super::runtime::DockerRuntime;
+use super::connect::DockerRuntime;
 
 /// What a container used, as far as the samples saw.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use super::client::ClientConfig;
 use super::models::WorkPool;
 use super::socket::{EventSocket, SocketError, auth_token, upgrade};
+use crate::backoff::Backoff;
 
 /// The protocol version both sides must support.
 pub const CHANNEL_VERSION: &str = "work_pool_worker_channel.v1";
@@ -626,10 +627,30 @@ impl Session {
     }
 }
 
-/// The wait before reconnect attempt `attempt` (1-based): 1 s doubling to 30 s.
+/// The first wait before reconnecting the channel…
+const RECONNECT_MIN: Duration = Duration::from_secs(1);
+/// … doubled per failed attempt up to this.
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// How many delays it takes the schedule to reach [`RECONNECT_MAX`] (1, 2, 4, 8, 16, 30):
+/// later attempts wait as long as this one.
+const RECONNECT_STEPS_TO_MAX: u32 = 6;
+
+/// The channel's reconnect schedule: 1 s doubling to 30 s. A reconnect loop keeps one, sleeps
+/// through [`Backoff::wait`] (which ends at once on shutdown) and resets it once a session is
+/// up.
+pub fn reconnect_backoff() -> Backoff {
+    Backoff::new(RECONNECT_MIN, RECONNECT_MAX)
+}
+
+/// The wait before reconnect attempt `attempt` (1-based): the `attempt`-th delay of
+/// [`reconnect_backoff`], for a loop that counts its attempts instead of keeping a [`Backoff`].
 pub fn reconnect_delay(attempt: u32) -> Duration {
-    let exponent = attempt.saturating_sub(1).min(5);
-    Duration::from_secs((1u64 << exponent).min(30))
+    let mut backoff = reconnect_backoff();
+    let earlier = attempt.clamp(1, RECONNECT_STEPS_TO_MAX) - 1;
+    for _ in 0..earlier {
+        backoff.next_delay();
+    }
+    backoff.next_delay()
 }
 
 #[cfg(test)]
@@ -728,5 +749,10 @@ mod tests {
     fn reconnects_back_off_to_thirty_seconds() {
         let delays: Vec<u64> = (1..=7).map(|a| reconnect_delay(a).as_secs()).collect();
         assert_eq!(delays, vec![1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(reconnect_delay(0), Duration::from_secs(1));
+        assert_eq!(reconnect_delay(u32::MAX), Duration::from_secs(30));
+        let mut backoff = reconnect_backoff();
+        let kept: Vec<u64> = (0..7).map(|_| backoff.next_delay().as_secs()).collect();
+        assert_eq!(kept, delays);
     }
 }

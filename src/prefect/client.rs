@@ -16,6 +16,7 @@ use url::Url;
 use super::models::{
     Deployment, Flow, FlowRun, LogEntry, OrchestrationResult, State, StateProposal, WorkPool,
 };
+use crate::backoff::Backoff;
 
 /// The API version this client speaks (sent as `X-PREFECT-API-VERSION`).
 pub const API_VERSION: &str = "0.8.4";
@@ -183,6 +184,47 @@ fn jittered(base: Duration, factor: f64) -> Duration {
     base.mul_f64(1.0 + spread)
 }
 
+/// The first wait of the request retry schedule: before any retry was counted (a maintenance
+/// answer is retried without counting)…
+const RETRY_MIN: Duration = Duration::from_secs(1);
+/// … doubled per counted retry up to this (2^6 s).
+const RETRY_MAX: Duration = Duration::from_secs(64);
+/// The jitter on top of each wait: the Python client's `PREFECT_CLIENT_RETRY_JITTER_FACTOR`.
+const RETRY_JITTER: f64 = 0.2;
+
+/// The waits between the attempts of one request: 2^n s after the n-th counted retry (1 s
+/// while none is counted), capped at 64 s, plus up to 20 % jitter. A server's `Retry-After`
+/// replaces the schedule's delay (and is jittered the same way).
+///
+/// There is no shutdown token here: the client has none. A request, retry waits included,
+/// lasts as long as its caller awaits it; the worker's poll and sync loops are dropped at
+/// shutdown, which ends a wait mid-way, and the reports a run makes as it ends are meant to
+/// finish.
+struct RetryDelays {
+    schedule: Backoff,
+    /// The schedule's delay for the retries counted so far.
+    current: Duration,
+}
+
+impl RetryDelays {
+    fn new() -> Self {
+        let mut schedule = Backoff::new(RETRY_MIN, RETRY_MAX);
+        let current = schedule.next_delay();
+        Self { schedule, current }
+    }
+
+    /// Moves on to the next delay: one more retry counts against `max_retries`.
+    fn count_retry(&mut self) {
+        self.current = self.schedule.next_delay();
+    }
+
+    /// The wait before the next attempt: the server's `Retry-After` when it sent one, else the
+    /// schedule's delay; jittered.
+    fn delay(&self, retry_after: Option<Duration>) -> Duration {
+        jittered(retry_after.unwrap_or(self.current), RETRY_JITTER)
+    }
+}
+
 impl PrefectClient {
     /// Builds a client.
     ///
@@ -334,6 +376,7 @@ impl PrefectClient {
         let mutating = method != Method::GET;
         let mut csrf_retried = false;
         let mut attempt: u32 = 0;
+        let mut delays = RetryDelays::new();
         loop {
             let mut req = self.http.request(method.clone(), url.clone());
             if let Some(body) = body {
@@ -365,12 +408,9 @@ impl PrefectClient {
                         if maintenance || attempt < self.max_retries {
                             if !maintenance {
                                 attempt += 1;
+                                delays.count_retry();
                             }
-                            let delay = retry_after(&headers)
-                                .map(|d| jittered(d, 0.2))
-                                .unwrap_or_else(|| {
-                                    jittered(Duration::from_secs(1 << attempt.min(6)), 0.2)
-                                });
+                            let delay = delays.delay(retry_after(&headers));
                             tracing::debug!(
                                 path,
                                 status,
@@ -389,7 +429,8 @@ impl PrefectClient {
                         || (source.is_request() && !source.is_connect() && !source.is_builder());
                     if retryable && attempt < self.max_retries {
                         attempt += 1;
-                        let delay = jittered(Duration::from_secs(1 << attempt.min(6)), 0.2);
+                        delays.count_retry();
+                        let delay = delays.delay(None);
                         tracing::debug!(path, error = %source, delay_ms = delay.as_millis() as u64, "retrying Prefect API request");
                         tokio::time::sleep(delay).await;
                         continue;
@@ -834,6 +875,23 @@ fn encode(segment: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_wait_two_to_the_attempt_seconds_up_to_64_plus_a_fifth_at_most() {
+        let mut delays = RetryDelays::new();
+        // A maintenance answer before any counted retry waits 1 s.
+        let mut schedule = vec![delays.current.as_secs()];
+        for _ in 0..8 {
+            delays.count_retry();
+            schedule.push(delays.current.as_secs());
+        }
+        assert_eq!(schedule, vec![1, 2, 4, 8, 16, 32, 64, 64, 64]);
+        let d = delays.delay(None);
+        assert!(d >= RETRY_MAX && d <= RETRY_MAX.mul_f64(1.2), "{d:?}");
+        let told = Duration::from_secs(3);
+        let d = delays.delay(Some(told));
+        assert!(d >= told && d <= told.mul_f64(1.2), "{d:?}");
+    }
 
     #[test]
     fn retry_after_forms() {

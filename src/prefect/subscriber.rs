@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::client::ClientConfig;
+use crate::backoff::{self, Backoff};
 
 pub use super::socket::{SocketError as SubscribeError, events_out_url};
 
@@ -80,8 +81,17 @@ fn filter(pool_id: &str, since: chrono::DateTime<chrono::Utc>) -> Value {
     }})
 }
 
+/// The first wait before reconnecting; doubled after each failed or short session…
+const RECONNECT_MIN: Duration = Duration::from_secs(1);
+/// … up to a minute.
+const RECONNECT_MAX: Duration = Duration::from_secs(60);
+/// A session that lasted this long was a real one: the next reconnect starts the backoff
+/// afresh.
+const SESSION_THAT_LASTED: Duration = Duration::from_secs(30);
+
 /// Sends every [`PoolEvent`] of `pool_id`'s flow runs to `tx`, until `shutdown` (or until the
-/// receiver is gone). Never returns early: failures are logged and retried with backoff.
+/// receiver is gone). Never returns early: failures are logged and retried with backoff, whose
+/// waits end at once on `shutdown`.
 pub async fn pool_flow_run_events(
     config: ClientConfig,
     pool_id: String,
@@ -91,7 +101,7 @@ pub async fn pool_flow_run_events(
     let mut since = chrono::Utc::now() - chrono::Duration::minutes(1);
     let mut seen: VecDeque<String> = VecDeque::new();
     let mut seen_set: HashSet<String> = HashSet::new();
-    let mut delay = Duration::from_secs(1);
+    let mut backoff = Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
     loop {
         let attempt = session(&config, &pool_id, &mut since, &tx, &mut seen, &mut seen_set);
         let began = tokio::time::Instant::now();
@@ -99,26 +109,31 @@ pub async fn pool_flow_run_events(
             r = attempt => r,
             () = shutdown.cancelled() => return,
         };
-        match result {
+        let delay = match result {
             Ok(()) if tx.is_closed() => return,
             // Only a session that lasted resets the backoff: a server that accepts and then
             // closes at once (an older Prefect refusing the filter) must not be hammered.
-            Ok(()) if began.elapsed() > Duration::from_secs(30) => delay = Duration::from_secs(1),
+            Ok(()) if began.elapsed() > SESSION_THAT_LASTED => {
+                backoff.reset();
+                backoff.next_delay()
+            }
             Ok(()) => {
+                let delay = backoff.next_delay();
                 tracing::debug!(
                     retry_in_s = delay.as_secs(),
                     "events subscription closed by the server"
-                )
+                );
+                delay
             }
             Err(e) => {
-                tracing::debug!(error = %e, retry_in_s = delay.as_secs(), "events subscription interrupted")
+                let delay = backoff.next_delay();
+                tracing::debug!(error = %e, retry_in_s = delay.as_secs(), "events subscription interrupted");
+                delay
             }
+        };
+        if !backoff::sleep(delay, &shutdown).await {
+            return;
         }
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = shutdown.cancelled() => return,
-        }
-        delay = (delay * 2).min(Duration::from_secs(60));
     }
 }
 

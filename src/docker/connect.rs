@@ -1,0 +1,207 @@
+//! Connecting to a Docker Engine: the [`DockerRuntime`] handle every other file of this module
+//! adds methods to, how a `DOCKER_HOST` (unix socket, TCP, TLS with client certificates) is
+//! opened, the Engine's version, Podman detection and the Python worker's `base_url` for
+//! infrastructure pids. Knows bollard's connection calls, nothing of Prefect.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use bollard::Docker;
+
+use super::error::{DockerError, EngineFailure};
+use super::image::PullFailure;
+use super::single_flight::SingleFlight;
+
+/// The `DOCKER_HOST` used when none is given, as the Docker CLI's default.
+const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
+
+/// Client certificate files for a TLS Docker host (`ca.pem`, `cert.pem`, `key.pem`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// CA that signed the daemon's certificate.
+    pub ca: PathBuf,
+    /// Client certificate.
+    pub cert: PathBuf,
+    /// Client key.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The Docker CLI's layout of a `DOCKER_CERT_PATH` directory.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        }
+    }
+}
+
+/// A connection to one Docker Engine (or Podman's Docker-compatible API).
+#[derive(Debug, Clone)]
+pub struct DockerRuntime {
+    /// The bollard client; `pub(super)` so the files of this module share one connection.
+    pub(super) docker: Docker,
+    /// The `DOCKER_HOST` it talks to.
+    pub(super) host: String,
+    /// The Python worker's `base_url` for that host (infrastructure pids, proxy matching).
+    pub(super) base_url: String,
+    /// The Engine's version string, as it reported it at connect time.
+    engine_version: String,
+    /// Podman's compat API needs a few detours (see `watch_container`).
+    pub(super) is_podman: bool,
+    /// Where the Docker CLI's `config.json` lives (registry credentials for pulls).
+    pub(super) docker_config: Option<PathBuf>,
+    /// Pulls (with their registry logins) in flight, shared by every run that needs the same
+    /// image with the same credentials at the same time.
+    pub(super) pulls: SingleFlight<Result<(), PullFailure>>,
+    /// Pulls actually made (not joined), for tests and metrics.
+    pub(super) pulls_made: Arc<AtomicU64>,
+}
+
+/// The `base_url` the Python worker puts in infrastructure pids, so pids stay comparable.
+fn base_url_for(host: &str, tls: bool) -> String {
+    if host.starts_with("unix://") || host.starts_with('/') {
+        "http+docker://localhost".to_owned()
+    } else if host.starts_with("npipe://") {
+        "http+docker://localnpipe".to_owned()
+    } else if host.starts_with("ssh://") {
+        "http+docker://ssh".to_owned()
+    } else {
+        let rest = host.split_once("://").map_or(host, |(_, r)| r);
+        let scheme = if tls || host.starts_with("https://") {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", rest.trim_end_matches('/'))
+    }
+}
+
+/// A bollard client for `host`: TLS with client certificates when `tls` is given, else by the
+/// host's scheme (a bare path is a unix socket). Nothing is sent yet.
+fn open(
+    host: &str,
+    tls: Option<&TlsFiles>,
+    timeout: Duration,
+) -> Result<Docker, bollard::errors::Error> {
+    let seconds = timeout.as_secs().max(1);
+    let version = bollard::API_DEFAULT_VERSION;
+    match tls {
+        Some(files) => {
+            Docker::connect_with_ssl(host, &files.key, &files.cert, &files.ca, seconds, version)
+        }
+        None if host.starts_with('/') => {
+            Docker::connect_with_unix(&format!("unix://{host}"), seconds, version)
+        }
+        None if host.starts_with("unix://") => Docker::connect_with_unix(host, seconds, version),
+        None if host.starts_with("tcp://") || host.starts_with("http://") => {
+            Docker::connect_with_http(host, seconds, version)
+        }
+        None => Docker::connect_with_host(host),
+    }
+}
+
+impl DockerRuntime {
+    /// Connects to `host` (a `DOCKER_HOST` value; `None` = the default socket) and reads the
+    /// Engine's version, so an unreachable daemon is reported at start-up.
+    ///
+    /// # Errors
+    /// [`DockerError::Connect`] when no Engine answers.
+    pub async fn connect(host: Option<&str>, timeout: Duration) -> Result<Self, DockerError> {
+        Self::connect_with_tls(host, None, timeout).await
+    }
+
+    /// Like [`DockerRuntime::connect`], over TLS with client certificates when `tls` is given
+    /// (`DOCKER_TLS_VERIFY` / `DOCKER_CERT_PATH`).
+    ///
+    /// # Errors
+    /// [`DockerError::Connect`] when no Engine answers or the certificates cannot be used.
+    pub async fn connect_with_tls(
+        host: Option<&str>,
+        tls: Option<&TlsFiles>,
+        timeout: Duration,
+    ) -> Result<Self, DockerError> {
+        let host = host
+            .filter(|h| !h.is_empty())
+            .unwrap_or(DEFAULT_HOST)
+            .to_owned();
+        let connect_error = |failure: EngineFailure| DockerError::Connect {
+            host: host.clone(),
+            failure,
+        };
+        let docker = open(&host, tls, timeout)
+            .map_err(|e| connect_error(e.into()))?
+            .with_timeout(timeout);
+        let version = docker
+            .version()
+            .await
+            .map_err(|e| connect_error(e.into()))?;
+        let is_podman = version
+            .components
+            .iter()
+            .flatten()
+            .any(|c| c.name.to_ascii_lowercase().contains("podman"));
+        Ok(Self {
+            is_podman,
+            docker_config: None,
+            pulls: SingleFlight::default(),
+            pulls_made: Arc::default(),
+            base_url: base_url_for(&host, tls.is_some()),
+            engine_version: version.version.unwrap_or_default(),
+            docker,
+            host,
+        })
+    }
+
+    /// Reads pull credentials from `dir/config.json` (the Docker CLI's `DOCKER_CONFIG`) for
+    /// images whose job names no `registry_credentials`.
+    #[must_use]
+    pub fn with_docker_config(mut self, dir: Option<PathBuf>) -> Self {
+        self.docker_config = dir;
+        self
+    }
+
+    /// True when the Engine is Podman's Docker-compatible service.
+    pub fn is_podman(&self) -> bool {
+        self.is_podman
+    }
+
+    /// The `DOCKER_HOST` this runtime talks to.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The Python worker's `base_url` for this host (used in infrastructure pids).
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// The Engine's version string as it reports it (`20.10.24+dfsg1`).
+    pub fn engine_version(&self) -> &str {
+        &self.engine_version
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls() {
+        assert_eq!(
+            base_url_for("unix:///var/run/docker.sock", false),
+            "http+docker://localhost"
+        );
+        assert_eq!(
+            base_url_for("tcp://127.0.0.1:2376", false),
+            "http://127.0.0.1:2376"
+        );
+        assert_eq!(
+            base_url_for("tcp://127.0.0.1:2376", true),
+            "https://127.0.0.1:2376"
+        );
+    }
+}

@@ -1,0 +1,125 @@
+//! Finding the worker's containers on the host by their labels (reattachment after a
+//! restart, reconciliation) and asking whether one still exists. Knows bollard's list and
+//! inspect calls, nothing of Prefect.
+
+use std::collections::HashMap;
+
+use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum, ContainerSummary};
+use bollard::query_parameters::ListContainersOptionsBuilder;
+
+use super::connect::DockerRuntime;
+use super::create::CreatedContainer;
+use super::error::{DockerError, EngineFailure};
+
+/// A container of ours found on the host by its labels (for reattachment after a restart).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundContainer {
+    /// The container, as if this process had created it.
+    pub container: CreatedContainer,
+    /// Its labels.
+    pub labels: HashMap<String, String>,
+    /// The image it runs, as it was asked for.
+    pub image: String,
+    /// Still running (else exited, created or dead).
+    pub running: bool,
+    /// Its exit code, when it has exited.
+    pub exit_code: Option<i64>,
+    /// `HostConfig.AutoRemove`.
+    pub auto_remove: bool,
+    /// The kernel killed it for memory.
+    pub oom_killed: bool,
+}
+
+/// A [`FoundContainer`] from the list entry `summary` (whose id is `id`) and its inspect.
+fn found_container(
+    id: String,
+    summary: ContainerSummary,
+    info: ContainerInspectResponse,
+) -> FoundContainer {
+    let state = info.state.unwrap_or_default();
+    let running = state.running.unwrap_or(false);
+    let exited = matches!(
+        state.status,
+        Some(ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::DEAD)
+    );
+    FoundContainer {
+        container: CreatedContainer {
+            name: info.name.map(|n| n.trim_start_matches('/').to_owned()),
+            created_at: summary.created.unwrap_or_default(),
+            id,
+        },
+        labels: summary.labels.unwrap_or_default(),
+        image: summary.image.unwrap_or_default(),
+        running,
+        exit_code: if exited { state.exit_code } else { None },
+        auto_remove: info
+            .host_config
+            .and_then(|h| h.auto_remove)
+            .unwrap_or(false),
+        oom_killed: state.oom_killed.unwrap_or(false),
+    }
+}
+
+impl DockerRuntime {
+    /// Every container (any state) carrying all of `labels` (`key=value`).
+    ///
+    /// # Errors
+    /// [`DockerError::Api`] when the Engine cannot list containers.
+    pub async fn find_containers(
+        &self,
+        labels: &[String],
+    ) -> Result<Vec<FoundContainer>, DockerError> {
+        let filters = HashMap::from([("label".to_owned(), labels.to_vec())]);
+        let summaries = self.list_containers(&filters).await?;
+        let mut found = Vec::with_capacity(summaries.len());
+        for mut summary in summaries {
+            let Some(id) = summary.id.take() else {
+                continue;
+            };
+            let Ok(info) = self.docker.inspect_container(&id, None).await else {
+                continue; // removed meanwhile
+            };
+            found.push(found_container(id, summary, info));
+        }
+        Ok(found)
+    }
+
+    /// Every container (running or not) matching the Engine's list `filters`.
+    pub(super) async fn list_containers(
+        &self,
+        filters: &HashMap<String, Vec<String>>,
+    ) -> Result<Vec<ContainerSummary>, DockerError> {
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(filters)
+            .build();
+        self.docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| DockerError::Api {
+                operation: "list containers",
+                failure: e.into(),
+            })
+    }
+
+    /// Whether a container exists (for tests and reattachment).
+    ///
+    /// # Errors
+    /// [`DockerError::Api`] for anything but 404.
+    pub async fn container_exists(&self, id: &str) -> Result<bool, DockerError> {
+        match self.docker.inspect_container(id, None).await {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let failure = EngineFailure::from(e);
+                if failure.status == Some(404) {
+                    Ok(false)
+                } else {
+                    Err(DockerError::Api {
+                        operation: "inspect container",
+                        failure,
+                    })
+                }
+            }
+        }
+    }
+}
