@@ -125,108 +125,158 @@ impl TypedOptions {
     }
 }
 
+/// What `gpus` accepts, the start of each of its messages.
+const GPUS_EXPECTED: &str = "expected \"all\", a number of GPUs, device ids (\"device=0,1\"), or options such as \"count=2,capabilities=compute,utility\"";
+
 /// `gpus` like `docker run --gpus`: `"all"`, a count (`2` or `"2"`), or comma-separated
 /// options `count=…`, `device=0,1`, `driver=…`, `capabilities=compute,utility`; a list of
 /// device ids is also taken. Defaults as the Docker CLI: one GPU when neither count nor
 /// devices are given, capabilities `[["gpu"]]`.
 fn parse_gpus(value: &Value) -> Result<Value, String> {
-    const EXPECTED: &str = "expected \"all\", a number of GPUs, device ids (\"device=0,1\"), or options such as \"count=2,capabilities=compute,utility\"";
     let text = match value {
         Value::Number(n) => n.to_string(),
         Value::String(s) => s.trim().to_owned(),
-        Value::Array(ids) => {
-            let ids: Option<Vec<String>> = ids
-                .iter()
-                .map(|i| match i {
-                    Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
-                    Value::Number(n) => Some(n.to_string()),
-                    _ => None,
-                })
-                .collect();
-            return match ids {
-                Some(ids) if !ids.is_empty() => Ok(device_request("", None, ids, None)),
-                _ => Err(format!("{EXPECTED}; got {value}")),
-            };
-        }
-        other => return Err(format!("{EXPECTED}; got {other}")),
+        Value::Array(ids) => return gpu_device_ids(ids, value),
+        other => return Err(format!("{GPUS_EXPECTED}; got {other}")),
     };
     if text.is_empty() {
-        return Err(format!("{EXPECTED}; got an empty string"));
+        return Err(format!("{GPUS_EXPECTED}; got an empty string"));
     }
-    let count_of = |s: &str| -> Result<i64, String> {
-        if s.eq_ignore_ascii_case("all") {
-            return Ok(-1);
+    GpuOptions::parse(&text)
+}
+
+/// `gpus` as a non-empty list of device ids (non-blank strings or numbers).
+fn gpu_device_ids(ids: &[Value], value: &Value) -> Result<Value, String> {
+    let ids: Option<Vec<String>> = ids
+        .iter()
+        .map(|i| match i {
+            Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        })
+        .collect();
+    match ids {
+        Some(ids) if !ids.is_empty() => Ok(device_request("", None, ids, None)),
+        _ => Err(format!("{GPUS_EXPECTED}; got {value}")),
+    }
+}
+
+/// A GPU count: `all` (any case) is `-1`, else a positive whole number.
+fn gpu_count(s: &str) -> Result<i64, String> {
+    if s.eq_ignore_ascii_case("all") {
+        return Ok(-1);
+    }
+    match s.parse::<i64>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{GPUS_EXPECTED}; '{s}' is not a count")),
+    }
+}
+
+/// The Docker CLI's `--gpus` options, read item by item from `text`.
+#[derive(Default)]
+struct GpuOptions<'t> {
+    /// The whole option string, for messages.
+    text: &'t str,
+    driver: String,
+    count: Option<i64>,
+    devices: Vec<String>,
+    capabilities: Option<Vec<String>>,
+    /// The key a bare item continues (`device=0,1` → devices 0 and 1).
+    list_key: Option<&'static str>,
+    /// The keys given so far; each may be given once.
+    seen: Vec<String>,
+}
+
+impl<'t> GpuOptions<'t> {
+    /// Parses `count=…,device=…,driver=…,capabilities=…` (or a bare count) into one Engine
+    /// `DeviceRequest`.
+    fn parse(text: &'t str) -> Result<Value, String> {
+        let mut options = Self {
+            text,
+            ..Self::default()
+        };
+        for item in text.split(',').map(str::trim) {
+            if item.is_empty() {
+                return Err(format!("{GPUS_EXPECTED}; got '{text}'"));
+            }
+            match item.split_once('=') {
+                Some((key, val)) => options.keyed(key.trim(), val.trim())?,
+                None => options.bare(item)?,
+            }
         }
-        match s.parse::<i64>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(format!("{EXPECTED}; '{s}' is not a count")),
+        options.into_request()
+    }
+
+    /// `key=value`: sets the option, or starts the list a bare item continues.
+    fn keyed(&mut self, key: &str, val: &str) -> Result<(), String> {
+        let text = self.text;
+        if self.seen.iter().any(|k| k == key) {
+            return Err(format!("'{key}' is given more than once in '{text}'"));
         }
-    };
-    let mut driver = String::new();
-    let mut count = None;
-    let mut devices: Vec<String> = Vec::new();
-    let mut capabilities: Option<Vec<String>> = None;
-    // The key a bare item continues (`device=0,1` → devices 0 and 1).
-    let mut list_key: Option<&str> = None;
-    let mut seen: Vec<String> = Vec::new();
-    for item in text.split(',').map(str::trim) {
-        if item.is_empty() {
-            return Err(format!("{EXPECTED}; got '{text}'"));
+        self.seen.push(key.to_owned());
+        self.list_key = None;
+        match key {
+            "driver" => self.driver = val.to_owned(),
+            "count" => self.count = Some(gpu_count(val)?),
+            "device" | "devices" => {
+                self.devices.push(val.to_owned());
+                self.list_key = Some("device");
+            }
+            "capabilities" => {
+                self.capabilities = Some(vec![val.to_owned()]);
+                self.list_key = Some("capabilities");
+            }
+            other => {
+                return Err(format!(
+                    "unknown option '{other}' in '{text}' (expected count, device, driver or capabilities)"
+                ));
+            }
         }
-        match item.split_once('=') {
-            Some((key, val)) => {
-                let key = key.trim();
-                let val = val.trim();
-                if seen.iter().any(|k| k == key) {
-                    return Err(format!("'{key}' is given more than once in '{text}'"));
-                }
-                seen.push(key.to_owned());
-                list_key = None;
-                match key {
-                    "driver" => driver = val.to_owned(),
-                    "count" => count = Some(count_of(val)?),
-                    "device" | "devices" => {
-                        devices.push(val.to_owned());
-                        list_key = Some("device");
-                    }
-                    "capabilities" => {
-                        capabilities = Some(vec![val.to_owned()]);
-                        list_key = Some("capabilities");
-                    }
-                    other => {
-                        return Err(format!(
-                            "unknown option '{other}' in '{text}' (expected count, device, driver or capabilities)"
-                        ));
-                    }
+        Ok(())
+    }
+
+    /// An item without `=`: the next device or capability of a list, else the count.
+    fn bare(&mut self, item: &str) -> Result<(), String> {
+        match self.list_key {
+            Some("device") => self.devices.push(item.to_owned()),
+            Some(_) => {
+                if let Some(caps) = self.capabilities.as_mut() {
+                    caps.push(item.to_owned());
                 }
             }
-            None => match list_key {
-                Some("device") => devices.push(item.to_owned()),
-                Some(_) => {
-                    if let Some(caps) = capabilities.as_mut() {
-                        caps.push(item.to_owned());
-                    }
+            None => {
+                if self.count.is_some() {
+                    return Err(format!(
+                        "'count' is given more than once in '{}'",
+                        self.text
+                    ));
                 }
-                None => {
-                    if count.is_some() {
-                        return Err(format!("'count' is given more than once in '{text}'"));
-                    }
-                    count = Some(count_of(item)?);
-                }
-            },
+                self.count = Some(gpu_count(item)?);
+            }
         }
+        Ok(())
     }
-    if !devices.is_empty() && count.is_some() {
-        return Err(format!(
-            "give either a count or device ids, not both (got '{text}')"
-        ));
+
+    /// The request: device ids or a count (one GPU when neither is given), not both.
+    fn into_request(self) -> Result<Value, String> {
+        if !self.devices.is_empty() && self.count.is_some() {
+            return Err(format!(
+                "give either a count or device ids, not both (got '{}')",
+                self.text
+            ));
+        }
+        let count = if self.devices.is_empty() {
+            Some(self.count.unwrap_or(1))
+        } else {
+            None
+        };
+        Ok(device_request(
+            &self.driver,
+            count,
+            self.devices,
+            self.capabilities,
+        ))
     }
-    let count = if devices.is_empty() {
-        Some(count.unwrap_or(1))
-    } else {
-        None
-    };
-    Ok(device_request(&driver, count, devices, capabilities))
 }
 
 fn device_request(
