@@ -106,55 +106,54 @@ pub fn render_job_configuration(
         .and_then(Value::as_object)
         .cloned()
         .ok_or(TemplateError::MissingJobConfiguration)?;
+    // 1. Defaults from the variables schema.
+    let mut variables = schema_defaults(base_job_template);
+    // 2. A non-empty default `env` is folded into (or replaces) the template's env.
+    if let Some(Value::Object(default_env)) = variables.get("env")
+        && !default_env.is_empty()
+    {
+        match job_configuration.get_mut("env") {
+            Some(Value::Object(job_env)) => extend(job_env, default_env),
+            _ => {
+                job_configuration.insert("env".to_owned(), Value::Object(default_env.clone()));
+            }
+        }
+    }
+    // 3. Job variables (dotted keys expanded) override the defaults key by key.
+    variables.extend(expand_dotted_keys(job_variables));
+    // 4. A literal env object in the template takes the variables' env on top.
+    if let (Some(Value::Object(job_env)), Some(Value::Object(var_env))) =
+        (job_configuration.get_mut("env"), variables.get("env"))
+    {
+        extend(job_env, var_env);
+    }
+    // 5. Substitution.
+    match apply_values(&Value::Object(job_configuration), &variables, env) {
+        Some(Value::Object(rendered)) => Ok(rendered),
+        _ => Ok(Map::new()),
+    }
+}
 
-    // 1. Defaults from the variables schema (null defaults do not count).
-    let mut variables = Map::new();
+/// The variables schema's defaults by variable name (null defaults do not count).
+fn schema_defaults(base_job_template: &Value) -> Map<String, Value> {
+    let mut defaults = Map::new();
     if let Some(properties) = base_job_template
         .pointer("/variables/properties")
         .and_then(Value::as_object)
     {
         for (name, schema) in properties {
             if let Some(default) = schema.get("default").filter(|d| !d.is_null()) {
-                variables.insert(name.clone(), default.clone());
+                defaults.insert(name.clone(), default.clone());
             }
         }
     }
+    defaults
+}
 
-    // 2. A non-empty default `env` is folded into (or replaces) the template's env.
-    if let Some(Value::Object(default_env)) = variables.get("env")
-        && !default_env.is_empty()
-    {
-        match job_configuration.get_mut("env") {
-            Some(Value::Object(job_env)) => {
-                for (k, v) in default_env {
-                    job_env.insert(k.clone(), v.clone());
-                }
-            }
-            _ => {
-                job_configuration.insert("env".to_owned(), Value::Object(default_env.clone()));
-            }
-        }
-    }
-
-    // 3. Job variables (dotted keys expanded) override the defaults key by key.
-    for (key, value) in expand_dotted_keys(job_variables) {
-        variables.insert(key, value);
-    }
-
-    // 4. A literal env object in the template takes the variables' env on top.
-    if let (Some(Value::Object(job_env)), Some(Value::Object(var_env))) =
-        (job_configuration.get_mut("env"), variables.get("env"))
-        && !var_env.is_empty()
-    {
-        for (k, v) in var_env {
-            job_env.insert(k.clone(), v.clone());
-        }
-    }
-
-    // 5. Substitution.
-    match apply_values(&Value::Object(job_configuration), &variables, env) {
-        Some(Value::Object(rendered)) => Ok(rendered),
-        _ => Ok(Map::new()),
+/// Sets every key of `over` in `base`, replacing what was there.
+fn extend(base: &mut Map<String, Value>, over: &Map<String, Value>) {
+    for (k, v) in over {
+        base.insert(k.clone(), v.clone());
     }
 }
 

@@ -403,35 +403,10 @@ fn parse_port_spec(spec: &str) -> Result<Vec<(String, Option<Value>)>, String> {
             "'{spec}' is not a port mapping ({why}); expected [ip:][host_port:]container_port[/tcp|udp|sctp] such as \"8080:80/tcp\""
         )
     };
-    let text = spec.trim();
-    let (rest, protocol) = match text.rsplit_once('/') {
-        Some((rest, proto)) => match proto.to_ascii_lowercase().as_str() {
-            p @ ("tcp" | "udp" | "sctp") => (rest, p.to_owned()),
-            _ => return Err(bad("the protocol must be tcp, udp or sctp")),
-        },
-        None => (text, "tcp".to_owned()),
-    };
-    // An IPv6 address is written in brackets: `[::1]:8080:80`.
-    let (ip, rest) = if let Some(after) = rest.strip_prefix('[') {
-        let (ip, after) = after.split_once("]:").ok_or_else(|| bad("unclosed ["))?;
-        (Some(ip.to_owned()), after)
-    } else {
-        (None, rest)
-    };
-    let parts: Vec<&str> = rest.split(':').collect();
-    let (ip, host, container) = match (ip, parts.as_slice()) {
-        (None, [c]) => (None, None, *c),
-        (None, [h, c]) => (None, Some(*h), *c),
-        (None, [ip, h, c]) => (Some((*ip).to_owned()), Some(*h), *c),
-        (Some(ip), [h, c]) => (Some(ip), Some(*h), *c),
-        _ => return Err(bad("too many ':'")),
-    };
-    if let Some(ip) = &ip
-        && ip.parse::<std::net::IpAddr>().is_err()
-    {
-        return Err(bad("the host address is not an IP address"));
-    }
+    let (rest, protocol) = split_protocol(spec.trim()).map_err(bad)?;
+    let (ip, host, container) = split_address(rest).map_err(bad)?;
     let container = port_range(container).ok_or_else(|| bad("bad container port"))?;
+    // `None`: not published; `Some(None)`: published on any free port.
     let host = match host {
         None => None,
         Some("") => Some(None),
@@ -443,21 +418,72 @@ fn parse_port_spec(spec: &str) -> Result<Vec<(String, Option<Value>)>, String> {
     {
         return Err(bad("the host and container ranges differ in length"));
     }
-    let mut out = Vec::new();
-    for (i, port) in (container.0..=container.1).enumerate() {
-        let key = format!("{port}/{protocol}");
-        let binding = host.map(|host| {
-            let host_port = match host {
-                None => String::new(),
-                // A single host port for a container range: Docker picks from it.
-                Some((lo, hi)) if lo == hi => lo.to_string(),
-                Some((lo, _)) => (u32::from(lo) + u32::try_from(i).unwrap_or(0)).to_string(),
-            };
-            json!({"HostIp": ip.clone().unwrap_or_default(), "HostPort": host_port})
-        });
-        out.push((key, binding));
+    Ok(port_bindings(
+        container,
+        host,
+        ip.as_deref().unwrap_or_default(),
+        &protocol,
+    ))
+}
+
+/// `rest/protocol` → (rest, lower-case protocol); `tcp` when none is given.
+fn split_protocol(text: &str) -> Result<(&str, String), &'static str> {
+    match text.rsplit_once('/') {
+        Some((rest, proto)) => match proto.to_ascii_lowercase().as_str() {
+            p @ ("tcp" | "udp" | "sctp") => Ok((rest, p.to_owned())),
+            _ => Err("the protocol must be tcp, udp or sctp"),
+        },
+        None => Ok((text, "tcp".to_owned())),
     }
-    Ok(out)
+}
+
+/// `[ip:][host_port:]container_port` → (ip, host port, container port); an IPv6 address is
+/// written in brackets (`[::1]:8080:80`) and the address must parse.
+fn split_address(rest: &str) -> Result<(Option<String>, Option<&str>, &str), &'static str> {
+    let (ip, rest) = if let Some(after) = rest.strip_prefix('[') {
+        let (ip, after) = after.split_once("]:").ok_or("unclosed [")?;
+        (Some(ip.to_owned()), after)
+    } else {
+        (None, rest)
+    };
+    let parts: Vec<&str> = rest.split(':').collect();
+    let (ip, host, container) = match (ip, parts.as_slice()) {
+        (None, [c]) => (None, None, *c),
+        (None, [h, c]) => (None, Some(*h), *c),
+        (None, [ip, h, c]) => (Some((*ip).to_owned()), Some(*h), *c),
+        (Some(ip), [h, c]) => (Some(ip), Some(*h), *c),
+        _ => return Err("too many ':'"),
+    };
+    if let Some(ip) = &ip
+        && ip.parse::<std::net::IpAddr>().is_err()
+    {
+        return Err("the host address is not an IP address");
+    }
+    Ok((ip, host, container))
+}
+
+/// One (`"80/tcp"`, binding) pair per container port of the range; the host range is
+/// walked alongside, a single host port is given for every container port (Docker picks).
+fn port_bindings(
+    container: (u16, u16),
+    host: Option<Option<(u16, u16)>>,
+    ip: &str,
+    protocol: &str,
+) -> Vec<(String, Option<Value>)> {
+    (container.0..=container.1)
+        .enumerate()
+        .map(|(i, port)| {
+            let binding = host.map(|host| {
+                let host_port = match host {
+                    None => String::new(),
+                    Some((lo, hi)) if lo == hi => lo.to_string(),
+                    Some((lo, _)) => (u32::from(lo) + u32::try_from(i).unwrap_or(0)).to_string(),
+                };
+                json!({"HostIp": ip, "HostPort": host_port})
+            });
+            (format!("{port}/{protocol}"), binding)
+        })
+        .collect()
 }
 
 /// `80` or `8000-8010` → inclusive bounds; ports 1–65535.
