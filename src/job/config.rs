@@ -904,3 +904,36 @@ container_create_kwargs
         assert!(!format!("{creds:?}").contains("hunter2"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use std::path::Path;
+
+    use super::DockerJobConfiguration;
+    use crate::job::strategies::{config, remove_field, rendered_job};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// Any rendered configuration validates or lists its errors, never a panic; the
+        /// fields are checked independently, so without the ones named the rest validates.
+        #[test]
+        fn errors_name_exactly_the_failing_fields(mut source in rendered_job()) {
+            let cwd = Path::new("/work/dir");
+            if let Err(e) = DockerJobConfiguration::from_rendered(&source, cwd) {
+                let n = e.errors.len();
+                let suffix = if n == 1 { "" } else { "s" };
+                let heading =
+                    format!("{n} validation error{suffix} for DockerWorkerJobConfiguration");
+                prop_assert!(e.to_string().starts_with(&heading));
+                for error in &e.errors {
+                    prop_assert!(!error.message.is_empty());
+                    remove_field(&mut source, &error.field);
+                }
+                let again = DockerJobConfiguration::from_rendered(&source, cwd);
+                prop_assert!(again.is_ok(), "{}", again.unwrap_err());
+            }
+        }
+    }
+}

@@ -1595,3 +1595,101 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    use super::{JOB_FIELDS, KEYWORDS, map_create_kwargs};
+    use crate::job::strategies::{any_json, config, object_with};
+
+    /// Every keyword the mapping knows by name: the table's, the special ones, job fields.
+    fn known_keys() -> Vec<&'static str> {
+        let special = [
+            "extra_hosts",
+            "platform",
+            "ports",
+            "networking_config",
+            "detach",
+            "environment",
+            "network",
+            "remove",
+            "init_path",
+            "mac_address",
+            "kernel_memory",
+            "lxc_conf",
+            "use_config_proxy",
+            "version",
+        ];
+        KEYWORDS
+            .iter()
+            .map(|(k, _)| *k)
+            .chain(special)
+            .chain(JOB_FIELDS.iter().copied())
+            .collect()
+    }
+
+    /// Values near the shapes keywords take (objects of the Engine's helper types, lists of
+    /// them, port maps), and any JSON.
+    fn value() -> BoxedStrategy<Value> {
+        let shaped = proptest::sample::select(vec![
+            json!({"Name": "on-failure", "MaximumRetryCount": 3}),
+            json!([{"path": "/dev/sda", "weight": 200}]),
+            json!(["/dev/fuse", "/a:/b:rwm"]),
+            json!([{"name": "nofile", "soft": 1, "hard": 2}]),
+            json!([{"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}]),
+            json!({"test": "true", "interval": 1}),
+            json!({"db": "alias", "x": ""}),
+            json!([["db", "a"], "web:w"]),
+            json!({"80/tcp": 8080, "81": ["127.0.0.1", 1], "82": ["::1"], "83": [1, "2"], "84": {"HostPort": null}}),
+            json!({"n1": {"aliases": ["a"]}}),
+            json!({"type": "json-file", "config": {"max-size": "10m"}}),
+            json!([{"type": "volume", "source": "v", "target": "/d", "volume_options": {"driver_config": {"name": "x"}}}]),
+            json!(["/run:size=1m", "/tmp"]),
+            json!({"net.core.somaxconn": 1024}),
+        ]);
+        prop_oneof![1 => shaped, 3 => any_json()].boxed()
+    }
+
+    fn kwargs() -> BoxedStrategy<Map<String, Value>> {
+        object_with(known_keys(), value(), 6)
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// Any keywords with any values map or are refused, never a panic: each error names
+        /// one keyword that was given, once; a mapping sets only Engine fields (capitalised).
+        #[test]
+        fn any_kwargs_map_or_are_refused(kwargs in kwargs()) {
+            match map_create_kwargs(&kwargs) {
+                Ok(out) => {
+                    for field in out.config.keys().chain(out.host_config.keys()) {
+                        let capitalised = field.starts_with(|c: char| c.is_ascii_uppercase());
+                        prop_assert!(capitalised, "{}", field);
+                    }
+                }
+                Err(errors) => {
+                    prop_assert!(!errors.is_empty());
+                    for (i, error) in errors.iter().enumerate() {
+                        prop_assert!(kwargs.contains_key(&error.key), "{}", error.key);
+                        prop_assert!(!error.message.is_empty());
+                        prop_assert!(errors[..i].iter().all(|e| e.key != error.key));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Null is "not given" for every keyword with a field: nothing is sent, nothing fails.
+    #[test]
+    fn null_sends_nothing_for_every_table_keyword() {
+        for (key, _) in KEYWORDS {
+            let kwargs: Map<String, Value> =
+                [((*key).to_owned(), Value::Null)].into_iter().collect();
+            let out = map_create_kwargs(&kwargs).unwrap_or_else(|e| panic!("{key}: {e:?}"));
+            assert!(out.config.is_empty() && out.host_config.is_empty(), "{key}");
+        }
+    }
+}

@@ -76,3 +76,28 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::docker_label_key;
+    use crate::job::strategies::{config, text};
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// Any key converts: a key without `/` is kept, and the conversion only reorders
+        /// the domain's parts and turns the first `/` into a `.` (the length is kept).
+        #[test]
+        fn any_key_converts(key in text()) {
+            let docker = docker_label_key(&key);
+            prop_assert_eq!(docker.len(), key.len());
+            if !key.contains('/') {
+                prop_assert_eq!(docker, key);
+            } else {
+                prop_assert_eq!(docker.matches('/').count() + 1, key.matches('/').count());
+            }
+        }
+    }
+}

@@ -232,3 +232,88 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    use super::{expand_dotted_keys, merge_job_variables, render_job_configuration};
+    use crate::job::strategies::{any_json, config, object_with};
+
+    /// Job-variable names as users write them, dotted ones included.
+    const KEYS: &[&str] = &[
+        "env", "env.FOO", "image", "command", "a.b.c", "a", ".", "a.", ".a", "env..X", "",
+    ];
+
+    /// A base job template: sometimes without a `job_configuration` object, with schema
+    /// defaults of any shape.
+    fn template() -> BoxedStrategy<Value> {
+        let job = prop_oneof![
+            Just(
+                json!({"env": {"T": "t"}, "image": "{{ image }}", "command": "{{ command }} {{ $HOME }}"})
+            ),
+            Just(json!({"env": "{{ env }}", "a": "{{ a.b.c }}"})),
+            any_json(),
+        ];
+        let default = proptest::option::of(any_json())
+            .prop_map(|d| d.map_or_else(|| json!({}), |d| json!({"default": d})));
+        (
+            proptest::option::of(job),
+            object_with(KEYS.to_vec(), default.boxed(), 4),
+        )
+            .prop_map(|(job, properties)| {
+                let mut t = Map::new();
+                if let Some(job) = job {
+                    t.insert("job_configuration".to_owned(), job);
+                }
+                t.insert("variables".to_owned(), json!({"properties": properties}));
+                Value::Object(t)
+            })
+            .boxed()
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// Any template renders with any variables, or is refused when it has no job
+        /// configuration object; never a panic.
+        #[test]
+        fn any_template_renders(
+            template in template(),
+            variables in object_with(KEYS.to_vec(), any_json(), 5),
+        ) {
+            let rendered = render_job_configuration(&template, &variables, &|_| None);
+            prop_assert_eq!(rendered.is_ok(), template["job_configuration"].is_object());
+        }
+
+        /// Expanded variables have no dotted key at the top, and every plain key keeps a value.
+        #[test]
+        fn dotted_keys_expand(variables in object_with(KEYS.to_vec(), any_json(), 6)) {
+            let expanded = expand_dotted_keys(&variables);
+            prop_assert!(expanded.keys().all(|k| !k.contains('.')));
+            for key in variables.keys().filter(|k| !k.contains('.')) {
+                prop_assert!(expanded.contains_key(key));
+            }
+        }
+
+        /// A flow run's variables override the deployment's, `env` objects merge key by key.
+        #[test]
+        fn flow_run_variables_win(
+            deployment in object_with(KEYS.to_vec(), any_json(), 4),
+            flow_run in object_with(KEYS.to_vec(), any_json(), 4),
+        ) {
+            let merged = merge_job_variables(Some(&deployment), Some(&flow_run));
+            for (key, value) in &flow_run {
+                match (key.as_str(), deployment.get(key), value) {
+                    ("env", Some(Value::Object(_)), Value::Object(over)) => {
+                        for (k, v) in over {
+                            prop_assert_eq!(&merged["env"][k], v);
+                        }
+                    }
+                    _ => prop_assert_eq!(&merged[key], value),
+                }
+            }
+        }
+    }
+}

@@ -682,3 +682,116 @@ mod tests {
         assert!(!looks_local("https://api.prefect.cloud/api"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value};
+
+    use super::{RunContext, api_url_host, engine_version, looks_local, python_isoformat_utc};
+    use crate::job::labels;
+    use crate::job::strategies::{any_json, config, joined, text, valid_job};
+
+    /// Pieces of API URLs and Engine versions.
+    const URL_PIECES: &[&str] = &[
+        "http://",
+        "https://",
+        "localhost",
+        "127.0.0.1",
+        "host.docker.internal",
+        "example.com",
+        ":4200",
+        "/api",
+        "v",
+        "20",
+        "17",
+        ".",
+        "10",
+        "24",
+        "+dfsg1",
+        "-ce",
+        "~",
+        "é",
+        " ",
+    ];
+
+    fn url_text() -> BoxedStrategy<String> {
+        prop_oneof![joined(URL_PIECES, 6), text()].boxed()
+    }
+
+    /// A run object (flow run, flow or deployment) with `id`, `name`, `updated` of any kind.
+    fn run_object() -> BoxedStrategy<Value> {
+        let field = prop_oneof![3 => text().prop_map(Value::from), 1 => any_json()];
+        (
+            proptest::option::of(field.clone()),
+            proptest::option::of(field.clone()),
+            proptest::option::of(field),
+        )
+            .prop_map(|(id, name, updated)| {
+                let mut m = Map::new();
+                for (k, v) in [("id", id), ("name", name), ("updated", updated)] {
+                    if let Some(v) = v {
+                        m.insert(k.to_owned(), v);
+                    }
+                }
+                Value::Object(m)
+            })
+            .boxed()
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// Any valid configuration with any run context becomes a container or a
+        /// `PrepareError`, never a panic; the container always carries the run's id as its
+        /// exclusive label, and its name (if any) is a valid Docker name.
+        #[test]
+        fn any_valid_configuration_prepares(
+            job in valid_job(),
+            flow_run in run_object(),
+            flow in proptest::option::of(run_object()),
+            deployment in proptest::option::of(run_object()),
+            api_url in proptest::option::of(url_text()),
+            engine in proptest::option::of(url_text()),
+            default_image in text(),
+        ) {
+            let settings: Vec<(String, String)> =
+                api_url.into_iter().map(|u| ("PREFECT_API_URL".to_owned(), u)).collect();
+            let ctx = RunContext {
+                flow_run: &flow_run,
+                flow: flow.as_ref(),
+                deployment: deployment.as_ref(),
+                worker_name: "w",
+                work_pool_name: "p",
+                work_pool_id: "i",
+                settings_env: &settings,
+                default_image: &default_image,
+                engine_version: engine.as_deref(),
+            };
+            if let Ok(spec) = job.prepare(&ctx) {
+                let id = flow_run["id"].as_str().unwrap_or_default();
+                let exclusive = (labels::FLOW_RUN_ID.to_owned(), id.to_owned());
+                prop_assert_eq!(spec.exclusive_label, Some(exclusive));
+                prop_assert!(spec.labels.contains_key(labels::FLOW_RUN_ID));
+                let version = spec.labels.get(labels::VERSION).map(String::as_str);
+                prop_assert_eq!(version, Some(super::PREFECT_VERSION));
+                let docker_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+                if let Some(name) = spec.name {
+                    prop_assert!(name.chars().all(docker_char), "{}", name);
+                }
+            }
+        }
+
+        /// The small text helpers take any text.
+        #[test]
+        fn text_helpers(s in url_text()) {
+            let _ = looks_local(&s);
+            let _ = api_url_host(&s);
+            let _ = python_isoformat_utc(&s);
+            if let Some(version) = engine_version(&s) {
+                let again = engine_version(&version.to_string());
+                prop_assert_eq!(again, Some(version));
+            }
+        }
+    }
+}

@@ -721,3 +721,237 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    use super::{
+        TYPED_FIELDS, TypedOptions, parse_cpus, parse_gpus, parse_ipc_mode, parse_platform,
+        parse_ports, parse_size,
+    };
+    use crate::job::create_kwargs::EngineOverrides;
+    use crate::job::strategies::{any_json, config, joined, text};
+
+    /// Pieces of `--gpus` option strings.
+    const GPU_PIECES: &[&str] = &[
+        "all",
+        "ALL",
+        "1",
+        "2",
+        "0",
+        "-1",
+        "99999999999999999999",
+        ",",
+        "=",
+        " ",
+        "count=",
+        "device=",
+        "devices=",
+        "driver=",
+        "capabilities=",
+        "nvidia",
+        "compute",
+        "utility",
+        "gpu",
+        "x",
+        "é",
+    ];
+
+    /// Pieces of port specs.
+    const PORT_PIECES: &[&str] = &[
+        "80",
+        "8080",
+        "0",
+        "65535",
+        "65536",
+        "1",
+        ":",
+        "-",
+        "/",
+        "tcp",
+        "udp",
+        "SCTP",
+        "http",
+        "127.0.0.1",
+        "[",
+        "]",
+        "::1",
+        "[::1]",
+        " ",
+        "é",
+    ];
+
+    /// Pieces of sizes, IPC modes and platforms.
+    const OTHER_PIECES: &[&str] = &[
+        "0",
+        "1",
+        "512",
+        ".",
+        "5",
+        "m",
+        "g",
+        "k",
+        "b",
+        "-",
+        "container:",
+        "host",
+        "private",
+        "none",
+        "shareable",
+        "linux",
+        "/",
+        "amd64",
+        "arm64",
+        "v8",
+        "_",
+        " ",
+        "L",
+        "é",
+    ];
+
+    /// A value for a typed option: structured text, any text, or any JSON.
+    fn option_value(pieces: &'static [&'static str], max: usize) -> BoxedStrategy<Value> {
+        prop_oneof![
+            3 => joined(pieces, max).prop_map(Value::from),
+            2 => text().prop_map(Value::from),
+            2 => any_json(),
+            1 => proptest::collection::vec(joined(pieces, max).prop_map(Value::from), 0..4)
+                .prop_map(Value::from),
+        ]
+        .boxed()
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// `gpus`: any value is one Engine device request or a message; the request always
+        /// asks for the `gpu` capability and has a count or device ids, not both.
+        #[test]
+        fn gpus(value in option_value(GPU_PIECES, 8)) {
+            match parse_gpus(&value) {
+                Ok(request) => {
+                    let capabilities = request["Capabilities"][0].as_array();
+                    prop_assert!(capabilities.is_some_and(|c| c.contains(&json!("gpu"))));
+                    let count = request["Count"].as_i64();
+                    prop_assert!(count.is_some());
+                    let has_ids = request.get("DeviceIDs").is_some();
+                    prop_assert_eq!(has_ids, count == Some(0), "{}", request);
+                }
+                Err(message) => prop_assert!(!message.is_empty()),
+            }
+        }
+
+        /// `shm_size`: a positive size, which re-parses equal written as a number.
+        #[test]
+        fn shm_size(value in option_value(OTHER_PIECES, 4)) {
+            if let Ok(bytes) = parse_size(&value) {
+                prop_assert!(bytes > 0);
+                prop_assert_eq!(parse_size(&json!(bytes)), Ok(bytes));
+                prop_assert_eq!(parse_size(&json!(bytes.to_string())), Ok(bytes));
+            }
+        }
+
+        /// `ipc_mode`: a mode re-parses to itself.
+        #[test]
+        fn ipc_mode(value in option_value(OTHER_PIECES, 3)) {
+            if let Ok(mode) = parse_ipc_mode(&value) {
+                prop_assert_eq!(parse_ipc_mode(&json!(mode.clone())), Ok(mode));
+            }
+        }
+
+        /// `cpus`: between a thousandth and a thousand CPUs, in billionths.
+        #[test]
+        fn cpus(
+            value in prop_oneof![option_value(OTHER_PIECES, 4), (-1e4f64..1e4).prop_map(Value::from)],
+        ) {
+            if let Ok(nanos) = parse_cpus(&value) {
+                prop_assert!((1_000_000..=1_000_000_000_000).contains(&nanos), "{}", nanos);
+            }
+        }
+
+        /// `ports`: every published port is also exposed, each binding names a host port.
+        #[test]
+        fn ports(value in option_value(PORT_PIECES, 7)) {
+            if let Ok((exposed, bindings)) = parse_ports(&value) {
+                for (port, list) in &bindings {
+                    prop_assert!(exposed.contains_key(port));
+                    for binding in list.as_array().into_iter().flatten() {
+                        prop_assert!(binding["HostPort"].is_string());
+                        prop_assert!(binding["HostIp"].is_string());
+                    }
+                }
+            }
+        }
+
+        /// A well-formed range mapping publishes each container port on the host port at the
+        /// same offset, with the protocol (lower-cased) in the key; a single host port is
+        /// given for every container port.
+        #[test]
+        fn port_ranges_map_by_offset(
+            host in 1u16..60000,
+            container in 1u16..60000,
+            extra in 0u16..5,
+            single_host: bool,
+            protocol in proptest::sample::select(&["tcp", "UDP", "sctp"][..]),
+        ) {
+            let host_part = if single_host {
+                host.to_string()
+            } else {
+                format!("{host}-{}", host + extra)
+            };
+            let spec = format!("127.0.0.1:{host_part}:{container}-{}/{protocol}", container + extra);
+            let (exposed, bindings) = parse_ports(&json!(spec)).map_err(TestCaseError::fail)?;
+            let protocol = protocol.to_ascii_lowercase();
+            prop_assert_eq!(exposed.len(), usize::from(extra) + 1);
+            for offset in 0..=extra {
+                let key = format!("{}/{protocol}", container + offset);
+                let host_port = if single_host { host } else { host + offset };
+                let expected = json!([{"HostIp": "127.0.0.1", "HostPort": host_port.to_string()}]);
+                prop_assert_eq!(&bindings[&key], &expected);
+            }
+        }
+
+        /// `platform`: a platform re-parses to itself.
+        #[test]
+        fn platform(value in option_value(OTHER_PIECES, 6)) {
+            if let Ok(platform) = parse_platform(&value) {
+                prop_assert_eq!(parse_platform(&json!(platform.clone())), Ok(platform));
+            }
+        }
+
+        /// All six together: the options or one error per invalid field; applied over no
+        /// keywords, they replace nothing and so warn about nothing.
+        #[test]
+        fn all_options(
+            values in proptest::collection::vec(
+                proptest::option::of(prop_oneof![
+                    option_value(GPU_PIECES, 6),
+                    option_value(PORT_PIECES, 6),
+                    option_value(OTHER_PIECES, 4),
+                ]),
+                6,
+            ),
+        ) {
+            let source: Map<String, Value> = TYPED_FIELDS
+                .iter()
+                .zip(values)
+                .filter_map(|(field, value)| Some(((*field).to_owned(), value?)))
+                .collect();
+            match TypedOptions::from_rendered(&source) {
+                Ok(typed) => {
+                    let mut overrides = EngineOverrides::default();
+                    typed.apply(&mut overrides);
+                    prop_assert!(overrides.warnings.is_empty());
+                }
+                Err(errors) => {
+                    for (field, message) in &errors {
+                        prop_assert!(TYPED_FIELDS.contains(&field.as_str()));
+                        prop_assert!(!message.is_empty());
+                    }
+                }
+            }
+        }
+    }
+}
