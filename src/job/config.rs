@@ -235,193 +235,25 @@ impl DockerJobConfiguration {
             source,
             errors: Vec::new(),
         };
-
         // Fields are checked in the order of the reference's model, so that the errors are
         // listed as pydantic lists them.
         let command = c.opt_string("command").filter(|s| !s.is_empty());
-
-        // The reference's env pre-validator crashes on anything but a dict (AttributeError);
-        // here that is the dictionary error pydantic gives for `labels`.
-        let env = c
-            .required_object("env")
-            .into_iter()
-            .map(|(k, v)| {
-                let value = match v {
-                    Value::Null => None,
-                    other => Some(python_str(&other)),
-                };
-                (k, value)
-            })
-            .collect();
-
-        let mut labels = Vec::new();
-        for (k, v) in c.required_object("labels") {
-            match v {
-                Value::String(s) => labels.push((k, s)),
-                _ => c.fail(&format!("labels.{k}"), "Input should be a valid string"),
-            }
-        }
-
+        let env = c.env();
+        let labels = c.labels();
         let name = c.opt_string("name");
-
-        let image = match source.get("image") {
-            None => None,
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(_) => {
-                c.fail("image", "Input should be a valid string");
-                None
-            }
-        };
-
-        let registry_credentials = match source.get("registry_credentials") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(map)) => {
-                let mut text = |name: &str| match map.get(name) {
-                    Some(Value::String(s)) => Some(s.clone()),
-                    Some(_) => {
-                        c.fail(
-                            &format!("registry_credentials.{name}"),
-                            "Input should be a valid string",
-                        );
-                        None
-                    }
-                    None => {
-                        c.fail(&format!("registry_credentials.{name}"), "Field required");
-                        None
-                    }
-                };
-                let username = text("username");
-                let password = text("password");
-                let registry_url = text("registry_url");
-                let reauth = match map.get("reauth") {
-                    None => true,
-                    Some(v) => parse_lax_bool(v).unwrap_or_else(|message| {
-                        c.fail("registry_credentials.reauth", message);
-                        true
-                    }),
-                };
-                match (username, password, registry_url) {
-                    (Some(username), Some(password), Some(registry_url)) => {
-                        Some(RegistryCredentials {
-                            username,
-                            password,
-                            registry_url,
-                            reauth,
-                        })
-                    }
-                    _ => None,
-                }
-            }
-            Some(_) => {
-                c.fail(
-                    "registry_credentials",
-                    "Input should be a valid dictionary or instance of DockerRegistryCredentials",
-                );
-                None
-            }
-        };
-
-        let image_pull_policy = match source.get("image_pull_policy") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) if PullPolicy::parse(s).is_some() => PullPolicy::parse(s),
-            Some(_) => {
-                c.fail(
-                    "image_pull_policy",
-                    "Input should be 'IfNotPresent', 'Always', 'IfPossible' or 'Never'",
-                );
-                None
-            }
-        };
-
+        let image = c.image();
+        let registry_credentials = c.registry_credentials();
+        let image_pull_policy = c.image_pull_policy();
         let networks = c.string_list("networks");
         let network_mode = c.opt_string("network_mode");
         let auto_remove = c.boolean("auto_remove", false);
-
-        let mut volumes = Vec::new();
-        match source.get("volumes") {
-            None => {}
-            Some(Value::Array(items)) => {
-                for (i, item) in items.iter().enumerate() {
-                    match item {
-                        Value::String(s) => match parse_volume(s, cwd) {
-                            Ok(v) => volumes.push(v),
-                            Err(m) => c.fail(&format!("volumes.{i}"), format!("Value error, {m}")),
-                        },
-                        _ => c.fail(&format!("volumes.{i}"), "Input should be a valid string"),
-                    }
-                }
-            }
-            Some(_) => c.fail("volumes", "Input should be a valid list"),
-        }
-
+        let volumes = c.volumes(cwd);
         let stream_output = c.boolean("stream_output", true);
-
-        // The reference only checks for a string here and parses the units when it creates the
-        // container; both checks happen now, with docker-py's words for the second.
-        let mut memory = |field: &str| {
-            c.opt_string(field).and_then(|s| match parse_bytes(&s) {
-                Ok(n) => Some(n),
-                Err(m) => {
-                    c.fail(field, m);
-                    None
-                }
-            })
-        };
-        let mem_limit = memory("mem_limit");
-        let memswap_limit = memory("memswap_limit");
-
+        let mem_limit = c.memory("mem_limit");
+        let memswap_limit = c.memory("memswap_limit");
         let privileged = c.boolean("privileged", false);
-
-        let mut overrides = match c.object("container_create_kwargs") {
-            None => EngineOverrides::default(),
-            Some(kwargs) => map_create_kwargs(&kwargs).unwrap_or_else(|errors| {
-                for error in errors {
-                    c.fail(
-                        &format!("container_create_kwargs.{}", error.key),
-                        error.message,
-                    );
-                }
-                EngineOverrides::default()
-            }),
-        };
-        // docker-py applies networking_config only with the network the container is created
-        // on, and only when it names that network.
-        if let Some(endpoints) = overrides.networking_config.take() {
-            match networks.first() {
-                Some(first) if endpoints.contains_key(first) => {
-                    overrides.networking_config = Some(endpoints);
-                }
-                first => overrides.warnings.push(format!(
-                    "container_create_kwargs.networking_config is ignored: it applies only to the first of the job's networks{}",
-                    first.map_or_else(
-                        || ", and the job has none".to_owned(),
-                        |f| format!(" ('{f}'), which it does not name")
-                    )
-                )),
-            }
-        }
-
-        let typed = match TypedOptions::from_rendered(source) {
-            Ok(mut typed) => {
-                typed.apply(&mut overrides);
-                if let (Some(ours), Some(theirs)) = (&typed.platform, &overrides.platform)
-                    && ours != theirs
-                {
-                    overrides.warnings.push(format!(
-                        "The job variable 'platform' replaces container_create_kwargs.platform ({theirs})"
-                    ));
-                }
-                typed.platform = typed.platform.or_else(|| overrides.platform.clone());
-                typed
-            }
-            Err(errors) => {
-                for (field, message) in errors {
-                    c.fail(&field, message);
-                }
-                TypedOptions::default()
-            }
-        };
-
+        let mut overrides = c.create_kwargs(&networks);
+        let typed = c.typed_options(&mut overrides);
         if !c.errors.is_empty() {
             return Err(ValidationError { errors: c.errors });
         }
@@ -444,6 +276,219 @@ impl DockerJobConfiguration {
             overrides,
             typed,
         })
+    }
+}
+
+/// The checks of single fields with more than a type to check, one per field.
+impl Checker<'_> {
+    /// `env`: values other than null are stringified as Python prints them. The reference's
+    /// env pre-validator crashes on anything but a dict (AttributeError); here that is the
+    /// dictionary error pydantic gives for `labels`.
+    fn env(&mut self) -> Vec<(String, Option<String>)> {
+        self.required_object("env")
+            .into_iter()
+            .map(|(k, v)| {
+                let value = match v {
+                    Value::Null => None,
+                    other => Some(python_str(&other)),
+                };
+                (k, value)
+            })
+            .collect()
+    }
+
+    /// `labels`: an object of strings; each other value is an error of its own.
+    fn labels(&mut self) -> Vec<(String, String)> {
+        let mut labels = Vec::new();
+        for (k, v) in self.required_object("labels") {
+            match v {
+                Value::String(s) => labels.push((k, s)),
+                _ => self.fail(&format!("labels.{k}"), "Input should be a valid string"),
+            }
+        }
+        labels
+    }
+
+    /// `image`: unlike the other optional strings, null is an error (the reference's field
+    /// is a `str` with a default).
+    fn image(&mut self) -> Option<String> {
+        match self.source.get("image") {
+            None => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => {
+                self.fail("image", "Input should be a valid string");
+                None
+            }
+        }
+    }
+
+    /// `registry_credentials`: null, or an object with the three strings of a
+    /// `DockerRegistryCredentials` block and an optional lax-boolean `reauth`.
+    fn registry_credentials(&mut self) -> Option<RegistryCredentials> {
+        let map = match self.source.get("registry_credentials") {
+            None | Some(Value::Null) => return None,
+            Some(Value::Object(map)) => map,
+            Some(_) => {
+                self.fail(
+                    "registry_credentials",
+                    "Input should be a valid dictionary or instance of DockerRegistryCredentials",
+                );
+                return None;
+            }
+        };
+        let username = self.credential_text(map, "username");
+        let password = self.credential_text(map, "password");
+        let registry_url = self.credential_text(map, "registry_url");
+        let reauth = match map.get("reauth") {
+            None => true,
+            Some(v) => parse_lax_bool(v).unwrap_or_else(|message| {
+                self.fail("registry_credentials.reauth", message);
+                true
+            }),
+        };
+        Some(RegistryCredentials {
+            username: username?,
+            password: password?,
+            registry_url: registry_url?,
+            reauth,
+        })
+    }
+
+    /// One required string of `registry_credentials`.
+    fn credential_text(&mut self, map: &Map<String, Value>, name: &str) -> Option<String> {
+        match map.get(name) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => {
+                self.fail(
+                    &format!("registry_credentials.{name}"),
+                    "Input should be a valid string",
+                );
+                None
+            }
+            None => {
+                self.fail(&format!("registry_credentials.{name}"), "Field required");
+                None
+            }
+        }
+    }
+
+    /// `image_pull_policy`: null, or one of the policy names.
+    fn image_pull_policy(&mut self) -> Option<PullPolicy> {
+        match self.source.get("image_pull_policy") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if PullPolicy::parse(s).is_some() => PullPolicy::parse(s),
+            Some(_) => {
+                self.fail(
+                    "image_pull_policy",
+                    "Input should be 'IfNotPresent', 'Always', 'IfPossible' or 'Never'",
+                );
+                None
+            }
+        }
+    }
+
+    /// `volumes`: a list of volume strings, each validated (and relative binds resolved
+    /// against `cwd`) on its own.
+    fn volumes(&mut self, cwd: &Path) -> Vec<Volume> {
+        let items = match self.source.get("volumes") {
+            None => return Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                self.fail("volumes", "Input should be a valid list");
+                return Vec::new();
+            }
+        };
+        let mut volumes = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            match item {
+                Value::String(s) => match parse_volume(s, cwd) {
+                    Ok(v) => volumes.push(v),
+                    Err(m) => self.fail(&format!("volumes.{i}"), format!("Value error, {m}")),
+                },
+                _ => self.fail(&format!("volumes.{i}"), "Input should be a valid string"),
+            }
+        }
+        volumes
+    }
+
+    /// `mem_limit` / `memswap_limit` in bytes. The reference only checks for a string here
+    /// and parses the units when it creates the container; both checks happen now, with
+    /// docker-py's words for the second.
+    fn memory(&mut self, field: &str) -> Option<i64> {
+        let text = self.opt_string(field)?;
+        match parse_bytes(&text) {
+            Ok(n) => Some(n),
+            Err(m) => {
+                self.fail(field, m);
+                None
+            }
+        }
+    }
+
+    /// `container_create_kwargs` mapped to Engine fields, each failing keyword an error of
+    /// its own; `networking_config` is kept only when it applies (see
+    /// [`keep_networking_config`]).
+    fn create_kwargs(&mut self, networks: &[String]) -> EngineOverrides {
+        let mut overrides = match self.object("container_create_kwargs") {
+            None => EngineOverrides::default(),
+            Some(kwargs) => map_create_kwargs(&kwargs).unwrap_or_else(|errors| {
+                for error in errors {
+                    self.fail(
+                        &format!("container_create_kwargs.{}", error.key),
+                        error.message,
+                    );
+                }
+                EngineOverrides::default()
+            }),
+        };
+        keep_networking_config(&mut overrides, networks);
+        overrides
+    }
+
+    /// The typed options, applied over the keywords' fields; the job variable `platform`
+    /// wins over `container_create_kwargs.platform` (with a warning when they differ) and
+    /// falls back to it.
+    fn typed_options(&mut self, overrides: &mut EngineOverrides) -> TypedOptions {
+        match TypedOptions::from_rendered(self.source) {
+            Ok(mut typed) => {
+                typed.apply(overrides);
+                if let (Some(ours), Some(theirs)) = (&typed.platform, &overrides.platform)
+                    && ours != theirs
+                {
+                    overrides.warnings.push(format!(
+                        "The job variable 'platform' replaces container_create_kwargs.platform ({theirs})"
+                    ));
+                }
+                typed.platform = typed.platform.or_else(|| overrides.platform.clone());
+                typed
+            }
+            Err(errors) => {
+                for (field, message) in errors {
+                    self.fail(&field, message);
+                }
+                TypedOptions::default()
+            }
+        }
+    }
+}
+
+/// docker-py applies `networking_config` only with the network the container is created on,
+/// and only when it names that network: anything else is dropped with a warning.
+fn keep_networking_config(overrides: &mut EngineOverrides, networks: &[String]) {
+    let Some(endpoints) = overrides.networking_config.take() else {
+        return;
+    };
+    match networks.first() {
+        Some(first) if endpoints.contains_key(first) => {
+            overrides.networking_config = Some(endpoints);
+        }
+        first => overrides.warnings.push(format!(
+            "container_create_kwargs.networking_config is ignored: it applies only to the first of the job's networks{}",
+            first.map_or_else(
+                || ", and the job has none".to_owned(),
+                |f| format!(" ('{f}'), which it does not name")
+            )
+        )),
     }
 }
 
@@ -857,5 +902,38 @@ container_create_kwargs
         let creds = c.registry_credentials.unwrap();
         assert!(creds.reauth);
         assert!(!format!("{creds:?}").contains("hunter2"));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use std::path::Path;
+
+    use super::DockerJobConfiguration;
+    use crate::job::strategies::{config, remove_field, rendered_job};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// Any rendered configuration validates or lists its errors, never a panic; the
+        /// fields are checked independently, so without the ones named the rest validates.
+        #[test]
+        fn errors_name_exactly_the_failing_fields(mut source in rendered_job()) {
+            let cwd = Path::new("/work/dir");
+            if let Err(e) = DockerJobConfiguration::from_rendered(&source, cwd) {
+                let n = e.errors.len();
+                let suffix = if n == 1 { "" } else { "s" };
+                let heading =
+                    format!("{n} validation error{suffix} for DockerWorkerJobConfiguration");
+                prop_assert!(e.to_string().starts_with(&heading));
+                for error in &e.errors {
+                    prop_assert!(!error.message.is_empty());
+                    remove_field(&mut source, &error.field);
+                }
+                let again = DockerJobConfiguration::from_rendered(&source, cwd);
+                prop_assert!(again.is_ok(), "{}", again.unwrap_err());
+            }
+        }
     }
 }

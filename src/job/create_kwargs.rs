@@ -14,6 +14,7 @@ use serde_json::{Map, Value, json};
 
 use super::memory::parse_bytes;
 use super::template::python_str;
+use When::{NotNull, Truthy};
 
 /// Engine fields produced from `container_create_kwargs`.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -85,85 +86,103 @@ struct Keyword {
     convert: Convert,
 }
 
-fn keyword(key: &str) -> Option<Keyword> {
-    use When::{NotNull, Truthy};
-    let (host, field, when, convert): (bool, &'static str, When, Convert) = match key {
-        // ContainerConfig: every field is sent unless null.
-        "domainname" => (false, "Domainname", NotNull, string),
-        "entrypoint" => (false, "Entrypoint", NotNull, command),
-        "healthcheck" => (false, "Healthcheck", NotNull, healthcheck),
-        "hostname" => (false, "Hostname", NotNull, string),
-        "network_disabled" => (false, "NetworkDisabled", NotNull, boolean),
-        "stdin_open" => (false, "OpenStdin", NotNull, boolean),
-        "stop_signal" => (false, "StopSignal", NotNull, string),
-        // Not a docker-py keyword (it refuses it); the Engine field works (README difference).
-        "stop_timeout" => (false, "StopTimeout", NotNull, integer),
-        "tty" => (false, "Tty", NotNull, boolean),
-        "user" => (false, "User", NotNull, user),
-        "working_dir" => (false, "WorkingDir", NotNull, string),
-        // HostConfig.
-        "blkio_weight" => (true, "BlkioWeight", Truthy, integer),
-        "blkio_weight_device" => (true, "BlkioWeightDevice", Truthy, weight_devices),
-        "cap_add" => (true, "CapAdd", Truthy, string_list),
-        "cap_drop" => (true, "CapDrop", Truthy, string_list),
-        "cgroup_parent" => (true, "CgroupParent", NotNull, string),
-        "cgroupns" => (true, "CgroupnsMode", Truthy, cgroupns),
-        "cpu_count" => (true, "CpuCount", Truthy, integer),
-        "cpu_percent" => (true, "CpuPercent", Truthy, integer),
-        "cpu_period" => (true, "CpuPeriod", Truthy, integer),
-        "cpu_quota" => (true, "CpuQuota", Truthy, integer),
-        // docker-py spells these `CPURealtime…`; the Engine reads field names case-insensitively.
-        "cpu_rt_period" => (true, "CpuRealtimePeriod", Truthy, integer),
-        "cpu_rt_runtime" => (true, "CpuRealtimeRuntime", Truthy, integer),
-        "cpu_shares" => (true, "CpuShares", Truthy, integer),
-        "cpuset_cpus" => (true, "CpusetCpus", Truthy, string),
-        "cpuset_mems" => (true, "CpusetMems", Truthy, string),
-        "device_cgroup_rules" => (true, "DeviceCgroupRules", NotNull, string_list),
-        "device_read_bps" => (true, "BlkioDeviceReadBps", Truthy, throttle_devices),
-        "device_read_iops" => (true, "BlkioDeviceReadIOps", Truthy, throttle_devices),
-        "device_requests" => (true, "DeviceRequests", NotNull, device_requests),
-        "device_write_bps" => (true, "BlkioDeviceWriteBps", Truthy, throttle_devices),
-        "device_write_iops" => (true, "BlkioDeviceWriteIOps", Truthy, throttle_devices),
-        "devices" => (true, "Devices", Truthy, devices),
-        "dns" => (true, "Dns", NotNull, string_list),
-        "dns_opt" => (true, "DnsOptions", NotNull, string_list),
-        "dns_search" => (true, "DnsSearch", Truthy, string_list),
-        "group_add" => (true, "GroupAdd", Truthy, string_list),
-        "init" => (true, "Init", NotNull, boolean),
-        "ipc_mode" => (true, "IpcMode", Truthy, string),
-        "isolation" => (true, "Isolation", Truthy, isolation),
-        "links" => (true, "Links", NotNull, links),
-        "log_config" => (true, "LogConfig", NotNull, log_config),
-        "mem_reservation" => (true, "MemoryReservation", Truthy, bytes),
-        "mem_swappiness" => (true, "MemorySwappiness", NotNull, integer),
-        "mounts" => (true, "Mounts", NotNull, mounts),
-        "nano_cpus" => (true, "NanoCpus", Truthy, integer),
-        "oom_kill_disable" => (true, "OomKillDisable", Truthy, boolean),
-        "oom_score_adj" => (true, "OomScoreAdj", Truthy, integer),
-        "pid_mode" => (true, "PidMode", Truthy, string),
-        "pids_limit" => (true, "PidsLimit", Truthy, integer),
-        "publish_all_ports" => (true, "PublishAllPorts", Truthy, boolean),
-        "read_only" => (true, "ReadonlyRootfs", NotNull, boolean),
-        "restart_policy" => (true, "RestartPolicy", Truthy, restart_policy),
-        "runtime" => (true, "Runtime", Truthy, string),
-        "security_opt" => (true, "SecurityOpt", NotNull, string_list),
-        "shm_size" => (true, "ShmSize", NotNull, bytes),
-        "storage_opt" => (true, "StorageOpt", NotNull, string_map),
-        "sysctls" => (true, "Sysctls", Truthy, sysctls),
-        "tmpfs" => (true, "Tmpfs", Truthy, tmpfs),
-        "ulimits" => (true, "Ulimits", NotNull, ulimits),
-        "userns_mode" => (true, "UsernsMode", Truthy, host_only),
-        "uts_mode" => (true, "UTSMode", Truthy, host_only),
-        "volume_driver" => (true, "VolumeDriver", NotNull, string),
-        "volumes_from" => (true, "VolumesFrom", NotNull, volumes_from),
-        _ => return None,
-    };
-    Some(Keyword {
-        host,
+/// A keyword whose field is at the top of the create body.
+const fn body(field: &'static str, when: When, convert: Convert) -> Keyword {
+    Keyword {
+        host: false,
         field,
         when,
         convert,
-    })
+    }
+}
+
+/// A keyword whose field is in `HostConfig`.
+const fn host(field: &'static str, when: When, convert: Convert) -> Keyword {
+    Keyword {
+        host: true,
+        field,
+        when,
+        convert,
+    }
+}
+
+/// Every keyword that maps to one Engine field, with where it goes, when docker-py sends it
+/// and how its value converts. A declarative table: one row per keyword, no logic.
+#[rustfmt::skip] // one row per keyword reads as a table
+const KEYWORDS: &[(&str, Keyword)] = &[
+    // ContainerConfig: every field is sent unless null.
+    ("domainname",          body("Domainname", NotNull, string)),
+    ("entrypoint",          body("Entrypoint", NotNull, command)),
+    ("healthcheck",         body("Healthcheck", NotNull, healthcheck)),
+    ("hostname",            body("Hostname", NotNull, string)),
+    ("network_disabled",    body("NetworkDisabled", NotNull, boolean)),
+    ("stdin_open",          body("OpenStdin", NotNull, boolean)),
+    ("stop_signal",         body("StopSignal", NotNull, string)),
+    // Not a docker-py keyword (it refuses it); the Engine field works (README difference).
+    ("stop_timeout",        body("StopTimeout", NotNull, integer)),
+    ("tty",                 body("Tty", NotNull, boolean)),
+    ("user",                body("User", NotNull, user)),
+    ("working_dir",         body("WorkingDir", NotNull, string)),
+    // HostConfig.
+    ("blkio_weight",        host("BlkioWeight", Truthy, integer)),
+    ("blkio_weight_device", host("BlkioWeightDevice", Truthy, weight_devices)),
+    ("cap_add",             host("CapAdd", Truthy, string_list)),
+    ("cap_drop",            host("CapDrop", Truthy, string_list)),
+    ("cgroup_parent",       host("CgroupParent", NotNull, string)),
+    ("cgroupns",            host("CgroupnsMode", Truthy, cgroupns)),
+    ("cpu_count",           host("CpuCount", Truthy, integer)),
+    ("cpu_percent",         host("CpuPercent", Truthy, integer)),
+    ("cpu_period",          host("CpuPeriod", Truthy, integer)),
+    ("cpu_quota",           host("CpuQuota", Truthy, integer)),
+    // docker-py spells these `CPURealtime…`; the Engine reads field names case-insensitively.
+    ("cpu_rt_period",       host("CpuRealtimePeriod", Truthy, integer)),
+    ("cpu_rt_runtime",      host("CpuRealtimeRuntime", Truthy, integer)),
+    ("cpu_shares",          host("CpuShares", Truthy, integer)),
+    ("cpuset_cpus",         host("CpusetCpus", Truthy, string)),
+    ("cpuset_mems",         host("CpusetMems", Truthy, string)),
+    ("device_cgroup_rules", host("DeviceCgroupRules", NotNull, string_list)),
+    ("device_read_bps",     host("BlkioDeviceReadBps", Truthy, throttle_devices)),
+    ("device_read_iops",    host("BlkioDeviceReadIOps", Truthy, throttle_devices)),
+    ("device_requests",     host("DeviceRequests", NotNull, device_requests)),
+    ("device_write_bps",    host("BlkioDeviceWriteBps", Truthy, throttle_devices)),
+    ("device_write_iops",   host("BlkioDeviceWriteIOps", Truthy, throttle_devices)),
+    ("devices",             host("Devices", Truthy, devices)),
+    ("dns",                 host("Dns", NotNull, string_list)),
+    ("dns_opt",             host("DnsOptions", NotNull, string_list)),
+    ("dns_search",          host("DnsSearch", Truthy, string_list)),
+    ("group_add",           host("GroupAdd", Truthy, string_list)),
+    ("init",                host("Init", NotNull, boolean)),
+    ("ipc_mode",            host("IpcMode", Truthy, string)),
+    ("isolation",           host("Isolation", Truthy, isolation)),
+    ("links",               host("Links", NotNull, links)),
+    ("log_config",          host("LogConfig", NotNull, log_config)),
+    ("mem_reservation",     host("MemoryReservation", Truthy, bytes)),
+    ("mem_swappiness",      host("MemorySwappiness", NotNull, integer)),
+    ("mounts",              host("Mounts", NotNull, mounts)),
+    ("nano_cpus",           host("NanoCpus", Truthy, integer)),
+    ("oom_kill_disable",    host("OomKillDisable", Truthy, boolean)),
+    ("oom_score_adj",       host("OomScoreAdj", Truthy, integer)),
+    ("pid_mode",            host("PidMode", Truthy, string)),
+    ("pids_limit",          host("PidsLimit", Truthy, integer)),
+    ("publish_all_ports",   host("PublishAllPorts", Truthy, boolean)),
+    ("read_only",           host("ReadonlyRootfs", NotNull, boolean)),
+    ("restart_policy",      host("RestartPolicy", Truthy, restart_policy)),
+    ("runtime",             host("Runtime", Truthy, string)),
+    ("security_opt",        host("SecurityOpt", NotNull, string_list)),
+    ("shm_size",            host("ShmSize", NotNull, bytes)),
+    ("storage_opt",         host("StorageOpt", NotNull, string_map)),
+    ("sysctls",             host("Sysctls", Truthy, sysctls)),
+    ("tmpfs",               host("Tmpfs", Truthy, tmpfs)),
+    ("ulimits",             host("Ulimits", NotNull, ulimits)),
+    ("userns_mode",         host("UsernsMode", Truthy, host_only)),
+    ("uts_mode",            host("UTSMode", Truthy, host_only)),
+    ("volume_driver",       host("VolumeDriver", NotNull, string)),
+    ("volumes_from",        host("VolumesFrom", NotNull, volumes_from)),
+];
+
+/// The row of [`KEYWORDS`] for `key`.
+fn keyword(key: &str) -> Option<&'static Keyword> {
+    KEYWORDS.iter().find(|(k, _)| *k == key).map(|(_, kw)| kw)
 }
 
 /// Python truthiness of a JSON value.
@@ -503,55 +522,58 @@ fn device_requests(value: &Value) -> Result<Value, String> {
     };
     items
         .iter()
-        .map(|item| {
-            let Value::Object(map) = item else {
-                return Err(expected(WHAT, item));
-            };
-            let field = |lower: &str, upper: &str| either(map, lower, upper);
-            let driver = match field("driver", "Driver") {
-                None => json!(""),
-                Some(v) => string(v).map_err(|m| format!("driver: {m}"))?,
-            };
-            let count = match field("count", "Count") {
-                None => json!(0),
-                Some(v) => integer(v).map_err(|m| format!("count: {m}"))?,
-            };
-            let device_ids = match field("device_ids", "DeviceIDs") {
-                None => json!([]),
-                Some(v @ Value::Array(ids)) if ids.iter().all(Value::is_string) => v.clone(),
-                Some(v) => return Err(format!("device_ids: {}", expected("a list of strings", v))),
-            };
-            let capabilities = match field("capabilities", "Capabilities") {
-                None => json!([]),
-                Some(v @ Value::Array(sets))
-                    if sets.iter().all(|set| {
-                        set.as_array()
-                            .is_some_and(|caps| caps.iter().all(Value::is_string))
-                    }) =>
-                {
-                    v.clone()
-                }
-                Some(v) => {
-                    return Err(format!(
-                        "capabilities: {}",
-                        expected("a list of lists of strings such as [[\"gpu\"]]", v)
-                    ));
-                }
-            };
-            let options = match field("options", "Options") {
-                None => json!({}),
-                Some(v) => string_map(v).map_err(|m| format!("options: {m}"))?,
-            };
-            Ok(json!({
-                "Driver": driver,
-                "Count": count,
-                "DeviceIDs": device_ids,
-                "Capabilities": capabilities,
-                "Options": options,
-            }))
+        .map(|item| match item {
+            Value::Object(map) => device_request(map),
+            other => Err(expected(WHAT, other)),
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Value::Array)
+}
+
+/// One `DeviceRequest`, fields read in either spelling and checked in docker-py's order.
+fn device_request(map: &Map<String, Value>) -> Result<Value, String> {
+    let field = |lower: &str, upper: &str| either(map, lower, upper);
+    let driver = match field("driver", "Driver") {
+        None => json!(""),
+        Some(v) => string(v).map_err(|m| format!("driver: {m}"))?,
+    };
+    let count = match field("count", "Count") {
+        None => json!(0),
+        Some(v) => integer(v).map_err(|m| format!("count: {m}"))?,
+    };
+    let device_ids = match field("device_ids", "DeviceIDs") {
+        None => json!([]),
+        Some(v @ Value::Array(ids)) if ids.iter().all(Value::is_string) => v.clone(),
+        Some(v) => return Err(format!("device_ids: {}", expected("a list of strings", v))),
+    };
+    let capabilities = match field("capabilities", "Capabilities") {
+        None => json!([]),
+        Some(v @ Value::Array(sets))
+            if sets.iter().all(|set| {
+                set.as_array()
+                    .is_some_and(|caps| caps.iter().all(Value::is_string))
+            }) =>
+        {
+            v.clone()
+        }
+        Some(v) => {
+            return Err(format!(
+                "capabilities: {}",
+                expected("a list of lists of strings such as [[\"gpu\"]]", v)
+            ));
+        }
+    };
+    let options = match field("options", "Options") {
+        None => json!({}),
+        Some(v) => string_map(v).map_err(|m| format!("options: {m}"))?,
+    };
+    Ok(json!({
+        "Driver": driver,
+        "Count": count,
+        "DeviceIDs": device_ids,
+        "Capabilities": capabilities,
+        "Options": options,
+    }))
 }
 
 /// `healthcheck`: docker-py's `Healthcheck` (a string test runs in the shell).
@@ -644,10 +666,6 @@ fn convert_ports(value: &Value) -> Result<(Value, Value), String> {
             value,
         )
     })?;
-    let is_ip = |v: &Value| {
-        v.as_str()
-            .is_some_and(|s| s.parse::<std::net::IpAddr>().is_ok())
-    };
     let mut exposed = Map::new();
     let mut bindings = Map::new();
     for (port, host) in map {
@@ -656,49 +674,61 @@ fn convert_ports(value: &Value) -> Result<(Value, Value), String> {
         } else {
             format!("{port}/tcp")
         };
-        let binding = |ip: &str, host_port: &Value| -> Result<Value, String> {
-            let host_port = match host_port {
-                Value::Null => String::new(),
-                Value::String(_) | Value::Number(_) => python_str(host_port),
-                Value::Object(b) => {
-                    let port = b
-                        .get("HostPort")
-                        .filter(|p| !p.is_object() && !p.is_array())
-                        .ok_or_else(|| {
-                            format!("{key}: a binding object needs a HostPort; got {host_port}")
-                        })?;
-                    let ip = b.get("HostIp").map_or_else(String::new, python_str);
-                    let port = if port.is_null() {
-                        String::new()
-                    } else {
-                        python_str(port)
-                    };
-                    return Ok(json!({"HostIp": ip, "HostPort": port}));
-                }
-                other => return Err(format!("{key}: {}", expected("a host port", other))),
-            };
-            Ok(json!({"HostIp": ip, "HostPort": host_port}))
-        };
-        let list = match host {
-            Value::Array(items) if items.len() == 2 && is_ip(&items[0]) && !is_ip(&items[1]) => {
-                vec![binding(items[0].as_str().unwrap_or_default(), &items[1])?]
-            }
-            Value::Array(items) if items.len() == 1 && is_ip(&items[0]) => {
-                vec![binding(
-                    items[0].as_str().unwrap_or_default(),
-                    &Value::Null,
-                )?]
-            }
-            Value::Array(items) => items
-                .iter()
-                .map(|p| binding("", p))
-                .collect::<Result<Vec<_>, _>>()?,
-            other => vec![binding("", other)?],
-        };
+        let list = host_bindings(&key, host)?;
         exposed.insert(key.clone(), json!({}));
         bindings.insert(key, Value::Array(list));
     }
     Ok((Value::Object(exposed), Value::Object(bindings)))
+}
+
+/// The bindings of one container port (`key`, as `80/tcp`): an `(ip, port)` or `(ip,)`
+/// tuple written as a list, a list of host ports, or one host port.
+fn host_bindings(key: &str, host: &Value) -> Result<Vec<Value>, String> {
+    let Value::Array(items) = host else {
+        return Ok(vec![port_binding(key, "", host)?]);
+    };
+    let tuple = match items.as_slice() {
+        [ip, port] if ip_of(port).is_none() => ip_of(ip).map(|ip| (ip, port)),
+        [ip] => ip_of(ip).map(|ip| (ip, &Value::Null)),
+        _ => None,
+    };
+    match tuple {
+        Some((ip, port)) => Ok(vec![port_binding(key, ip, port)?]),
+        None => items.iter().map(|p| port_binding(key, "", p)).collect(),
+    }
+}
+
+/// The text of a value that is an IP address.
+fn ip_of(value: &Value) -> Option<&str> {
+    value
+        .as_str()
+        .filter(|s| s.parse::<std::net::IpAddr>().is_ok())
+}
+
+/// One `{"HostIp": …, "HostPort": …}` binding on `ip` from a host port (null = any free
+/// port) or from a binding object (which brings its own address).
+fn port_binding(key: &str, ip: &str, host_port: &Value) -> Result<Value, String> {
+    let host_port = match host_port {
+        Value::Null => String::new(),
+        Value::String(_) | Value::Number(_) => python_str(host_port),
+        Value::Object(b) => {
+            let port = b
+                .get("HostPort")
+                .filter(|p| !p.is_object() && !p.is_array())
+                .ok_or_else(|| {
+                    format!("{key}: a binding object needs a HostPort; got {host_port}")
+                })?;
+            let ip = b.get("HostIp").map_or_else(String::new, python_str);
+            let port = if port.is_null() {
+                String::new()
+            } else {
+                python_str(port)
+            };
+            return Ok(json!({"HostIp": ip, "HostPort": port}));
+        }
+        other => return Err(format!("{key}: {}", expected("a host port", other))),
+    };
+    Ok(json!({"HostIp": ip, "HostPort": host_port}))
 }
 
 /// `devices`: `"/dev/x[:/dev/y[:rwm]]"` strings or Engine device objects.
@@ -755,12 +785,6 @@ fn tmpfs(value: &Value) -> Result<Value, String> {
 pub fn map_create_kwargs(kwargs: &Map<String, Value>) -> Result<EngineOverrides, Vec<KwargError>> {
     let mut out = EngineOverrides::default();
     let mut errors = Vec::new();
-    let mut fail = |key: &str, message: String| {
-        errors.push(KwargError {
-            key: key.to_owned(),
-            message,
-        });
-    };
     for (key, value) in kwargs {
         if JOB_FIELDS.contains(&key.as_str()) {
             if key == "volumes" {
@@ -771,140 +795,157 @@ pub fn map_create_kwargs(kwargs: &Map<String, Value>) -> Result<EngineOverrides,
             }
             continue;
         }
-        match key.as_str() {
-            "extra_hosts" => out.extra_hosts = Some(value.clone()),
-            "platform" => match value {
-                Value::Null => {}
-                Value::String(p) if !p.trim().is_empty() => {
-                    out.platform = Some(p.trim().to_owned());
-                }
-                other => fail(key, expected("a string such as \"linux/amd64\"", other)),
-            },
-            "ports" if truthy(value) => match convert_ports(value) {
-                Ok((exposed, bindings)) => {
-                    out.config.insert("ExposedPorts".into(), exposed);
-                    out.host_config.insert("PortBindings".into(), bindings);
-                }
-                Err(message) => fail(key, message),
-            },
-            "ports" => {}
-            "networking_config" => match value {
-                Value::Null => {}
-                Value::Object(map) => {
-                    out.networking_config = Some(
-                        map.iter()
-                            .map(|(network, settings)| {
-                                let settings = match settings {
-                                    Value::Object(s) => Value::Object(engine_case(
-                                        s,
-                                        &[
-                                            "IPAMConfig",
-                                            "Links",
-                                            "MacAddress",
-                                            "Aliases",
-                                            "DriverOpts",
-                                            "GwPriority",
-                                            "DNSNames",
-                                        ],
-                                    )),
-                                    other => other.clone(),
-                                };
-                                (network.clone(), settings)
-                            })
-                            .collect(),
-                    );
-                }
-                other => fail(
-                    key,
-                    expected("an object of network name to endpoint settings", other),
-                ),
-            },
-            // docker-py: when not detached the container attaches stdout/stderr, and stdin too
-            // with stdin_open; the flags are set after the loop.
-            "detach" => {
-                if !value.is_null()
-                    && let Err(message) = boolean(value)
-                {
-                    fail(key, message);
-                }
-            }
-            "environment" | "network" => fail(
-                key,
-                format!(
-                    "not allowed: use the `{}` job variable instead",
-                    if key == "environment" { "env" } else { "networks" }
-                ),
-            ),
-            "remove" => fail(
-                key,
-                "not a containers.create argument (docker-py refuses it): use the `auto_remove` job variable instead".to_owned(),
-            ),
-            "init_path" => fail(
-                key,
-                "not supported: docker-py refuses it for Engine API versions above 1.29 (init_path param is not supported in API versions > 1.29)".to_owned(),
-            ),
-            "mac_address" => fail(
-                key,
-                "not supported by this worker: its Engine API client has no container-level MacAddress (the Engine moved it to the network endpoint in API 1.44)".to_owned(),
-            ),
-            "kernel_memory" => {
-                if truthy(value)
-                    && let Err(message) = bytes(value)
-                {
-                    fail(key, message);
-                }
-                out.warnings.push(
-                    "container_create_kwargs.kernel_memory is ignored: the Docker Engine no longer supports kernel memory limits".to_owned(),
-                );
-            }
-            "lxc_conf" => out.warnings.push(
-                "container_create_kwargs.lxc_conf is ignored: the Docker Engine has had no LXC driver since 1.10".to_owned(),
-            ),
-            "use_config_proxy" | "version" => out.warnings.push(format!(
-                "container_create_kwargs.{key} has no effect and is ignored"
-            )),
-            other => {
-                let Some(keyword) = keyword(other) else {
-                    fail(
-                        other,
-                        format!("unknown key '{other}' (not a docker-py containers.create argument)"),
-                    );
-                    continue;
-                };
-                let sent = match keyword.when {
-                    When::Truthy => truthy(value),
-                    When::NotNull => !value.is_null(),
-                };
-                if !sent {
-                    continue;
-                }
-                match (keyword.convert)(value) {
-                    Ok(converted) => {
-                        let target = if keyword.host {
-                            &mut out.host_config
-                        } else {
-                            &mut out.config
-                        };
-                        target.insert(keyword.field.to_owned(), converted);
-                    }
-                    Err(message) => fail(other, message),
-                }
-            }
+        if let Err(message) = map_keyword(&mut out, key, value) {
+            errors.push(KwargError {
+                key: key.clone(),
+                message,
+            });
         }
     }
-    // docker-py's attach flags: a detached container attaches nothing; otherwise stdout and
-    // stderr, and stdin (once) when it is kept open.
+    set_attach_flags(&mut out, kwargs);
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Maps one keyword that is not a job field into `out`. A dispatch table: the keywords with
+/// rules of their own, then [`KEYWORDS`] for the rest.
+///
+/// # Errors
+/// What is wrong with the keyword or its value.
+fn map_keyword(out: &mut EngineOverrides, key: &str, value: &Value) -> Result<(), String> {
+    match key {
+        "extra_hosts" => out.extra_hosts = Some(value.clone()),
+        "platform" => out.platform = platform(value)?,
+        "ports" => ports(out, value)?,
+        "networking_config" => out.networking_config = networking_config(value)?,
+        // docker-py: when not detached the container attaches stdout/stderr, and stdin too
+        // with stdin_open; the flags are set after every keyword (`set_attach_flags`).
+        "detach" => {
+            if !value.is_null() {
+                boolean(value)?;
+            }
+        }
+        "environment" | "network" => return Err(format!(
+            "not allowed: use the `{}` job variable instead",
+            if key == "environment" { "env" } else { "networks" }
+        )),
+        "remove" => return Err(
+            "not a containers.create argument (docker-py refuses it): use the `auto_remove` job variable instead".to_owned(),
+        ),
+        "init_path" => return Err(
+            "not supported: docker-py refuses it for Engine API versions above 1.29 (init_path param is not supported in API versions > 1.29)".to_owned(),
+        ),
+        "mac_address" => return Err(
+            "not supported by this worker: its Engine API client has no container-level MacAddress (the Engine moved it to the network endpoint in API 1.44)".to_owned(),
+        ),
+        "kernel_memory" => {
+            out.warnings.push(
+                "container_create_kwargs.kernel_memory is ignored: the Docker Engine no longer supports kernel memory limits".to_owned(),
+            );
+            if truthy(value) {
+                bytes(value)?;
+            }
+        }
+        "lxc_conf" => out.warnings.push(
+            "container_create_kwargs.lxc_conf is ignored: the Docker Engine has had no LXC driver since 1.10".to_owned(),
+        ),
+        "use_config_proxy" | "version" => out.warnings.push(format!(
+            "container_create_kwargs.{key} has no effect and is ignored"
+        )),
+        other => engine_field(out, other, value)?,
+    }
+    Ok(())
+}
+
+/// `platform`: a create query parameter, trimmed; null sets nothing.
+fn platform(value: &Value) -> Result<Option<String>, String> {
+    match value {
+        Value::Null => Ok(None),
+        Value::String(p) if !p.trim().is_empty() => Ok(Some(p.trim().to_owned())),
+        other => Err(expected("a string such as \"linux/amd64\"", other)),
+    }
+}
+
+/// `ports`: `ExposedPorts` and `PortBindings`, only when the value is truthy.
+fn ports(out: &mut EngineOverrides, value: &Value) -> Result<(), String> {
+    if !truthy(value) {
+        return Ok(());
+    }
+    let (exposed, bindings) = convert_ports(value)?;
+    out.config.insert("ExposedPorts".into(), exposed);
+    out.host_config.insert("PortBindings".into(), bindings);
+    Ok(())
+}
+
+/// `networking_config`: endpoint settings by network name, with the settings' field names in
+/// the Engine's spelling; null sets nothing.
+fn networking_config(value: &Value) -> Result<Option<Map<String, Value>>, String> {
+    const ENDPOINT_FIELDS: &[&str] = &[
+        "IPAMConfig",
+        "Links",
+        "MacAddress",
+        "Aliases",
+        "DriverOpts",
+        "GwPriority",
+        "DNSNames",
+    ];
+    match value {
+        Value::Null => Ok(None),
+        Value::Object(map) => Ok(Some(
+            map.iter()
+                .map(|(network, settings)| {
+                    let settings = match settings {
+                        Value::Object(s) => Value::Object(engine_case(s, ENDPOINT_FIELDS)),
+                        other => other.clone(),
+                    };
+                    (network.clone(), settings)
+                })
+                .collect(),
+        )),
+        other => Err(expected(
+            "an object of network name to endpoint settings",
+            other,
+        )),
+    }
+}
+
+/// A keyword of [`KEYWORDS`]: its Engine field, set when docker-py would send it.
+///
+/// # Errors
+/// An unknown keyword, or a value its conversion refuses.
+fn engine_field(out: &mut EngineOverrides, key: &str, value: &Value) -> Result<(), String> {
+    let keyword = keyword(key).ok_or_else(|| {
+        format!("unknown key '{key}' (not a docker-py containers.create argument)")
+    })?;
+    let sent = match keyword.when {
+        When::Truthy => truthy(value),
+        When::NotNull => !value.is_null(),
+    };
+    if !sent {
+        return Ok(());
+    }
+    let converted = (keyword.convert)(value)?;
+    let target = if keyword.host {
+        &mut out.host_config
+    } else {
+        &mut out.config
+    };
+    target.insert(keyword.field.to_owned(), converted);
+    Ok(())
+}
+
+/// docker-py's attach flags: a detached container attaches nothing; otherwise stdout and
+/// stderr, and stdin (once) when it is kept open.
+fn set_attach_flags(out: &mut EngineOverrides, kwargs: &Map<String, Value>) {
     if kwargs.get("detach").is_some_and(truthy) {
         out.config.insert("AttachStdout".into(), json!(false));
         out.config.insert("AttachStderr".into(), json!(false));
     } else if kwargs.get("stdin_open").is_some_and(truthy) {
         out.config.insert("AttachStdin".into(), json!(true));
         out.config.insert("StdinOnce".into(), json!(true));
-    }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors)
     }
 }
 
@@ -1552,5 +1593,103 @@ mod tests {
             errors(json!({"networking_config": "n"}))[0].0,
             "networking_config"
         );
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    use super::{JOB_FIELDS, KEYWORDS, map_create_kwargs};
+    use crate::job::strategies::{any_json, config, object_with};
+
+    /// Every keyword the mapping knows by name: the table's, the special ones, job fields.
+    fn known_keys() -> Vec<&'static str> {
+        let special = [
+            "extra_hosts",
+            "platform",
+            "ports",
+            "networking_config",
+            "detach",
+            "environment",
+            "network",
+            "remove",
+            "init_path",
+            "mac_address",
+            "kernel_memory",
+            "lxc_conf",
+            "use_config_proxy",
+            "version",
+        ];
+        KEYWORDS
+            .iter()
+            .map(|(k, _)| *k)
+            .chain(special)
+            .chain(JOB_FIELDS.iter().copied())
+            .collect()
+    }
+
+    /// Values near the shapes keywords take (objects of the Engine's helper types, lists of
+    /// them, port maps), and any JSON.
+    fn value() -> BoxedStrategy<Value> {
+        let shaped = proptest::sample::select(vec![
+            json!({"Name": "on-failure", "MaximumRetryCount": 3}),
+            json!([{"path": "/dev/sda", "weight": 200}]),
+            json!(["/dev/fuse", "/a:/b:rwm"]),
+            json!([{"name": "nofile", "soft": 1, "hard": 2}]),
+            json!([{"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}]),
+            json!({"test": "true", "interval": 1}),
+            json!({"db": "alias", "x": ""}),
+            json!([["db", "a"], "web:w"]),
+            json!({"80/tcp": 8080, "81": ["127.0.0.1", 1], "82": ["::1"], "83": [1, "2"], "84": {"HostPort": null}}),
+            json!({"n1": {"aliases": ["a"]}}),
+            json!({"type": "json-file", "config": {"max-size": "10m"}}),
+            json!([{"type": "volume", "source": "v", "target": "/d", "volume_options": {"driver_config": {"name": "x"}}}]),
+            json!(["/run:size=1m", "/tmp"]),
+            json!({"net.core.somaxconn": 1024}),
+        ]);
+        prop_oneof![1 => shaped, 3 => any_json()].boxed()
+    }
+
+    fn kwargs() -> BoxedStrategy<Map<String, Value>> {
+        object_with(known_keys(), value(), 6)
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// Any keywords with any values map or are refused, never a panic: each error names
+        /// one keyword that was given, once; a mapping sets only Engine fields (capitalised).
+        #[test]
+        fn any_kwargs_map_or_are_refused(kwargs in kwargs()) {
+            match map_create_kwargs(&kwargs) {
+                Ok(out) => {
+                    for field in out.config.keys().chain(out.host_config.keys()) {
+                        let capitalised = field.starts_with(|c: char| c.is_ascii_uppercase());
+                        prop_assert!(capitalised, "{}", field);
+                    }
+                }
+                Err(errors) => {
+                    prop_assert!(!errors.is_empty());
+                    for (i, error) in errors.iter().enumerate() {
+                        prop_assert!(kwargs.contains_key(&error.key), "{}", error.key);
+                        prop_assert!(!error.message.is_empty());
+                        prop_assert!(errors[..i].iter().all(|e| e.key != error.key));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Null is "not given" for every keyword with a field: nothing is sent, nothing fails.
+    #[test]
+    fn null_sends_nothing_for_every_table_keyword() {
+        for (key, _) in KEYWORDS {
+            let kwargs: Map<String, Value> =
+                [((*key).to_owned(), Value::Null)].into_iter().collect();
+            let out = map_create_kwargs(&kwargs).unwrap_or_else(|e| panic!("{key}: {e:?}"));
+            assert!(out.config.is_empty() && out.host_config.is_empty(), "{key}");
+        }
     }
 }

@@ -162,3 +162,56 @@ mod tests {
         assert_eq!(PullPolicy::parse("always"), None);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::{ImageRef, PullPolicy};
+    use crate::job::strategies::{config, joined, text};
+
+    /// Pieces of image references: registries with ports, paths, tags, digests.
+    const PIECES: &[&str] = &[
+        "busybox",
+        "localhost",
+        ":5000",
+        "/",
+        "ns",
+        ":",
+        "latest",
+        "1.36",
+        "@",
+        "sha256:abc",
+        "sha256",
+        "é",
+        "",
+        "a",
+    ];
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        /// Any reference splits or is refused naming itself, never a panic; a split joins
+        /// back to the reference with its separator, and parses again to the same parts.
+        #[test]
+        fn references_split_and_join_back(image in prop_oneof![text(), joined(PIECES, 7)]) {
+            match ImageRef::parse(&image) {
+                Ok(r) => {
+                    let joined = match &r.tag {
+                        None => r.repository.clone(),
+                        Some(tag) => {
+                            let digest = r.is_digest() || image.ends_with(&format!("@{tag}"));
+                            let sep = if digest { '@' } else { ':' };
+                            format!("{}{sep}{tag}", r.repository)
+                        }
+                    };
+                    prop_assert_eq!(&joined, &image);
+                    prop_assert_eq!(ImageRef::parse(&joined), Ok(r.clone()));
+                    let policy = r.default_pull_policy();
+                    prop_assert!(matches!(policy, PullPolicy::Always | PullPolicy::IfNotPresent));
+                }
+                Err(e) => prop_assert_eq!(e.image, image),
+            }
+        }
+    }
+}

@@ -146,3 +146,42 @@ mod tests {
         assert_eq!(parse_bytes("1e300g"), Err(failed("1e300")));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::parse_bytes;
+    use crate::job::strategies::{config, joined, text};
+
+    /// Pieces of memory strings: signs, digits, decimals, exponents, `_`, units, spaces.
+    const PIECES: &[&str] = &[
+        "0", "1", "5", "9", "12", "999999", ".", "e", "E", "+", "-", "_", " ", "b", "B", "k", "K",
+        "m", "M", "g", "G", "x", "é",
+    ];
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        /// Any text is bytes or docker-py's message, never a panic; a size re-parses equal
+        /// written as plain bytes or with a `b` unit.
+        #[test]
+        fn any_text_parses_or_is_refused(s in prop_oneof![text(), joined(PIECES, 8)]) {
+            if let Ok(n) = parse_bytes(&s) {
+                prop_assert_eq!(parse_bytes(&n.to_string()), Ok(n));
+                prop_assert_eq!(parse_bytes(&format!("{n}b")), Ok(n));
+            }
+        }
+
+        /// A whole number with a unit is that many powers of 1024, with or without a trailing
+        /// `b`, in any case.
+        #[test]
+        fn units_multiply(n in 0i64..1 << 30, unit in 0usize..4, upper: bool, trailing_b: bool) {
+            let letter = ["b", "k", "m", "g"][unit];
+            let letter = if upper { letter.to_ascii_uppercase() } else { letter.to_owned() };
+            let b = if trailing_b && unit > 0 { "b" } else { "" };
+            let expected = n << (10 * unit);
+            prop_assert_eq!(parse_bytes(&format!("{n}{letter}{b}")), Ok(expected));
+        }
+    }
+}

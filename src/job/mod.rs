@@ -15,6 +15,8 @@ pub mod refs;
 pub mod render;
 pub mod slug;
 pub mod spec;
+#[cfg(test)]
+mod strategies;
 pub mod template;
 pub mod typed;
 pub mod volumes;

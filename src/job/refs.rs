@@ -398,3 +398,69 @@ mod tests {
         assert!(matches!(err, RefError::BadKeyPath { .. }), "{err}");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::{Fetched, References, resolve};
+    use crate::job::strategies::{any_json, config, joined};
+
+    /// Pieces of reference strings and `$ref` objects.
+    const PIECES: &[&str] = &[
+        "{{ ",
+        " }}",
+        "prefect.blocks.",
+        "prefect.variables.",
+        "string",
+        "s",
+        ".",
+        "greeting",
+        "value",
+        "[0]",
+        "x",
+        " ",
+    ];
+
+    fn tree() -> BoxedStrategy<Value> {
+        let leaf = prop_oneof![
+            3 => joined(PIECES, 8).prop_map(Value::from),
+            1 => Just(json!({"$ref": {"block_document_id": "b1"}})),
+            1 => Just(json!({"$ref": {"block_document_id": "gone"}})),
+            1 => any_json(),
+        ];
+        leaf.prop_recursive(3, 12, 3, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..3).prop_map(Value::from),
+                proptest::collection::btree_map("[a-z$]{0,4}", inner, 0..3)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+        .boxed()
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// Collecting and resolving any tree against any fetched data never panics; a
+        /// reference that was not fetched is an error or renders empty, never a crash.
+        #[test]
+        fn any_tree_resolves(
+            tree in tree(),
+            block in any_json(),
+            variable in proptest::option::of(any_json()),
+        ) {
+            let refs = References::collect(&tree);
+            let mut fetched = Fetched::default();
+            fetched.blocks_by_id.insert("b1".to_owned(), block.clone());
+            for name in refs.block_names {
+                fetched.blocks_by_name.insert(name, block.clone());
+            }
+            for name in refs.variables {
+                fetched.variables.insert(name, variable.clone());
+            }
+            let _ = resolve(&tree, &fetched);
+        }
+    }
+}

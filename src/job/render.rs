@@ -106,55 +106,54 @@ pub fn render_job_configuration(
         .and_then(Value::as_object)
         .cloned()
         .ok_or(TemplateError::MissingJobConfiguration)?;
+    // 1. Defaults from the variables schema.
+    let mut variables = schema_defaults(base_job_template);
+    // 2. A non-empty default `env` is folded into (or replaces) the template's env.
+    if let Some(Value::Object(default_env)) = variables.get("env")
+        && !default_env.is_empty()
+    {
+        match job_configuration.get_mut("env") {
+            Some(Value::Object(job_env)) => extend(job_env, default_env),
+            _ => {
+                job_configuration.insert("env".to_owned(), Value::Object(default_env.clone()));
+            }
+        }
+    }
+    // 3. Job variables (dotted keys expanded) override the defaults key by key.
+    variables.extend(expand_dotted_keys(job_variables));
+    // 4. A literal env object in the template takes the variables' env on top.
+    if let (Some(Value::Object(job_env)), Some(Value::Object(var_env))) =
+        (job_configuration.get_mut("env"), variables.get("env"))
+    {
+        extend(job_env, var_env);
+    }
+    // 5. Substitution.
+    match apply_values(&Value::Object(job_configuration), &variables, env) {
+        Some(Value::Object(rendered)) => Ok(rendered),
+        _ => Ok(Map::new()),
+    }
+}
 
-    // 1. Defaults from the variables schema (null defaults do not count).
-    let mut variables = Map::new();
+/// The variables schema's defaults by variable name (null defaults do not count).
+fn schema_defaults(base_job_template: &Value) -> Map<String, Value> {
+    let mut defaults = Map::new();
     if let Some(properties) = base_job_template
         .pointer("/variables/properties")
         .and_then(Value::as_object)
     {
         for (name, schema) in properties {
             if let Some(default) = schema.get("default").filter(|d| !d.is_null()) {
-                variables.insert(name.clone(), default.clone());
+                defaults.insert(name.clone(), default.clone());
             }
         }
     }
+    defaults
+}
 
-    // 2. A non-empty default `env` is folded into (or replaces) the template's env.
-    if let Some(Value::Object(default_env)) = variables.get("env")
-        && !default_env.is_empty()
-    {
-        match job_configuration.get_mut("env") {
-            Some(Value::Object(job_env)) => {
-                for (k, v) in default_env {
-                    job_env.insert(k.clone(), v.clone());
-                }
-            }
-            _ => {
-                job_configuration.insert("env".to_owned(), Value::Object(default_env.clone()));
-            }
-        }
-    }
-
-    // 3. Job variables (dotted keys expanded) override the defaults key by key.
-    for (key, value) in expand_dotted_keys(job_variables) {
-        variables.insert(key, value);
-    }
-
-    // 4. A literal env object in the template takes the variables' env on top.
-    if let (Some(Value::Object(job_env)), Some(Value::Object(var_env))) =
-        (job_configuration.get_mut("env"), variables.get("env"))
-        && !var_env.is_empty()
-    {
-        for (k, v) in var_env {
-            job_env.insert(k.clone(), v.clone());
-        }
-    }
-
-    // 5. Substitution.
-    match apply_values(&Value::Object(job_configuration), &variables, env) {
-        Some(Value::Object(rendered)) => Ok(rendered),
-        _ => Ok(Map::new()),
+/// Sets every key of `over` in `base`, replacing what was there.
+fn extend(base: &mut Map<String, Value>, over: &Map<String, Value>) {
+    for (k, v) in over {
+        base.insert(k.clone(), v.clone());
     }
 }
 
@@ -231,5 +230,90 @@ mod tests {
             render_job_configuration(&json!({}), &Map::new(), &|_| None),
             Err(TemplateError::MissingJobConfiguration)
         );
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    use super::{expand_dotted_keys, merge_job_variables, render_job_configuration};
+    use crate::job::strategies::{any_json, config, object_with};
+
+    /// Job-variable names as users write them, dotted ones included.
+    const KEYS: &[&str] = &[
+        "env", "env.FOO", "image", "command", "a.b.c", "a", ".", "a.", ".a", "env..X", "",
+    ];
+
+    /// A base job template: sometimes without a `job_configuration` object, with schema
+    /// defaults of any shape.
+    fn template() -> BoxedStrategy<Value> {
+        let job = prop_oneof![
+            Just(
+                json!({"env": {"T": "t"}, "image": "{{ image }}", "command": "{{ command }} {{ $HOME }}"})
+            ),
+            Just(json!({"env": "{{ env }}", "a": "{{ a.b.c }}"})),
+            any_json(),
+        ];
+        let default = proptest::option::of(any_json())
+            .prop_map(|d| d.map_or_else(|| json!({}), |d| json!({"default": d})));
+        (
+            proptest::option::of(job),
+            object_with(KEYS.to_vec(), default.boxed(), 4),
+        )
+            .prop_map(|(job, properties)| {
+                let mut t = Map::new();
+                if let Some(job) = job {
+                    t.insert("job_configuration".to_owned(), job);
+                }
+                t.insert("variables".to_owned(), json!({"properties": properties}));
+                Value::Object(t)
+            })
+            .boxed()
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// Any template renders with any variables, or is refused when it has no job
+        /// configuration object; never a panic.
+        #[test]
+        fn any_template_renders(
+            template in template(),
+            variables in object_with(KEYS.to_vec(), any_json(), 5),
+        ) {
+            let rendered = render_job_configuration(&template, &variables, &|_| None);
+            prop_assert_eq!(rendered.is_ok(), template["job_configuration"].is_object());
+        }
+
+        /// Expanded variables have no dotted key at the top, and every plain key keeps a value.
+        #[test]
+        fn dotted_keys_expand(variables in object_with(KEYS.to_vec(), any_json(), 6)) {
+            let expanded = expand_dotted_keys(&variables);
+            prop_assert!(expanded.keys().all(|k| !k.contains('.')));
+            for key in variables.keys().filter(|k| !k.contains('.')) {
+                prop_assert!(expanded.contains_key(key));
+            }
+        }
+
+        /// A flow run's variables override the deployment's, `env` objects merge key by key.
+        #[test]
+        fn flow_run_variables_win(
+            deployment in object_with(KEYS.to_vec(), any_json(), 4),
+            flow_run in object_with(KEYS.to_vec(), any_json(), 4),
+        ) {
+            let merged = merge_job_variables(Some(&deployment), Some(&flow_run));
+            for (key, value) in &flow_run {
+                match (key.as_str(), deployment.get(key), value) {
+                    ("env", Some(Value::Object(_)), Value::Object(over)) => {
+                        for (k, v) in over {
+                            prop_assert_eq!(&merged["env"][k], v);
+                        }
+                    }
+                    _ => prop_assert_eq!(&merged[key], value),
+                }
+            }
+        }
     }
 }

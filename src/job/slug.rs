@@ -123,3 +123,45 @@ mod tests {
         assert_eq!(slugify_lower("w_1.x"), "w-1-x");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::{container_name, slugify_lower};
+    use crate::job::strategies::{config, text};
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// A container name has only Docker's characters, is at most 250 long, does not
+        /// start with `_`, `-` or `.`, and is its own slug (a name the worker made, read back
+        /// as a configured name, is kept).
+        #[test]
+        fn container_names_are_valid_and_stable(s in text()) {
+            if let Some(name) = container_name(&s) {
+                prop_assert!(!name.is_empty());
+                prop_assert!(name.chars().count() <= 250);
+                prop_assert!(
+                    name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')),
+                    "{:?}", name
+                );
+                prop_assert!(!name.starts_with(['_', '-', '.']));
+                prop_assert_eq!(container_name(&name), Some(name.clone()));
+            }
+        }
+
+        /// A lower slug has only `[-a-z0-9]`, no leading, trailing or doubled dash, and is
+        /// its own slug.
+        #[test]
+        fn lower_slugs_are_valid_and_stable(s in text()) {
+            let slug = slugify_lower(&s);
+            prop_assert!(
+                slug.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                "{:?}", slug
+            );
+            prop_assert!(!slug.starts_with('-') && !slug.ends_with('-') && !slug.contains("--"));
+            prop_assert_eq!(slugify_lower(&slug), slug.clone());
+        }
+    }
+}

@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 
 use super::config::{DockerJobConfiguration, RegistryCredentials};
 use super::image::{ImageRef, InvalidImage, PullPolicy};
-use super::labels::docker_label_key;
+use super::labels::{self, docker_label_key};
 use super::slug::container_name;
 use super::template::{apply_values, python_str};
 
@@ -188,206 +188,15 @@ impl DockerJobConfiguration {
     pub fn prepare(&self, ctx: &RunContext<'_>) -> Result<ContainerSpec, PrepareError> {
         let flow_run_id = str_field(Some(ctx.flow_run), "id").unwrap_or_default();
         let flow_run_name = str_field(Some(ctx.flow_run), "name").unwrap_or_default();
-
-        // Network mode: explicit, else none when networks are given, else host for a local API.
-        let job_api_url = self
-            .env
-            .iter()
-            .find(|(k, _)| k == "PREFECT_API_URL")
-            .and_then(|(_, v)| v.clone());
-        let worker_api_url = ctx
-            .settings_env
-            .iter()
-            .find(|(k, _)| k == "PREFECT_API_URL")
-            .map(|(_, v)| v.clone());
-        let inferred_mode = match (&self.network_mode, self.networks.is_empty()) {
-            (Some(mode), _) => Some(mode.clone()),
-            (None, false) => None,
-            (None, true) => job_api_url
-                .as_deref()
-                .or(worker_api_url.as_deref())
-                .filter(|url| matches!(api_url_host(url), "localhost" | "127.0.0.1"))
-                .filter(|_| cfg!(target_os = "linux"))
-                .map(|_| "host".to_owned()),
-        };
-        let network_mode = match self.networks.first() {
-            Some(first) => first.clone(),
-            None => inferred_mode
-                .clone()
-                .unwrap_or_else(|| "default".to_owned()),
-        };
-        let host_mode = network_mode == "host";
-
-        // Environment: settings, run id, attribution, then the job's own (which wins).
-        let mut env: Map<String, Value> = Map::new();
-        for (k, v) in ctx.settings_env {
-            let value = if k == "PREFECT_API_URL" && !host_mode {
-                v.replace("localhost", "host.docker.internal")
-                    .replace("127.0.0.1", "host.docker.internal")
-            } else {
-                v.clone()
-            };
-            env.insert(k.clone(), json!(value));
-        }
-        env.insert("PREFECT__FLOW_RUN_ID".into(), json!(flow_run_id));
-        env.insert("PREFECT__WORKER_NAME".into(), json!(ctx.worker_name));
-        if let Some(id) = str_field(ctx.flow, "id") {
-            env.insert("PREFECT__FLOW_ID".into(), json!(id));
-        }
-        if let Some(name) = str_field(ctx.flow, "name") {
-            env.insert("PREFECT__FLOW_NAME".into(), json!(name));
-        }
-        if let Some(id) = str_field(ctx.deployment, "id") {
-            env.insert("PREFECT__DEPLOYMENT_ID".into(), json!(id));
-        }
-        if let Some(name) = str_field(ctx.deployment, "name") {
-            env.insert("PREFECT__DEPLOYMENT_NAME".into(), json!(name));
-        }
-        for (k, v) in &self.env {
-            env.insert(k.clone(), v.clone().map_or(Value::Null, Value::String));
-        }
-        let env: Vec<(String, String)> = env
-            .into_iter()
-            .filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_owned())))
-            .collect();
-
-        // Labels: Prefect's, then the user's, then the version; keys in Docker's convention.
-        let mut prefect_labels: Vec<(String, String)> = vec![
-            ("prefect.io/flow-run-id".into(), flow_run_id.into()),
-            ("prefect.io/flow-run-name".into(), flow_run_name.into()),
-            ("prefect.io/version".into(), PREFECT_VERSION.into()),
-            (
-                "prefect.io/work-pool-name".into(),
-                ctx.work_pool_name.into(),
-            ),
-            ("prefect.io/work-pool-id".into(), ctx.work_pool_id.into()),
-            ("prefect.io/worker-name".into(), ctx.worker_name.into()),
-        ];
-        let optional = [
-            (
-                "prefect.io/flow-id",
-                str_field(ctx.flow, "id").map(str::to_owned),
-            ),
-            (
-                "prefect.io/flow-name",
-                str_field(ctx.flow, "name").map(str::to_owned),
-            ),
-            (
-                "prefect.io/deployment-id",
-                str_field(ctx.deployment, "id").map(str::to_owned),
-            ),
-            (
-                "prefect.io/deployment-name",
-                str_field(ctx.deployment, "name").map(str::to_owned),
-            ),
-            (
-                "prefect.io/deployment-updated",
-                str_field(ctx.deployment, "updated").map(python_isoformat_utc),
-            ),
-        ];
-        prefect_labels.extend(
-            optional
-                .into_iter()
-                .filter_map(|(k, v)| Some((k.to_owned(), v?))),
-        );
-        let mut labels = BTreeMap::new();
-        for (k, v) in prefect_labels
-            .into_iter()
-            .chain(self.labels.iter().cloned())
-        {
-            labels.insert(docker_label_key(&k), v);
-        }
-        labels.insert("io.prefect.version".into(), PREFECT_VERSION.into());
-
-        // Name: rendered with ctx.flow / ctx.flow_run, defaulting to the run's name.
-        let rendered_name = self.name.as_deref().map(|template| {
-            let mut ctx_values = Map::new();
-            ctx_values.insert(
-                "ctx".into(),
-                json!({"flow": ctx.flow.cloned().unwrap_or(Value::Null), "flow_run": ctx.flow_run}),
-            );
-            match apply_values(&json!(template), &ctx_values, &|_| None) {
-                Some(Value::String(s)) => s,
-                Some(Value::Null) | None => String::new(),
-                Some(other) => python_str(&other),
-            }
-        });
-        let name_source = rendered_name
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| flow_run_name.to_owned());
-        let name = container_name(&name_source);
-
-        let command = match &self.command {
-            None => vec!["prefect".into(), "flow-run".into(), "execute".into()],
-            Some(cmd) => shlex::split(cmd).ok_or_else(|| PrepareError::InvalidCommand {
-                command: cmd.clone(),
-            })?,
-        };
-
-        let image = self
-            .image
-            .clone()
-            .unwrap_or_else(|| ctx.default_image.to_owned());
-        let image_ref = ImageRef::parse(&image)?;
-        let pull_policy = self
-            .image_pull_policy
-            .unwrap_or_else(|| image_ref.default_pull_policy());
-
-        // host.docker.internal → host-gateway when the container's API URL looks local.
-        let final_api_url = env
-            .iter()
-            .find(|(k, _)| k == "PREFECT_API_URL")
-            .map(|(_, v)| v.as_str());
-        let automatic: Option<BTreeMap<String, String>> =
-            if cfg!(target_os = "linux") && final_api_url.is_none_or(looks_local) {
-                let supported = ctx
-                    .engine_version
-                    .and_then(engine_version)
-                    .is_none_or(|v| v >= semver::Version::new(20, 10, 0));
-                Some(if supported {
-                    BTreeMap::from([("host.docker.internal".to_owned(), "host-gateway".to_owned())])
-                } else {
-                    BTreeMap::new()
-                })
-            } else {
-                None
-            };
-        let user_hosts = self.overrides.extra_hosts.as_ref();
-        let extra_hosts = match (automatic, user_hosts) {
-            (Some(mut auto), Some(user)) if !auto.is_empty() => {
-                auto.extend(extra_host_entries(user)?);
-                Some(
-                    auto.into_iter()
-                        .map(|(h, ip)| format!("{h}:{ip}"))
-                        .collect(),
-                )
-            }
-            (_, Some(Value::Object(map))) => {
-                let sorted: BTreeMap<_, _> = map
-                    .iter()
-                    .map(|(k, v)| (k.clone(), python_str(v)))
-                    .collect();
-                Some(
-                    sorted
-                        .into_iter()
-                        .map(|(h, ip)| format!("{h}:{ip}"))
-                        .collect(),
-                )
-            }
-            (_, Some(list)) => Some(
-                extra_host_entries(list)?
-                    .into_iter()
-                    .map(|(h, ip)| format!("{h}:{ip}"))
-                    .collect(),
-            ),
-            (Some(auto), None) => Some(
-                auto.into_iter()
-                    .map(|(h, ip)| format!("{h}:{ip}"))
-                    .collect(),
-            ),
-            (None, None) => None,
-        };
-
+        let network_mode = self.network_mode_for(ctx);
+        let env = self.container_env(ctx, flow_run_id, network_mode == "host");
+        let labels = self.container_labels(ctx, flow_run_id, flow_run_name);
+        let name = container_name(&self.name_source(ctx, flow_run_name));
+        // The errors come in this order: command, image, extra_hosts.
+        let command = self.command_words()?;
+        let (image, pull_policy) = self.image_and_pull_policy(ctx)?;
+        let automatic = automatic_extra_hosts(&env, ctx.engine_version);
+        let extra_hosts = merge_extra_hosts(automatic, self.overrides.extra_hosts.as_ref())?;
         Ok(ContainerSpec {
             image,
             pull_policy,
@@ -410,22 +219,274 @@ impl DockerJobConfiguration {
             auto_remove: self.auto_remove,
             stream_output: self.stream_output,
             extra_hosts,
-            config_overrides: {
-                let mut config = self.overrides.config.clone();
-                // Kept by validation only when it names the first network (as docker-py uses it).
-                if let Some(endpoints) = &self.overrides.networking_config {
-                    config.insert(
-                        "NetworkingConfig".into(),
-                        json!({"EndpointsConfig": endpoints}),
-                    );
-                }
-                config
-            },
+            config_overrides: self.config_overrides(),
             host_config_overrides: self.overrides.host_config.clone(),
-            exclusive_label: Some(("io.prefect.flow-run-id".to_owned(), flow_run_id.to_owned())),
+            exclusive_label: Some((labels::FLOW_RUN_ID.to_owned(), flow_run_id.to_owned())),
             platform: self.typed.platform.clone(),
         })
     }
+
+    /// `HostConfig.NetworkMode`: the first network, else the explicit mode, else `host` when
+    /// no networks are given and the API URL (the job's, else the worker's) is on this Linux
+    /// host, else `default`.
+    fn network_mode_for(&self, ctx: &RunContext<'_>) -> String {
+        if let Some(first) = self.networks.first() {
+            return first.clone();
+        }
+        let inferred = match &self.network_mode {
+            Some(mode) => Some(mode.clone()),
+            None => {
+                let job_api_url = self
+                    .env
+                    .iter()
+                    .find(|(k, _)| k == "PREFECT_API_URL")
+                    .and_then(|(_, v)| v.as_deref());
+                let worker_api_url = ctx
+                    .settings_env
+                    .iter()
+                    .find(|(k, _)| k == "PREFECT_API_URL")
+                    .map(|(_, v)| v.as_str());
+                job_api_url
+                    .or(worker_api_url)
+                    .filter(|url| matches!(api_url_host(url), "localhost" | "127.0.0.1"))
+                    .filter(|_| cfg!(target_os = "linux"))
+                    .map(|_| "host".to_owned())
+            }
+        };
+        inferred.unwrap_or_else(|| "default".to_owned())
+    }
+
+    /// `Env`: the worker's settings (the API URL rewritten to `host.docker.internal` unless
+    /// the container shares the host's network), the run id, attribution, then the job's own
+    /// variables, which win; a job variable set to null removes the key.
+    fn container_env(
+        &self,
+        ctx: &RunContext<'_>,
+        flow_run_id: &str,
+        host_mode: bool,
+    ) -> Vec<(String, String)> {
+        let mut env: Map<String, Value> = Map::new();
+        for (k, v) in ctx.settings_env {
+            let value = if k == "PREFECT_API_URL" && !host_mode {
+                v.replace("localhost", "host.docker.internal")
+                    .replace("127.0.0.1", "host.docker.internal")
+            } else {
+                v.clone()
+            };
+            env.insert(k.clone(), json!(value));
+        }
+        env.insert("PREFECT__FLOW_RUN_ID".into(), json!(flow_run_id));
+        env.insert("PREFECT__WORKER_NAME".into(), json!(ctx.worker_name));
+        let attribution = [
+            ("PREFECT__FLOW_ID", str_field(ctx.flow, "id")),
+            ("PREFECT__FLOW_NAME", str_field(ctx.flow, "name")),
+            ("PREFECT__DEPLOYMENT_ID", str_field(ctx.deployment, "id")),
+            (
+                "PREFECT__DEPLOYMENT_NAME",
+                str_field(ctx.deployment, "name"),
+            ),
+        ];
+        for (key, value) in attribution {
+            if let Some(value) = value {
+                env.insert(key.into(), json!(value));
+            }
+        }
+        for (k, v) in &self.env {
+            env.insert(k.clone(), v.clone().map_or(Value::Null, Value::String));
+        }
+        env.into_iter()
+            .filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_owned())))
+            .collect()
+    }
+
+    /// `Labels`: Prefect's, then the user's (which may replace them), then the version; keys
+    /// in Docker's reverse-DNS convention.
+    fn container_labels(
+        &self,
+        ctx: &RunContext<'_>,
+        flow_run_id: &str,
+        flow_run_name: &str,
+    ) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for (k, v) in prefect_labels(ctx, flow_run_id, flow_run_name)
+            .into_iter()
+            .chain(self.labels.iter().cloned())
+        {
+            out.insert(docker_label_key(&k), v);
+        }
+        out.insert(labels::VERSION.into(), PREFECT_VERSION.into());
+        out
+    }
+
+    /// The text the container name is made from: the job's `name` rendered with
+    /// `ctx.flow` / `ctx.flow_run`, or the run's name when that is unset or renders empty.
+    fn name_source(&self, ctx: &RunContext<'_>, flow_run_name: &str) -> String {
+        self.name
+            .as_deref()
+            .map(|template| render_name(template, ctx))
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| flow_run_name.to_owned())
+    }
+
+    /// `Cmd`: the job's command split into shell words, or `prefect flow-run execute`.
+    fn command_words(&self) -> Result<Vec<String>, PrepareError> {
+        match &self.command {
+            None => Ok(vec!["prefect".into(), "flow-run".into(), "execute".into()]),
+            Some(cmd) => shlex::split(cmd).ok_or_else(|| PrepareError::InvalidCommand {
+                command: cmd.clone(),
+            }),
+        }
+    }
+
+    /// The image (the job's, else the worker's default) and its pull policy (the job's, else
+    /// the one its tag implies).
+    fn image_and_pull_policy(
+        &self,
+        ctx: &RunContext<'_>,
+    ) -> Result<(String, PullPolicy), PrepareError> {
+        let image = self
+            .image
+            .clone()
+            .unwrap_or_else(|| ctx.default_image.to_owned());
+        let image_ref = ImageRef::parse(&image)?;
+        let pull_policy = self
+            .image_pull_policy
+            .unwrap_or_else(|| image_ref.default_pull_policy());
+        Ok((image, pull_policy))
+    }
+
+    /// The create body's extra fields from `container_create_kwargs`, with
+    /// `NetworkingConfig` when validation kept it (it names the first network, which is how
+    /// docker-py uses it).
+    fn config_overrides(&self) -> Map<String, Value> {
+        let mut config = self.overrides.config.clone();
+        if let Some(endpoints) = &self.overrides.networking_config {
+            config.insert(
+                "NetworkingConfig".into(),
+                json!({"EndpointsConfig": endpoints}),
+            );
+        }
+        config
+    }
+}
+
+/// Prefect's labels for a run: the always-present ones, then those of the flow and
+/// deployment that the context has (keys already in Docker's form).
+fn prefect_labels(
+    ctx: &RunContext<'_>,
+    flow_run_id: &str,
+    flow_run_name: &str,
+) -> Vec<(String, String)> {
+    let always = [
+        (labels::FLOW_RUN_ID, flow_run_id),
+        (labels::FLOW_RUN_NAME, flow_run_name),
+        (labels::VERSION, PREFECT_VERSION),
+        (labels::WORK_POOL_NAME, ctx.work_pool_name),
+        (labels::WORK_POOL_ID, ctx.work_pool_id),
+        (labels::WORKER_NAME, ctx.worker_name),
+    ];
+    let optional = [
+        (
+            labels::FLOW_ID,
+            str_field(ctx.flow, "id").map(str::to_owned),
+        ),
+        (
+            labels::FLOW_NAME,
+            str_field(ctx.flow, "name").map(str::to_owned),
+        ),
+        (
+            labels::DEPLOYMENT_ID,
+            str_field(ctx.deployment, "id").map(str::to_owned),
+        ),
+        (
+            labels::DEPLOYMENT_NAME,
+            str_field(ctx.deployment, "name").map(str::to_owned),
+        ),
+        (
+            labels::DEPLOYMENT_UPDATED,
+            str_field(ctx.deployment, "updated").map(python_isoformat_utc),
+        ),
+    ];
+    always
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .chain(
+            optional
+                .into_iter()
+                .filter_map(|(k, v)| Some((k.to_owned(), v?))),
+        )
+        .collect()
+}
+
+/// The job's `name` template rendered with `ctx.flow` and `ctx.flow_run`; a missing or null
+/// value renders empty, any other non-string as Python prints it.
+fn render_name(template: &str, ctx: &RunContext<'_>) -> String {
+    let mut ctx_values = Map::new();
+    ctx_values.insert(
+        "ctx".into(),
+        json!({"flow": ctx.flow.cloned().unwrap_or(Value::Null), "flow_run": ctx.flow_run}),
+    );
+    match apply_values(&json!(template), &ctx_values, &|_| None) {
+        Some(Value::String(s)) => s,
+        Some(Value::Null) | None => String::new(),
+        Some(other) => python_str(&other),
+    }
+}
+
+/// The reference's automatic `host.docker.internal` entry, on Linux when the container's API
+/// URL looks local (or is unset): `host-gateway` on Engines from 20.10 (or of unknown
+/// version), and no entry at all (but the key still sent) on older ones. `None` omits
+/// `ExtraHosts` unless the user gave some.
+fn automatic_extra_hosts(
+    env: &[(String, String)],
+    engine: Option<&str>,
+) -> Option<BTreeMap<String, String>> {
+    let final_api_url = env
+        .iter()
+        .find(|(k, _)| k == "PREFECT_API_URL")
+        .map(|(_, v)| v.as_str());
+    if !(cfg!(target_os = "linux") && final_api_url.is_none_or(looks_local)) {
+        return None;
+    }
+    let supported = engine
+        .and_then(engine_version)
+        .is_none_or(|v| v >= semver::Version::new(20, 10, 0));
+    Some(if supported {
+        BTreeMap::from([("host.docker.internal".to_owned(), "host-gateway".to_owned())])
+    } else {
+        BTreeMap::new()
+    })
+}
+
+/// `ExtraHosts` as `host:ip`: the user's entries merged over a non-empty automatic entry
+/// (sorted by host), else the user's object sorted by host, the user's list in order, or the
+/// automatic entries alone.
+fn merge_extra_hosts(
+    automatic: Option<BTreeMap<String, String>>,
+    user: Option<&Value>,
+) -> Result<Option<Vec<String>>, PrepareError> {
+    let joined = |entries: Vec<(String, String)>| -> Vec<String> {
+        entries
+            .into_iter()
+            .map(|(h, ip)| format!("{h}:{ip}"))
+            .collect()
+    };
+    Ok(match (automatic, user) {
+        (Some(mut auto), Some(user)) if !auto.is_empty() => {
+            auto.extend(extra_host_entries(user)?);
+            Some(joined(auto.into_iter().collect()))
+        }
+        (_, Some(Value::Object(map))) => {
+            let sorted: BTreeMap<_, _> = map
+                .iter()
+                .map(|(k, v)| (k.clone(), python_str(v)))
+                .collect();
+            Some(joined(sorted.into_iter().collect()))
+        }
+        (_, Some(list)) => Some(joined(extra_host_entries(list)?)),
+        (Some(auto), None) => Some(joined(auto.into_iter().collect())),
+        (None, None) => None,
+    })
 }
 
 #[cfg(test)]
@@ -619,5 +680,118 @@ mod tests {
         assert!(looks_local("http://localhost/api"));
         assert!(looks_local("http://host.docker.internal:4200/api"));
         assert!(!looks_local("https://api.prefect.cloud/api"));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value};
+
+    use super::{RunContext, api_url_host, engine_version, looks_local, python_isoformat_utc};
+    use crate::job::labels;
+    use crate::job::strategies::{any_json, config, joined, text, valid_job};
+
+    /// Pieces of API URLs and Engine versions.
+    const URL_PIECES: &[&str] = &[
+        "http://",
+        "https://",
+        "localhost",
+        "127.0.0.1",
+        "host.docker.internal",
+        "example.com",
+        ":4200",
+        "/api",
+        "v",
+        "20",
+        "17",
+        ".",
+        "10",
+        "24",
+        "+dfsg1",
+        "-ce",
+        "~",
+        "é",
+        " ",
+    ];
+
+    fn url_text() -> BoxedStrategy<String> {
+        prop_oneof![joined(URL_PIECES, 6), text()].boxed()
+    }
+
+    /// A run object (flow run, flow or deployment) with `id`, `name`, `updated` of any kind.
+    fn run_object() -> BoxedStrategy<Value> {
+        let field = prop_oneof![3 => text().prop_map(Value::from), 1 => any_json()];
+        (
+            proptest::option::of(field.clone()),
+            proptest::option::of(field.clone()),
+            proptest::option::of(field),
+        )
+            .prop_map(|(id, name, updated)| {
+                let mut m = Map::new();
+                for (k, v) in [("id", id), ("name", name), ("updated", updated)] {
+                    if let Some(v) = v {
+                        m.insert(k.to_owned(), v);
+                    }
+                }
+                Value::Object(m)
+            })
+            .boxed()
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// Any valid configuration with any run context becomes a container or a
+        /// `PrepareError`, never a panic; the container always carries the run's id as its
+        /// exclusive label, and its name (if any) is a valid Docker name.
+        #[test]
+        fn any_valid_configuration_prepares(
+            job in valid_job(),
+            flow_run in run_object(),
+            flow in proptest::option::of(run_object()),
+            deployment in proptest::option::of(run_object()),
+            api_url in proptest::option::of(url_text()),
+            engine in proptest::option::of(url_text()),
+            default_image in text(),
+        ) {
+            let settings: Vec<(String, String)> =
+                api_url.into_iter().map(|u| ("PREFECT_API_URL".to_owned(), u)).collect();
+            let ctx = RunContext {
+                flow_run: &flow_run,
+                flow: flow.as_ref(),
+                deployment: deployment.as_ref(),
+                worker_name: "w",
+                work_pool_name: "p",
+                work_pool_id: "i",
+                settings_env: &settings,
+                default_image: &default_image,
+                engine_version: engine.as_deref(),
+            };
+            if let Ok(spec) = job.prepare(&ctx) {
+                let id = flow_run["id"].as_str().unwrap_or_default();
+                let exclusive = (labels::FLOW_RUN_ID.to_owned(), id.to_owned());
+                prop_assert_eq!(spec.exclusive_label, Some(exclusive));
+                prop_assert!(spec.labels.contains_key(labels::FLOW_RUN_ID));
+                let version = spec.labels.get(labels::VERSION).map(String::as_str);
+                prop_assert_eq!(version, Some(super::PREFECT_VERSION));
+                let docker_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+                if let Some(name) = spec.name {
+                    prop_assert!(name.chars().all(docker_char), "{}", name);
+                }
+            }
+        }
+
+        /// The small text helpers take any text.
+        #[test]
+        fn text_helpers(s in url_text()) {
+            let _ = looks_local(&s);
+            let _ = api_url_host(&s);
+            let _ = python_isoformat_utc(&s);
+            if let Some(version) = engine_version(&s) {
+                let again = engine_version(&version.to_string());
+                prop_assert_eq!(again, Some(version));
+            }
+        }
     }
 }

@@ -346,3 +346,129 @@ mod tests {
         assert_eq!(apply_values(&t, &vars(json!({})), &no_env), Some(t.clone()));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    use super::{apply_values, find_placeholders, lookup, python_str, python_string_repr};
+    use crate::job::strategies::{any_json, config, joined, text};
+
+    /// Pieces of template strings: braces, names, paths, indexes, env and Prefect prefixes.
+    const PIECES: &[&str] = &[
+        "{{",
+        "}}",
+        "{",
+        "}",
+        " ",
+        "a",
+        "b",
+        "a.b",
+        "[0]",
+        "[",
+        "]",
+        "$HOME",
+        "$",
+        "prefect.blocks.",
+        "prefect.variables.",
+        "x",
+        ".",
+        "é",
+        "日",
+    ];
+
+    fn template_text() -> BoxedStrategy<String> {
+        prop_oneof![text(), joined(PIECES, 10)].boxed()
+    }
+
+    /// Variables with the names the template pieces use.
+    fn variables() -> BoxedStrategy<Map<String, Value>> {
+        proptest::collection::vec(
+            (
+                proptest::sample::select(&["a", "b", "x", "HOME"][..]),
+                any_json(),
+            ),
+            0..4,
+        )
+        .prop_map(|kv| kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+        .boxed()
+    }
+
+    /// A JSON tree whose strings are template text.
+    fn template_tree() -> BoxedStrategy<Value> {
+        let leaf = prop_oneof![3 => template_text().prop_map(Value::from), 1 => any_json()];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::vec((template_text(), inner), 0..4)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+        .boxed()
+    }
+
+    fn env(name: &str) -> Option<String> {
+        (name == "HOME").then(|| "/home/x".to_owned())
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// Every placeholder found is a `{{ … }}` slice of the text with a non-empty name.
+        #[test]
+        fn placeholders_are_slices_of_the_text(s in template_text()) {
+            for p in find_placeholders(&s) {
+                prop_assert!(s.contains(p.full_match));
+                prop_assert!(p.full_match.starts_with("{{") && p.full_match.ends_with("}}"));
+                prop_assert!(!p.name.is_empty() && p.full_match.contains(p.name));
+            }
+        }
+
+        /// Rendering any tree with any variables never panics; a tree without `{{` renders
+        /// to itself.
+        #[test]
+        fn any_tree_renders(tree in template_tree(), values in variables()) {
+            let rendered = apply_values(&tree, &values, &env);
+            if !tree.to_string().contains("{{") {
+                prop_assert_eq!(rendered, Some(tree));
+            }
+        }
+
+        /// A lone placeholder is the value with its type; inside text it is the value as
+        /// Python prints it; unset, it drops the key or prints nothing.
+        #[test]
+        fn placeholders_take_the_value(
+            value in any_json(),
+            set: bool,
+            before in "[a-z ]{1,4}",
+            after in "[a-z ]{0,4}",
+        ) {
+            let mut values = Map::new();
+            if set {
+                values.insert("v".to_owned(), value.clone());
+            }
+            let lone = apply_values(&json!("{{ v }}"), &values, &env);
+            prop_assert_eq!(lone, set.then(|| value.clone()));
+            let embedded = apply_values(&json!(format!("{before}{{{{v}}}}{after}")), &values, &env);
+            let printed = if set { python_str(&value) } else { String::new() };
+            prop_assert_eq!(embedded, Some(json!(format!("{before}{printed}{after}"))));
+        }
+
+        /// Looking up any path in any values never panics.
+        #[test]
+        fn any_path_looks_up(values in variables(), path in template_text()) {
+            let _ = lookup(&values, &path);
+        }
+
+        /// Python's `str()` of any value never panics, and `repr()` of a string is quoted.
+        #[test]
+        fn python_printing(value in any_json(), s in text()) {
+            let _ = python_str(&value);
+            let repr = python_string_repr(&s);
+            let quote = repr.chars().next();
+            prop_assert!(matches!(quote, Some('\'' | '"')));
+            prop_assert!(repr.len() >= 2 && repr.chars().last() == quote);
+        }
+    }
+}

@@ -125,108 +125,158 @@ impl TypedOptions {
     }
 }
 
+/// What `gpus` accepts, the start of each of its messages.
+const GPUS_EXPECTED: &str = "expected \"all\", a number of GPUs, device ids (\"device=0,1\"), or options such as \"count=2,capabilities=compute,utility\"";
+
 /// `gpus` like `docker run --gpus`: `"all"`, a count (`2` or `"2"`), or comma-separated
 /// options `count=…`, `device=0,1`, `driver=…`, `capabilities=compute,utility`; a list of
 /// device ids is also taken. Defaults as the Docker CLI: one GPU when neither count nor
 /// devices are given, capabilities `[["gpu"]]`.
 fn parse_gpus(value: &Value) -> Result<Value, String> {
-    const EXPECTED: &str = "expected \"all\", a number of GPUs, device ids (\"device=0,1\"), or options such as \"count=2,capabilities=compute,utility\"";
     let text = match value {
         Value::Number(n) => n.to_string(),
         Value::String(s) => s.trim().to_owned(),
-        Value::Array(ids) => {
-            let ids: Option<Vec<String>> = ids
-                .iter()
-                .map(|i| match i {
-                    Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
-                    Value::Number(n) => Some(n.to_string()),
-                    _ => None,
-                })
-                .collect();
-            return match ids {
-                Some(ids) if !ids.is_empty() => Ok(device_request("", None, ids, None)),
-                _ => Err(format!("{EXPECTED}; got {value}")),
-            };
-        }
-        other => return Err(format!("{EXPECTED}; got {other}")),
+        Value::Array(ids) => return gpu_device_ids(ids, value),
+        other => return Err(format!("{GPUS_EXPECTED}; got {other}")),
     };
     if text.is_empty() {
-        return Err(format!("{EXPECTED}; got an empty string"));
+        return Err(format!("{GPUS_EXPECTED}; got an empty string"));
     }
-    let count_of = |s: &str| -> Result<i64, String> {
-        if s.eq_ignore_ascii_case("all") {
-            return Ok(-1);
+    GpuOptions::parse(&text)
+}
+
+/// `gpus` as a non-empty list of device ids (non-blank strings or numbers).
+fn gpu_device_ids(ids: &[Value], value: &Value) -> Result<Value, String> {
+    let ids: Option<Vec<String>> = ids
+        .iter()
+        .map(|i| match i {
+            Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        })
+        .collect();
+    match ids {
+        Some(ids) if !ids.is_empty() => Ok(device_request("", None, ids, None)),
+        _ => Err(format!("{GPUS_EXPECTED}; got {value}")),
+    }
+}
+
+/// A GPU count: `all` (any case) is `-1`, else a positive whole number.
+fn gpu_count(s: &str) -> Result<i64, String> {
+    if s.eq_ignore_ascii_case("all") {
+        return Ok(-1);
+    }
+    match s.parse::<i64>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{GPUS_EXPECTED}; '{s}' is not a count")),
+    }
+}
+
+/// The Docker CLI's `--gpus` options, read item by item from `text`.
+#[derive(Default)]
+struct GpuOptions<'t> {
+    /// The whole option string, for messages.
+    text: &'t str,
+    driver: String,
+    count: Option<i64>,
+    devices: Vec<String>,
+    capabilities: Option<Vec<String>>,
+    /// The key a bare item continues (`device=0,1` → devices 0 and 1).
+    list_key: Option<&'static str>,
+    /// The keys given so far; each may be given once.
+    seen: Vec<String>,
+}
+
+impl<'t> GpuOptions<'t> {
+    /// Parses `count=…,device=…,driver=…,capabilities=…` (or a bare count) into one Engine
+    /// `DeviceRequest`.
+    fn parse(text: &'t str) -> Result<Value, String> {
+        let mut options = Self {
+            text,
+            ..Self::default()
+        };
+        for item in text.split(',').map(str::trim) {
+            if item.is_empty() {
+                return Err(format!("{GPUS_EXPECTED}; got '{text}'"));
+            }
+            match item.split_once('=') {
+                Some((key, val)) => options.keyed(key.trim(), val.trim())?,
+                None => options.bare(item)?,
+            }
         }
-        match s.parse::<i64>() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(format!("{EXPECTED}; '{s}' is not a count")),
+        options.into_request()
+    }
+
+    /// `key=value`: sets the option, or starts the list a bare item continues.
+    fn keyed(&mut self, key: &str, val: &str) -> Result<(), String> {
+        let text = self.text;
+        if self.seen.iter().any(|k| k == key) {
+            return Err(format!("'{key}' is given more than once in '{text}'"));
         }
-    };
-    let mut driver = String::new();
-    let mut count = None;
-    let mut devices: Vec<String> = Vec::new();
-    let mut capabilities: Option<Vec<String>> = None;
-    // The key a bare item continues (`device=0,1` → devices 0 and 1).
-    let mut list_key: Option<&str> = None;
-    let mut seen: Vec<String> = Vec::new();
-    for item in text.split(',').map(str::trim) {
-        if item.is_empty() {
-            return Err(format!("{EXPECTED}; got '{text}'"));
+        self.seen.push(key.to_owned());
+        self.list_key = None;
+        match key {
+            "driver" => self.driver = val.to_owned(),
+            "count" => self.count = Some(gpu_count(val)?),
+            "device" | "devices" => {
+                self.devices.push(val.to_owned());
+                self.list_key = Some("device");
+            }
+            "capabilities" => {
+                self.capabilities = Some(vec![val.to_owned()]);
+                self.list_key = Some("capabilities");
+            }
+            other => {
+                return Err(format!(
+                    "unknown option '{other}' in '{text}' (expected count, device, driver or capabilities)"
+                ));
+            }
         }
-        match item.split_once('=') {
-            Some((key, val)) => {
-                let key = key.trim();
-                let val = val.trim();
-                if seen.iter().any(|k| k == key) {
-                    return Err(format!("'{key}' is given more than once in '{text}'"));
-                }
-                seen.push(key.to_owned());
-                list_key = None;
-                match key {
-                    "driver" => driver = val.to_owned(),
-                    "count" => count = Some(count_of(val)?),
-                    "device" | "devices" => {
-                        devices.push(val.to_owned());
-                        list_key = Some("device");
-                    }
-                    "capabilities" => {
-                        capabilities = Some(vec![val.to_owned()]);
-                        list_key = Some("capabilities");
-                    }
-                    other => {
-                        return Err(format!(
-                            "unknown option '{other}' in '{text}' (expected count, device, driver or capabilities)"
-                        ));
-                    }
+        Ok(())
+    }
+
+    /// An item without `=`: the next device or capability of a list, else the count.
+    fn bare(&mut self, item: &str) -> Result<(), String> {
+        match self.list_key {
+            Some("device") => self.devices.push(item.to_owned()),
+            Some(_) => {
+                if let Some(caps) = self.capabilities.as_mut() {
+                    caps.push(item.to_owned());
                 }
             }
-            None => match list_key {
-                Some("device") => devices.push(item.to_owned()),
-                Some(_) => {
-                    if let Some(caps) = capabilities.as_mut() {
-                        caps.push(item.to_owned());
-                    }
+            None => {
+                if self.count.is_some() {
+                    return Err(format!(
+                        "'count' is given more than once in '{}'",
+                        self.text
+                    ));
                 }
-                None => {
-                    if count.is_some() {
-                        return Err(format!("'count' is given more than once in '{text}'"));
-                    }
-                    count = Some(count_of(item)?);
-                }
-            },
+                self.count = Some(gpu_count(item)?);
+            }
         }
+        Ok(())
     }
-    if !devices.is_empty() && count.is_some() {
-        return Err(format!(
-            "give either a count or device ids, not both (got '{text}')"
-        ));
+
+    /// The request: device ids or a count (one GPU when neither is given), not both.
+    fn into_request(self) -> Result<Value, String> {
+        if !self.devices.is_empty() && self.count.is_some() {
+            return Err(format!(
+                "give either a count or device ids, not both (got '{}')",
+                self.text
+            ));
+        }
+        let count = if self.devices.is_empty() {
+            Some(self.count.unwrap_or(1))
+        } else {
+            None
+        };
+        Ok(device_request(
+            &self.driver,
+            count,
+            self.devices,
+            self.capabilities,
+        ))
     }
-    let count = if devices.is_empty() {
-        Some(count.unwrap_or(1))
-    } else {
-        None
-    };
-    Ok(device_request(&driver, count, devices, capabilities))
 }
 
 fn device_request(
@@ -353,35 +403,10 @@ fn parse_port_spec(spec: &str) -> Result<Vec<(String, Option<Value>)>, String> {
             "'{spec}' is not a port mapping ({why}); expected [ip:][host_port:]container_port[/tcp|udp|sctp] such as \"8080:80/tcp\""
         )
     };
-    let text = spec.trim();
-    let (rest, protocol) = match text.rsplit_once('/') {
-        Some((rest, proto)) => match proto.to_ascii_lowercase().as_str() {
-            p @ ("tcp" | "udp" | "sctp") => (rest, p.to_owned()),
-            _ => return Err(bad("the protocol must be tcp, udp or sctp")),
-        },
-        None => (text, "tcp".to_owned()),
-    };
-    // An IPv6 address is written in brackets: `[::1]:8080:80`.
-    let (ip, rest) = if let Some(after) = rest.strip_prefix('[') {
-        let (ip, after) = after.split_once("]:").ok_or_else(|| bad("unclosed ["))?;
-        (Some(ip.to_owned()), after)
-    } else {
-        (None, rest)
-    };
-    let parts: Vec<&str> = rest.split(':').collect();
-    let (ip, host, container) = match (ip, parts.as_slice()) {
-        (None, [c]) => (None, None, *c),
-        (None, [h, c]) => (None, Some(*h), *c),
-        (None, [ip, h, c]) => (Some((*ip).to_owned()), Some(*h), *c),
-        (Some(ip), [h, c]) => (Some(ip), Some(*h), *c),
-        _ => return Err(bad("too many ':'")),
-    };
-    if let Some(ip) = &ip
-        && ip.parse::<std::net::IpAddr>().is_err()
-    {
-        return Err(bad("the host address is not an IP address"));
-    }
+    let (rest, protocol) = split_protocol(spec.trim()).map_err(bad)?;
+    let (ip, host, container) = split_address(rest).map_err(bad)?;
     let container = port_range(container).ok_or_else(|| bad("bad container port"))?;
+    // `None`: not published; `Some(None)`: published on any free port.
     let host = match host {
         None => None,
         Some("") => Some(None),
@@ -393,21 +418,72 @@ fn parse_port_spec(spec: &str) -> Result<Vec<(String, Option<Value>)>, String> {
     {
         return Err(bad("the host and container ranges differ in length"));
     }
-    let mut out = Vec::new();
-    for (i, port) in (container.0..=container.1).enumerate() {
-        let key = format!("{port}/{protocol}");
-        let binding = host.map(|host| {
-            let host_port = match host {
-                None => String::new(),
-                // A single host port for a container range: Docker picks from it.
-                Some((lo, hi)) if lo == hi => lo.to_string(),
-                Some((lo, _)) => (u32::from(lo) + u32::try_from(i).unwrap_or(0)).to_string(),
-            };
-            json!({"HostIp": ip.clone().unwrap_or_default(), "HostPort": host_port})
-        });
-        out.push((key, binding));
+    Ok(port_bindings(
+        container,
+        host,
+        ip.as_deref().unwrap_or_default(),
+        &protocol,
+    ))
+}
+
+/// `rest/protocol` → (rest, lower-case protocol); `tcp` when none is given.
+fn split_protocol(text: &str) -> Result<(&str, String), &'static str> {
+    match text.rsplit_once('/') {
+        Some((rest, proto)) => match proto.to_ascii_lowercase().as_str() {
+            p @ ("tcp" | "udp" | "sctp") => Ok((rest, p.to_owned())),
+            _ => Err("the protocol must be tcp, udp or sctp"),
+        },
+        None => Ok((text, "tcp".to_owned())),
     }
-    Ok(out)
+}
+
+/// `[ip:][host_port:]container_port` → (ip, host port, container port); an IPv6 address is
+/// written in brackets (`[::1]:8080:80`) and the address must parse.
+fn split_address(rest: &str) -> Result<(Option<String>, Option<&str>, &str), &'static str> {
+    let (ip, rest) = if let Some(after) = rest.strip_prefix('[') {
+        let (ip, after) = after.split_once("]:").ok_or("unclosed [")?;
+        (Some(ip.to_owned()), after)
+    } else {
+        (None, rest)
+    };
+    let parts: Vec<&str> = rest.split(':').collect();
+    let (ip, host, container) = match (ip, parts.as_slice()) {
+        (None, [c]) => (None, None, *c),
+        (None, [h, c]) => (None, Some(*h), *c),
+        (None, [ip, h, c]) => (Some((*ip).to_owned()), Some(*h), *c),
+        (Some(ip), [h, c]) => (Some(ip), Some(*h), *c),
+        _ => return Err("too many ':'"),
+    };
+    if let Some(ip) = &ip
+        && ip.parse::<std::net::IpAddr>().is_err()
+    {
+        return Err("the host address is not an IP address");
+    }
+    Ok((ip, host, container))
+}
+
+/// One (`"80/tcp"`, binding) pair per container port of the range; the host range is
+/// walked alongside, a single host port is given for every container port (Docker picks).
+fn port_bindings(
+    container: (u16, u16),
+    host: Option<Option<(u16, u16)>>,
+    ip: &str,
+    protocol: &str,
+) -> Vec<(String, Option<Value>)> {
+    (container.0..=container.1)
+        .enumerate()
+        .map(|(i, port)| {
+            let binding = host.map(|host| {
+                let host_port = match host {
+                    None => String::new(),
+                    Some((lo, hi)) if lo == hi => lo.to_string(),
+                    Some((lo, _)) => (u32::from(lo) + u32::try_from(i).unwrap_or(0)).to_string(),
+                };
+                json!({"HostIp": ip, "HostPort": host_port})
+            });
+            (format!("{port}/{protocol}"), binding)
+        })
+        .collect()
 }
 
 /// `80` or `8000-8010` → inclusive bounds; ports 1–65535.
@@ -642,6 +718,240 @@ mod tests {
                 schema["description"].as_str().is_some_and(|d| d.len() > 20),
                 "{name}"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    use super::{
+        TYPED_FIELDS, TypedOptions, parse_cpus, parse_gpus, parse_ipc_mode, parse_platform,
+        parse_ports, parse_size,
+    };
+    use crate::job::create_kwargs::EngineOverrides;
+    use crate::job::strategies::{any_json, config, joined, text};
+
+    /// Pieces of `--gpus` option strings.
+    const GPU_PIECES: &[&str] = &[
+        "all",
+        "ALL",
+        "1",
+        "2",
+        "0",
+        "-1",
+        "99999999999999999999",
+        ",",
+        "=",
+        " ",
+        "count=",
+        "device=",
+        "devices=",
+        "driver=",
+        "capabilities=",
+        "nvidia",
+        "compute",
+        "utility",
+        "gpu",
+        "x",
+        "é",
+    ];
+
+    /// Pieces of port specs.
+    const PORT_PIECES: &[&str] = &[
+        "80",
+        "8080",
+        "0",
+        "65535",
+        "65536",
+        "1",
+        ":",
+        "-",
+        "/",
+        "tcp",
+        "udp",
+        "SCTP",
+        "http",
+        "127.0.0.1",
+        "[",
+        "]",
+        "::1",
+        "[::1]",
+        " ",
+        "é",
+    ];
+
+    /// Pieces of sizes, IPC modes and platforms.
+    const OTHER_PIECES: &[&str] = &[
+        "0",
+        "1",
+        "512",
+        ".",
+        "5",
+        "m",
+        "g",
+        "k",
+        "b",
+        "-",
+        "container:",
+        "host",
+        "private",
+        "none",
+        "shareable",
+        "linux",
+        "/",
+        "amd64",
+        "arm64",
+        "v8",
+        "_",
+        " ",
+        "L",
+        "é",
+    ];
+
+    /// A value for a typed option: structured text, any text, or any JSON.
+    fn option_value(pieces: &'static [&'static str], max: usize) -> BoxedStrategy<Value> {
+        prop_oneof![
+            3 => joined(pieces, max).prop_map(Value::from),
+            2 => text().prop_map(Value::from),
+            2 => any_json(),
+            1 => proptest::collection::vec(joined(pieces, max).prop_map(Value::from), 0..4)
+                .prop_map(Value::from),
+        ]
+        .boxed()
+    }
+
+    proptest! {
+        #![proptest_config(config(256))]
+
+        /// `gpus`: any value is one Engine device request or a message; the request always
+        /// asks for the `gpu` capability and has a count or device ids, not both.
+        #[test]
+        fn gpus(value in option_value(GPU_PIECES, 8)) {
+            match parse_gpus(&value) {
+                Ok(request) => {
+                    let capabilities = request["Capabilities"][0].as_array();
+                    prop_assert!(capabilities.is_some_and(|c| c.contains(&json!("gpu"))));
+                    let count = request["Count"].as_i64();
+                    prop_assert!(count.is_some());
+                    let has_ids = request.get("DeviceIDs").is_some();
+                    prop_assert_eq!(has_ids, count == Some(0), "{}", request);
+                }
+                Err(message) => prop_assert!(!message.is_empty()),
+            }
+        }
+
+        /// `shm_size`: a positive size, which re-parses equal written as a number.
+        #[test]
+        fn shm_size(value in option_value(OTHER_PIECES, 4)) {
+            if let Ok(bytes) = parse_size(&value) {
+                prop_assert!(bytes > 0);
+                prop_assert_eq!(parse_size(&json!(bytes)), Ok(bytes));
+                prop_assert_eq!(parse_size(&json!(bytes.to_string())), Ok(bytes));
+            }
+        }
+
+        /// `ipc_mode`: a mode re-parses to itself.
+        #[test]
+        fn ipc_mode(value in option_value(OTHER_PIECES, 3)) {
+            if let Ok(mode) = parse_ipc_mode(&value) {
+                prop_assert_eq!(parse_ipc_mode(&json!(mode.clone())), Ok(mode));
+            }
+        }
+
+        /// `cpus`: between a thousandth and a thousand CPUs, in billionths.
+        #[test]
+        fn cpus(
+            value in prop_oneof![option_value(OTHER_PIECES, 4), (-1e4f64..1e4).prop_map(Value::from)],
+        ) {
+            if let Ok(nanos) = parse_cpus(&value) {
+                prop_assert!((1_000_000..=1_000_000_000_000).contains(&nanos), "{}", nanos);
+            }
+        }
+
+        /// `ports`: every published port is also exposed, each binding names a host port.
+        #[test]
+        fn ports(value in option_value(PORT_PIECES, 7)) {
+            if let Ok((exposed, bindings)) = parse_ports(&value) {
+                for (port, list) in &bindings {
+                    prop_assert!(exposed.contains_key(port));
+                    for binding in list.as_array().into_iter().flatten() {
+                        prop_assert!(binding["HostPort"].is_string());
+                        prop_assert!(binding["HostIp"].is_string());
+                    }
+                }
+            }
+        }
+
+        /// A well-formed range mapping publishes each container port on the host port at the
+        /// same offset, with the protocol (lower-cased) in the key; a single host port is
+        /// given for every container port.
+        #[test]
+        fn port_ranges_map_by_offset(
+            host in 1u16..60000,
+            container in 1u16..60000,
+            extra in 0u16..5,
+            single_host: bool,
+            protocol in proptest::sample::select(&["tcp", "UDP", "sctp"][..]),
+        ) {
+            let host_part = if single_host {
+                host.to_string()
+            } else {
+                format!("{host}-{}", host + extra)
+            };
+            let spec = format!("127.0.0.1:{host_part}:{container}-{}/{protocol}", container + extra);
+            let (exposed, bindings) = parse_ports(&json!(spec)).map_err(TestCaseError::fail)?;
+            let protocol = protocol.to_ascii_lowercase();
+            prop_assert_eq!(exposed.len(), usize::from(extra) + 1);
+            for offset in 0..=extra {
+                let key = format!("{}/{protocol}", container + offset);
+                let host_port = if single_host { host } else { host + offset };
+                let expected = json!([{"HostIp": "127.0.0.1", "HostPort": host_port.to_string()}]);
+                prop_assert_eq!(&bindings[&key], &expected);
+            }
+        }
+
+        /// `platform`: a platform re-parses to itself.
+        #[test]
+        fn platform(value in option_value(OTHER_PIECES, 6)) {
+            if let Ok(platform) = parse_platform(&value) {
+                prop_assert_eq!(parse_platform(&json!(platform.clone())), Ok(platform));
+            }
+        }
+
+        /// All six together: the options or one error per invalid field; applied over no
+        /// keywords, they replace nothing and so warn about nothing.
+        #[test]
+        fn all_options(
+            values in proptest::collection::vec(
+                proptest::option::of(prop_oneof![
+                    option_value(GPU_PIECES, 6),
+                    option_value(PORT_PIECES, 6),
+                    option_value(OTHER_PIECES, 4),
+                ]),
+                6,
+            ),
+        ) {
+            let source: Map<String, Value> = TYPED_FIELDS
+                .iter()
+                .zip(values)
+                .filter_map(|(field, value)| Some(((*field).to_owned(), value?)))
+                .collect();
+            match TypedOptions::from_rendered(&source) {
+                Ok(typed) => {
+                    let mut overrides = EngineOverrides::default();
+                    typed.apply(&mut overrides);
+                    prop_assert!(overrides.warnings.is_empty());
+                }
+                Err(errors) => {
+                    for (field, message) in &errors {
+                        prop_assert!(TYPED_FIELDS.contains(&field.as_str()));
+                        prop_assert!(!message.is_empty());
+                    }
+                }
+            }
         }
     }
 }

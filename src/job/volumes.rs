@@ -275,3 +275,38 @@ mod tests {
         assert_eq!(err("it's:/x"), name("\"it's\""));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use std::path::Path;
+
+    use proptest::prelude::*;
+
+    use super::parse_volume;
+    use crate::job::strategies::{config, joined, text};
+
+    /// Pieces of volume strings: paths, drive prefixes, UNC roots, relative markers, names,
+    /// separators and options.
+    const PIECES: &[&str] = &[
+        "/", "/data", ":", "ro", "rw", "RO", ".", "..", "./", "../", ".\\", "C:\\", "\\\\srv",
+        "vol", "_v", "$(pwd)", " ", "\n", "é", "a b", "x",
+    ];
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        /// Any volume string is a volume or the reference's message, never a panic; a volume's
+        /// bind string (relative sources already resolved) validates to the same volume.
+        #[test]
+        fn volumes_validate_and_are_stable(spec in prop_oneof![text(), joined(PIECES, 6)]) {
+            let cwd = Path::new("/work/dir");
+            match parse_volume(&spec, cwd) {
+                Ok(volume) => {
+                    prop_assert!(!volume.bind.is_empty() && !volume.container_path.is_empty());
+                    prop_assert_eq!(parse_volume(&volume.bind, cwd), Ok(volume.clone()));
+                }
+                Err(message) => prop_assert!(!message.is_empty()),
+            }
+        }
+    }
+}
