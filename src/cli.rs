@@ -31,7 +31,7 @@ pub enum Command {
 }
 
 /// Arguments of `docker-worker start`.
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct StartArgs {
     /// The work pool to poll for flow runs.
     #[arg(short = 'p', long)]

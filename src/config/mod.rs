@@ -1,25 +1,36 @@
 //! Validated, typed settings built from the command line and an injectable environment.
 //!
 //! Names and defaults are Prefect's (`PREFECT_API_URL`, `PREFECT_WORKER_QUERY_SECONDS`, …) so
-//! an existing worker's environment works unchanged. Anything invalid is a [`ConfigError`]
-//! that `main` turns into exit code 64.
+//! an existing worker's environment works unchanged; every variable read, with its default, is
+//! an entry of [`env_table::ENV_VARS`]. Anything invalid is a
+//! [`ConfigError`] that `main` turns into exit code 64. Depends on [`crate::cli`] for the raw
+//! arguments and on the settings types of the modules it configures.
+
+mod env;
+pub mod env_table;
+mod profile;
+mod worker;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::Value;
 use url::Url;
 
 use crate::cli::{GcArgs, StartArgs};
 use crate::gc::GcOptions;
 use crate::health::EndpointSettings;
 use crate::prefect::ClientConfig;
+use env::Env;
+use env_table as var;
 
-/// The image used when a job names none: the Prefect release this worker implements, on the
-/// Python the reference worker runs on.
-pub const DEFAULT_IMAGE: &str = "prefecthq/prefect:3.9.1-python3.11";
+pub use env_table::{DEFAULT_IMAGE, ENV_VARS, EnvDefault, EnvVar};
+pub use profile::with_profile;
+pub use worker::{
+    CancellationSettings, FeatureSettings, GcLoopSettings, PollingSettings, ReportingSettings,
+    RunDefaults, WorkerSettings,
+};
 
 /// A setting that cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -55,68 +66,6 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
-}
-
-/// Settings of the worker loop.
-#[derive(Debug, Clone)]
-pub struct WorkerSettings {
-    /// Work pool name.
-    pub pool: String,
-    /// Worker name (heartbeat identity).
-    pub name: String,
-    /// Queues to poll; empty = all.
-    pub work_queues: Vec<String>,
-    /// Maximum concurrent runs.
-    pub limit: Option<usize>,
-    /// Look-ahead for scheduled runs.
-    pub prefetch: Duration,
-    /// Poll once, wait for the runs, exit.
-    pub run_once: bool,
-    /// Template to create the pool with.
-    pub base_job_template: Option<Value>,
-    /// Create a missing pool.
-    pub create_pool_if_not_found: bool,
-    /// Poll interval (`PREFECT_WORKER_QUERY_SECONDS`).
-    pub query_interval: Duration,
-    /// Heartbeat interval (`PREFECT_WORKER_HEARTBEAT_SECONDS`).
-    pub heartbeat_interval: Duration,
-    /// Image when the job names none.
-    pub default_image: String,
-    /// Send flow-run logs to the API.
-    pub logging_to_api: bool,
-    /// Interval of log batches.
-    pub log_batch_interval: Duration,
-    /// Size limits of flow-run logs (`PREFECT_LOGGING_TO_API_MAX_LOG_SIZE` / `_BATCH_SIZE`).
-    pub log_limits: crate::logs::LogLimits,
-    /// The worker's `PREFECT_*` settings handed to every flow-run container.
-    pub settings_env: Vec<(String, String)>,
-    /// Directory relative bind mounts are resolved against.
-    pub cwd: PathBuf,
-    /// Stop the containers of runs cancelled while running.
-    pub stop_cancelled: bool,
-    /// SIGTERM → SIGKILL grace when stopping them.
-    pub cancel_grace: Duration,
-    /// How often running runs are checked for cancellation.
-    pub cancellation_poll: Duration,
-    /// Also learn cancellations at once from the `/events/out` websocket.
-    pub cancellation_events: bool,
-    /// Poll at once when the `/events/out` websocket says one of the pool's runs became due.
-    pub fast_pickup: bool,
-    /// How many of a failed container's last output lines are sent as flow-run logs (0 = none).
-    pub crash_log_lines: usize,
-    /// Sample each container's memory and CPU and report them when it exits.
-    pub resource_accounting: bool,
-    /// Pull the images of the pool's deployments at start and when deployments change.
-    pub prepull: bool,
-    /// Emit the worker's and containers' Prefect events over `/events/in`.
-    pub emit_events: bool,
-    /// Sync over Prefect's worker channel websocket (≥ 3.9) when the server offers it,
-    /// which also brings cleanup delivery; REST otherwise.
-    pub worker_channel: bool,
-    /// Collect the pool's finished containers this often; `None` = never.
-    pub gc_interval: Option<Duration>,
-    /// Periodic collection keeps containers that finished less than this long ago.
-    pub gc_older_than: Duration,
 }
 
 /// Settings of the Docker connection.
@@ -172,117 +121,13 @@ pub struct GcSettings {
     pub log_filter: String,
 }
 
-/// How long a container must have been finished before garbage collection removes it, when
-/// neither `--older-than` nor `DOCKER_WORKER_GC_OLDER_THAN` says.
-pub const DEFAULT_GC_OLDER_THAN: Duration = Duration::from_secs(24 * 3600);
-
-/// Prefect 3.9.1's packaged `profiles.toml`, used when the user has none (as Prefect does):
-/// its active `ephemeral` profile sets `PREFECT_SERVER_EPHEMERAL_ENABLED`, which the reference
-/// then passes into every flow-run container.
-const DEFAULT_PROFILES: &str = r#"active = "ephemeral"
-
-[profiles.ephemeral]
-PREFECT_SERVER_EPHEMERAL_ENABLED = "true"
-
-[profiles.local]
-PREFECT_API_URL = "http://127.0.0.1:4200/api"
-
-[profiles.test]
-PREFECT_SERVER_EPHEMERAL_ENABLED = "true"
-PREFECT_SERVER_DATABASE_CONNECTION_URL = "sqlite+aiosqlite:///:memory:"
-
-[profiles.cloud]
-"#;
-
-/// The process environment with the active Prefect profile underneath, as Prefect resolves
-/// settings: environment over profile over defaults. The profile is
-/// `$PREFECT_PROFILES_PATH` (default `$PREFECT_HOME/profiles.toml`, `PREFECT_HOME` default
-/// `~/.prefect`); `PREFECT_PROFILE` selects it, else the file's `active`.
-///
-/// # Errors
-/// [`ConfigError::Profiles`] for an unreadable or malformed file, or a selected profile that
-/// does not exist.
-pub fn with_profile(
-    process_env: BTreeMap<String, String>,
-) -> Result<BTreeMap<String, String>, ConfigError> {
-    let home = process_env
-        .get("PREFECT_HOME")
-        .map(PathBuf::from)
-        .or_else(|| {
-            process_env
-                .get("HOME")
-                .map(|h| PathBuf::from(h).join(".prefect"))
-        });
-    let explicit_path = process_env.contains_key("PREFECT_PROFILES_PATH");
-    let path = match process_env.get("PREFECT_PROFILES_PATH") {
-        Some(p) => PathBuf::from(p),
-        None => match home {
-            Some(h) => h.join("profiles.toml"),
-            None => return Ok(process_env),
-        },
-    };
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        // Like Prefect: with no profiles file of the user's, its packaged defaults apply.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit_path => {
-            DEFAULT_PROFILES.to_owned()
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(process_env),
-        Err(e) => {
-            return Err(ConfigError::Profiles {
-                path,
-                reason: e.to_string(),
-            });
-        }
-    };
-    let doc: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Profiles {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    let selected = process_env.get("PREFECT_PROFILE").cloned().or_else(|| {
-        doc.get("active")
-            .and_then(|a| a.as_str())
-            .map(str::to_owned)
-    });
-    let Some(selected) = selected else {
-        return Ok(process_env);
-    };
-    let profile = doc
-        .get("profiles")
-        .and_then(|p| p.get(&selected))
-        .and_then(|p| p.as_table());
-    let Some(profile) = profile else {
-        if process_env.contains_key("PREFECT_PROFILE") {
-            return Err(ConfigError::Profiles {
-                path,
-                reason: format!("profile '{selected}' not found"),
-            });
-        }
-        return Ok(process_env);
-    };
-    let mut merged: BTreeMap<String, String> = profile
-        .iter()
-        .map(|(k, v)| {
-            let value = match v {
-                toml::Value::String(s) => s.clone(),
-                toml::Value::Integer(i) => i.to_string(),
-                toml::Value::Float(f) => f.to_string(),
-                toml::Value::Boolean(b) => b.to_string(),
-                other => serde_json::to_string(other).unwrap_or_default(),
-            };
-            (k.clone(), value)
-        })
-        .collect();
-    merged.extend(process_env);
-    Ok(merged)
-}
-
-fn endpoint_addr(env: &BTreeMap<String, String>) -> Result<SocketAddr, ConfigError> {
-    let host = non_empty(env, "PREFECT_WORKER_WEBSERVER_HOST").unwrap_or_else(|| "0.0.0.0".into());
-    let port_text =
-        non_empty(env, "PREFECT_WORKER_WEBSERVER_PORT").unwrap_or_else(|| "8080".into());
+/// `PREFECT_WORKER_WEBSERVER_HOST:PREFECT_WORKER_WEBSERVER_PORT`, where `/health` and
+/// `/metrics` listen.
+fn endpoint_addr(env: &Env) -> Result<SocketAddr, ConfigError> {
+    let host = env.text(&var::PREFECT_WORKER_WEBSERVER_HOST);
+    let port_text = env.text(&var::PREFECT_WORKER_WEBSERVER_PORT);
     let port: u16 = port_text.trim().parse().map_err(|_| ConfigError::Invalid {
-        name: "PREFECT_WORKER_WEBSERVER_PORT".into(),
+        name: var::PREFECT_WORKER_WEBSERVER_PORT.name.into(),
         value: port_text.clone(),
         reason: "expected a TCP port number".into(),
     })?;
@@ -291,178 +136,134 @@ fn endpoint_addr(env: &BTreeMap<String, String>) -> Result<SocketAddr, ConfigErr
         .ok()
         .and_then(|mut a| a.next())
         .ok_or_else(|| ConfigError::Invalid {
-            name: "PREFECT_WORKER_WEBSERVER_HOST".into(),
+            name: var::PREFECT_WORKER_WEBSERVER_HOST.name.into(),
             value: host,
             reason: "expected an address to listen on".into(),
         })
 }
 
-fn seconds(
-    env: &BTreeMap<String, String>,
-    name: &str,
-    default: f64,
-) -> Result<Duration, ConfigError> {
-    match env.get(name).map(|s| s.trim()).filter(|s| !s.is_empty()) {
-        None => Ok(Duration::from_secs_f64(default)),
-        Some(text) => text
-            .parse::<f64>()
-            .ok()
-            .filter(|v| v.is_finite() && *v >= 0.0)
-            .map(Duration::from_secs_f64)
-            .ok_or_else(|| ConfigError::Invalid {
-                name: name.to_owned(),
-                value: text.to_owned(),
-                reason: "expected a non-negative number of seconds".into(),
-            }),
+/// `/health` and `/metrics` when either is asked for; a poll older than 30 poll intervals
+/// makes `/health` unhealthy.
+fn endpoints(
+    args: &StartArgs,
+    env: &Env,
+    query_interval: Duration,
+) -> Result<Option<EndpointSettings>, ConfigError> {
+    let metrics = args.with_metrics || env.boolean(&var::DOCKER_WORKER_METRICS_ENABLED)?;
+    if !args.with_healthcheck && !metrics {
+        return Ok(None);
     }
+    Ok(Some(EndpointSettings {
+        addr: endpoint_addr(env)?,
+        health: args.with_healthcheck,
+        metrics,
+        unhealthy_after: query_interval * 30,
+    }))
 }
 
-fn boolean(env: &BTreeMap<String, String>, name: &str, default: bool) -> Result<bool, ConfigError> {
-    match env.get(name).map(|s| s.trim().to_ascii_lowercase()) {
-        None => Ok(default),
-        Some(v) if v.is_empty() => Ok(default),
-        Some(v) => match v.as_str() {
-            "1" | "true" | "t" | "yes" | "y" | "on" => Ok(true),
-            "0" | "false" | "f" | "no" | "n" | "off" => Ok(false),
-            _ => Err(ConfigError::Invalid {
-                name: name.to_owned(),
-                value: v,
-                reason: "expected true or false".into(),
-            }),
-        },
-    }
-}
-
-/// `PREFECT_LOGGING_TO_API_MAX_LOG_SIZE` / `_BATCH_SIZE`, checked as Prefect checks them.
-fn log_limits(env: &BTreeMap<String, String>) -> Result<crate::logs::LogLimits, ConfigError> {
-    let defaults = crate::logs::LogLimits::default();
-    let limits = crate::logs::LogLimits {
-        max_log_size: count(
-            env,
-            "PREFECT_LOGGING_TO_API_MAX_LOG_SIZE",
-            defaults.max_log_size,
-        )?,
-        batch_size: count(
-            env,
-            "PREFECT_LOGGING_TO_API_BATCH_SIZE",
-            defaults.batch_size,
-        )?,
-    };
-    if limits.batch_size < limits.max_log_size {
-        return Err(ConfigError::Invalid {
-            name: "PREFECT_LOGGING_TO_API_MAX_LOG_SIZE".into(),
-            value: limits.max_log_size.to_string(),
-            reason: "`PREFECT_LOGGING_TO_API_MAX_LOG_SIZE` cannot be larger than `PREFECT_LOGGING_TO_API_BATCH_SIZE`".into(),
-        });
-    }
-    Ok(limits)
-}
-
-/// A non-negative whole number from the environment.
-fn count(env: &BTreeMap<String, String>, name: &str, default: usize) -> Result<usize, ConfigError> {
-    match non_empty(env, name) {
-        None => Ok(default),
-        Some(v) => v.trim().parse().map_err(|_| ConfigError::Invalid {
-            name: name.into(),
-            value: v.clone(),
-            reason: "expected a whole number".into(),
+/// `--log-format`, else `DOCKER_WORKER_LOG_FORMAT`, else text.
+fn log_format(args: &StartArgs, env: &Env) -> Result<LogFormat, ConfigError> {
+    let text = args
+        .log_format
+        .clone()
+        .unwrap_or_else(|| env.text(&var::DOCKER_WORKER_LOG_FORMAT));
+    match text.trim().to_ascii_lowercase().as_str() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(ConfigError::Invalid {
+            name: "--log-format".into(),
+            value: text,
+            reason: "expected `text` or `json`".into(),
         }),
     }
 }
 
-fn non_empty(env: &BTreeMap<String, String>, name: &str) -> Option<String> {
-    env.get(name).filter(|v| !v.trim().is_empty()).cloned()
-}
-
-/// A human duration (`30m`, `24h`, `7d`, `1h 30m`, `0s`) from a flag, else from `env_name`,
-/// else `default`. `name` is what an error names.
-fn human_duration(
-    flag: Option<&str>,
-    name: &str,
-    env: &BTreeMap<String, String>,
-    env_name: &str,
-    default: Option<Duration>,
-) -> Result<Option<Duration>, ConfigError> {
-    let (name, text) = match flag {
-        Some(text) => (name, text.to_owned()),
-        None => match non_empty(env, env_name) {
-            Some(text) => (env_name, text),
-            None => return Ok(default),
-        },
+/// `--name` (default `DockerWorker <uuid>`), checked as Prefect checks it, and `--pool`.
+fn identity(args: &StartArgs) -> Result<String, ConfigError> {
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => format!("DockerWorker {}", uuid::Uuid::new_v4()),
     };
-    humantime::parse_duration(text.trim())
-        .map(Some)
-        .map_err(|e| ConfigError::Invalid {
-            name: name.to_owned(),
-            value: text.clone(),
-            reason: format!("expected a duration such as 30m, 24h or 7d ({e})"),
-        })
+    if name.contains('/') || name.contains('%') {
+        return Err(ConfigError::Invalid {
+            name: "--name".into(),
+            value: name,
+            reason: "Worker name cannot contain '/' or '%'".into(),
+        });
+    }
+    if args.pool.trim().is_empty() {
+        return Err(ConfigError::Invalid {
+            name: "--pool".into(),
+            value: args.pool.clone(),
+            reason: "the work pool name cannot be empty".into(),
+        });
+    }
+    Ok(name)
 }
 
 /// The Prefect API client settings: `PREFECT_API_URL` and the client's `PREFECT_*` knobs.
-fn api_settings(
-    env: &BTreeMap<String, String>,
-    worker_name: Option<String>,
-) -> Result<ClientConfig, ConfigError> {
-    let api_url_text = non_empty(env, "PREFECT_API_URL").ok_or(ConfigError::MissingApiUrl)?;
+fn api_settings(env: &Env, worker_name: Option<String>) -> Result<ClientConfig, ConfigError> {
+    let api_url_text = env
+        .non_empty(&var::PREFECT_API_URL)
+        .ok_or(ConfigError::MissingApiUrl)?;
     let api_url = Url::parse(api_url_text.trim())
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https"))
         .ok_or_else(|| ConfigError::Invalid {
-            name: "PREFECT_API_URL".into(),
+            name: var::PREFECT_API_URL.name.into(),
             value: api_url_text.clone(),
             reason: "expected an http(s) URL such as http://127.0.0.1:4200/api".into(),
         })?;
-    let max_retries = match env.get("PREFECT_CLIENT_MAX_RETRIES").map(|s| s.trim()) {
-        None | Some("") => 5,
-        Some(v) => v.parse().map_err(|_| ConfigError::Invalid {
-            name: "PREFECT_CLIENT_MAX_RETRIES".into(),
-            value: v.into(),
-            reason: "expected a whole number".into(),
-        })?,
-    };
+    let max_retries = env.count_trimmed(&var::PREFECT_CLIENT_MAX_RETRIES)?;
     Ok(ClientConfig {
         api_url,
-        api_key: non_empty(env, "PREFECT_API_KEY"),
-        auth_string: non_empty(env, "PREFECT_API_AUTH_STRING"),
-        timeout: seconds(env, "PREFECT_API_REQUEST_TIMEOUT", 60.0)?,
+        api_key: env.non_empty(&var::PREFECT_API_KEY),
+        auth_string: env.non_empty(&var::PREFECT_API_AUTH_STRING),
+        timeout: env.seconds(&var::PREFECT_API_REQUEST_TIMEOUT)?,
         max_retries,
         worker_name,
-        csrf_enabled: boolean(env, "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", true)?,
+        csrf_enabled: env.boolean(&var::PREFECT_CLIENT_CSRF_SUPPORT_ENABLED)?,
     })
 }
 
 /// The Docker connection settings, read as the Docker CLI reads them.
-fn docker_settings(env: &BTreeMap<String, String>) -> Result<DockerSettings, ConfigError> {
+fn docker_settings(env: &Env) -> Result<DockerSettings, ConfigError> {
+    let home_docker = || {
+        env.raw(&var::HOME)
+            .map(|h| PathBuf::from(h).join(".docker"))
+    };
     Ok(DockerSettings {
-        host: non_empty(env, "DOCKER_HOST"),
-        timeout: seconds(env, "DOCKER_CLIENT_TIMEOUT", 60.0)?,
-        tls_cert_dir: non_empty(env, "DOCKER_TLS_VERIFY")
+        host: env.non_empty(&var::DOCKER_HOST),
+        timeout: env.seconds(&var::DOCKER_CLIENT_TIMEOUT)?,
+        tls_cert_dir: env
+            .non_empty(&var::DOCKER_TLS_VERIFY)
             .filter(|v| v.trim() != "0")
             .and_then(|_| {
-                non_empty(env, "DOCKER_CERT_PATH")
+                env.non_empty(&var::DOCKER_CERT_PATH)
                     .map(PathBuf::from)
-                    .or_else(|| env.get("HOME").map(|h| PathBuf::from(h).join(".docker")))
+                    .or_else(home_docker)
             }),
-        config_dir: non_empty(env, "DOCKER_CONFIG")
+        config_dir: env
+            .non_empty(&var::DOCKER_CONFIG)
             .map(PathBuf::from)
-            .or_else(|| env.get("HOME").map(|h| PathBuf::from(h).join(".docker"))),
+            .or_else(home_docker),
     })
 }
 
-/// The stderr log filter: `RUST_LOG`, else `PREFECT_LOGGING_LEVEL` in tracing's words, else info.
-fn log_filter(env: &BTreeMap<String, String>) -> String {
-    non_empty(env, "RUST_LOG")
-        .or_else(|| {
-            non_empty(env, "PREFECT_LOGGING_LEVEL").map(|l| {
-                match l.trim().to_ascii_lowercase().as_str() {
-                    "warning" => "warn".to_owned(),
-                    "critical" => "error".to_owned(),
-                    other => other.to_owned(),
-                }
-            })
-        })
-        .unwrap_or_else(|| "info".into())
+/// The stderr log filter: `RUST_LOG`, else `PREFECT_LOGGING_LEVEL` in tracing's words.
+fn log_filter(env: &Env) -> String {
+    env.non_empty(&var::RUST_LOG).unwrap_or_else(|| {
+        match env
+            .text(&var::PREFECT_LOGGING_LEVEL)
+            .trim()
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "warning" => "warn".to_owned(),
+            "critical" => "error".to_owned(),
+            other => other.to_owned(),
+        }
+    })
 }
 
 impl GcSettings {
@@ -474,6 +275,10 @@ impl GcSettings {
         args: &GcArgs,
         env: &BTreeMap<String, String>,
     ) -> Result<Self, ConfigError> {
+        Self::read(args, &Env::new(env))
+    }
+
+    fn read(args: &GcArgs, env: &Env) -> Result<Self, ConfigError> {
         if args.pool.as_deref().is_some_and(|p| p.trim().is_empty()) {
             return Err(ConfigError::Invalid {
                 name: "--pool".into(),
@@ -481,14 +286,11 @@ impl GcSettings {
                 reason: "the work pool name cannot be empty".into(),
             });
         }
-        let older_than = human_duration(
+        let older_than = env.required_duration(
             args.older_than.as_deref(),
             "--older-than",
-            env,
-            "DOCKER_WORKER_GC_OLDER_THAN",
-            Some(DEFAULT_GC_OLDER_THAN),
-        )?
-        .unwrap_or(DEFAULT_GC_OLDER_THAN);
+            &var::DOCKER_WORKER_GC_OLDER_THAN,
+        )?;
         Ok(Self {
             api: api_settings(env, None)?,
             docker: docker_settings(env)?,
@@ -511,191 +313,32 @@ impl Settings {
         args: &StartArgs,
         env: &BTreeMap<String, String>,
     ) -> Result<Self, ConfigError> {
+        Self::read(args, &Env::new(env))
+    }
+
+    fn read(args: &StartArgs, env: &Env) -> Result<Self, ConfigError> {
         // Checked first: a missing API URL is the most common mistake and says what to do.
-        non_empty(env, "PREFECT_API_URL").ok_or(ConfigError::MissingApiUrl)?;
-
-        let name = match &args.name {
-            Some(n) => n.clone(),
-            None => format!("DockerWorker {}", uuid::Uuid::new_v4()),
-        };
-        if name.contains('/') || name.contains('%') {
-            return Err(ConfigError::Invalid {
-                name: "--name".into(),
-                value: name,
-                reason: "Worker name cannot contain '/' or '%'".into(),
-            });
-        }
-        if args.pool.trim().is_empty() {
-            return Err(ConfigError::Invalid {
-                name: "--pool".into(),
-                value: args.pool.clone(),
-                reason: "the work pool name cannot be empty".into(),
-            });
-        }
-        if args.limit == Some(0) {
-            return Err(ConfigError::Invalid {
-                name: "--limit".into(),
-                value: "0".into(),
-                reason: "the limit must be at least 1".into(),
-            });
-        }
-
-        let base_job_template = match &args.base_job_template {
-            None => None,
-            Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|e| ConfigError::BaseJobTemplate {
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    })?;
-                let value: Value =
-                    serde_json::from_str(&text).map_err(|e| ConfigError::BaseJobTemplate {
-                        path: path.clone(),
-                        reason: format!("not valid JSON: {e}"),
-                    })?;
-                if !value.get("job_configuration").is_some_and(Value::is_object) {
-                    return Err(ConfigError::BaseJobTemplate {
-                        path: path.clone(),
-                        reason: "expected an object with `job_configuration` and `variables`"
-                            .into(),
-                    });
-                }
-                Some(value)
-            }
-        };
-
-        let prefetch = match args.prefetch_seconds {
-            Some(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s),
-            Some(s) => {
-                return Err(ConfigError::Invalid {
-                    name: "--prefetch-seconds".into(),
-                    value: s.to_string(),
-                    reason: "expected a non-negative number".into(),
-                });
-            }
-            None => seconds(env, "PREFECT_WORKER_PREFETCH_SECONDS", 10.0)?,
-        };
-        // The Python CLI truncates the heartbeat interval to whole seconds.
-        let heartbeat = seconds(env, "PREFECT_WORKER_HEARTBEAT_SECONDS", 30.0)?;
-        let heartbeat = Duration::from_secs(heartbeat.as_secs().max(1));
-
-        // Every explicitly set Prefect setting goes to the flow-run container, as the reference
-        // does, so the engine inside talks to the same API with the same credentials. Internal
-        // `PREFECT__*` variables are the worker's own and are set per run instead.
-        // Booleans are written as Python prints them, as the reference's settings export does.
-        let settings_env: Vec<(String, String)> = env
-            .iter()
-            .filter(|(k, _)| k.starts_with("PREFECT_") && !k.starts_with("PREFECT__"))
-            .map(|(k, v)| {
-                let value = match v.trim().to_ascii_lowercase().as_str() {
-                    "true" => "True".to_owned(),
-                    "false" => "False".to_owned(),
-                    _ => v.clone(),
-                };
-                (k.clone(), value)
-            })
-            .collect();
-
-        let default_image = args
-            .default_image
-            .clone()
-            .or_else(|| non_empty(env, "DOCKER_WORKER_DEFAULT_IMAGE"))
-            .unwrap_or_else(|| DEFAULT_IMAGE.to_owned());
-
-        let query_interval = seconds(env, "PREFECT_WORKER_QUERY_SECONDS", 10.0)?;
-        let metrics = args.with_metrics || boolean(env, "DOCKER_WORKER_METRICS_ENABLED", false)?;
-        let endpoints = if args.with_healthcheck || metrics {
-            Some(EndpointSettings {
-                addr: endpoint_addr(env)?,
-                health: args.with_healthcheck,
-                metrics,
-                unhealthy_after: query_interval * 30,
-            })
-        } else {
-            None
-        };
-        let log_format_text = args
-            .log_format
-            .clone()
-            .or_else(|| non_empty(env, "DOCKER_WORKER_LOG_FORMAT"))
-            .unwrap_or_else(|| "text".into());
-        let log_format = match log_format_text.trim().to_ascii_lowercase().as_str() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            _ => {
-                return Err(ConfigError::Invalid {
-                    name: "--log-format".into(),
-                    value: log_format_text,
-                    reason: "expected `text` or `json`".into(),
-                });
-            }
-        };
+        env.non_empty(&var::PREFECT_API_URL)
+            .ok_or(ConfigError::MissingApiUrl)?;
+        let name = identity(args)?;
+        // Read in the order of the flat function this replaced, so that when several settings
+        // are wrong the same one is reported (reporting, cancellation and feature variables
+        // are now read group by group, the one exception).
+        let polling = worker::polling(args, env)?;
+        let run_defaults = worker::run_defaults(args, env);
+        let endpoints = endpoints(args, env, polling.query_interval)?;
+        let log_format = log_format(args, env)?;
         let log_filter = log_filter(env);
-        // `0` turns the periodic collection off, like leaving it unset.
-        let gc_interval = human_duration(
-            args.gc_interval.as_deref(),
-            "--gc-interval",
-            env,
-            "DOCKER_WORKER_GC_INTERVAL",
-            None,
-        )?
-        .filter(|d| !d.is_zero());
-        let gc_older_than = human_duration(
-            args.gc_older_than.as_deref(),
-            "--gc-older-than",
-            env,
-            "DOCKER_WORKER_GC_OLDER_THAN",
-            Some(DEFAULT_GC_OLDER_THAN),
-        )?
-        .unwrap_or(DEFAULT_GC_OLDER_THAN);
-
+        let gc = worker::gc(args, env)?;
+        let api = api_settings(env, Some(name.clone()))?;
+        let worker = WorkerSettings::from_parts(args, name, polling, run_defaults, gc, env)?;
         Ok(Self {
+            api,
+            worker,
+            docker: docker_settings(env)?,
             endpoints,
             log_format,
             log_filter,
-            api: api_settings(env, Some(name.clone()))?,
-            worker: WorkerSettings {
-                pool: args.pool.clone(),
-                name,
-                work_queues: args.work_queue.clone(),
-                limit: args.limit,
-                prefetch,
-                run_once: args.run_once,
-                base_job_template,
-                create_pool_if_not_found: !args.no_create_pool_if_not_found,
-                query_interval,
-                heartbeat_interval: heartbeat,
-                default_image,
-                logging_to_api: boolean(env, "PREFECT_LOGGING_TO_API_ENABLED", true)?,
-                log_batch_interval: seconds(env, "PREFECT_LOGGING_TO_API_BATCH_INTERVAL", 2.0)?,
-                log_limits: log_limits(env)?,
-                settings_env,
-                cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
-                stop_cancelled: !args.no_stop_cancelled
-                    && boolean(env, "DOCKER_WORKER_STOP_CANCELLED", true)?,
-                cancel_grace: match args.cancel_grace {
-                    Some(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s),
-                    Some(s) => {
-                        return Err(ConfigError::Invalid {
-                            name: "--cancel-grace".into(),
-                            value: s.to_string(),
-                            reason: "expected a non-negative number of seconds".into(),
-                        });
-                    }
-                    None => seconds(env, "DOCKER_WORKER_CANCEL_GRACE_SECONDS", 30.0)?,
-                },
-                cancellation_poll: seconds(env, "DOCKER_WORKER_CANCELLATION_POLL_SECONDS", 10.0)?,
-                cancellation_events: boolean(env, "DOCKER_WORKER_CANCELLATION_EVENTS", true)?,
-                fast_pickup: boolean(env, "DOCKER_WORKER_FAST_PICKUP", true)?,
-                crash_log_lines: count(env, "DOCKER_WORKER_CRASH_LOG_LINES", 200)?,
-                resource_accounting: boolean(env, "DOCKER_WORKER_RESOURCE_ACCOUNTING", true)?,
-                prepull: args.prepull || boolean(env, "DOCKER_WORKER_PREPULL", false)?,
-                emit_events: boolean(env, "DOCKER_WORKER_EMIT_EVENTS", true)?,
-                worker_channel: boolean(env, "DOCKER_WORKER_CHANNEL", true)?,
-                gc_interval,
-                gc_older_than,
-            },
-            docker: docker_settings(env)?,
         })
     }
 }
@@ -729,14 +372,14 @@ mod tests {
         )
         .unwrap();
         assert!(s.worker.name.starts_with("DockerWorker "));
-        assert_eq!(s.worker.query_interval, Duration::from_secs(10));
-        assert_eq!(s.worker.heartbeat_interval, Duration::from_secs(30));
-        assert_eq!(s.worker.prefetch, Duration::from_secs(10));
+        assert_eq!(s.worker.polling.query_interval, Duration::from_secs(10));
+        assert_eq!(s.worker.polling.heartbeat_interval, Duration::from_secs(30));
+        assert_eq!(s.worker.polling.prefetch, Duration::from_secs(10));
         assert_eq!(s.api.timeout, Duration::from_secs(60));
-        assert!(s.worker.create_pool_if_not_found);
-        assert_eq!(s.worker.default_image, DEFAULT_IMAGE);
+        assert!(s.worker.polling.create_pool_if_not_found);
+        assert_eq!(s.worker.run_defaults.default_image, DEFAULT_IMAGE);
         assert_eq!(
-            s.worker.settings_env,
+            s.worker.run_defaults.settings_env,
             vec![(
                 "PREFECT_API_URL".to_owned(),
                 "http://127.0.0.1:4200/api".to_owned()
@@ -902,15 +545,15 @@ mod tests {
     fn periodic_gc_settings() {
         let base = [("PREFECT_API_URL", "http://x/api")];
         let s = Settings::from_start_args(&args(&[]), &env(&base)).unwrap();
-        assert_eq!(s.worker.gc_interval, None);
-        assert_eq!(s.worker.gc_older_than, Duration::from_secs(86_400));
+        assert_eq!(s.worker.gc.interval, None);
+        assert_eq!(s.worker.gc.older_than, Duration::from_secs(86_400));
         let s = Settings::from_start_args(
             &args(&["--gc-interval", "1s", "--gc-older-than", "0s"]),
             &env(&base),
         )
         .unwrap();
-        assert_eq!(s.worker.gc_interval, Some(Duration::from_secs(1)));
-        assert_eq!(s.worker.gc_older_than, Duration::ZERO);
+        assert_eq!(s.worker.gc.interval, Some(Duration::from_secs(1)));
+        assert_eq!(s.worker.gc.older_than, Duration::ZERO);
         let s = Settings::from_start_args(
             &args(&[]),
             &env(&[
@@ -920,8 +563,8 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(s.worker.gc_interval, Some(Duration::from_secs(3600)));
-        assert_eq!(s.worker.gc_older_than, Duration::from_secs(7 * 86_400));
+        assert_eq!(s.worker.gc.interval, Some(Duration::from_secs(3600)));
+        assert_eq!(s.worker.gc.older_than, Duration::from_secs(7 * 86_400));
         let s = Settings::from_start_args(
             &args(&[]),
             &env(&[
@@ -930,7 +573,7 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(s.worker.gc_interval, None, "0 turns it off");
+        assert_eq!(s.worker.gc.interval, None, "0 turns it off");
         let e = Settings::from_start_args(
             &args(&[]),
             &env(&[
@@ -969,13 +612,14 @@ mod tests {
         .unwrap();
         assert_eq!(s.worker.name, "w1");
         assert_eq!(s.worker.work_queues, vec!["a", "b"]);
-        assert_eq!(s.worker.limit, Some(2));
-        assert!(s.worker.run_once && !s.worker.create_pool_if_not_found);
-        assert_eq!(s.worker.prefetch, Duration::from_secs(3));
-        assert_eq!(s.worker.heartbeat_interval, Duration::from_secs(15));
+        assert_eq!(s.worker.polling.limit, Some(2));
+        assert!(s.worker.polling.run_once && !s.worker.polling.create_pool_if_not_found);
+        assert_eq!(s.worker.polling.prefetch, Duration::from_secs(3));
+        assert_eq!(s.worker.polling.heartbeat_interval, Duration::from_secs(15));
         assert_eq!(s.api.api_key.as_deref(), Some("k"));
         assert!(
             !s.worker
+                .run_defaults
                 .settings_env
                 .iter()
                 .any(|(k, _)| k.starts_with("PREFECT__"))
@@ -986,9 +630,12 @@ mod tests {
     fn flow_run_log_size_limits_default_to_prefects_and_are_checked_as_it_checks_them() {
         let base = [("PREFECT_API_URL", "http://x/api")];
         let s = Settings::from_start_args(&args(&[]), &env(&base)).unwrap();
-        assert_eq!(s.worker.log_limits, crate::logs::LogLimits::default());
-        assert_eq!(s.worker.log_limits.max_log_size, 1_000_000);
-        assert_eq!(s.worker.log_limits.batch_size, 4_000_000);
+        assert_eq!(
+            s.worker.reporting.log_limits,
+            crate::logs::LogLimits::default()
+        );
+        assert_eq!(s.worker.reporting.log_limits.max_log_size, 1_000_000);
+        assert_eq!(s.worker.reporting.log_limits.batch_size, 4_000_000);
         let s = Settings::from_start_args(
             &args(&[]),
             &env(&[
@@ -1000,8 +647,8 @@ mod tests {
         .unwrap();
         assert_eq!(
             (
-                s.worker.log_limits.max_log_size,
-                s.worker.log_limits.batch_size
+                s.worker.reporting.log_limits.max_log_size,
+                s.worker.reporting.log_limits.batch_size
             ),
             (2000, 10000)
         );
@@ -1016,5 +663,104 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// Every variable the settings code reads, on every path (start with the endpoints and
+    /// TLS on, gc, the profile lookup with and without `PREFECT_HOME`), is an entry of the
+    /// table, and every entry is read on some path: the table is neither short nor stale.
+    #[test]
+    fn the_table_lists_exactly_the_variables_read() {
+        let mut read = std::collections::BTreeSet::new();
+        let full = env(&[
+            ("PREFECT_API_URL", "http://x/api"),
+            ("DOCKER_TLS_VERIFY", "1"),
+        ]);
+        let start = Env::new(&full);
+        Settings::read(&args(&["--with-healthcheck"]), &start).unwrap();
+        read.extend(start.read());
+        let gc = Env::new(&full);
+        GcSettings::read(&gc_args(&[]), &gc).unwrap();
+        read.extend(gc.read());
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().to_string_lossy().into_owned();
+        for vars in [env(&[("HOME", &home)]), env(&[("PREFECT_HOME", &home)])] {
+            let profile = Env::new(&vars);
+            profile::active_profile(&profile).unwrap();
+            read.extend(profile.read());
+        }
+        let table: std::collections::BTreeSet<&str> = ENV_VARS.iter().map(|v| v.name).collect();
+        let missing: Vec<_> = read.difference(&table).collect();
+        assert!(missing.is_empty(), "read but not in the table: {missing:?}");
+        let stale: Vec<_> = table.difference(&read).collect();
+        assert!(stale.is_empty(), "in the table but never read: {stale:?}");
+    }
+
+    /// Setting a variable to the default the table shows changes nothing: what users are told
+    /// is what the code does.
+    #[test]
+    fn the_shown_defaults_are_the_defaults_applied() {
+        let base = [("PREFECT_API_URL", "http://x/api")];
+        let cmd = ["-n", "w", "--with-healthcheck"];
+        // Settings without the Prefect settings handed on, which list what is set.
+        let shown = |s: Settings| {
+            let mut s = s;
+            s.worker.run_defaults.settings_env.clear();
+            format!("{s:?}")
+        };
+        let unset = shown(Settings::from_start_args(&args(&cmd), &env(&base)).unwrap());
+        for var in ENV_VARS {
+            let Some(default) = var.default.value() else {
+                continue;
+            };
+            let vars = env(&[base[0], (var.name, &default)]);
+            let set = shown(Settings::from_start_args(&args(&cmd), &vars).unwrap());
+            assert_eq!(set, unset, "{}={default}", var.name);
+        }
+    }
+
+    #[test]
+    fn with_defaults_is_start_with_no_flags_and_no_environment() {
+        let w = WorkerSettings::with_defaults("p", "w");
+        assert_eq!((w.pool.as_str(), w.name.as_str()), ("p", "w"));
+        assert!(w.work_queues.is_empty() && w.run_defaults.settings_env.is_empty());
+        let mut started = Settings::from_start_args(
+            &args(&["-n", "w"]),
+            &env(&[("PREFECT_API_URL", "http://x/api")]),
+        )
+        .unwrap()
+        .worker;
+        started.run_defaults.settings_env.clear();
+        assert_eq!(format!("{w:?}"), format!("{started:?}"));
+        assert_eq!(w.polling.query_interval, Duration::from_secs(10));
+        assert_eq!(w.cancellation.grace, Duration::from_secs(30));
+        assert_eq!(w.gc.older_than, Duration::from_secs(86_400));
+        assert_eq!(w.reporting.crash_log_lines, 200);
+        assert!(w.features.worker_channel && !w.features.prepull);
+    }
+
+    /// No `{:?}` of the settings prints a secret: `settings_env` holds every `PREFECT_*`
+    /// value, the API key and auth string among them.
+    #[test]
+    fn debug_prints_no_setting_values() {
+        let secrets = [
+            ("PREFECT_API_KEY", "pnu_secret-key-1"),
+            ("PREFECT_API_AUTH_STRING", "admin:secret-pass-2"),
+            ("PREFECT_EXTRA_TOKEN", "secret-token-3"),
+        ];
+        let mut vars = env(&secrets);
+        vars.insert("PREFECT_API_URL".into(), "http://x/api".into());
+        let s = Settings::from_start_args(&args(&[]), &vars).unwrap();
+        assert_eq!(s.worker.run_defaults.settings_env.len(), 4);
+        for text in [
+            format!("{s:?}"),
+            format!("{s:#?}"),
+            format!("{:?}", s.worker.run_defaults),
+        ] {
+            for (name, value) in secrets {
+                assert!(text.contains(name), "{name} missing from {text}");
+                assert!(!text.contains(value), "{name}'s value printed: {text}");
+            }
+            assert!(text.contains("<redacted>"), "{text}");
+        }
     }
 }

@@ -148,7 +148,7 @@ impl Worker {
             events_config,
             channel_config,
         } = reporting;
-        let limiter = settings.limit.map(|n| Arc::new(Semaphore::new(n)));
+        let limiter = settings.polling.limit.map(|n| Arc::new(Semaphore::new(n)));
         Arc::new(Self {
             settings,
             api,
@@ -197,10 +197,11 @@ impl Worker {
         // Start-up's round trips overlap: the channel handshake (or REST sync after it), the
         // CSRF token the first claim needs, and the first poll. The poll's runs wait for the
         // sync (they need the pool's template) and for re-attachment, as always.
-        let channel =
-            async { !self.settings.run_once && self.start_channel(shutdown.child_token()).await };
+        let channel = async {
+            !self.settings.polling.run_once && self.start_channel(shutdown.child_token()).await
+        };
         let first_poll = async {
-            if self.settings.run_once {
+            if self.settings.polling.run_once {
                 None
             } else {
                 self.fetch_scheduled_runs(&self.settings.pool).await.ok()
@@ -223,12 +224,12 @@ impl Worker {
         }
         self.emit_worker_event("prefect.worker.started");
         tracing::info!(worker = %self.settings.name, pool = %self.settings.pool, "Worker '{}' started!", self.settings.name);
-        if self.settings.stop_cancelled {
+        if self.settings.cancellation.stop_cancelled {
             let worker = Arc::clone(self);
             let stop = shutdown.child_token();
             tokio::spawn(async move { worker.cancellation_loop(stop).await });
         }
-        if self.events_config.is_some() && !self.settings.run_once {
+        if self.events_config.is_some() && !self.settings.polling.run_once {
             let worker = Arc::clone(self);
             let stop = shutdown.child_token();
             tokio::spawn(async move { worker.pool_events_loop(stop).await });
@@ -238,18 +239,18 @@ impl Worker {
             let stop = shutdown.child_token();
             tokio::spawn(async move { worker.engine_events_loop(stop).await });
         }
-        if let Some(interval) = self.settings.gc_interval {
+        if let Some(interval) = self.settings.gc.interval {
             let worker = Arc::clone(self);
             let stop = shutdown.child_token();
             tokio::spawn(async move { worker.gc_loop(interval, stop).await });
         }
-        if self.settings.prepull && !self.settings.run_once {
+        if self.settings.features.prepull && !self.settings.polling.run_once {
             let worker = Arc::clone(self);
             let stop = shutdown.child_token();
             tokio::spawn(async move { worker.prepull_loop(stop).await });
         }
 
-        let result = if self.settings.run_once {
+        let result = if self.settings.polling.run_once {
             let result = self.poll_once().await;
             self.tasks.close();
             // Run tasks stop watching on shutdown, so this wait ends promptly on a signal too.
@@ -319,11 +320,15 @@ impl Worker {
         let name = &self.settings.pool;
         let mut pool = match self.api.read_work_pool(name).await? {
             Some(pool) => pool,
-            None if self.settings.create_pool_if_not_found => {
+            None if self.settings.polling.create_pool_if_not_found => {
                 tracing::info!(pool = %name, "Work pool not found; creating it");
                 match self
                     .api
-                    .create_work_pool(name, "docker", self.settings.base_job_template.as_ref())
+                    .create_work_pool(
+                        name,
+                        "docker",
+                        self.settings.polling.base_job_template.as_ref(),
+                    )
                     .await
                 {
                     Ok(pool) => pool,
@@ -347,6 +352,7 @@ impl Worker {
         {
             let template = self
                 .settings
+                .polling
                 .base_job_template
                 .clone()
                 .unwrap_or_else(default_base_job_template);
@@ -361,7 +367,7 @@ impl Worker {
             .send_worker_heartbeat(
                 name,
                 &self.settings.name,
-                self.settings.heartbeat_interval.as_secs(),
+                self.settings.polling.heartbeat_interval.as_secs(),
             )
             .await?;
         self.record_pool(pool);
@@ -390,7 +396,7 @@ impl Worker {
     async fn sync_loop(&self, shutdown: CancellationToken) -> Result<(), WorkerError> {
         let mut failures = 0;
         loop {
-            let delay = backoff(self.settings.heartbeat_interval, failures);
+            let delay = backoff(self.settings.polling.heartbeat_interval, failures);
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = shutdown.cancelled() => return Ok(()),
@@ -428,7 +434,7 @@ impl Worker {
                     tracing::warn!(error = %e, consecutive_failures = failures, "polling for flow runs failed");
                 }
             }
-            let delay = backoff(self.settings.query_interval, failures);
+            let delay = backoff(self.settings.polling.query_interval, failures);
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = self.poll_now.notified(), if failures == 0 => {
@@ -483,6 +489,7 @@ impl Worker {
         let scheduled_before = chrono::Utc::now()
             + chrono::Duration::seconds(
                 self.settings
+                    .polling
                     .prefetch
                     .as_secs()
                     .try_into()
@@ -543,9 +550,9 @@ impl Worker {
                         self.saturated
                             .store(true, std::sync::atomic::Ordering::Relaxed);
                         tracing::debug!(
-                            limit = self.settings.limit.unwrap_or_default(),
+                            limit = self.settings.polling.limit.unwrap_or_default(),
                             "Flow run limit reached; {} flow runs in progress.",
-                            self.settings.limit.unwrap_or_default()
+                            self.settings.polling.limit.unwrap_or_default()
                         );
                         break;
                     }
@@ -666,7 +673,7 @@ impl Worker {
     async fn cancellation_loop(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
             tokio::select! {
-                () = tokio::time::sleep(self.settings.cancellation_poll) => self.poll_cancellations().await,
+                () = tokio::time::sleep(self.settings.cancellation.poll_interval) => self.poll_cancellations().await,
                 () = shutdown.cancelled() => return,
             }
         }
@@ -703,7 +710,9 @@ impl Worker {
             match event {
                 None => return,
                 Some(PoolEvent::Cancelling { flow_run_id }) => {
-                    if self.settings.stop_cancelled && self.settings.cancellation_events {
+                    if self.settings.cancellation.stop_cancelled
+                        && self.settings.cancellation.events
+                    {
                         self.cancel_run(&flow_run_id);
                     }
                 }
@@ -712,10 +721,10 @@ impl Worker {
                     scheduled_time,
                 }) => {
                     let horizon = chrono::Utc::now()
-                        + chrono::Duration::from_std(self.settings.prefetch)
+                        + chrono::Duration::from_std(self.settings.polling.prefetch)
                             .unwrap_or_else(|_| chrono::Duration::seconds(10));
                     let due = scheduled_time.is_none_or(|t| t <= horizon);
-                    if self.settings.fast_pickup && due {
+                    if self.settings.features.fast_pickup && due {
                         tracing::debug!(flow_run_id, "a flow run became due; polling now");
                         // A short random pause, so several workers of one pool do not all
                         // claim the same run at the same instant.
@@ -815,7 +824,7 @@ impl Worker {
             run_id,
             format!(
                 "Flow run '{run_id}' was cancelled; stopping its container (grace period {} s)",
-                self.settings.cancel_grace.as_secs()
+                self.settings.cancellation.grace.as_secs()
             ),
         );
         let worker = Arc::clone(self);
@@ -823,7 +832,7 @@ impl Worker {
         tokio::spawn(async move {
             if let Err(e) = worker
                 .docker
-                .stop_container(&container, worker.settings.cancel_grace)
+                .stop_container(&container, worker.settings.cancellation.grace)
                 .await
             {
                 worker.metrics.docker_error(&e);

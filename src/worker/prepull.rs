@@ -51,7 +51,7 @@ impl Worker {
                 }
             }
             tokio::select! {
-                () = tokio::time::sleep(self.settings.heartbeat_interval) => {}
+                () = tokio::time::sleep(self.settings.polling.heartbeat_interval) => {}
                 () = shutdown.cancelled() => return,
             }
         }
@@ -101,8 +101,9 @@ impl Worker {
         let rendered =
             render_job_configuration(template, &variables, &|name| std::env::var(name).ok())
                 .map_err(|e| e.to_string())?;
-        let config = DockerJobConfiguration::from_rendered(&rendered, &self.settings.cwd)
-            .map_err(|e| e.to_string())?;
+        let config =
+            DockerJobConfiguration::from_rendered(&rendered, &self.settings.run_defaults.cwd)
+                .map_err(|e| e.to_string())?;
         let placeholder_run = json!({"id": "", "name": "prepull"});
         config
             .prepare(&RunContext {
@@ -112,8 +113,8 @@ impl Worker {
                 worker_name: self.name(),
                 work_pool_name: &self.settings.pool,
                 work_pool_id: "",
-                settings_env: &self.settings.settings_env,
-                default_image: &self.settings.default_image,
+                settings_env: &self.settings.run_defaults.settings_env,
+                default_image: &self.settings.run_defaults.default_image,
                 engine_version: Some(self.docker.engine_version()),
             })
             .map_err(|e| e.to_string())

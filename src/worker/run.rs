@@ -363,7 +363,7 @@ pub(crate) async fn reattach(
     async {
         let id = flow_run.id.as_str();
         let name = found.container.display_name().to_owned();
-        let tail = OutputTail::new(worker.settings.crash_log_lines);
+        let tail = OutputTail::new(worker.settings.reporting.crash_log_lines);
         let usage = Mutex::new(ResourceUsage::default());
         let started = std::time::Instant::now();
         let outcome = if found.running {
@@ -654,7 +654,8 @@ async fn resolve_configuration(
     let rendered =
         render_job_configuration(template, &variables, &|name| std::env::var(name).ok())?;
     let rendered = resolve_references(worker, rendered).await?;
-    let config = DockerJobConfiguration::from_rendered(&rendered, &worker.settings.cwd)?;
+    let config =
+        DockerJobConfiguration::from_rendered(&rendered, &worker.settings.run_defaults.cwd)?;
     for warning in &config.overrides.warnings {
         worker.logs.warn(&flow_run.id, warning.clone());
     }
@@ -665,8 +666,8 @@ async fn resolve_configuration(
         worker_name: worker.name(),
         work_pool_name: &pool.name,
         work_pool_id: &pool.id,
-        settings_env: &worker.settings.settings_env,
-        default_image: &worker.settings.default_image,
+        settings_env: &worker.settings.run_defaults.settings_env,
+        default_image: &worker.settings.run_defaults.default_image,
         engine_version: Some(worker.docker.engine_version()),
     })?;
     Ok((spec, flow))
@@ -812,7 +813,7 @@ fn send_crash_tail(worker: &Worker, id: &str, container: &str, code: i64, tail: 
 /// Reports what the run cost: one flow-run log line and a
 /// `prefect.docker.container.resources` event.
 async fn account(worker: &Worker, target: &Target<'_>, status: &ExitStatus, observed: &Observed) {
-    if !worker.settings.resource_accounting {
+    if !worker.settings.reporting.resource_accounting {
         return;
     }
     let accounting = Accounting {
@@ -846,7 +847,7 @@ fn print_output(text: &str) {
 }
 
 async fn watch(worker: &Worker, target: &Target<'_>, auto_remove: bool, stream_output: bool) {
-    let tail = OutputTail::new(worker.settings.crash_log_lines);
+    let tail = OutputTail::new(worker.settings.reporting.crash_log_lines);
     let usage = Mutex::new(ResourceUsage::default());
     let started = std::time::Instant::now();
     let output = |text: &str| {
@@ -884,7 +885,7 @@ async fn with_sampling<T>(
     watching: impl std::future::Future<Output = T>,
 ) -> T {
     let sampling = async {
-        if worker.settings.resource_accounting {
+        if worker.settings.reporting.resource_accounting {
             worker.docker.sample_usage(container_id, usage).await;
         }
         std::future::pending::<()>().await;
