@@ -5,8 +5,7 @@
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser};
-use docker_worker::cli::{Cli, Command};
+use docker_worker::cli::{self, Command};
 use docker_worker::config::{GcSettings, LogFormat, Settings, with_profile};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::filter::{LevelFilter, Targets};
@@ -84,13 +83,14 @@ fn init_tracing(log_filter: &str, log_format: LogFormat) {
 fn main() -> ExitCode {
     // reqwest and bollard both use rustls; one process-wide provider avoids a panic at first use.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let cli = Cli::parse();
+    // Not `Cli::parse()`: the help of the environment variables is added at run time.
+    let cli = cli::parse();
 
     match cli.command {
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
-                &mut Cli::command(),
+                &mut cli::command(),
                 "docker-worker",
                 &mut std::io::stdout(),
             );

@@ -2,10 +2,12 @@
 //! users, the flags it is the default of, and what it means.
 //!
 //! [`super::env::Env`] reads a variable only through its entry here, taking the default from
-//! it too, so the code cannot read a variable, or apply a default, the table does not show.
-//! Depends on nothing but [`crate::logs::LogLimits`], whose defaults are Prefect's.
+//! it too, and `docker-worker start --help` prints [`ENV_VARS`] (see [`environment_help`]), so
+//! the code and the help cannot drift apart. Depends on
+//! nothing but [`crate::logs::LogLimits`], whose defaults are Prefect's.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 
 /// An environment variable the worker reads.
 #[derive(Debug)]
@@ -435,6 +437,50 @@ pub const ENV_VARS: &[&EnvVar] = &[
     &DOCKER_WORKER_GC_OLDER_THAN,
 ];
 
+/// The "Environment:" section of `docker-worker start --help`, one entry per [`ENV_VARS`]
+/// row: name, default and flags on one line, the meaning indented below (clap's own layout).
+#[must_use]
+pub fn environment_help() -> String {
+    let mut out = String::from(
+        "Environment (a flag wins over its variable, a variable over the Prefect profile):\n",
+    );
+    for var in ENV_VARS {
+        let _ = write!(out, "  {}  [default: {}]", var.name, var.default.shown());
+        for flag in var.flags {
+            let _ = write!(out, " [flag: {}]", flag_text(flag));
+        }
+        let _ = writeln!(out, "\n          {}", var.meaning);
+    }
+    out.push_str(
+        "\nEvery PREFECT_* variable set, these and any other, is also passed into each flow-run container.",
+    );
+    out
+}
+
+/// `--flag` for `start`, `gc --flag` for the others, so the shared table says which command a
+/// flag belongs to.
+fn flag_text(flag: &Flag) -> String {
+    if flag.command == "start" {
+        format!("--{}", flag.long)
+    } else {
+        format!("{} --{}", flag.command, flag.long)
+    }
+}
+
+/// The suffix of a flag's help naming the variable its default comes from, e.g.
+/// `[env: DOCKER_WORKER_PREPULL; default: false]`; `None` for flags without one.
+#[must_use]
+pub fn flag_env_help(command: &str, long: &str) -> Option<String> {
+    ENV_VARS
+        .iter()
+        .find(|v| {
+            v.flags
+                .iter()
+                .any(|f| f.command == command && f.long == long)
+        })
+        .map(|v| format!("[env: {}; default: {}]", v.name, v.default.shown()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,5 +509,25 @@ mod tests {
         );
         assert_eq!(PREFECT_LOGGING_TO_API_BATCH_SIZE.default.shown(), "4000000");
         assert_eq!(PREFECT_API_URL.default.value(), None);
+    }
+
+    #[test]
+    fn help_lists_every_variable_with_its_default_and_flags() {
+        let help = environment_help();
+        for var in ENV_VARS {
+            let line = help
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{}  ", var.name)))
+                .unwrap_or_else(|| panic!("{} missing from:\n{help}", var.name));
+            assert!(line.contains(&*var.default.shown()), "{line}");
+            for flag in var.flags {
+                assert!(line.contains(&flag_text(flag)), "{line}");
+            }
+        }
+        assert_eq!(
+            flag_env_help("gc", "older-than").as_deref(),
+            Some("[env: DOCKER_WORKER_GC_OLDER_THAN; default: 24h]")
+        );
+        assert_eq!(flag_env_help("start", "pool"), None);
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Names and defaults are Prefect's (`PREFECT_API_URL`, `PREFECT_WORKER_QUERY_SECONDS`, …) so
 //! an existing worker's environment works unchanged; every variable read, with its default, is
-//! an entry of [`env_table::ENV_VARS`]. Anything invalid is a
+//! an entry of [`env_table::ENV_VARS`], which `--help` prints too. Anything invalid is a
 //! [`ConfigError`] that `main` turns into exit code 64. Depends on [`crate::cli`] for the raw
 //! arguments and on the settings types of the modules it configures.
 
