@@ -3,7 +3,7 @@
 //!
 //! [`super::env::Env`] reads a variable only through its entry here, taking the default from
 //! it too, and `docker-worker start --help` prints [`ENV_VARS`] (see [`environment_help`]), so
-//! the code and the help cannot drift apart. Depends on
+//! the code, the help and the README (checked by a test) cannot drift apart. Depends on
 //! nothing but [`crate::logs::LogLimits`], whose defaults are Prefect's.
 
 use std::borrow::Cow;
@@ -529,5 +529,54 @@ mod tests {
             Some("[env: DOCKER_WORKER_GC_OLDER_THAN; default: 24h]")
         );
         assert_eq!(flag_env_help("start", "pool"), None);
+    }
+
+    /// The variables named in the first column of the README's "Configuration (environment)"
+    /// table; `` `A_HOST` / `_PORT` `` names `A_HOST` and `A_PORT`.
+    fn readme_variables(readme: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let rows = readme
+            .lines()
+            .skip_while(|l| l.trim() != "### Configuration (environment)")
+            .skip(1)
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .skip(2);
+        for row in rows {
+            let first_cell = row.split('|').nth(1).unwrap_or_default();
+            let mut previous = String::new();
+            for name in first_cell.split('`').skip(1).step_by(2) {
+                let name = match name.strip_prefix('_') {
+                    Some(suffix) => match previous.rsplit_once('_') {
+                        Some((stem, _)) => format!("{stem}_{suffix}"),
+                        None => name.to_owned(),
+                    },
+                    None => name.to_owned(),
+                };
+                previous.clone_from(&name);
+                names.push(name);
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn the_readme_table_lists_every_variable() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+        let readme = std::fs::read_to_string(path).unwrap();
+        let listed = readme_variables(&readme);
+        assert!(
+            listed.iter().any(|n| n == "PREFECT_WORKER_WEBSERVER_PORT"),
+            "the README's table was not found or not parsed: {listed:?}"
+        );
+        let missing: Vec<&str> = ENV_VARS
+            .iter()
+            .map(|v| v.name)
+            .filter(|name| !listed.iter().any(|n| n == name))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "missing from README.md's \"Configuration (environment)\" table: {missing:?}"
+        );
     }
 }
