@@ -57,10 +57,10 @@ impl<'a> Env<'a> {
     /// A non-negative number of seconds, fractions allowed.
     pub(crate) fn seconds(&self, var: &EnvVar) -> Result<Duration, ConfigError> {
         let text = self.trimmed(var);
+        // `try_`: a number of seconds too large for a `Duration` is an error, not a panic.
         text.parse::<f64>()
             .ok()
-            .filter(|v| v.is_finite() && *v >= 0.0)
-            .map(Duration::from_secs_f64)
+            .and_then(|v| Duration::try_from_secs_f64(v).ok())
             .ok_or_else(|| ConfigError::Invalid {
                 name: var.name.to_owned(),
                 value: text,
@@ -246,6 +246,18 @@ mod tests {
             e.to_string()
                 .starts_with("invalid value for --gc-interval: \"soon\""),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn seconds_too_large_for_a_duration_are_an_error() {
+        let vars = vars(&[("PREFECT_API_REQUEST_TIMEOUT", "1e30")]);
+        let e = Env::new(&vars)
+            .seconds(&var::PREFECT_API_REQUEST_TIMEOUT)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid value for PREFECT_API_REQUEST_TIMEOUT: \"1e30\" (expected a non-negative number of seconds)"
         );
     }
 

@@ -157,7 +157,8 @@ fn endpoints(
         addr: endpoint_addr(env)?,
         health: args.with_healthcheck,
         metrics,
-        unhealthy_after: query_interval * 30,
+        // Saturating: a huge poll interval must not overflow into a panic.
+        unhealthy_after: query_interval.saturating_mul(30),
     }))
 }
 
@@ -663,6 +664,33 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// Values a `Duration` cannot hold are configuration errors (exit 64), not panics.
+    #[test]
+    fn huge_durations_are_errors_not_panics() {
+        let base = [("PREFECT_API_URL", "http://x/api")];
+        for (flags, vars) in [
+            (vec!["--cancel-grace", "1e30"], vec![]),
+            (vec!["--prefetch-seconds", "1e30"], vec![]),
+            (
+                vec![],
+                vec![("DOCKER_WORKER_CANCELLATION_POLL_SECONDS", "1e30")],
+            ),
+        ] {
+            let vars: Vec<_> = base.iter().copied().chain(vars).collect();
+            let e = Settings::from_start_args(&args(&flags), &env(&vars)).unwrap_err();
+            assert!(
+                e.to_string().contains("expected a non-negative number"),
+                "{e}"
+            );
+        }
+        let s = Settings::from_start_args(
+            &args(&["--with-healthcheck"]),
+            &env(&[base[0], ("PREFECT_WORKER_QUERY_SECONDS", "1e18")]),
+        )
+        .unwrap();
+        assert_eq!(s.endpoints.unwrap().unhealthy_after, Duration::MAX);
     }
 
     /// Every variable the settings code reads, on every path (start with the endpoints and

@@ -256,21 +256,24 @@ fn base_job_template(path: &Path) -> Result<Value, ConfigError> {
     Ok(value)
 }
 
-/// A seconds flag, if given: finite and non-negative, else an error naming it with `reason`.
+/// A seconds flag, if given: a non-negative number a `Duration` can hold, else an error
+/// naming it with `reason`.
 fn flag_seconds(
     value: Option<f64>,
     flag: &str,
     reason: &str,
 ) -> Result<Option<Duration>, ConfigError> {
-    match value {
-        None => Ok(None),
-        Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
-        Some(s) => Err(ConfigError::Invalid {
+    let Some(s) = value else {
+        return Ok(None);
+    };
+    // `try_`: negative, NaN, infinite, and too large for a `Duration` are errors, not panics.
+    Duration::try_from_secs_f64(s)
+        .map(Some)
+        .map_err(|_| ConfigError::Invalid {
             name: flag.into(),
             value: s.to_string(),
             reason: reason.into(),
-        }),
-    }
+        })
 }
 
 /// `--no-stop-cancelled`, `--cancel-grace` and how cancellations are learnt.
