@@ -45,11 +45,11 @@ pub async fn run(settings: Settings, lifetime: Lifetime) -> anyhow::Result<()> {
     );
 
     let log_shutdown = CancellationToken::new();
-    let (logs, log_task) = if settings.worker.logging_to_api {
+    let (logs, log_task) = if settings.worker.reporting.logging_to_api {
         let (logs, task) = ApiLogs::spawn(
             Arc::clone(&api),
-            settings.worker.log_batch_interval,
-            settings.worker.log_limits,
+            settings.worker.reporting.log_batch_interval,
+            settings.worker.reporting.log_limits,
             Arc::clone(&metrics),
             log_shutdown.clone(),
         );
@@ -58,10 +58,11 @@ pub async fn run(settings: Settings, lifetime: Lifetime) -> anyhow::Result<()> {
         (ApiLogs::disabled(), None)
     };
 
-    let events_config = (settings.worker.cancellation_events || settings.worker.fast_pickup)
+    let events_config = (settings.worker.cancellation.events
+        || settings.worker.features.fast_pickup)
         .then(|| settings.api.clone());
     let events_shutdown = CancellationToken::new();
-    let (events, events_task) = if settings.worker.emit_events {
+    let (events, events_task) = if settings.worker.reporting.emit_events {
         let (sink, task) = EventSink::spawn(settings.api.clone(), events_shutdown.clone());
         (sink, Some(task))
     } else {
@@ -72,7 +73,11 @@ pub async fn run(settings: Settings, lifetime: Lifetime) -> anyhow::Result<()> {
         events,
         metrics,
         events_config,
-        channel_config: settings.worker.worker_channel.then(|| settings.api.clone()),
+        channel_config: settings
+            .worker
+            .features
+            .worker_channel
+            .then(|| settings.api.clone()),
     };
     let ports = Ports {
         api,

@@ -1,8 +1,14 @@
 //! Command-line interface (clap derive). Raw values only; `config` validates them.
+//!
+//! The help of the environment variables is not written here: [`command`] adds it from
+//! [`crate::config::env_table`], the table the settings are read with, so the help cannot show
+//! a default the code does not use.
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::config::env_table::{environment_help, flag_env_help};
 
 /// A native Prefect worker that runs flow runs as Docker containers.
 ///
@@ -31,7 +37,7 @@ pub enum Command {
 }
 
 /// Arguments of `docker-worker start`.
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct StartArgs {
     /// The work pool to poll for flow runs.
     #[arg(short = 'p', long)]
@@ -49,7 +55,7 @@ pub struct StartArgs {
     #[arg(short = 'l', long)]
     pub limit: Option<usize>,
 
-    /// Claim runs scheduled up to this many seconds ahead [env: PREFECT_WORKER_PREFETCH_SECONDS; default: 10].
+    /// Claim runs scheduled up to this many seconds ahead.
     #[arg(long)]
     pub prefetch_seconds: Option<f64>,
 
@@ -69,44 +75,42 @@ pub struct StartArgs {
     #[arg(long, overrides_with = "create_pool_if_not_found")]
     pub no_create_pool_if_not_found: bool,
 
-    /// Image for jobs that name none [env: DOCKER_WORKER_DEFAULT_IMAGE; default: prefecthq/prefect:3.9.1-python3.11].
+    /// Image for jobs that name none.
     #[arg(long, value_name = "IMAGE")]
     pub default_image: Option<String>,
 
-    /// Serve GET /health on PREFECT_WORKER_WEBSERVER_HOST:PREFECT_WORKER_WEBSERVER_PORT (0.0.0.0:8080).
+    /// Serve GET /health on PREFECT_WORKER_WEBSERVER_HOST:PREFECT_WORKER_WEBSERVER_PORT.
     #[arg(long)]
     pub with_healthcheck: bool,
 
-    /// Serve Prometheus GET /metrics on the same address [env: DOCKER_WORKER_METRICS_ENABLED].
+    /// Serve Prometheus GET /metrics on the same address.
     #[arg(long)]
     pub with_metrics: bool,
 
     /// When a running flow run is cancelled, stop its container: SIGTERM, then SIGKILL after
-    /// this many seconds [env: DOCKER_WORKER_CANCEL_GRACE_SECONDS; default: 30].
+    /// this many seconds.
     #[arg(long, value_name = "SECONDS")]
     pub cancel_grace: Option<f64>,
 
-    /// Leave cancelled runs' containers to the Prefect engine inside them (do not stop them)
-    /// [env: DOCKER_WORKER_STOP_CANCELLED=false].
+    /// Leave cancelled runs' containers to the Prefect engine inside them (do not stop them).
     #[arg(long)]
     pub no_stop_cancelled: bool,
 
     /// Pull the images of the pool's deployments at start and whenever a deployment is created
-    /// or changed, so the first run does not wait for its pull [env: DOCKER_WORKER_PREPULL].
+    /// or changed, so the first run does not wait for its pull.
     #[arg(long)]
     pub prepull: bool,
 
-    /// Worker log format on stderr: `text` or `json` [env: DOCKER_WORKER_LOG_FORMAT; default: text].
+    /// Worker log format on stderr: `text` or `json`.
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
 
     /// Collect this pool's finished containers every DURATION (`1h`, `30m`); `0` or unset
-    /// turns it off [env: DOCKER_WORKER_GC_INTERVAL].
+    /// turns it off.
     #[arg(long, value_name = "DURATION")]
     pub gc_interval: Option<String>,
 
-    /// With --gc-interval: keep containers that finished less than DURATION ago
-    /// [env: DOCKER_WORKER_GC_OLDER_THAN; default: 24h].
+    /// With --gc-interval: keep containers that finished less than DURATION ago.
     #[arg(long, value_name = "DURATION")]
     pub gc_older_than: Option<String>,
 }
@@ -122,8 +126,7 @@ pub struct GcArgs {
     #[arg(short = 'p', long)]
     pub pool: Option<String>,
 
-    /// Keep containers that finished less than DURATION ago (`30m`, `24h`, `7d`, `0s`)
-    /// [env: DOCKER_WORKER_GC_OLDER_THAN; default: 24h].
+    /// Keep containers that finished less than DURATION ago (`30m`, `24h`, `7d`, `0s`).
     #[arg(long, value_name = "DURATION")]
     pub older_than: Option<String>,
 
@@ -132,14 +135,76 @@ pub struct GcArgs {
     pub dry_run: bool,
 }
 
+/// The command line with the environment's help added from the table: each flag backed by a
+/// variable ends in `[env: NAME; default: VALUE]`, and `start --help` ends with every variable.
+/// Done at run time because clap's derive attributes take literals, not the table.
+#[must_use]
+pub fn command() -> clap::Command {
+    Cli::command()
+        .mut_subcommand("start", |start| {
+            with_flag_env_help(start, "start")
+                .after_help("Environment variables: see --help.")
+                .after_long_help(environment_help())
+        })
+        .mut_subcommand("gc", |gc| with_flag_env_help(gc, "gc"))
+}
+
+/// Appends the `[env: …; default: …]` of the table to the help of `subcommand`'s flags.
+fn with_flag_env_help(cmd: clap::Command, subcommand: &str) -> clap::Command {
+    cmd.mut_args(|arg| {
+        let suffix = arg
+            .get_long()
+            .and_then(|long| flag_env_help(subcommand, long));
+        match suffix {
+            Some(suffix) => {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                arg.help(format!("{help} {suffix}"))
+            }
+            None => arg,
+        }
+    })
+}
+
+/// Parses the process's arguments against [`command`], exiting as clap does (help, version,
+/// usage errors with code 2).
+#[must_use]
+pub fn parse() -> Cli {
+    let matches = command().get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_is_consistent() {
-        Cli::command().debug_assert();
+        command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_of_the_table_exists_and_gets_its_variable_in_its_help() {
+        let mut cmd = command();
+        for var in crate::config::ENV_VARS {
+            for flag in var.flags {
+                let sub = cmd
+                    .find_subcommand_mut(flag.command)
+                    .unwrap_or_else(|| panic!("no subcommand {}", flag.command));
+                let arg = sub
+                    .get_arguments()
+                    .find(|a| a.get_long() == Some(flag.long))
+                    .unwrap_or_else(|| panic!("{} has no --{}", flag.command, flag.long));
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                assert!(
+                    help.ends_with(&format!(
+                        "[env: {}; default: {}]",
+                        var.name,
+                        var.default.shown()
+                    )),
+                    "{help}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -406,19 +406,25 @@ mod tests {
             crate::config::Settings::from_start_args(&args, &env)
         };
         let default = settings(&[]).unwrap();
-        assert!(default.worker.logging_to_api);
-        assert_eq!(default.worker.log_batch_interval, Duration::from_secs(2));
+        assert!(default.worker.reporting.logging_to_api);
+        assert_eq!(
+            default.worker.reporting.log_batch_interval,
+            Duration::from_secs(2)
+        );
         for off in ["false", "FALSE", "0", "off", "no", "f", "n"] {
             let s = settings(&[("PREFECT_LOGGING_TO_API_ENABLED", off)]).unwrap();
-            assert!(!s.worker.logging_to_api, "{off}");
+            assert!(!s.worker.reporting.logging_to_api, "{off}");
         }
         for on in ["true", "True", "1", "on", "yes"] {
             let s = settings(&[("PREFECT_LOGGING_TO_API_ENABLED", on)]).unwrap();
-            assert!(s.worker.logging_to_api, "{on}");
+            assert!(s.worker.reporting.logging_to_api, "{on}");
         }
         assert!(settings(&[("PREFECT_LOGGING_TO_API_ENABLED", "maybe")]).is_err());
         let s = settings(&[("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.5")]).unwrap();
-        assert_eq!(s.worker.log_batch_interval, Duration::from_millis(500));
+        assert_eq!(
+            s.worker.reporting.log_batch_interval,
+            Duration::from_millis(500)
+        );
     }
 
     /// Bodies of the `POST /logs/` requests a stub API received; answers `statuses` in order

@@ -5,9 +5,8 @@
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser};
-use docker_worker::cli::{Cli, Command};
-use docker_worker::config::{GcSettings, LogFormat, Settings, with_profile};
+use docker_worker::cli::{self, Command, GcArgs, StartArgs};
+use docker_worker::config::{ConfigError, GcSettings, LogFormat, Settings, with_profile};
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -83,89 +82,93 @@ fn init_tracing(log_filter: &str, log_format: LogFormat) {
 fn main() -> ExitCode {
     // reqwest and bollard both use rustls; one process-wide provider avoids a panic at first use.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let cli = Cli::parse();
+    // Not `Cli::parse()`: the help of the environment variables is added at run time.
+    let cli = cli::parse();
 
     match cli.command {
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
-                &mut Cli::command(),
+                &mut cli::command(),
                 "docker-worker",
                 &mut std::io::stdout(),
             );
             ExitCode::SUCCESS
         }
-        Command::Gc(args) => {
-            let settings = match with_profile(std::env::vars().collect::<BTreeMap<_, _>>())
-                .and_then(|env| GcSettings::from_gc_args(&args, &env))
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("docker-worker: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            init_tracing(&settings.log_filter, LogFormat::Text);
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("docker-worker: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(docker_worker::app::gc(settings)) {
-                // Anything kept because of a failure makes the run fail, after the others.
-                Ok(report) if report.errors() > 0 => ExitCode::FAILURE,
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("docker-worker: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Start(args) => {
-            let settings = match with_profile(std::env::vars().collect::<BTreeMap<_, _>>())
-                .and_then(|env| Settings::from_start_args(&args, &env))
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("docker-worker: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            init_tracing(&settings.log_filter, settings.log_format);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("docker-worker: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            runtime.block_on(async {
-                let lifetime = docker_worker::worker::Lifetime::new();
-                if let Err(e) = docker_worker::shutdown::spawn_signal_handler(lifetime.stop.clone())
-                {
-                    eprintln!("docker-worker: cannot install signal handlers: {e}");
-                    return ExitCode::FAILURE;
-                }
-                match docker_worker::app::run(settings, lifetime).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        tracing::error!("{e:#}");
-                        eprintln!("docker-worker: {e:#}");
-                        ExitCode::FAILURE
-                    }
-                }
-            })
+        Command::Gc(args) => gc(&args),
+        Command::Start(args) => start(&args),
+    }
+}
+
+/// Settings from the process environment over the Prefect profile, built by `build`; a
+/// configuration error is printed and becomes exit code 64.
+fn settings<T>(
+    build: impl FnOnce(&BTreeMap<String, String>) -> Result<T, ConfigError>,
+) -> Result<T, ExitCode> {
+    with_profile(std::env::vars().collect::<BTreeMap<_, _>>())
+        .and_then(|env| build(&env))
+        .map_err(|e| {
+            eprintln!("docker-worker: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        })
+}
+
+/// The tokio runtime `build` describes; a failure to start it is printed.
+fn runtime(build: &mut tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    build.enable_all().build().map_err(|e| {
+        eprintln!("docker-worker: cannot start the async runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// `docker-worker gc`: one collection on a single thread.
+fn gc(args: &GcArgs) -> ExitCode {
+    let settings = match settings(|env| GcSettings::from_gc_args(args, env)) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    init_tracing(&settings.log_filter, LogFormat::Text);
+    let runtime = match runtime(&mut tokio::runtime::Builder::new_current_thread()) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match runtime.block_on(docker_worker::app::gc(settings)) {
+        // Anything kept because of a failure makes the run fail, after the others.
+        Ok(report) if report.errors() > 0 => ExitCode::FAILURE,
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("docker-worker: {e:#}");
+            ExitCode::FAILURE
         }
     }
+}
+
+/// `docker-worker start`: the worker until a signal (or the end of `--run-once`).
+fn start(args: &StartArgs) -> ExitCode {
+    let settings = match settings(|env| Settings::from_start_args(args, env)) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    init_tracing(&settings.log_filter, settings.log_format);
+    let runtime = match runtime(tokio::runtime::Builder::new_multi_thread().worker_threads(2)) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    runtime.block_on(async {
+        let lifetime = docker_worker::worker::Lifetime::new();
+        if let Err(e) = docker_worker::shutdown::spawn_signal_handler(lifetime.stop.clone()) {
+            eprintln!("docker-worker: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+        match docker_worker::app::run(settings, lifetime).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                eprintln!("docker-worker: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 #[cfg(test)]

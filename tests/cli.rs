@@ -32,6 +32,45 @@ fn version_and_help() {
     }
 }
 
+/// `start --help` ends with every variable of the environment table and its default, and a
+/// flag backed by a variable names it; the help is generated from the table, not written.
+#[test]
+fn start_help_lists_the_environment_from_the_table() {
+    let out = worker().args(["start", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    let section = help
+        .split_once("Environment")
+        .map(|(_, s)| s)
+        .unwrap_or_else(|| panic!("no Environment section in:\n{help}"));
+    for var in docker_worker::config::ENV_VARS {
+        let line = section
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{}  ", var.name)))
+            .unwrap_or_else(|| panic!("{} missing from start --help:\n{help}", var.name));
+        assert!(
+            line.contains(&format!("[default: {}]", var.default.shown())),
+            "{line}"
+        );
+    }
+    assert!(
+        help.contains("[env: PREFECT_WORKER_PREFETCH_SECONDS; default: 10]"),
+        "{help}"
+    );
+    let out = worker().args(["start", "-h"]).output().unwrap();
+    let short = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        short.contains("[env: DOCKER_WORKER_GC_OLDER_THAN; default: 24h]"),
+        "{short}"
+    );
+    let out = worker().args(["gc", "--help"]).output().unwrap();
+    let gc = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        gc.contains("[env: DOCKER_WORKER_GC_OLDER_THAN; default: 24h]"),
+        "{gc}"
+    );
+}
+
 #[test]
 fn missing_api_url_exits_64_with_a_clear_message() {
     let out = worker().args(["start", "--pool", "p"]).output().unwrap();

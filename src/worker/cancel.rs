@@ -19,7 +19,7 @@ impl Worker {
     /// Checks every `cancellation_poll` which held runs were cancelled (the safety net under
     /// the `/events/out` subscription).
     pub(super) async fn cancellation_loop(self: Arc<Self>, shutdown: CancellationToken) {
-        while backoff::sleep(self.settings.cancellation_poll, &shutdown).await {
+        while backoff::sleep(self.settings.cancellation.poll_interval, &shutdown).await {
             self.poll_cancellations().await;
         }
     }
@@ -84,7 +84,7 @@ impl Worker {
     fn on_pool_event(self: &Arc<Self>, event: PoolEvent) {
         match event {
             PoolEvent::Cancelling { flow_run_id } => {
-                if self.settings.stop_cancelled && self.settings.cancellation_events {
+                if self.settings.cancellation.stop_cancelled && self.settings.cancellation.events {
                     self.cancel_run(&flow_run_id);
                 }
             }
@@ -92,10 +92,10 @@ impl Worker {
                 flow_run_id,
                 scheduled_time,
             } => {
-                let prefetch = chrono::Duration::from_std(self.settings.prefetch)
+                let prefetch = chrono::Duration::from_std(self.settings.polling.prefetch)
                     .unwrap_or_else(|_| chrono::Duration::seconds(10));
                 let due = scheduled_time.is_none_or(|t| t <= chrono::Utc::now() + prefetch);
-                if self.settings.fast_pickup && due {
+                if self.settings.features.fast_pickup && due {
                     tracing::debug!(flow_run_id, "a flow run became due; polling now");
                     // A short random pause, so several workers of one pool do not all claim
                     // the same run at the same instant.
@@ -127,7 +127,7 @@ impl Worker {
     /// Stops a cancelled run's container in the background (SIGTERM, SIGKILL after the
     /// grace); the watch sees the exit and the run is reported Cancelled.
     pub(crate) fn stop_for_cancel(self: &Arc<Self>, run_id: &str, container: String) {
-        let grace = self.settings.cancel_grace;
+        let grace = self.settings.cancellation.grace;
         self.out.logs.info(
             run_id,
             format!(

@@ -91,12 +91,13 @@ impl Worker {
             consumer_id: self.channel.consumer_id.clone(),
             worker_name: self.settings.name.clone(),
             worker_type: "docker".into(),
-            heartbeat_interval_seconds: self.settings.heartbeat_interval.as_secs().max(1),
+            heartbeat_interval_seconds: self.settings.polling.heartbeat_interval.as_secs().max(1),
             work_queue_names: queues,
             cleanup: true,
-            create_pool_if_not_found: self.settings.create_pool_if_not_found,
+            create_pool_if_not_found: self.settings.polling.create_pool_if_not_found,
             default_base_job_template: self
                 .settings
+                .polling
                 .base_job_template
                 .clone()
                 .unwrap_or_else(default_base_job_template),

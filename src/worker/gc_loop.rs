@@ -16,7 +16,7 @@ impl Worker {
     pub(super) async fn gc_loop(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
         let options = GcOptions {
             pool: Some(self.settings.pool.clone()),
-            older_than: self.settings.gc_older_than,
+            older_than: self.settings.gc.older_than,
             dry_run: false,
         };
         let in_use = |run_id: &str| self.registry.holds(run_id);

@@ -179,7 +179,7 @@ impl Worker {
             channel_config,
         } = reporting;
         Arc::new(Self {
-            registry: Registry::new(settings.limit),
+            registry: Registry::new(settings.polling.limit),
             settings,
             api: ports.api,
             docker: ports.docker,
@@ -225,7 +225,7 @@ impl Worker {
         self.emit_worker_event("prefect.worker.started");
         tracing::info!(worker = %self.settings.name, pool = %self.settings.pool, "Worker '{}' started!", self.settings.name);
         self.spawn_loops(&loops);
-        let result = if self.settings.run_once {
+        let result = if self.settings.polling.run_once {
             self.run_once().await
         } else {
             let outcome = tokio::select! {
@@ -249,7 +249,7 @@ impl Worker {
         self: &Arc<Self>,
         loops: &CancellationToken,
     ) -> Result<Option<Vec<crate::prefect::FlowRun>>, WorkerError> {
-        let run_once = self.settings.run_once;
+        let run_once = self.settings.polling.run_once;
         let channel = async { !run_once && self.start_channel(loops.child_token()).await };
         let first_poll = async {
             if run_once {
@@ -279,8 +279,8 @@ impl Worker {
 
     /// The background loops, each under its own child of `loops`.
     fn spawn_loops(self: &Arc<Self>, loops: &CancellationToken) {
-        let run_once = self.settings.run_once;
-        if self.settings.stop_cancelled {
+        let run_once = self.settings.polling.run_once;
+        if self.settings.cancellation.stop_cancelled {
             let worker = Arc::clone(self);
             let stop = loops.child_token();
             self.tasks
@@ -298,13 +298,13 @@ impl Worker {
             self.tasks
                 .spawn(async move { worker.engine_events_loop(stop).await });
         }
-        if let Some(interval) = self.settings.gc_interval {
+        if let Some(interval) = self.settings.gc.interval {
             let worker = Arc::clone(self);
             let stop = loops.child_token();
             self.tasks
                 .spawn(async move { worker.gc_loop(interval, stop).await });
         }
-        if self.settings.prepull && !run_once {
+        if self.settings.features.prepull && !run_once {
             let worker = Arc::clone(self);
             let stop = loops.child_token();
             self.tasks

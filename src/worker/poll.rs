@@ -31,7 +31,7 @@ impl Worker {
                     tracing::warn!(error = %e, consecutive_failures = failures, "polling for flow runs failed");
                 }
             }
-            let interval = super::clamped_poisson_interval(self.settings.query_interval);
+            let interval = super::clamped_poisson_interval(self.settings.polling.query_interval);
             let delay = backoff::stretched(interval, failures);
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
@@ -50,7 +50,7 @@ impl Worker {
 
     /// `POST /work_pools/{pool}/get_scheduled_flow_runs` for runs due within the prefetch.
     pub(super) async fn fetch_scheduled_runs(&self, pool: &str) -> Result<Vec<FlowRun>, ApiError> {
-        let prefetch = chrono::Duration::from_std(self.settings.prefetch)
+        let prefetch = chrono::Duration::from_std(self.settings.polling.prefetch)
             .unwrap_or_else(|_| chrono::Duration::days(365));
         let scheduled_before = chrono::Utc::now() + prefetch;
         let started = std::time::Instant::now();
@@ -104,7 +104,7 @@ impl Worker {
                 Admission::Admitted(guard) => guard,
                 Admission::AlreadyHeld => continue,
                 Admission::AtLimit => {
-                    let limit = self.settings.limit.unwrap_or_default();
+                    let limit = self.settings.polling.limit.unwrap_or_default();
                     tracing::debug!(
                         limit,
                         "Flow run limit reached; {limit} flow runs in progress."

@@ -46,7 +46,7 @@ impl Worker {
                     }
                 }
             }
-            if !backoff::sleep(self.settings.heartbeat_interval, &shutdown).await {
+            if !backoff::sleep(self.settings.polling.heartbeat_interval, &shutdown).await {
                 return;
             }
         }

@@ -23,6 +23,7 @@ impl Worker {
         {
             let template = self
                 .settings
+                .polling
                 .base_job_template
                 .clone()
                 .unwrap_or_else(default_base_job_template);
@@ -37,7 +38,7 @@ impl Worker {
             .send_worker_heartbeat(
                 name,
                 &self.settings.name,
-                self.settings.heartbeat_interval.as_secs(),
+                self.settings.polling.heartbeat_interval.as_secs(),
             )
             .await?;
         self.record_pool(pool);
@@ -50,14 +51,18 @@ impl Worker {
         if let Some(pool) = self.api.read_work_pool(name).await? {
             return Ok(Some(pool));
         }
-        if !self.settings.create_pool_if_not_found {
+        if !self.settings.polling.create_pool_if_not_found {
             tracing::warn!(pool = %name, "Work pool '{name}' not found!");
             return Ok(None);
         }
         tracing::info!(pool = %name, "Work pool not found; creating it");
         match self
             .api
-            .create_work_pool(name, "docker", self.settings.base_job_template.as_ref())
+            .create_work_pool(
+                name,
+                "docker",
+                self.settings.polling.base_job_template.as_ref(),
+            )
             .await
         {
             Ok(pool) => Ok(Some(pool)),
@@ -93,7 +98,8 @@ impl Worker {
     pub(super) async fn sync_loop(&self, shutdown: CancellationToken) -> Result<(), WorkerError> {
         let mut failures = 0;
         loop {
-            let interval = super::clamped_poisson_interval(self.settings.heartbeat_interval);
+            let interval =
+                super::clamped_poisson_interval(self.settings.polling.heartbeat_interval);
             if !backoff::sleep(backoff::stretched(interval, failures), &shutdown).await {
                 return Ok(());
             }

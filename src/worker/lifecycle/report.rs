@@ -113,7 +113,7 @@ pub(crate) fn account(
     status: &ExitStatus,
     observed: &Observed,
 ) {
-    if !worker.settings.resource_accounting {
+    if !worker.settings.reporting.resource_accounting {
         return;
     }
     let accounting = Accounting {

@@ -75,7 +75,8 @@ pub(crate) async fn resolve_configuration(
         std::env::var(name).ok()
     })?;
     let rendered = resolve_references(worker, rendered).await?;
-    let config = DockerJobConfiguration::from_rendered(&rendered, &worker.settings.cwd)?;
+    let config =
+        DockerJobConfiguration::from_rendered(&rendered, &worker.settings.run_defaults.cwd)?;
     if let Some(run) = inputs.flow_run {
         for warning in &config.overrides.warnings {
             worker.out.logs.warn(&run.id, warning.clone());
@@ -89,8 +90,8 @@ pub(crate) async fn resolve_configuration(
         worker_name: worker.name(),
         work_pool_name: &inputs.pool.name,
         work_pool_id: &inputs.pool.id,
-        settings_env: &worker.settings.settings_env,
-        default_image: &worker.settings.default_image,
+        settings_env: &worker.settings.run_defaults.settings_env,
+        default_image: &worker.settings.run_defaults.default_image,
         engine_version: Some(worker.docker.engine_version()),
     })?;
     Ok(spec)

@@ -133,7 +133,7 @@ pub(crate) async fn start(
         options: WatchOptions {
             auto_remove: spec.auto_remove,
             follow_output: spec.stream_output
-                || OutputTail::keeps_lines(worker.settings.crash_log_lines),
+                || OutputTail::keeps_lines(worker.settings.reporting.crash_log_lines),
             logs_since: None,
         },
         print_output: spec.stream_output,

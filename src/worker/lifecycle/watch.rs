@@ -115,7 +115,7 @@ impl Observed {
 /// Watches the container to its exit and reports it; on shutdown, stops watching (the
 /// container keeps running for the next worker to adopt).
 pub(crate) async fn follow(worker: &Arc<Worker>, watched: Watched, guard: RunGuard) {
-    let tail = OutputTail::new(worker.settings.crash_log_lines);
+    let tail = OutputTail::new(worker.settings.reporting.crash_log_lines);
     let usage = Mutex::new(ResourceUsage::default());
     let started = Instant::now();
     let print = watched.print_output;
@@ -201,7 +201,7 @@ async fn with_sampling<T>(
     watching: impl std::future::Future<Output = T>,
 ) -> T {
     let sampling = async {
-        if worker.settings.resource_accounting {
+        if worker.settings.reporting.resource_accounting {
             worker.docker.sample_usage(container_id, usage).await;
         }
         std::future::pending::<std::convert::Infallible>().await

@@ -1,0 +1,794 @@
+//! Validated, typed settings built from the command line and an injectable environment.
+//!
+//! Names and defaults are Prefect's (`PREFECT_API_URL`, `PREFECT_WORKER_QUERY_SECONDS`, …) so
+//! an existing worker's environment works unchanged; every variable read, with its default, is
+//! an entry of [`env_table::ENV_VARS`], which `--help` prints too. Anything invalid is a
+//! [`ConfigError`] that `main` turns into exit code 64. Depends on [`crate::cli`] for the raw
+//! arguments and on the settings types of the modules it configures.
+
+mod env;
+pub mod env_table;
+mod profile;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use url::Url;
+
+use crate::cli::{GcArgs, StartArgs};
+use crate::gc::GcOptions;
+use crate::health::EndpointSettings;
+use crate::prefect::ClientConfig;
+use env::Env;
+use env_table as var;
+
+pub use env_table::{DEFAULT_IMAGE, ENV_VARS, EnvDefault, EnvVar};
+pub use profile::with_profile;
+pub use worker::{
+    CancellationSettings, FeatureSettings, GcLoopSettings, PollingSettings, ReportingSettings,
+    RunDefaults, WorkerSettings,
+};
+
+/// A setting that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `PREFECT_API_URL` is not set.
+    #[error(
+        "`PREFECT_API_URL` must be set to start a Worker (for example `export PREFECT_API_URL=http://127.0.0.1:4200/api`)"
+    )]
+    MissingApiUrl,
+    /// A setting has a value of the wrong form.
+    #[error("invalid value for {name}: {value:?} ({reason})")]
+    Invalid {
+        /// Setting or flag.
+        name: String,
+        /// The value given.
+        value: String,
+        /// What is expected.
+        reason: String,
+    },
+    /// The Prefect profiles file cannot be used.
+    #[error("cannot use Prefect profiles file {path}: {reason}")]
+    Profiles {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The `--base-job-template` file cannot be used.
+    #[error("cannot use base job template {path}: {reason}")]
+    BaseJobTemplate {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Settings of the Docker connection.
+#[derive(Debug, Clone)]
+pub struct DockerSettings {
+    /// `DOCKER_HOST`; `None` = the default socket.
+    pub host: Option<String>,
+    /// Per-call timeout (`DOCKER_CLIENT_TIMEOUT`); streams are not cut.
+    pub timeout: Duration,
+    /// `DOCKER_CERT_PATH` (default `~/.docker`) when `DOCKER_TLS_VERIFY` is set: TLS with
+    /// client certificates `ca.pem`, `cert.pem`, `key.pem`.
+    pub tls_cert_dir: Option<PathBuf>,
+    /// `DOCKER_CONFIG` (default `~/.docker`): `config.json` with registry credentials.
+    pub config_dir: Option<PathBuf>,
+}
+
+/// How the worker writes its own log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Everything `docker-worker start` needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Prefect API client settings.
+    pub api: ClientConfig,
+    /// Worker loop settings.
+    pub worker: WorkerSettings,
+    /// Docker settings.
+    pub docker: DockerSettings,
+    /// `/health` and `/metrics`; `None` when neither is enabled.
+    pub endpoints: Option<EndpointSettings>,
+    /// Log format on stderr.
+    pub log_format: LogFormat,
+    /// Log level filter (`RUST_LOG` syntax).
+    pub log_filter: String,
+}
+
+/// Everything `docker-worker gc` needs: the same API and Docker settings as `start`.
+#[derive(Debug, Clone)]
+pub struct GcSettings {
+    /// Prefect API client settings.
+    pub api: ClientConfig,
+    /// Docker settings.
+    pub docker: DockerSettings,
+    /// What to collect.
+    pub options: GcOptions,
+    /// Log level filter (`RUST_LOG` syntax) for the stderr log.
+    pub log_filter: String,
+}
+
+/// `PREFECT_WORKER_WEBSERVER_HOST:PREFECT_WORKER_WEBSERVER_PORT`, where `/health` and
+/// `/metrics` listen.
+fn endpoint_addr(env: &Env) -> Result<SocketAddr, ConfigError> {
+    let host = env.text(&var::PREFECT_WORKER_WEBSERVER_HOST);
+    let port_text = env.text(&var::PREFECT_WORKER_WEBSERVER_PORT);
+    let port: u16 = port_text.trim().parse().map_err(|_| ConfigError::Invalid {
+        name: var::PREFECT_WORKER_WEBSERVER_PORT.name.into(),
+        value: port_text.clone(),
+        reason: "expected a TCP port number".into(),
+    })?;
+    (host.as_str(), port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| ConfigError::Invalid {
+            name: var::PREFECT_WORKER_WEBSERVER_HOST.name.into(),
+            value: host,
+            reason: "expected an address to listen on".into(),
+        })
+}
+
+/// `/health` and `/metrics` when either is asked for; a poll older than 30 poll intervals
+/// makes `/health` unhealthy.
+fn endpoints(
+    args: &StartArgs,
+    env: &Env,
+    query_interval: Duration,
+) -> Result<Option<EndpointSettings>, ConfigError> {
+    let metrics = args.with_metrics || env.boolean(&var::DOCKER_WORKER_METRICS_ENABLED)?;
+    if !args.with_healthcheck && !metrics {
+        return Ok(None);
+    }
+    Ok(Some(EndpointSettings {
+        addr: endpoint_addr(env)?,
+        health: args.with_healthcheck,
+        metrics,
+        // Saturating: a huge poll interval must not overflow into a panic.
+        unhealthy_after: query_interval.saturating_mul(30),
+    }))
+}
+
+/// `--log-format`, else `DOCKER_WORKER_LOG_FORMAT`, else text.
+fn log_format(args: &StartArgs, env: &Env) -> Result<LogFormat, ConfigError> {
+    let text = args
+        .log_format
+        .clone()
+        .unwrap_or_else(|| env.text(&var::DOCKER_WORKER_LOG_FORMAT));
+    match text.trim().to_ascii_lowercase().as_str() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(ConfigError::Invalid {
+            name: "--log-format".into(),
+            value: text,
+            reason: "expected `text` or `json`".into(),
+        }),
+    }
+}
+
+/// `--name` (default `DockerWorker <uuid>`), checked as Prefect checks it, and `--pool`.
+fn identity(args: &StartArgs) -> Result<String, ConfigError> {
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => format!("DockerWorker {}", uuid::Uuid::new_v4()),
+    };
+    if name.contains('/') || name.contains('%') {
+        return Err(ConfigError::Invalid {
+            name: "--name".into(),
+            value: name,
+            reason: "Worker name cannot contain '/' or '%'".into(),
+        });
+    }
+    if args.pool.trim().is_empty() {
+        return Err(ConfigError::Invalid {
+            name: "--pool".into(),
+            value: args.pool.clone(),
+            reason: "the work pool name cannot be empty".into(),
+        });
+    }
+    Ok(name)
+}
+
+/// The Prefect API client settings: `PREFECT_API_URL` and the client's `PREFECT_*` knobs.
+fn api_settings(env: &Env, worker_name: Option<String>) -> Result<ClientConfig, ConfigError> {
+    let api_url_text = env
+        .non_empty(&var::PREFECT_API_URL)
+        .ok_or(ConfigError::MissingApiUrl)?;
+    let api_url = Url::parse(api_url_text.trim())
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https"))
+        .ok_or_else(|| ConfigError::Invalid {
+            name: var::PREFECT_API_URL.name.into(),
+            value: api_url_text.clone(),
+            reason: "expected an http(s) URL such as http://127.0.0.1:4200/api".into(),
+        })?;
+    let max_retries = env.count_trimmed(&var::PREFECT_CLIENT_MAX_RETRIES)?;
+    Ok(ClientConfig {
+        api_url,
+        api_key: env.non_empty(&var::PREFECT_API_KEY),
+        auth_string: env.non_empty(&var::PREFECT_API_AUTH_STRING),
+        timeout: env.seconds(&var::PREFECT_API_REQUEST_TIMEOUT)?,
+        max_retries,
+        worker_name,
+        csrf_enabled: env.boolean(&var::PREFECT_CLIENT_CSRF_SUPPORT_ENABLED)?,
+    })
+}
+
+/// The Docker connection settings, read as the Docker CLI reads them.
+fn docker_settings(env: &Env) -> Result<DockerSettings, ConfigError> {
+    let home_docker = || {
+        env.raw(&var::HOME)
+            .map(|h| PathBuf::from(h).join(".docker"))
+    };
+    Ok(DockerSettings {
+        host: env.non_empty(&var::DOCKER_HOST),
+        timeout: env.seconds(&var::DOCKER_CLIENT_TIMEOUT)?,
+        tls_cert_dir: env
+            .non_empty(&var::DOCKER_TLS_VERIFY)
+            .filter(|v| v.trim() != "0")
+            .and_then(|_| {
+                env.non_empty(&var::DOCKER_CERT_PATH)
+                    .map(PathBuf::from)
+                    .or_else(home_docker)
+            }),
+        config_dir: env
+            .non_empty(&var::DOCKER_CONFIG)
+            .map(PathBuf::from)
+            .or_else(home_docker),
+    })
+}
+
+/// The stderr log filter: `RUST_LOG`, else `PREFECT_LOGGING_LEVEL` in tracing's words.
+fn log_filter(env: &Env) -> String {
+    env.non_empty(&var::RUST_LOG).unwrap_or_else(|| {
+        match env
+            .text(&var::PREFECT_LOGGING_LEVEL)
+            .trim()
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "warning" => "warn".to_owned(),
+            "critical" => "error".to_owned(),
+            other => other.to_owned(),
+        }
+    })
+}
+
+impl GcSettings {
+    /// Builds settings from `docker-worker gc` arguments and an environment.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for a missing API URL or any malformed value.
+    pub fn from_gc_args(
+        args: &GcArgs,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        Self::read(args, &Env::new(env))
+    }
+
+    fn read(args: &GcArgs, env: &Env) -> Result<Self, ConfigError> {
+        if args.pool.as_deref().is_some_and(|p| p.trim().is_empty()) {
+            return Err(ConfigError::Invalid {
+                name: "--pool".into(),
+                value: String::new(),
+                reason: "the work pool name cannot be empty".into(),
+            });
+        }
+        let older_than = env.required_duration(
+            args.older_than.as_deref(),
+            "--older-than",
+            &var::DOCKER_WORKER_GC_OLDER_THAN,
+        )?;
+        Ok(Self {
+            api: api_settings(env, None)?,
+            docker: docker_settings(env)?,
+            options: GcOptions {
+                pool: args.pool.clone(),
+                older_than,
+                dry_run: args.dry_run,
+            },
+            log_filter: log_filter(env),
+        })
+    }
+}
+
+impl Settings {
+    /// Builds settings from `docker-worker start` arguments and an environment.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for a missing API URL or any malformed value.
+    pub fn from_start_args(
+        args: &StartArgs,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        Self::read(args, &Env::new(env))
+    }
+
+    fn read(args: &StartArgs, env: &Env) -> Result<Self, ConfigError> {
+        // Checked first: a missing API URL is the most common mistake and says what to do.
+        env.non_empty(&var::PREFECT_API_URL)
+            .ok_or(ConfigError::MissingApiUrl)?;
+        let name = identity(args)?;
+        // Read in the order of the flat function this replaced, so that when several settings
+        // are wrong the same one is reported (reporting, cancellation and feature variables
+        // are now read group by group, the one exception).
+        let polling = worker::polling(args, env)?;
+        let run_defaults = worker::run_defaults(args, env);
+        let endpoints = endpoints(args, env, polling.query_interval)?;
+        let log_format = log_format(args, env)?;
+        let log_filter = log_filter(env);
+        let gc = worker::gc(args, env)?;
+        let api = api_settings(env, Some(name.clone()))?;
+        let worker = WorkerSettings::from_parts(args, name, polling, run_defaults, gc, env)?;
+        Ok(Self {
+            api,
+            worker,
+            docker: docker_settings(env)?,
+            endpoints,
+            log_format,
+            log_filter,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> StartArgs {
+        let mut argv = vec!["docker-worker", "start", "--pool", "p"];
+        argv.extend_from_slice(extra);
+        match crate::cli::Cli::parse_from(argv).command {
+            crate::cli::Command::Start(a) => a,
+            _ => unreachable!("parsed `start`"),
+        }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults() {
+        let s = Settings::from_start_args(
+            &args(&[]),
+            &env(&[("PREFECT_API_URL", "http://127.0.0.1:4200/api")]),
+        )
+        .unwrap();
+        assert!(s.worker.name.starts_with("DockerWorker "));
+        assert_eq!(s.worker.polling.query_interval, Duration::from_secs(10));
+        assert_eq!(s.worker.polling.heartbeat_interval, Duration::from_secs(30));
+        assert_eq!(s.worker.polling.prefetch, Duration::from_secs(10));
+        assert_eq!(s.api.timeout, Duration::from_secs(60));
+        assert!(s.worker.polling.create_pool_if_not_found);
+        assert_eq!(s.worker.run_defaults.default_image, DEFAULT_IMAGE);
+        assert_eq!(
+            s.worker.run_defaults.settings_env,
+            vec![(
+                "PREFECT_API_URL".to_owned(),
+                "http://127.0.0.1:4200/api".to_owned()
+            )]
+        );
+    }
+
+    #[test]
+    fn missing_api_url() {
+        assert_eq!(
+            Settings::from_start_args(&args(&[]), &env(&[])).unwrap_err(),
+            ConfigError::MissingApiUrl
+        );
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let base = [("PREFECT_API_URL", "http://x/api")];
+        let e = Settings::from_start_args(&args(&["--name", "a/b"]), &env(&base)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("Worker name cannot contain '/' or '%'"),
+            "{e}"
+        );
+        let e = Settings::from_start_args(
+            &args(&[]),
+            &env(&[
+                ("PREFECT_API_URL", "http://x/api"),
+                ("PREFECT_WORKER_QUERY_SECONDS", "soon"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("PREFECT_WORKER_QUERY_SECONDS"),
+            "{e}"
+        );
+        let e = Settings::from_start_args(&args(&[]), &env(&[("PREFECT_API_URL", "not a url")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("PREFECT_API_URL"), "{e}");
+        let e = Settings::from_start_args(&args(&["--limit", "0"]), &env(&base)).unwrap_err();
+        assert!(e.to_string().contains("--limit"), "{e}");
+    }
+
+    #[test]
+    fn profile_under_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("profiles.toml"),
+            "active = \"local\"\n[profiles.local]\nPREFECT_API_URL = \"http://from-profile/api\"\nPREFECT_WORKER_QUERY_SECONDS = 3\n[profiles.other]\nPREFECT_API_URL = \"http://other/api\"\n",
+        )
+        .unwrap();
+        let home = dir.path().to_string_lossy().into_owned();
+        let merged = with_profile(env(&[("PREFECT_HOME", &home)])).unwrap();
+        assert_eq!(merged["PREFECT_API_URL"], "http://from-profile/api");
+        assert_eq!(merged["PREFECT_WORKER_QUERY_SECONDS"], "3");
+        let merged = with_profile(env(&[
+            ("PREFECT_HOME", &home),
+            ("PREFECT_API_URL", "http://env/api"),
+        ]))
+        .unwrap();
+        assert_eq!(merged["PREFECT_API_URL"], "http://env/api");
+        let merged = with_profile(env(&[
+            ("PREFECT_HOME", &home),
+            ("PREFECT_PROFILE", "other"),
+        ]))
+        .unwrap();
+        assert_eq!(merged["PREFECT_API_URL"], "http://other/api");
+        let err =
+            with_profile(env(&[("PREFECT_HOME", &home), ("PREFECT_PROFILE", "nope")])).unwrap_err();
+        assert!(
+            err.to_string().contains("profile 'nope' not found"),
+            "{err}"
+        );
+        let empty = tempfile::tempdir().unwrap();
+        let merged =
+            with_profile(env(&[("PREFECT_HOME", &empty.path().to_string_lossy())])).unwrap();
+        assert!(!merged.contains_key("PREFECT_API_URL"));
+    }
+
+    #[test]
+    fn endpoints_and_log_settings() {
+        let s = Settings::from_start_args(
+            &args(&["--with-healthcheck", "--log-format", "json"]),
+            &env(&[
+                ("PREFECT_API_URL", "http://x/api"),
+                ("PREFECT_WORKER_WEBSERVER_PORT", "9099"),
+                ("PREFECT_LOGGING_LEVEL", "WARNING"),
+            ]),
+        )
+        .unwrap();
+        let e = s.endpoints.unwrap();
+        assert_eq!(e.addr.port(), 9099);
+        assert!(e.health && !e.metrics);
+        assert_eq!(e.unhealthy_after, Duration::from_secs(300));
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert_eq!(s.log_filter, "warn");
+        let none =
+            Settings::from_start_args(&args(&[]), &env(&[("PREFECT_API_URL", "http://x/api")]))
+                .unwrap();
+        assert!(none.endpoints.is_none());
+        let bad = Settings::from_start_args(
+            &args(&["--log-format", "xml"]),
+            &env(&[("PREFECT_API_URL", "http://x/api")]),
+        );
+        assert!(bad.unwrap_err().to_string().contains("--log-format"));
+    }
+
+    fn gc_args(extra: &[&str]) -> GcArgs {
+        let mut argv = vec!["docker-worker", "gc"];
+        argv.extend_from_slice(extra);
+        match crate::cli::Cli::parse_from(argv).command {
+            crate::cli::Command::Gc(a) => a,
+            _ => unreachable!("parsed `gc`"),
+        }
+    }
+
+    #[test]
+    fn gc_settings() {
+        let base = [("PREFECT_API_URL", "http://x/api")];
+        let s = GcSettings::from_gc_args(&gc_args(&[]), &env(&base)).unwrap();
+        assert_eq!(
+            s.options,
+            GcOptions {
+                pool: None,
+                older_than: Duration::from_secs(24 * 3600),
+                dry_run: false
+            }
+        );
+        assert_eq!(s.api.api_url.as_str(), "http://x/api");
+        assert_eq!(s.api.worker_name, None);
+        let s = GcSettings::from_gc_args(
+            &gc_args(&["--pool", "p", "--older-than", "7d", "--dry-run"]),
+            &env(&[
+                ("PREFECT_API_URL", "http://x/api"),
+                ("DOCKER_WORKER_GC_OLDER_THAN", "30m"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.options.pool.as_deref(), Some("p"));
+        assert_eq!(s.options.older_than, Duration::from_secs(7 * 86_400));
+        assert!(s.options.dry_run);
+        let s = GcSettings::from_gc_args(
+            &gc_args(&[]),
+            &env(&[
+                ("PREFECT_API_URL", "http://x/api"),
+                ("DOCKER_WORKER_GC_OLDER_THAN", "1h 30m"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.options.older_than, Duration::from_secs(5400));
+        let s = GcSettings::from_gc_args(&gc_args(&["--older-than", "0s"]), &env(&base)).unwrap();
+        assert_eq!(s.options.older_than, Duration::ZERO);
+        let e =
+            GcSettings::from_gc_args(&gc_args(&["--older-than", "soon"]), &env(&base)).unwrap_err();
+        assert!(e.to_string().contains("--older-than"), "{e}");
+        assert_eq!(
+            GcSettings::from_gc_args(&gc_args(&[]), &env(&[])).unwrap_err(),
+            ConfigError::MissingApiUrl
+        );
+    }
+
+    #[test]
+    fn periodic_gc_settings() {
+        let base = [("PREFECT_API_URL", "http://x/api")];
+        let s = Settings::from_start_args(&args(&[]), &env(&base)).unwrap();
+        assert_eq!(s.worker.gc.interval, None);
+        assert_eq!(s.worker.gc.older_than, Duration::from_secs(86_400));
+        let s = Settings::from_start_args(
+            &args(&["--gc-interval", "1s", "--gc-older-than", "0s"]),
+            &env(&base),
+        )
+        .unwrap();
+        assert_eq!(s.worker.gc.interval, Some(Duration::from_secs(1)));
+        assert_eq!(s.worker.gc.older_than, Duration::ZERO);
+        let s = Settings::from_start_args(
+            &args(&[]),
+            &env(&[
+                ("PREFECT_API_URL", "http://x/api"),
+                ("DOCKER_WORKER_GC_INTERVAL", "1h"),
+                ("DOCKER_WORKER_GC_OLDER_THAN", "7d"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.worker.gc.interval, Some(Duration::from_secs(3600)));
+        assert_eq!(s.worker.gc.older_than, Duration::from_secs(7 * 86_400));
+        let s = Settings::from_start_args(
+            &args(&[]),
+            &env(&[
+                ("PREFECT_API_URL", "http://x/api"),
+                ("DOCKER_WORKER_GC_INTERVAL", "0"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.worker.gc.interval, None, "0 turns it off");
+        let e = Settings::from_start_args(
+            &args(&[]),
+            &env(&[
+                ("PREFECT_API_URL", "http://x/api"),
+                ("DOCKER_WORKER_GC_INTERVAL", "often"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("DOCKER_WORKER_GC_INTERVAL"), "{e}");
+    }
+
+    #[test]
+    fn flags_and_env() {
+        let s = Settings::from_start_args(
+            &args(&[
+                "-n",
+                "w1",
+                "-q",
+                "a",
+                "-q",
+                "b",
+                "-l",
+                "2",
+                "--run-once",
+                "--no-create-pool-if-not-found",
+                "--prefetch-seconds",
+                "3",
+            ]),
+            &env(&[
+                ("PREFECT_API_URL", "http://x/api"),
+                ("PREFECT_API_KEY", "k"),
+                ("PREFECT_WORKER_HEARTBEAT_SECONDS", "15.7"),
+                ("PREFECT__FLOW_RUN_ID", "not-passed"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.worker.name, "w1");
+        assert_eq!(s.worker.work_queues, vec!["a", "b"]);
+        assert_eq!(s.worker.polling.limit, Some(2));
+        assert!(s.worker.polling.run_once && !s.worker.polling.create_pool_if_not_found);
+        assert_eq!(s.worker.polling.prefetch, Duration::from_secs(3));
+        assert_eq!(s.worker.polling.heartbeat_interval, Duration::from_secs(15));
+        assert_eq!(s.api.api_key.as_deref(), Some("k"));
+        assert!(
+            !s.worker
+                .run_defaults
+                .settings_env
+                .iter()
+                .any(|(k, _)| k.starts_with("PREFECT__"))
+        );
+    }
+
+    #[test]
+    fn flow_run_log_size_limits_default_to_prefects_and_are_checked_as_it_checks_them() {
+        let base = [("PREFECT_API_URL", "http://x/api")];
+        let s = Settings::from_start_args(&args(&[]), &env(&base)).unwrap();
+        assert_eq!(
+            s.worker.reporting.log_limits,
+            crate::logs::LogLimits::default()
+        );
+        assert_eq!(s.worker.reporting.log_limits.max_log_size, 1_000_000);
+        assert_eq!(s.worker.reporting.log_limits.batch_size, 4_000_000);
+        let s = Settings::from_start_args(
+            &args(&[]),
+            &env(&[
+                base[0],
+                ("PREFECT_LOGGING_TO_API_MAX_LOG_SIZE", "2000"),
+                ("PREFECT_LOGGING_TO_API_BATCH_SIZE", "10000"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                s.worker.reporting.log_limits.max_log_size,
+                s.worker.reporting.log_limits.batch_size
+            ),
+            (2000, 10000)
+        );
+        let e = Settings::from_start_args(
+            &args(&[]),
+            &env(&[base[0], ("PREFECT_LOGGING_TO_API_MAX_LOG_SIZE", "5000000")]),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "`PREFECT_LOGGING_TO_API_MAX_LOG_SIZE` cannot be larger than `PREFECT_LOGGING_TO_API_BATCH_SIZE`"
+            ),
+            "{e}"
+        );
+    }
+
+    /// Values a `Duration` cannot hold are configuration errors (exit 64), not panics.
+    #[test]
+    fn huge_durations_are_errors_not_panics() {
+        let base = [("PREFECT_API_URL", "http://x/api")];
+        for (flags, vars) in [
+            (vec!["--cancel-grace", "1e30"], vec![]),
+            (vec!["--prefetch-seconds", "1e30"], vec![]),
+            (
+                vec![],
+                vec![("DOCKER_WORKER_CANCELLATION_POLL_SECONDS", "1e30")],
+            ),
+        ] {
+            let vars: Vec<_> = base.iter().copied().chain(vars).collect();
+            let e = Settings::from_start_args(&args(&flags), &env(&vars)).unwrap_err();
+            assert!(
+                e.to_string().contains("expected a non-negative number"),
+                "{e}"
+            );
+        }
+        let s = Settings::from_start_args(
+            &args(&["--with-healthcheck"]),
+            &env(&[base[0], ("PREFECT_WORKER_QUERY_SECONDS", "1e18")]),
+        )
+        .unwrap();
+        assert_eq!(s.endpoints.unwrap().unhealthy_after, Duration::MAX);
+    }
+
+    /// Every variable the settings code reads, on every path (start with the endpoints and
+    /// TLS on, gc, the profile lookup with and without `PREFECT_HOME`), is an entry of the
+    /// table, and every entry is read on some path: the table is neither short nor stale.
+    #[test]
+    fn the_table_lists_exactly_the_variables_read() {
+        let mut read = std::collections::BTreeSet::new();
+        let full = env(&[
+            ("PREFECT_API_URL", "http://x/api"),
+            ("DOCKER_TLS_VERIFY", "1"),
+        ]);
+        let start = Env::new(&full);
+        Settings::read(&args(&["--with-healthcheck"]), &start).unwrap();
+        read.extend(start.read());
+        let gc = Env::new(&full);
+        GcSettings::read(&gc_args(&[]), &gc).unwrap();
+        read.extend(gc.read());
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().to_string_lossy().into_owned();
+        for vars in [env(&[("HOME", &home)]), env(&[("PREFECT_HOME", &home)])] {
+            let profile = Env::new(&vars);
+            profile::active_profile(&profile).unwrap();
+            read.extend(profile.read());
+        }
+        let table: std::collections::BTreeSet<&str> = ENV_VARS.iter().map(|v| v.name).collect();
+        let missing: Vec<_> = read.difference(&table).collect();
+        assert!(missing.is_empty(), "read but not in the table: {missing:?}");
+        let stale: Vec<_> = table.difference(&read).collect();
+        assert!(stale.is_empty(), "in the table but never read: {stale:?}");
+    }
+
+    /// Setting a variable to the default the table shows changes nothing: what users are told
+    /// is what the code does.
+    #[test]
+    fn the_shown_defaults_are_the_defaults_applied() {
+        let base = [("PREFECT_API_URL", "http://x/api")];
+        let cmd = ["-n", "w", "--with-healthcheck"];
+        // Settings without the Prefect settings handed on, which list what is set.
+        let shown = |s: Settings| {
+            let mut s = s;
+            s.worker.run_defaults.settings_env.clear();
+            format!("{s:?}")
+        };
+        let unset = shown(Settings::from_start_args(&args(&cmd), &env(&base)).unwrap());
+        for var in ENV_VARS {
+            let Some(default) = var.default.value() else {
+                continue;
+            };
+            let vars = env(&[base[0], (var.name, &default)]);
+            let set = shown(Settings::from_start_args(&args(&cmd), &vars).unwrap());
+            assert_eq!(set, unset, "{}={default}", var.name);
+        }
+    }
+
+    #[test]
+    fn with_defaults_is_start_with_no_flags_and_no_environment() {
+        let w = WorkerSettings::with_defaults("p", "w");
+        assert_eq!((w.pool.as_str(), w.name.as_str()), ("p", "w"));
+        assert!(w.work_queues.is_empty() && w.run_defaults.settings_env.is_empty());
+        let mut started = Settings::from_start_args(
+            &args(&["-n", "w"]),
+            &env(&[("PREFECT_API_URL", "http://x/api")]),
+        )
+        .unwrap()
+        .worker;
+        started.run_defaults.settings_env.clear();
+        assert_eq!(format!("{w:?}"), format!("{started:?}"));
+        assert_eq!(w.polling.query_interval, Duration::from_secs(10));
+        assert_eq!(w.cancellation.grace, Duration::from_secs(30));
+        assert_eq!(w.gc.older_than, Duration::from_secs(86_400));
+        assert_eq!(w.reporting.crash_log_lines, 200);
+        assert!(w.features.worker_channel && !w.features.prepull);
+    }
+
+    /// No `{:?}` of the settings prints a secret: `settings_env` holds every `PREFECT_*`
+    /// value, the API key and auth string among them.
+    #[test]
+    fn debug_prints_no_setting_values() {
+        let secrets = [
+            ("PREFECT_API_KEY", "pnu_secret-key-1"),
+            ("PREFECT_API_AUTH_STRING", "admin:secret-pass-2"),
+            ("PREFECT_EXTRA_TOKEN", "secret-token-3"),
+        ];
+        let mut vars = env(&secrets);
+        vars.insert("PREFECT_API_URL".into(), "http://x/api".into());
+        let s = Settings::from_start_args(&args(&[]), &vars).unwrap();
+        assert_eq!(s.worker.run_defaults.settings_env.len(), 4);
+        for text in [
+            format!("{s:?}"),
+            format!("{s:#?}"),
+            format!("{:?}", s.worker.run_defaults),
+        ] {
+            for (name, value) in secrets {
+                assert!(text.contains(name), "{name} missing from {text}");
+                assert!(!text.contains(value), "{name}'s value printed: {text}");
+            }
+            assert!(text.contains("<redacted>"), "{text}");
+        }
+    }
+}
