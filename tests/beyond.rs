@@ -89,7 +89,9 @@ async fn typed_options_reach_the_container_and_a_gpu_request_without_runtime_is_
         info["Config"]
     );
     // The typed option won over container_create_kwargs, with a warning in the run's logs.
-    let logs = api.wait_for_log(&run_id, "98304").await;
+    let logs = api
+        .wait_for_log(&run_id, "98304", Duration::from_secs(60))
+        .await;
     assert!(
         logs.iter()
             .any(|l| l.contains("'shm_size' replaces container_create_kwargs.shm_size")),
@@ -267,7 +269,9 @@ async fn a_crash_sends_the_output_tail_and_every_run_its_resource_accounting() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
 
-    let logs = api.wait_for_log(&crashed, "line 300").await;
+    let logs = api
+        .wait_for_log(&crashed, "line 300", Duration::from_secs(60))
+        .await;
     let header = logs
         .iter()
         .position(|l| l.contains("exited with status code 4; its last 50 lines of output follow"))
@@ -304,7 +308,9 @@ async fn a_crash_sends_the_output_tail_and_every_run_its_resource_accounting() {
         .filter_map(|r| r["prefect.resource.role"].as_str())
         .collect();
     assert_eq!(related, ["flow-run", "work-pool", "worker"]);
-    let busy_logs = api.wait_for_log(&busy, "resources: peak memory").await;
+    let busy_logs = api
+        .wait_for_log(&busy, "resources: peak memory", Duration::from_secs(60))
+        .await;
     assert!(
         busy_logs
             .iter()

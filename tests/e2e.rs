@@ -299,7 +299,7 @@ async fn run_once_exits_after_its_runs_finish() {
         .await;
     let run_id = api.create_flow_run(&dep, json!({})).await;
     let mut worker = WorkerProcess::start(server, &["--pool", &pool, "--run-once"], &[]);
-    let status = worker.wait_timeout(RUN_TIMEOUT);
+    let status = worker.wait_timeout(RUN_TIMEOUT).await;
     assert!(
         status.is_some_and(|s| s.success()),
         "worker did not exit cleanly: {status:?}\n{}",
@@ -346,7 +346,7 @@ async fn sigterm_stops_claiming_and_leaves_containers_running() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     worker.signal("TERM");
-    let status = worker.wait_timeout(Duration::from_secs(20));
+    let status = worker.wait_timeout(Duration::from_secs(20)).await;
     assert!(
         status.is_some_and(|s| s.success()),
         "worker did not exit 0 on SIGTERM: {status:?}\n{}",
@@ -381,7 +381,7 @@ async fn missing_pool_without_creation_is_not_created() {
         ],
         &[],
     );
-    let status = worker.wait_timeout(Duration::from_secs(60));
+    let status = worker.wait_timeout(Duration::from_secs(60)).await;
     assert!(
         status.is_some_and(|s| s.success()),
         "{status:?}\n{}",
@@ -403,7 +403,7 @@ async fn reserved_pool_name_stops_the_worker_with_the_servers_reason() {
     let server = server();
     let mut worker =
         WorkerProcess::start(server, &["--pool", "prefect-reserved", "--run-once"], &[]);
-    let status = worker.wait_timeout(Duration::from_secs(60));
+    let status = worker.wait_timeout(Duration::from_secs(60)).await;
     assert!(
         status.is_some_and(|s| !s.success()),
         "{status:?}\n{}",

@@ -236,7 +236,11 @@ async fn a_run_cancelled_while_pending_never_gets_a_container_started() {
     assert!(guard.containers().is_empty(), "{:?}", guard.containers());
     assert!(run["infrastructure_pid"].is_null(), "{run}");
     let logs = api
-        .wait_for_log(&run_id, "Cancelled pending flow run")
+        .wait_for_log(
+            &run_id,
+            "Cancelled pending flow run",
+            Duration::from_secs(60),
+        )
         .await;
     assert!(
         logs.iter()
@@ -274,7 +278,7 @@ async fn worker_and_container_events_have_the_reference_shapes_and_chains() {
     // Let the exit events go out, then stop the worker for `stopped`.
     tokio::time::sleep(Duration::from_secs(2)).await;
     worker.signal("TERM");
-    assert!(worker.wait_timeout(Duration::from_secs(30)).is_some());
+    assert!(worker.wait_timeout(Duration::from_secs(30)).await.is_some());
 
     let slug = name.to_lowercase().replace(' ', "-");
     let worker_id = format!("prefect.worker.docker.{slug}");
