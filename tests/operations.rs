@@ -77,7 +77,8 @@ async fn health_and_metrics_over_http() {
     .await;
     let container = guard.running();
     assert_eq!(container.len(), 1, "{}", worker.output());
-    run_ok(std::process::Command::new("docker").args(["exec", &container[0], "touch", "/release"]));
+    let release = ["exec", container[0].as_str(), "touch", "/release"];
+    run_ok(std::process::Command::new("docker").args(release));
     let run = api
         .wait_for_final_state(&run_id, Duration::from_secs(120))
         .await;
