@@ -376,12 +376,55 @@ mod tests {
         );
     }
 
+    /// A `MakeWriter` keeping what a tracing subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    /// PREFECT_LOGGING_TO_API_ENABLED=false gives this handle (src/app.rs): every line still
+    /// reaches the worker's own log, none is queued for the API, so even far more lines than a
+    /// queue holds are neither dropped nor warned about.
     #[test]
-    fn a_disabled_handle_sends_nothing() {
-        // PREFECT_LOGGING_TO_API_ENABLED=false gives this handle (src/app.rs): no queue at all.
+    fn a_disabled_handle_logs_locally_and_queues_nothing() {
+        let worker_log = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(worker_log.clone())
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .finish();
         let logs = ApiLogs::disabled();
-        logs.info("run", "hello");
-        assert!(logs.tx.is_none());
+        tracing::subscriber::with_default(subscriber, || {
+            logs.info("run-1", "submitting flow run 'run-1'");
+            logs.warn("run-1", "a warning");
+            for i in 0..=QUEUE_CAPACITY {
+                logs.to_api("run-2", Level::Info, format!("container line {i}"));
+            }
+        });
+        let text = String::from_utf8(worker_log.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.contains("submitting flow run 'run-1'") && text.contains("flow_run_id=\"run-1\""),
+            "{text}"
+        );
+        assert!(text.contains("a warning"), "{text}");
+        // `to_api` lines are for the API only: not written to the worker's log either.
+        assert!(!text.contains("container line"), "{text}");
+        assert!(!text.contains("queue is full"), "{text}");
         assert_eq!(logs.dropped.load(Ordering::Relaxed), 0);
     }
 

@@ -253,11 +253,46 @@ mod tests {
         assert!(text.ends_with("# EOF\n"));
     }
 
+    /// `since_last_poll` counts from the start until the first poll, from each poll after it,
+    /// and keeps counting between polls. Bounds come from instants taken around the calls, so
+    /// no assertion depends on how fast the machine is.
     #[test]
-    fn last_poll() {
+    fn since_last_poll_counts_from_the_start_then_from_each_poll() {
+        // Deliberately let this much time pass (what is measured is time passing).
+        const GAP: Duration = Duration::from_millis(30);
+        let before_new = Instant::now();
         let m = Metrics::new();
-        let before = m.since_last_poll();
+        std::thread::sleep(GAP);
+        // No poll yet: the time since the start.
+        let since_start = m.since_last_poll();
+        assert!(since_start >= GAP, "{since_start:?}");
+        assert!(since_start <= before_new.elapsed(), "{since_start:?}");
+
+        let before_poll = Instant::now();
         m.polled(Duration::from_millis(3));
-        assert!(m.since_last_poll() <= before + Duration::from_millis(50));
+        let since_poll = m.since_last_poll();
+        // Reset to the poll: no older than this poll...
+        assert!(since_poll <= before_poll.elapsed(), "{since_poll:?}");
+        // ...so at least the gap younger than the start.
+        assert!(
+            since_poll + GAP <= before_new.elapsed(),
+            "{since_poll:?} vs start {:?}",
+            before_new.elapsed()
+        );
+
+        // It advances while no poll succeeds, and the next poll resets it again.
+        std::thread::sleep(GAP);
+        let advanced = m.since_last_poll();
+        assert!(advanced >= GAP, "{advanced:?}");
+        let before_second = Instant::now();
+        m.polled(Duration::from_millis(5));
+        assert!(m.since_last_poll() <= before_second.elapsed());
+        // Both polls' latencies were observed.
+        assert!(
+            m.encode()
+                .contains("docker_worker_poll_duration_seconds_count 2"),
+            "{}",
+            m.encode()
+        );
     }
 }

@@ -14,6 +14,8 @@ use support::services::Registry;
 use support::*;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a flow-run log line may take to reach the API (lines go in batches).
+const LOG_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Waits until the pool's runs have made `n` containers; returns their ids.
 async fn wait_for_containers(
@@ -21,20 +23,19 @@ async fn wait_for_containers(
     n: usize,
     worker: &WorkerProcess,
 ) -> Vec<String> {
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    loop {
+    eventually(RUN_TIMEOUT, format!("{n} containers"), async || {
         let ids = guard.containers();
         if ids.len() >= n {
-            return ids;
+            Ok(ids)
+        } else {
+            Err(format!(
+                "{} containers; worker:\n{}",
+                ids.len(),
+                worker.output()
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "expected {n} containers, found {}:\n{}",
-            ids.len(),
-            worker.output()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -89,7 +90,7 @@ async fn typed_options_reach_the_container_and_a_gpu_request_without_runtime_is_
         info["Config"]
     );
     // The typed option won over container_create_kwargs, with a warning in the run's logs.
-    let logs = api.wait_for_log(&run_id, "98304").await;
+    let logs = api.wait_for_log(&run_id, "98304", LOG_TIMEOUT).await;
     assert!(
         logs.iter()
             .any(|l| l.contains("'shm_size' replaces container_create_kwargs.shm_size")),
@@ -253,21 +254,13 @@ async fn a_crash_sends_the_output_tail_and_every_run_its_resource_accounting() {
             }),
         )
         .await;
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    let event = loop {
+    let event = eventually(RUN_TIMEOUT, "the busy run's resources event", async || {
         let found = resource_events(&api, &busy).await;
-        if let Some(e) = found.into_iter().next() {
-            break e;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no resources event:\n{}",
-            worker.output()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+        found.into_iter().next().ok_or_else(|| worker.output())
+    })
+    .await;
 
-    let logs = api.wait_for_log(&crashed, "line 300").await;
+    let logs = api.wait_for_log(&crashed, "line 300", LOG_TIMEOUT).await;
     let header = logs
         .iter()
         .position(|l| l.contains("exited with status code 4; its last 50 lines of output follow"))
@@ -304,7 +297,9 @@ async fn a_crash_sends_the_output_tail_and_every_run_its_resource_accounting() {
         .filter_map(|r| r["prefect.resource.role"].as_str())
         .collect();
     assert_eq!(related, ["flow-run", "work-pool", "worker"]);
-    let busy_logs = api.wait_for_log(&busy, "resources: peak memory").await;
+    let busy_logs = api
+        .wait_for_log(&busy, "resources: peak memory", LOG_TIMEOUT)
+        .await;
     assert!(
         busy_logs
             .iter()
@@ -342,18 +337,12 @@ async fn a_run_due_now_and_a_freed_slot_are_picked_up_before_the_next_poll() {
         .busybox_deployment(&pool, json!({"command": "sh -c 'sleep 2'"}))
         .await;
     // Let the first poll and the events subscription happen.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !worker
-        .output()
-        .contains("subscribed to the pool's flow-run events")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "never subscribed:\n{}",
-            worker.output()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    worker
+        .wait_for_output(
+            "subscribed to the pool's flow-run events",
+            Duration::from_secs(60),
+        )
+        .await;
 
     let created = Instant::now();
     let first = api.create_flow_run(&dep, json!({})).await;
@@ -408,28 +397,28 @@ async fn prepull_fetches_deployment_images_at_start_and_when_deployments_change(
         &["--pool", &pool, "--prepull"],
         &[("DOCKER_CONFIG", config.to_str().unwrap())],
     );
-    let wait_for_image = |image: String| {
-        let worker = &worker;
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(90);
-            while inspect_image(&image).is_null() {
-                assert!(
-                    Instant::now() < deadline,
-                    "{image} was not pre-pulled:\n{}",
-                    worker.output()
-                );
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-        }
+    let wait_for_image = async |image: &str| {
+        eventually(
+            Duration::from_secs(90),
+            format!("{image} to be pre-pulled"),
+            async || {
+                if inspect_image(image).is_null() {
+                    Err(worker.output())
+                } else {
+                    Ok(())
+                }
+            },
+        )
+        .await;
     };
-    wait_for_image(first.clone()).await;
+    wait_for_image(&first).await;
     // A deployment created while the worker runs is pre-pulled too, with no flow run at all.
     api.busybox_deployment(
         &pool,
         json!({"image": second, "image_pull_policy": "Always"}),
     )
     .await;
-    wait_for_image(second.clone()).await;
+    wait_for_image(&second).await;
     let out = worker.output();
     assert!(out.contains("Pre-pulled image"), "{out}");
     assert!(

@@ -66,7 +66,7 @@ async fn tls_docker_host_runs_containers_and_the_worker_end_to_end() {
             ("DOCKER_CERT_PATH", &certs),
         ],
     );
-    let exit = worker.wait_timeout(Duration::from_secs(120));
+    let exit = worker.wait_timeout(Duration::from_secs(120)).await;
     assert!(
         exit.is_some_and(|s| s.success()),
         "{exit:?}\n{}",

@@ -111,7 +111,12 @@ async fn auto_remove_reports_the_code_and_the_container_is_gone() {
         .expect("start")
         .container;
     // Let it exit and be removed before we even start watching: the hardest case.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    eventually(
+        Duration::from_secs(60),
+        "the auto-removed container to be gone",
+        async || guard.containers().is_empty(),
+    )
+    .await;
     let status = docker
         .watch_container(&container, true, true, &|_: &str| {})
         .await

@@ -49,12 +49,19 @@ async fn hello_flow_completes_and_pool_gets_the_default_template() {
     );
     // Labels go in the background (retried through a busy server's 503s, never holding up
     // the container), so they may land after the run finished: wait for them.
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    let mut labels = run["labels"].clone();
-    while labels["prefect.worker.name"].is_null() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        labels = api.read_flow_run(&run_id).await["labels"].clone();
-    }
+    let labels = eventually(
+        Duration::from_secs(90),
+        "the worker's labels on the run",
+        async || {
+            let labels = api.read_flow_run(&run_id).await["labels"].clone();
+            if labels["prefect.worker.name"].is_null() {
+                Err(format!("{labels}\n{}", worker.output()))
+            } else {
+                Ok(labels)
+            }
+        },
+    )
+    .await;
     assert_eq!(
         labels["prefect.worker.name"],
         json!("e2e-hello-worker"),
@@ -63,12 +70,9 @@ async fn hello_flow_completes_and_pool_gets_the_default_template() {
     );
     assert_eq!(labels["prefect.work-pool.name"], json!(pool));
     // Container output was streamed to the worker's stdout.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(
-        worker.output().contains("hello world from"),
-        "worker output:\n{}",
-        worker.output()
-    );
+    worker
+        .wait_for_output("hello world from", Duration::from_secs(30))
+        .await;
     // The worker's flow-run logs reached the API.
     let logs = api.flow_run_logs(&run_id).await;
     assert!(
@@ -261,24 +265,20 @@ async fn limit_one_never_runs_two_containers_at_once() {
     }
     let ids = guard.containers();
     assert_eq!(ids.len(), 2, "expected two containers");
-    let mut spans: Vec<(String, String)> = ids
+    // Docker's RFC 3339 times (nanoseconds, trailing zeros dropped) compared as times.
+    let time = |state: &Value, field: &str| {
+        let text = state["State"][field].as_str().unwrap_or_default();
+        chrono::DateTime::parse_from_rfc3339(text)
+            .unwrap_or_else(|e| panic!("{field} {text:?}: {e}\n{state}"))
+    };
+    let mut spans: Vec<_> = ids
         .iter()
         .map(|id| {
             let s = inspect(id);
-            (
-                s["State"]["StartedAt"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-                s["State"]["FinishedAt"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-            )
+            (time(&s, "StartedAt"), time(&s, "FinishedAt"))
         })
         .collect();
     spans.sort();
-    // RFC 3339 UTC timestamps with the same precision compare as strings.
     assert!(
         spans[0].1 <= spans[1].0,
         "containers overlapped: first finished {} after second started {}",
@@ -299,7 +299,7 @@ async fn run_once_exits_after_its_runs_finish() {
         .await;
     let run_id = api.create_flow_run(&dep, json!({})).await;
     let mut worker = WorkerProcess::start(server, &["--pool", &pool, "--run-once"], &[]);
-    let status = worker.wait_timeout(RUN_TIMEOUT);
+    let status = worker.wait_timeout(RUN_TIMEOUT).await;
     assert!(
         status.is_some_and(|s| s.success()),
         "worker did not exit cleanly: {status:?}\n{}",
@@ -328,25 +328,19 @@ async fn sigterm_stops_claiming_and_leaves_containers_running() {
         .await;
     let run_id = api.create_flow_run(&dep, json!({})).await;
     let mut worker = WorkerProcess::start(server, &["--pool", &pool], &[]);
-    let deadline = std::time::Instant::now() + RUN_TIMEOUT;
-    while guard.running().is_empty() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert_eq!(
-        guard.running().len(),
-        1,
-        "container never started:\n{}",
-        worker.output()
-    );
+    eventually(RUN_TIMEOUT, "the run's container to start", async || {
+        if guard.running().is_empty() {
+            Err(worker.output())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    assert_eq!(guard.running().len(), 1, "{}", worker.output());
     // Wait until the pid is recorded, so the run is fully handed to the container.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while api.read_flow_run(&run_id).await["infrastructure_pid"].is_null()
-        && std::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_pids(&api, &[&run_id], Duration::from_secs(30), &worker).await;
     worker.signal("TERM");
-    let status = worker.wait_timeout(Duration::from_secs(20));
+    let status = worker.wait_timeout(Duration::from_secs(20)).await;
     assert!(
         status.is_some_and(|s| s.success()),
         "worker did not exit 0 on SIGTERM: {status:?}\n{}",
@@ -381,7 +375,7 @@ async fn missing_pool_without_creation_is_not_created() {
         ],
         &[],
     );
-    let status = worker.wait_timeout(Duration::from_secs(60));
+    let status = worker.wait_timeout(Duration::from_secs(60)).await;
     assert!(
         status.is_some_and(|s| s.success()),
         "{status:?}\n{}",
@@ -403,7 +397,7 @@ async fn reserved_pool_name_stops_the_worker_with_the_servers_reason() {
     let server = server();
     let mut worker =
         WorkerProcess::start(server, &["--pool", "prefect-reserved", "--run-once"], &[]);
-    let status = worker.wait_timeout(Duration::from_secs(60));
+    let status = worker.wait_timeout(Duration::from_secs(60)).await;
     assert!(
         status.is_some_and(|s| !s.success()),
         "{status:?}\n{}",

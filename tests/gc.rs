@@ -6,7 +6,7 @@
 mod support;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 use support::*;
@@ -345,17 +345,33 @@ async fn worker_collects_its_pool_periodically() {
         tag: &tag,
     });
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while exists(&qualifying) {
-        assert!(
-            Instant::now() < deadline,
-            "the worker never collected the container:\n{}",
-            worker.output()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    // A few more rounds: what did not qualify must still be there afterwards.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    eventually(
+        Duration::from_secs(60),
+        "the worker to collect the finished run's container",
+        async || {
+            if exists(&qualifying) {
+                Err(worker.output())
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    // What did not qualify must still be there after a later round, one that removed nothing.
+    eventually(
+        Duration::from_secs(60),
+        "a collection round after the removal",
+        async || {
+            let log = worker.output();
+            let after = log
+                .lines()
+                .skip_while(|l| !(l.contains("removed ") && l.contains(&qualifying[..12])))
+                .skip(1)
+                .any(|l| l.contains("gc: 0 removed"));
+            if after { Ok(()) } else { Err(log) }
+        },
+    )
+    .await;
     assert_eq!(
         inspect(&still_running)["State"]["Status"],
         "running",

@@ -1,11 +1,14 @@
 //! Operating the worker: /health and /metrics over real HTTP, JSON logs, and secrets never
-//! appearing in logs, flow-run logs or state messages. Real server, real Docker, built binary.
+//! appearing in logs, flow-run logs or state messages. Real server, real Docker (behind a
+//! recording proxy for the secrets test), a real registry, built binary.
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::recorder::{Endpoint, Recorder};
+use support::services::Registry;
 use support::*;
 
 async fn get(url: &str) -> (u16, String) {
@@ -17,11 +20,18 @@ async fn get(url: &str) -> (u16, String) {
 }
 
 async fn wait_for_http(url: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while reqwest::get(url).await.is_err() {
-        assert!(Instant::now() < deadline, "{url} never answered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(timeout, format!("{url} to answer"), async || {
+        reqwest::get(url).await.map(drop)
+    })
+    .await;
+}
+
+/// The value of one unlabelled sample (`name value`) in a Prometheus exposition.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -30,9 +40,14 @@ async fn health_and_metrics_over_http() {
     let server = server();
     let api = Api::new(server);
     let pool = unique("ops-metrics");
-    let _guard = ContainerGuard::for_pool(&pool);
+    let guard = ContainerGuard::for_pool(&pool);
+    // The container exits (2) only when the test says so: the running gauge is read while it
+    // runs, not raced against a container that is already gone.
     let dep = api
-        .busybox_deployment(&pool, json!({"command": "sh -c 'exit 2'"}))
+        .busybox_deployment(
+            &pool,
+            json!({"command": "sh -c 'until test -e /release; do sleep 1; done; exit 2'"}),
+        )
         .await;
     let run_id = api.create_flow_run(&dep, json!({})).await;
     let port = free_port().to_string();
@@ -46,6 +61,24 @@ async fn health_and_metrics_over_http() {
     );
     let base = format!("http://127.0.0.1:{port}");
     wait_for_http(&format!("{base}/health"), Duration::from_secs(30)).await;
+    wait_for_pids(&api, &[&run_id], Duration::from_secs(120), &worker).await;
+    let scrape = async || get(&format!("{base}/metrics")).await.1;
+    eventually(
+        Duration::from_secs(30),
+        "flow_runs_running 1 while the run's container runs",
+        async || {
+            let metrics = scrape().await;
+            match sample(&metrics, "docker_worker_flow_runs_running") {
+                Some(1.0) => Ok(()),
+                _ => Err(metrics),
+            }
+        },
+    )
+    .await;
+    let container = guard.running();
+    assert_eq!(container.len(), 1, "{}", worker.output());
+    let release = ["exec", container[0].as_str(), "touch", "/release"];
+    run_ok(std::process::Command::new("docker").args(release));
     let run = api
         .wait_for_final_state(&run_id, Duration::from_secs(120))
         .await;
@@ -58,12 +91,35 @@ async fn health_and_metrics_over_http() {
 
     let (status, body) = get(&format!("{base}/health")).await;
     assert_eq!((status, body.as_str()), (200, r#"{"message":"OK"}"#));
-    let (status, metrics) = get(&format!("{base}/metrics")).await;
-    assert_eq!(status, 200);
+    // The server has the Crashed state before the worker has counted its report: wait for the
+    // counter, and read the gauge only after it (it drops when the worker is done with the run).
+    eventually(
+        Duration::from_secs(30),
+        "the crash report to be counted",
+        async || {
+            let metrics = scrape().await;
+            match sample(&metrics, "docker_worker_flow_runs_crashed_total") {
+                Some(1.0) => Ok(()),
+                _ => Err(metrics),
+            }
+        },
+    )
+    .await;
+    let metrics = eventually(
+        Duration::from_secs(30),
+        "flow_runs_running 0 once the report was counted",
+        async || {
+            let metrics = scrape().await;
+            match sample(&metrics, "docker_worker_flow_runs_running") {
+                Some(0.0) => Ok(metrics),
+                _ => Err(metrics),
+            }
+        },
+    )
+    .await;
     for expected in [
         "docker_worker_flow_runs_claimed_total 1",
         "docker_worker_flow_runs_crashed_total 1",
-        "docker_worker_flow_runs_running 0",
         "docker_worker_submission_duration_seconds_count 1",
         "docker_worker_poll_duration_seconds_count",
         "docker_worker_queued_reports",
@@ -85,7 +141,7 @@ async fn health_turns_503_when_polls_stop_succeeding() {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_docker-worker"));
     let log = std::env::temp_dir().join(format!("{}.log", unique("dw-health")));
     let file = std::fs::File::create(&log).unwrap();
-    let mut child = cmd
+    let child = cmd
         .args(["start", "--pool", "p", "--with-healthcheck"])
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -97,52 +153,94 @@ async fn health_turns_503_when_polls_stop_succeeding() {
         .stderr(file)
         .spawn()
         .unwrap();
+    // Killed when dropped, even if an assertion fails.
+    let worker = WorkerProcess { child, log };
     let url = format!("http://127.0.0.1:{port}/health");
     wait_for_http(&url, Duration::from_secs(30)).await;
-    // 30 × 0.05 s = 1.5 s without a successful poll.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let (status, body) = get(&url).await;
-    let _ = child.kill();
-    let _ = child.wait();
-    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    // 30 × 0.05 s = 1.5 s without a successful poll turns it unhealthy.
+    let body = eventually(
+        Duration::from_secs(30),
+        "/health to answer 503",
+        async || match get(&url).await {
+            (503, body) => Ok(body),
+            (status, body) => Err(format!("{status} {body}\n{}", worker.output())),
+        },
+    )
+    .await;
     assert_eq!(
-        (status, body.as_str()),
-        (
-            503,
-            r#"{"message":"Worker may be unresponsive at this time"}"#
-        ),
-        "{output}"
+        body,
+        r#"{"message":"Worker may be unresponsive at this time"}"#,
+        "{}",
+        worker.output()
     );
-    assert!(
-        output.contains("Worker has not polled in the last"),
-        "{output}"
-    );
+    worker
+        .wait_for_output("Worker has not polled in the last", Duration::from_secs(30))
+        .await;
 }
 
+/// Secrets never show in the worker's log (at trace level), in flow-run logs or in state
+/// messages, on the two paths that handle them: a pull that fails (its error is reported) and
+/// a run that logs in to a real registry, pulls, and creates its container — whose environment
+/// carries the API key and auth string to the flow, as the reference's does.
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_and_no_secret_anywhere() {
     require_docker();
     let server = server();
     let api = Api::new(server);
     let pool = unique("ops-secrets");
-    let _guard = ContainerGuard::for_pool(&pool);
+    let guard = ContainerGuard::for_pool(&pool);
     const API_KEY: &str = "pnu_SECRETkey0123456789";
     const AUTH: &str = "admin:SECRETauthstring";
-    const REGISTRY_PASSWORD: &str = "SECRETregistrypass";
-    let registry = format!("127.0.0.1:{}", free_port());
-    let dep = api
+    const UNREACHABLE_PASSWORD: &str = "SECRETregistrypass";
+    let registry = Registry::start();
+    let image = registry.push_busybox(&unique("ops"));
+    let _image = ImageGuard(image.clone());
+    let secrets = [
+        API_KEY,
+        "SECRETauthstring",
+        UNREACHABLE_PASSWORD,
+        &registry.password,
+    ];
+
+    // Nothing listens there: the pull fails and its error becomes the state message.
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let unreachable = api
         .create_deployment(
             &pool,
             "hello",
             "flows.py:hello",
             json!({
-                "image": format!("{registry}/private/img:1"),
+                "image": format!("{nowhere}/private/img:1"),
                 "image_pull_policy": "Always",
-                "registry_credentials": {"username": "user", "password": REGISTRY_PASSWORD, "registry_url": registry},
+                "registry_credentials": {"username": "user", "password": UNREACHABLE_PASSWORD, "registry_url": nowhere},
             }),
         )
         .await;
-    let run_id = api.create_flow_run(&dep, json!({})).await;
+    // A real login and pull, then a container (printing nothing) that exits 3.
+    let pulled = api
+        .busybox_deployment(
+            &pool,
+            json!({
+                "image": image,
+                "image_pull_policy": "Always",
+                "registry_credentials": {"username": registry.user, "password": registry.password, "registry_url": registry.addr},
+                "command": "sh -c 'exit 3'",
+            }),
+        )
+        .await;
+    let pull_failed_run = api.create_flow_run(&unreachable, json!({})).await;
+    let created_run = api.create_flow_run(&pulled, json!({})).await;
+
+    // The worker's Docker connection goes through a recorder, to see what it sent.
+    let dir = tempfile::tempdir().unwrap();
+    let docker = Recorder::unix(
+        &dir.path().join("docker.sock"),
+        Endpoint::Unix("/var/run/docker.sock".into()),
+    );
+    let Endpoint::Unix(socket) = &docker.listen else {
+        unreachable!()
+    };
+    let docker_host = format!("unix://{}", socket.display());
     let worker = WorkerProcess::start(
         server,
         &["--pool", &pool, "--log-format", "json"],
@@ -150,51 +248,92 @@ async fn json_logs_and_no_secret_anywhere() {
             ("PREFECT_API_KEY", API_KEY),
             ("PREFECT_API_AUTH_STRING", AUTH),
             ("RUST_LOG", "trace"),
+            ("DOCKER_HOST", &docker_host),
         ],
     );
-    let run = api
-        .wait_for_final_state(&run_id, Duration::from_secs(120))
-        .await;
-    let message = run["state"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    assert_eq!(
-        run["state"]["type"],
-        json!("CRASHED"),
-        "{run}\n{}",
-        worker.output()
+
+    let mut messages = Vec::new();
+    for (run_id, expected) in [
+        (&pull_failed_run, "PullFailed"),
+        (&created_run, "non-zero status code 3."),
+    ] {
+        let run = api
+            .wait_for_final_state(run_id, Duration::from_secs(120))
+            .await;
+        let (kind, message) = run_state(&run);
+        assert_eq!(kind, "CRASHED", "{run}\n{}", worker.output());
+        assert!(message.contains(expected), "{message}");
+        messages.push(message.to_owned());
+    }
+    // The paths that handle the secrets ran: the login carried the password, and the
+    // container was created with the API key and auth string in its environment.
+    let records = docker.records();
+    assert!(
+        records.iter().any(|r| r.method == "POST"
+            && r.path().ends_with("/auth")
+            && r.json()["password"] == registry.password.as_str()),
+        "no registry login recorded"
     );
-    assert!(message.contains("PullFailed"), "{message}");
-    tokio::time::sleep(Duration::from_secs(3)).await; // let the log batch land
-    let logs = api.flow_run_logs(&run_id).await.join("\n");
+    let creates: Vec<Value> = records
+        .iter()
+        .filter(|r| r.method == "POST" && r.path().ends_with("/containers/create"))
+        .map(|r| r.json())
+        .filter(|body| body["Labels"]["io.prefect.flow-run-id"] == created_run.as_str())
+        .collect();
+    assert_eq!(creates.len(), 1, "{}", worker.output());
+    let env = &creates[0]["Env"];
+    for expected in [
+        format!("PREFECT_API_KEY={API_KEY}"),
+        format!("PREFECT_API_AUTH_STRING={AUTH}"),
+    ] {
+        assert!(
+            env.as_array().is_some_and(|e| e.contains(&json!(expected))),
+            "the container's environment lacks {expected}: {env}"
+        );
+    }
+    assert_eq!(guard.containers().len(), 1);
+
+    // Everything searched below is there to search: the worker's log, both runs' flow-run
+    // logs (up to the report of their crash, the last line the worker sends), their states.
+    let mut logs = Vec::new();
+    for run_id in [&pull_failed_run, &created_run] {
+        let lines = api
+            .wait_for_log(run_id, "Reported flow run", Duration::from_secs(60))
+            .await;
+        logs.extend(lines);
+    }
+    let logs = logs.join("\n");
     let output = worker.output();
-    for secret in [API_KEY, "SECRETauthstring", REGISTRY_PASSWORD] {
+    assert!(!output.trim().is_empty(), "the worker logged nothing");
+    assert!(messages.iter().all(|m| !m.is_empty()), "{messages:?}");
+    for secret in secrets {
         assert!(
             !output.contains(secret),
             "{secret} leaked into the worker log"
         );
         assert!(!logs.contains(secret), "{secret} leaked into flow-run logs");
-        assert!(
-            !message.contains(secret),
-            "{secret} leaked into the state message"
-        );
+        for message in &messages {
+            assert!(
+                !message.contains(secret),
+                "{secret} leaked into a state message: {message}"
+            );
+        }
     }
-    // Every stderr line is a JSON object; the run's lines carry its id.
-    let mut with_run_id = 0;
-    for line in output.lines().filter(|l| !l.trim().is_empty()) {
+    // Every line of its output is a JSON object; a run's lines carry its id.
+    let lines: Vec<&str> = output.lines().filter(|l| !l.trim().is_empty()).collect();
+    for line in &lines {
         let v: Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert!(
             v["level"].is_string() && v["timestamp"].is_string(),
             "{line}"
         );
-        if line.contains(&run_id) {
-            with_run_id += 1;
-        }
     }
-    assert!(
-        with_run_id >= 2,
-        "flow-run lines should carry flow_run_id:\n{output}"
-    );
+    for run_id in [&pull_failed_run, &created_run] {
+        let with_run_id = lines.iter().filter(|l| l.contains(run_id.as_str())).count();
+        assert!(
+            with_run_id >= 2,
+            "flow-run lines should carry flow_run_id {run_id}:\n{output}"
+        );
+    }
 }

@@ -196,19 +196,15 @@ async fn a_run_cancelled_while_pending_never_gets_a_container_started() {
     let t0 = chrono::Utc::now().timestamp() - 1;
     let run_id = api.create_flow_run(&dep, json!({})).await;
     // Cancel it as soon as a worker has claimed it (Pending), while its image is being pulled.
-    let deadline = std::time::Instant::now() + RUN_TIMEOUT;
-    loop {
+    eventually(RUN_TIMEOUT, "a worker to claim the run", async || {
         let run = api.read_flow_run(&run_id).await;
         if run_state(&run).0 == "PENDING" {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{run}\n{}", worker.output()))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never claimed:\n{}",
-            worker.output()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    })
+    .await;
     let (status, body) = api
         .call(
             reqwest::Method::POST,
@@ -225,8 +221,15 @@ async fn a_run_cancelled_while_pending_never_gets_a_container_started() {
         message.contains("cancelled by worker while pending"),
         "{message}"
     );
-    // No container of this pool ever started, and none is left behind.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Once the worker is done with the run (its last word about it has reached the API), no
+    // container of this pool ever started, and none is left behind.
+    let logs = api
+        .wait_for_log(
+            &run_id,
+            "Cancelled pending flow run",
+            Duration::from_secs(60),
+        )
+        .await;
     assert_eq!(
         start_events(&pool, t0),
         Vec::<String>::new(),
@@ -235,9 +238,6 @@ async fn a_run_cancelled_while_pending_never_gets_a_container_started() {
     );
     assert!(guard.containers().is_empty(), "{:?}", guard.containers());
     assert!(run["infrastructure_pid"].is_null(), "{run}");
-    let logs = api
-        .wait_for_log(&run_id, "Cancelled pending flow run")
-        .await;
     assert!(
         logs.iter()
             .any(|l| l == &format!("Cancelled pending flow run '{run_id}'")),
@@ -271,25 +271,47 @@ async fn worker_and_container_events_have_the_reference_shapes_and_chains() {
     let run_id = api.create_flow_run(&dep, json!({})).await;
     let run = api.wait_for_final_state(&run_id, RUN_TIMEOUT).await;
     assert_eq!(run_state(&run).0, "CRASHED", "{run}");
-    // Let the exit events go out, then stop the worker for `stopped`.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Once the run's exit events are in, stop the worker for `stopped`.
+    let run_resource = format!("prefect.flow-run.{run_id}");
+    eventually(
+        Duration::from_secs(60),
+        "the run's exit events",
+        async || {
+            let events = events_about(&api, &run_resource).await;
+            let names: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+            let exit_events = [
+                "prefect.docker.container.exited",
+                "prefect.worker.executed-flow-run",
+            ];
+            if exit_events.iter().all(|name| names.contains(name)) {
+                Ok(())
+            } else {
+                Err(format!("{names:?}"))
+            }
+        },
+    )
+    .await;
     worker.signal("TERM");
-    assert!(worker.wait_timeout(Duration::from_secs(30)).is_some());
+    assert!(worker.wait_timeout(Duration::from_secs(30)).await.is_some());
 
     let slug = name.to_lowercase().replace(' ', "-");
     let worker_id = format!("prefect.worker.docker.{slug}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let events = loop {
-        let events = events_about(&api, &worker_id).await;
-        if events
-            .iter()
-            .any(|e| e["event"] == "prefect.worker.stopped")
-            || std::time::Instant::now() > deadline
-        {
-            break events;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let events = eventually(
+        Duration::from_secs(30),
+        "the worker's stopped event",
+        async || {
+            let events = events_about(&api, &worker_id).await;
+            if events
+                .iter()
+                .any(|e| e["event"] == "prefect.worker.stopped")
+            {
+                Ok(events)
+            } else {
+                Err(format!("{events:#?}\n{}", worker.output()))
+            }
+        },
+    )
+    .await;
     let find = |name: &str| -> Value {
         events
             .iter()

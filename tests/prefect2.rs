@@ -73,7 +73,9 @@ async fn a_prefect_2_server_gets_rest_sync_claims_containers_and_exit_reports() 
             .is_some_and(|p| p.contains(':')),
         "{state}"
     );
-    let logs = api.wait_for_log(&run, "submitted to infrastructure").await;
+    let logs = api
+        .wait_for_log(&run, "submitted to infrastructure", Duration::from_secs(60))
+        .await;
     assert!(
         logs.iter().any(|l| l.contains("submitting flow run")),
         "{logs:?}"

@@ -32,6 +32,13 @@ fn api_recorder(server: &PrefectServer) -> (Recorder, String) {
     (recorder, url)
 }
 
+/// A worker's `last_heartbeat_time`, as a time.
+fn heartbeat_time(worker: &serde_json::Value) -> chrono::DateTime<chrono::FixedOffset> {
+    let text = worker["last_heartbeat_time"].as_str().unwrap_or_default();
+    chrono::DateTime::parse_from_rfc3339(text)
+        .unwrap_or_else(|e| panic!("last_heartbeat_time {text:?}: {e}\n{worker}"))
+}
+
 async fn workers_of(api: &Api, pool: &str) -> Vec<serde_json::Value> {
     let (status, body) = api
         .call(
@@ -42,18 +49,6 @@ async fn workers_of(api: &Api, pool: &str) -> Vec<serde_json::Value> {
         .await;
     assert_eq!(status, 200, "{body}");
     body.as_array().cloned().unwrap_or_default()
-}
-
-async fn wait_for_log(worker: &WorkerProcess, needle: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !worker.output().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "the worker never logged {needle:?}:\n{}",
-            worker.output()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -72,12 +67,12 @@ async fn the_channel_creates_the_pool_and_carries_heartbeats_instead_of_rest() {
             ("PREFECT_WORKER_HEARTBEAT_SECONDS", "1"),
         ],
     );
-    wait_for_log(
-        &worker,
-        "connected to Prefect's worker channel",
-        Duration::from_secs(30),
-    )
-    .await;
+    worker
+        .wait_for_output(
+            "connected to Prefect's worker channel",
+            Duration::from_secs(30),
+        )
+        .await;
 
     // The server created the pool from the hello, with this worker's template.
     let pool_json = api.wait_for_pool(&pool, Duration::from_secs(10)).await;
@@ -93,20 +88,20 @@ async fn the_channel_creates_the_pool_and_carries_heartbeats_instead_of_rest() {
     assert_eq!(first.len(), 1, "{first:?}");
     assert_eq!(first[0]["name"], "chan-worker");
     assert_eq!(first[0]["status"], "ONLINE");
-    let t0 = first[0]["last_heartbeat_time"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let now = workers_of(&api, &pool).await;
-        if now[0]["last_heartbeat_time"].as_str().unwrap() > t0.as_str() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no heartbeat over the channel within 20 s:\n{}",
-            worker.output()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let t0 = heartbeat_time(&first[0]);
+    eventually(
+        Duration::from_secs(20),
+        "a heartbeat over the channel",
+        async || {
+            let now = heartbeat_time(&workers_of(&api, &pool).await[0]);
+            if now > t0 {
+                Ok(())
+            } else {
+                Err(format!("still {now}; worker:\n{}", worker.output()))
+            }
+        },
+    )
+    .await;
 
     // …while REST saw the upgrade and polls, and — while the channel was up — no heartbeat or
     // pool read at all, over several heartbeat intervals. A busy SQLite server may refuse a
@@ -123,15 +118,17 @@ async fn the_channel_creates_the_pool_and_carries_heartbeats_instead_of_rest() {
         let out = worker.output();
         let (lost_before, healthy_at_start) = (lost(&out), healthy(&out));
         let before = recorder.records().len();
-        let window_start = workers_of(&api, &pool).await[0]["last_heartbeat_time"].clone();
+        let window_start = heartbeat_time(&workers_of(&api, &pool).await[0]);
+        // Deliberately a fixed window (several 1 s heartbeat intervals): what must not happen
+        // in it is REST sync, which no condition could wait for.
         tokio::time::sleep(Duration::from_secs(5)).await;
         let all = recorder.records();
-        let window_end = workers_of(&api, &pool).await[0]["last_heartbeat_time"].clone();
+        let window_end = heartbeat_time(&workers_of(&api, &pool).await[0]);
         if (!healthy_at_start || lost(&worker.output()) != lost_before) && attempts < 5 {
             continue;
         }
         assert!(
-            window_end.as_str() > window_start.as_str(),
+            window_end > window_start,
             "no heartbeat during the window: {window_start} → {window_end}"
         );
         let paths: Vec<String> = all[before..]
@@ -172,17 +169,25 @@ async fn the_channel_creates_the_pool_and_carries_heartbeats_instead_of_rest() {
             ("DOCKER_WORKER_CHANNEL", "false"),
         ],
     );
-    wait_for_log(&worker, "started!", Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let records = recorder.records();
-    assert!(
-        records
+    worker
+        .wait_for_output("started!", Duration::from_secs(30))
+        .await;
+    let records = eventually(Duration::from_secs(30), "two REST heartbeats", async || {
+        let records = recorder.records();
+        let heartbeats = records
             .iter()
             .filter(|r| r.path().ends_with("/workers/heartbeat"))
-            .count()
-            >= 2,
-        "expected REST heartbeats"
-    );
+            .count();
+        if heartbeats >= 2 {
+            Ok(records)
+        } else {
+            Err(format!(
+                "{heartbeats} heartbeats; worker:\n{}",
+                worker.output()
+            ))
+        }
+    })
+    .await;
     assert!(
         !records
             .iter()
@@ -221,12 +226,12 @@ impl CleanupCase {
                 ("PREFECT_WORKER_WEBSERVER_PORT", &metrics_port),
             ],
         );
-        wait_for_log(
-            &worker,
-            "connected to Prefect's worker channel",
-            Duration::from_secs(30),
-        )
-        .await;
+        worker
+            .wait_for_output(
+                "connected to Prefect's worker channel",
+                Duration::from_secs(30),
+            )
+            .await;
         let run = api.create_flow_run(&deployment, json!({})).await;
         wait_for_pids(&api, &[&run], Duration::from_secs(120), &worker).await;
         let container = ContainerGuard::for_label("io.prefect.flow-run-id", &run);
@@ -256,7 +261,9 @@ impl CleanupCase {
     /// The worker's log line saying how the cleanup ended.
     async fn cleanup_outcome(&self) -> String {
         const FINISHED: &str = "cleanup delivered by the worker channel finished";
-        wait_for_log(&self.worker, FINISHED, Duration::from_secs(120)).await;
+        self.worker
+            .wait_for_output(FINISHED, Duration::from_secs(120))
+            .await;
         self.worker
             .output()
             .lines()
@@ -289,6 +296,7 @@ async fn cleanup_delivery_stops_the_container_of_a_run_the_server_cancelled() {
     let cancelling_at = Instant::now();
 
     // The container keeps running until the server times the cancellation out (15 s)…
+    // (deliberately 8 s of nothing happening: a stop that must not come has no condition).
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert_eq!(
         case.container.running().len(),
@@ -297,16 +305,22 @@ async fn cleanup_delivery_stops_the_container_of_a_run_the_server_cancelled() {
         case.worker.output()
     );
     // …then the server marks it Cancelled and delivers the teardown to this worker.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !case.container.running().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the cleanup never stopped the container:\n{}\n{}",
-            case.worker.output(),
-            channel_server().log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    eventually(
+        Duration::from_secs(120),
+        "the cleanup to stop the container",
+        async || {
+            if case.container.running().is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{}\n{}",
+                    case.worker.output(),
+                    channel_server().log_tail()
+                ))
+            }
+        },
+    )
+    .await;
     // Not before the 15 s timeout, and with the 30 s grace honoured after it.
     let stopped_after = cancelling_at.elapsed();
     assert!(
@@ -337,8 +351,26 @@ async fn cleanup_delivery_stops_the_container_of_a_run_the_server_cancelled() {
         );
     }
 
-    // The container's exit report does not overwrite the server's Cancelled state.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The container's exit report does not overwrite the server's Cancelled state: read it
+    // once the worker is done with the run (it sends the run's exit events after reporting).
+    let run_resource = format!("prefect.flow-run.{}", case.run);
+    eventually(
+        Duration::from_secs(60),
+        "the run's executed-flow-run event",
+        async || {
+            let filter = json!({
+                "any_resource": {"id": [run_resource]},
+                "event": {"name": ["prefect.worker.executed-flow-run"]},
+                "occurred": {"since": "2020-01-01T00:00:00Z"},
+            });
+            if case.api.events(filter, 10).await.is_empty() {
+                Err(case.worker.output())
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
     let final_state = case.api.read_flow_run(&case.run).await;
     assert_eq!(
         run_state(&final_state),

@@ -6,13 +6,16 @@
 
 pub mod recorder;
 pub mod services;
+pub mod wait;
+
+pub use wait::{eventually, eventually_blocking, within, within_blocking};
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -150,22 +153,24 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
     }
 
     fn wait_healthy(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while Instant::now() < deadline {
-            if http_get_status(self.port, "/api/health") == Some(200) {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "the Prefect server exited ({status}) before it was ready:\n{}",
-                    self.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        panic!(
-            "the Prefect server did not answer /api/health within 180 s:\n{}",
-            self.log_tail()
+        eventually_blocking(
+            Duration::from_secs(180),
+            "the Prefect server to answer /api/health",
+            || {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    panic!(
+                        "the Prefect server exited ({status}) before it was ready:\n{}",
+                        self.log_tail()
+                    );
+                }
+                match http_get_status(self.port, "/api/health") {
+                    Some(200) => Ok(()),
+                    status => Err(format!(
+                        "status {status:?}; server log:\n{}",
+                        self.log_tail()
+                    )),
+                }
+            },
         );
     }
 
@@ -217,10 +222,10 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
             .arg(self.child.id().to_string())
             .status();
         let _ = self.child.wait();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http_get_status(self.port, "/api/health").is_some() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        // The process is gone; give a lingering listener (its workers) a moment to close.
+        let _ = within_blocking(Duration::from_secs(30), || {
+            http_get_status(self.port, "/api/health").is_none()
+        });
     }
 
     /// Starts it again on the same port and database.
@@ -304,6 +309,7 @@ impl Api {
             let text = resp.text().await.unwrap_or_default();
             if matches!(status, 502 | 503) && attempt < 20 {
                 attempt += 1;
+                // A backoff before retrying, not a wait for something to happen.
                 tokio::time::sleep(Duration::from_millis((250 * attempt).min(3000))).await;
                 continue;
             }
@@ -346,24 +352,24 @@ impl Api {
         );
     }
 
-    /// Waits until `pool` exists (for example once a worker created it).
+    /// Waits until `pool` exists with a base job template (for example once a worker created it).
     pub async fn wait_for_pool(&self, pool: &str, timeout: Duration) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let (status, body) = self.read_work_pool(pool).await;
-            if status == 200
-                && body["base_job_template"]
+        eventually(
+            timeout,
+            format!("pool {pool} with a base job template"),
+            async || {
+                let (status, body) = self.read_work_pool(pool).await;
+                let templated = body["base_job_template"]
                     .as_object()
-                    .is_some_and(|t| !t.is_empty())
-            {
-                return body;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pool {pool} did not appear within {timeout:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+                    .is_some_and(|t| !t.is_empty());
+                if status == 200 && templated {
+                    Ok(body)
+                } else {
+                    Err(format!("{status} {body}"))
+                }
+            },
+        )
+        .await
     }
 
     /// A deployment of a flow baked into the test image (`/opt/flows/flows.py:<function>`).
@@ -446,32 +452,40 @@ impl Api {
         page["events"].as_array().cloned().unwrap_or_default()
     }
 
-    /// Waits (up to 30 s) until a flow-run log line contains `needle` (logs arrive in
-    /// batches); returns all of the run's log lines.
-    pub async fn wait_for_log(&self, run_id: &str, needle: &str) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let logs = self.flow_run_logs(run_id).await;
-            if logs.iter().any(|l| l.contains(needle)) || Instant::now() > deadline {
-                return logs;
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+    /// Waits until a flow-run log line contains `needle` (logs arrive in batches) and returns
+    /// all of the run's log lines; panics, showing the lines there were, if none does within
+    /// `timeout`.
+    pub async fn wait_for_log(&self, run_id: &str, needle: &str, timeout: Duration) -> Vec<String> {
+        eventually(
+            timeout,
+            format!("a log line of flow run {run_id} containing {needle:?}"),
+            async || {
+                let logs = self.flow_run_logs(run_id).await;
+                if logs.iter().any(|l| l.contains(needle)) {
+                    Ok(logs)
+                } else {
+                    Err(format!("{logs:#?}"))
+                }
+            },
+        )
+        .await
     }
 
-    /// Waits until the run's state is final (or `timeout`), returning the run.
+    /// Waits until the run's state is final, returning the run; after `timeout`, returns the
+    /// run as it is (the callers' assertions on its state say what they expected, with their
+    /// worker's output).
     pub async fn wait_for_final_state(&self, id: &str, timeout: Duration) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let last = within(timeout, async || {
             let run = self.read_flow_run(id).await;
             let state = run["state"]["type"].as_str().unwrap_or_default();
-            if matches!(state, "COMPLETED" | "FAILED" | "CRASHED" | "CANCELLED")
-                || Instant::now() > deadline
-            {
-                return run;
+            if matches!(state, "COMPLETED" | "FAILED" | "CRASHED" | "CANCELLED") {
+                Ok(run)
+            } else {
+                Err(run)
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        })
+        .await;
+        last.unwrap_or_else(|run| run)
     }
 }
 
@@ -507,6 +521,24 @@ impl WorkerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until the worker's output contains `needle`; panics with the output if it does not
+    /// within `timeout`.
+    pub async fn wait_for_output(&self, needle: &str, timeout: Duration) {
+        eventually(
+            timeout,
+            format!("the worker to print {needle:?}"),
+            async || {
+                let out = self.output();
+                if out.contains(needle) {
+                    Ok(())
+                } else {
+                    Err(out)
+                }
+            },
+        )
+        .await;
+    }
+
     /// Sends a signal by name (`TERM`, `INT`) to this process only.
     pub fn signal(&self, name: &str) {
         let ok = Command::new("kill")
@@ -518,15 +550,10 @@ impl WorkerProcess {
     }
 
     /// Waits for exit up to `timeout`; `None` if still running.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        None
+    pub async fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        within(timeout, async || self.child.try_wait().ok().flatten())
+            .await
+            .ok()
     }
 }
 
@@ -612,17 +639,29 @@ pub fn run_state(run: &Value) -> (&str, &str) {
 
 /// Waits until every run has its `infrastructure_pid` (its container is started and recorded).
 pub async fn wait_for_pids(api: &Api, ids: &[&str], timeout: Duration, worker: &WorkerProcess) {
-    let deadline = Instant::now() + timeout;
-    for id in ids {
-        while api.read_flow_run(id).await["infrastructure_pid"].is_null() {
-            assert!(
-                Instant::now() < deadline,
-                "run {id} never started:\n{}",
-                worker.output()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    let mut pending = ids.to_vec();
+    eventually(
+        timeout,
+        format!("the infrastructure_pid of runs {ids:?}"),
+        async || {
+            let mut still = Vec::new();
+            for id in pending.iter().copied() {
+                if api.read_flow_run(id).await["infrastructure_pid"].is_null() {
+                    still.push(id);
+                }
+            }
+            pending = still;
+            if pending.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "no pid for {pending:?}; worker:\n{}",
+                    worker.output()
+                ))
+            }
+        },
+    )
+    .await;
 }
 
 /// The label every container made by the runtime-level tests carries.

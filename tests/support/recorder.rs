@@ -198,11 +198,16 @@ fn serve(client: Box<dyn Conn>, upstream: &Endpoint, records: &Arc<Mutex<Vec<Rec
         let mut parser = Parser::default();
         let mut buf = [0u8; 32 * 1024];
         while let Ok(n) = client_read.read(&mut buf) {
-            if n == 0 || server_write.write_all(&buf[..n]).is_err() {
+            if n == 0 {
                 break;
             }
+            // Recorded before it is forwarded: a request the client got an answer to is
+            // already in `records`, so a test may read them as soon as the client is done.
             for r in parser.feed(&buf[..n]) {
                 records.lock().unwrap().push(r);
+            }
+            if server_write.write_all(&buf[..n]).is_err() {
+                break;
             }
         }
         server_write.shutdown_write();

@@ -6,9 +6,9 @@ use std::io::Write as _;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{BUSYBOX, free_port, run_ok, unique};
+use super::{BUSYBOX, eventually_blocking, free_port, run_ok, unique, within_blocking};
 
 fn require_tool(tool: &str, package: &str) {
     let found = Command::new("sh")
@@ -23,15 +23,17 @@ fn require_tool(tool: &str, package: &str) {
 }
 
 fn wait_for_port(port: u16, what: &str, log: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not listen on 127.0.0.1:{port}:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually_blocking(
+        Duration::from_secs(60),
+        format!("{what} to listen on 127.0.0.1:{port}"),
+        || match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!(
+                "{e}; its log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )),
+        },
+    );
 }
 
 fn pipe(from: &mut Command, to: &mut Command) {
@@ -326,28 +328,21 @@ impl TlsDockerd {
 
     fn wait_ready(&mut self) {
         let log = self.root.join("dockerd.log");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "private dockerd exited ({status}):\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            let ok = Command::new("docker")
-                .args(["-H", &self.socket, "info", "--format", "{{.ServerVersion}}"])
-                .output()
-                .is_ok_and(|o| o.status.success());
-            if ok {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "private dockerd did not come up:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
+        let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+        eventually_blocking(
+            Duration::from_secs(60),
+            "the private dockerd to answer `docker info`",
+            || {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    panic!("private dockerd exited ({status}):\n{}", log_text());
+                }
+                let ok = Command::new("docker")
+                    .args(["-H", &self.socket, "info", "--format", "{{.ServerVersion}}"])
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                if ok { Ok(()) } else { Err(log_text()) }
+            },
+        );
     }
 
     /// Stops the daemon by its PID (it stops its containers) and starts it again on the same
@@ -360,6 +355,7 @@ impl TlsDockerd {
         let _ = Command::new("umount")
             .arg(self.root.join("exec/netns/default"))
             .output();
+        // Deliberately down for a while (the outage is what the caller tests), not a wait.
         std::thread::sleep(down_for);
         self.child = Self::spawn(
             &self.root,
@@ -378,10 +374,10 @@ impl Drop for TlsDockerd {
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
             .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // Let it stop its containers; kill it if it takes longer than 20 s.
+        let _ = within_blocking(Duration::from_secs(20), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
         let _ = self.child.kill();
         let _ = self.child.wait();
         // With --live-restore the containerd it started outlives it: end that by its PID too.
@@ -457,15 +453,17 @@ impl PodmanService {
             root,
             child,
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "podman service did not create its socket:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        eventually_blocking(
+            Duration::from_secs(60),
+            "the podman service to create its socket",
+            || {
+                if socket.exists() {
+                    Ok(())
+                } else {
+                    Err(std::fs::read_to_string(&log).unwrap_or_default())
+                }
+            },
+        );
         for image in images {
             pipe(
                 Command::new("docker").args(["save", image]),
@@ -539,6 +537,7 @@ impl SlowProxy {
                         if n == 0 {
                             break;
                         }
+                        // Deliberate: the slowness is what this proxy is for.
                         std::thread::sleep(delay);
                         if c_write.write_all(&buf[..n]).is_err() {
                             break;
