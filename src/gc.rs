@@ -17,12 +17,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::docker::{DockerError, Removal, StoppedContainer};
+use crate::job::labels;
 use crate::worker::ports::{ContainerRuntime, PrefectApi};
 
-/// The label every flow-run container carries (the Python worker's too).
-pub const FLOW_RUN_LABEL: &str = "io.prefect.flow-run-id";
-/// The label naming the container's work pool.
-pub const POOL_LABEL: &str = "io.prefect.work-pool-name";
 
 /// What one collection looks at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,11 +239,11 @@ pub enum GcError {
 
 /// The label filters for the containers a collection looks at.
 pub fn label_filters(pool: Option<&str>) -> Vec<String> {
-    let mut labels = vec![FLOW_RUN_LABEL.to_owned()];
+    let mut filters = vec![labels::FLOW_RUN_ID.to_owned()];
     if let Some(pool) = pool {
-        labels.push(format!("{POOL_LABEL}={pool}"));
+        filters.push(format!("{}={pool}", labels::WORK_POOL_NAME));
     }
-    labels
+    filters
 }
 
 /// The part of a decision that needs neither the Engine nor the API: the container's age,
@@ -291,7 +288,7 @@ pub async fn collect(
         dry_run: options.dry_run,
     };
     for container in containers {
-        let Some(flow_run_id) = container.labels.get(FLOW_RUN_LABEL).cloned() else {
+        let Some(flow_run_id) = container.labels.get(labels::FLOW_RUN_ID).cloned() else {
             continue; // the label filter guarantees it; never touch a container without it
         };
         let now = Utc::now();
@@ -368,7 +365,7 @@ mod tests {
                 name: Some("crimson-dog".into()),
                 created_at: 0,
             },
-            labels: HashMap::from([(FLOW_RUN_LABEL.to_owned(), "run-1".to_owned())]),
+            labels: HashMap::from([(labels::FLOW_RUN_ID.to_owned(), "run-1".to_owned())]),
             status: "exited".into(),
             finished_at,
         }

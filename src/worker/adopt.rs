@@ -9,11 +9,8 @@ use std::sync::Arc;
 use super::registry::Phase;
 use super::{PoolRef, Worker, lifecycle};
 use crate::docker::FoundContainer;
-use crate::gc::{FLOW_RUN_LABEL, POOL_LABEL};
+use crate::job::labels;
 use crate::prefect::{ApiError, WorkPool};
-
-/// The label naming the worker that created a container.
-pub(crate) const WORKER_LABEL: &str = "io.prefect.worker-name";
 
 /// Whether a container created by `owner` is this worker's to adopt: its own (same name), one
 /// without an owner label, or one whose worker the server no longer sees online.
@@ -34,7 +31,7 @@ impl Worker {
     pub(super) async fn adopt_orphans(self: &Arc<Self>, pool: &WorkPool) -> Result<(), ApiError> {
         let found = match self
             .docker
-            .find_containers(&[format!("{POOL_LABEL}={}", pool.name)])
+            .find_containers(&[format!("{}={}", labels::WORK_POOL_NAME, pool.name)])
             .await
         {
             Ok(found) => found,
@@ -48,10 +45,10 @@ impl Worker {
         }
         let online = self.api.online_workers(&pool.name).await?;
         for container in found {
-            let Some(run_id) = container.labels.get(FLOW_RUN_LABEL).cloned() else {
+            let Some(run_id) = container.labels.get(labels::FLOW_RUN_ID).cloned() else {
                 continue;
             };
-            let owner = container.labels.get(WORKER_LABEL).map(String::as_str);
+            let owner = container.labels.get(labels::WORKER_NAME).map(String::as_str);
             if !may_adopt(owner, self.name(), &online) {
                 tracing::debug!(flow_run_id = %run_id, owner, "container belongs to a live worker; not adopting");
                 continue;

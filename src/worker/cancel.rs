@@ -26,7 +26,7 @@ impl Worker {
 
     /// Asks the API which held runs (watched, or still being submitted) are Cancelling (or
     /// already Cancelled), and cancels them.
-    async fn poll_cancellations(self: &Arc<Self>) {
+    pub(super) async fn poll_cancellations(self: &Arc<Self>) {
         let ids = self.registry.run_ids();
         if ids.is_empty() {
             return;

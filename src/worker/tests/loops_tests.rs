@@ -1,1 +1,265 @@
-//! placeholder
+//! The worker's loops through the fakes: adoption after a restart, polls and the `--limit`
+//! slots, cancellation polls, and reports through API outages and shutdown.
+
+use std::time::Duration;
+
+use super::Harness;
+use super::fakes::{Plan, found};
+use crate::prefect::{StateProposal, StateType};
+use crate::worker::ports::PrefectApi as _;
+use crate::worker::registry::Phase;
+
+fn pool() -> crate::prefect::WorkPool {
+    crate::prefect::WorkPool {
+        id: "pool-id".into(),
+        name: "pool".into(),
+        pool_type: "docker".into(),
+        base_job_template: crate::job::default_base_job_template(),
+        is_paused: false,
+    }
+}
+
+async fn drain(h: &Harness) {
+    h.worker.tasks.close();
+    h.worker.tasks.wait().await;
+}
+
+// ---------------------------------------------------------------- adoption
+
+#[tokio::test]
+async fn its_own_running_container_is_watched_again_and_reported() {
+    let h = Harness::new();
+    h.api.add_run("r1", StateType::Scheduled);
+    h.api.set_externally("r1", StateType::Running);
+    h.docker.leave(found("old1", "r1", "me", true, None));
+    h.worker.adopt_orphans(&pool()).await.expect("adopted");
+    assert!(matches!(
+        h.worker.registry.phase("r1"),
+        Some(Phase::Watching { .. })
+    ));
+    h.docker.exit("old1", 2);
+    drain(&h).await;
+    let state = h.api.current("r1");
+    assert_eq!(state.state_type, StateType::Crashed);
+    assert_eq!(state.message.as_deref(), Some(crate::worker::crash_message(2).as_str()));
+    assert_eq!(h.worker.registry.len(), 0);
+}
+
+#[tokio::test]
+async fn an_offline_workers_exited_container_is_reported_at_once() {
+    let mut h = Harness::new();
+    h.api.add_run("r1", StateType::Scheduled);
+    h.api.set_externally("r1", StateType::Running);
+    h.api.set_online(&["someone-else"]);
+    h.docker
+        .leave(found("old1", "r1", "gone-worker", false, Some(5)));
+    h.worker.adopt_orphans(&pool()).await.expect("adopted");
+    drain(&h).await;
+    assert_eq!(h.api.current("r1").state_type, StateType::Crashed);
+    assert!(h.docker.calls_to("watch").is_empty(), "no watch for an exited one");
+    assert!(h.logged().iter().any(|l| l.contains("while no worker was watching")));
+    assert!(h.emitted().contains(&"prefect.worker.executed-flow-run".to_owned()));
+}
+
+#[tokio::test]
+async fn an_online_workers_container_is_left_alone() {
+    let h = Harness::new();
+    h.api.add_run("r1", StateType::Scheduled);
+    h.api.set_externally("r1", StateType::Running);
+    h.api.set_online(&["other"]);
+    h.docker.leave(found("old1", "r1", "other", true, None));
+    h.worker.adopt_orphans(&pool()).await.expect("looked");
+    assert_eq!(h.worker.registry.len(), 0);
+    assert!(h.docker.calls_to("watch").is_empty());
+}
+
+#[tokio::test]
+async fn a_container_of_a_final_run_is_not_adopted() {
+    let h = Harness::new();
+    h.api.add_run("r1", StateType::Scheduled);
+    h.api.set_externally("r1", StateType::Completed);
+    h.docker.leave(found("old1", "r1", "me", true, None));
+    h.worker.adopt_orphans(&pool()).await.expect("looked");
+    assert_eq!(h.worker.registry.len(), 0);
+}
+
+#[tokio::test]
+async fn a_container_created_but_never_started_is_crashed_not_started() {
+    let h = Harness::new();
+    h.api.add_run("r1", StateType::Scheduled);
+    h.api.set_externally("r1", StateType::Pending);
+    h.docker.leave(found("old1", "r1", "me", false, None));
+    h.worker.adopt_orphans(&pool()).await.expect("adopted");
+    drain(&h).await;
+    let state = h.api.current("r1");
+    assert_eq!(state.state_type, StateType::Crashed);
+    assert!(
+        state
+            .message
+            .unwrap_or_default()
+            .contains("WorkerInterrupted: the worker stopped after creating container 'name-old1'")
+    );
+    assert!(h.docker.calls_to("start").is_empty());
+}
+
+#[tokio::test]
+async fn an_adopted_run_can_be_cancelled() {
+    let h = Harness::new();
+    h.api.add_run("r1", StateType::Scheduled);
+    h.api.set_externally("r1", StateType::Running);
+    h.docker.leave(found("old1", "r1", "me", true, None));
+    h.worker.adopt_orphans(&pool()).await.expect("adopted");
+    h.api.set_externally("r1", StateType::Cancelling);
+    h.worker.cancel_run("r1");
+    drain(&h).await;
+    assert_eq!(h.docker.calls_to("stop old1").len(), 1);
+    assert_eq!(h.api.current("r1").state_type, StateType::Cancelled);
+}
+
+// ---------------------------------------------------------------- polls and slots
+
+#[tokio::test]
+async fn a_poll_takes_runs_up_to_the_limit_and_a_freed_slot_polls_again() {
+    let h = Harness::with(&["--limit", "2"]);
+    h.docker.plan(Plan::Hold);
+    for id in ["r1", "r2", "r3"] {
+        h.api.add_run(id, StateType::Scheduled);
+    }
+    h.worker.record_pool(pool());
+    let taken = h.worker.poll_once().await.expect("polled");
+    assert_eq!(taken, 2);
+    h.until("both are watched", |h| {
+        h.docker.calls_to("watch").len() == 2
+    })
+    .await;
+    assert_eq!(h.worker.registry.len(), 2);
+    h.docker.exit("c1", 0);
+    h.until("the slot is free", |h| h.worker.registry.len() == 1)
+        .await;
+    use futures_util::FutureExt as _;
+    assert!(
+        h.worker.registry.poll_wanted().now_or_never().is_some(),
+        "the freed slot asks for a poll"
+    );
+    assert_eq!(h.worker.poll_once().await.expect("polled"), 1);
+    h.until("r3 is watched", |h| h.docker.calls_to("watch").len() == 3)
+        .await;
+    h.docker.exit("c2", 0);
+    h.docker.exit("c3", 0);
+    drain(&h).await;
+    assert_eq!(h.worker.registry.len(), 0);
+}
+
+#[tokio::test]
+async fn a_run_already_held_is_not_submitted_twice() {
+    let h = Harness::new();
+    h.docker.plan(Plan::Hold);
+    h.api.add_run("r1", StateType::Scheduled);
+    h.worker.record_pool(pool());
+    assert_eq!(h.worker.poll_once().await.expect("polled"), 1);
+    // The run is still Scheduled in a stale poll answer: set it back to be offered again.
+    h.until("claimed", |h| h.worker.registry.phase("r1").is_some())
+        .await;
+    assert!(matches!(
+        h.worker.registry.admit("r1"),
+        crate::worker::registry::Admission::AlreadyHeld
+    ));
+    h.lifetime.stop.cancel();
+    drain(&h).await;
+}
+
+#[tokio::test]
+async fn the_cancellation_poll_cancels_held_runs_found_cancelling() {
+    let h = Harness::new();
+    h.docker.plan(Plan::Hold);
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.spawn_submit(run);
+    h.until("watched", |h| {
+        matches!(h.worker.registry.phase("r1"), Some(Phase::Watching { .. }))
+    })
+    .await;
+    h.api.set_externally("r1", StateType::Cancelling);
+    h.worker.poll_cancellations().await;
+    drain(&h).await;
+    assert_eq!(h.api.current("r1").state_type, StateType::Cancelled);
+}
+
+// ---------------------------------------------------------------- outages and shutdown
+
+#[tokio::test(start_paused = true)]
+async fn a_report_made_during_an_outage_is_delivered_when_it_ends() {
+    let h = Harness::new();
+    h.api.add_run("r1", StateType::Scheduled);
+    h.api.fail_next("set_flow_run_state", 4);
+    let boom = StateProposal::crashed("boom");
+    let delivered = h
+        .worker
+        .through_outage("report", || h.api.set_flow_run_state("r1", &boom, false))
+        .await;
+    assert!(delivered.is_ok());
+    assert_eq!(h.api.calls_to("set_state r1 CRASHED").len(), 5);
+    assert_eq!(h.api.current("r1").state_type, StateType::Crashed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_report_still_failing_when_the_grace_ends_is_given_up() {
+    let h = Harness::new();
+    h.api.add_run("r1", StateType::Scheduled);
+    h.api.fail_next("set_flow_run_state", u32::MAX);
+    let abandon = h.lifetime.abandon.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        abandon.cancel();
+    });
+    let boom = StateProposal::crashed("boom");
+    let result = h
+        .worker
+        .through_outage("report", || h.api.set_flow_run_state("r1", &boom, false))
+        .await;
+    assert!(result.is_err_and(|e| e.is_transient()));
+    let tries = h.api.calls_to("set_state").len();
+    // 1 s doubling: tries at 0, 1, 3, 7, 15 s, then the wait to 31 s is cut at 30 s.
+    assert_eq!(tries, 5);
+}
+
+#[tokio::test]
+async fn a_non_transient_error_is_not_retried() {
+    let h = Harness::new();
+    let boom = StateProposal::crashed("boom");
+    let result = h
+        .worker
+        .through_outage("report", || h.api.set_flow_run_state("missing", &boom, false))
+        .await;
+    assert!(result.is_err_and(|e| e.is_not_found()));
+    assert_eq!(h.api.calls_to("set_state missing").len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_report_through_an_outage_arrives_in_order_after_it() {
+    let h = Harness::new();
+    h.docker.plan(Plan::Exit(1));
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    // Claim and Submitting go through; the crash report meets a 3-failure outage.
+    let api = std::sync::Arc::clone(&h.api);
+    h.docker.after(super::fakes::Step::Started, move || {
+        api.fail_next("set_flow_run_state", 3);
+    });
+    h.submit(run).await;
+    assert_eq!(h.api.calls_to("set_state r1 CRASHED").len(), 4);
+    assert_eq!(h.api.current("r1").state_type, StateType::Crashed);
+    assert_eq!(h.metrics.runs_crashed.get(), 1);
+}
+
+#[tokio::test]
+async fn an_idle_worker_winds_down_at_once() {
+    let h = Harness::new();
+    h.worker.tasks.spawn({
+        let stop = h.lifetime.stop.clone();
+        async move { stop.cancelled().await }
+    });
+    h.lifetime.stop.cancel();
+    // Nothing in flight: the wind-down needs no grace (a paused clock would not hide a wait,
+    // so this runs on real time and would take 30 s if it waited).
+    h.worker.wind_down().await;
+    assert!(!h.lifetime.abandon.is_cancelled(), "nothing had to be abandoned");
+}
