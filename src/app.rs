@@ -3,8 +3,10 @@
 //! shipper and the worker; shut down in order. Also `docker-worker gc`: one collection.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -17,20 +19,33 @@ use crate::prefect::PrefectClient;
 use crate::prefect::events::EventSink;
 use crate::worker::{Lifetime, Ports, Reporting, Worker};
 
-/// Runs the worker until `shutdown` is cancelled or it stops on its own.
+/// How long the log and event senders get to deliver what is queued after the worker ended.
+const FLUSH_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs the worker until `lifetime.stop` is cancelled or it stops on its own.
+///
+/// The token tree: `lifetime.abandon` (the process) → `lifetime.stop` (the first signal:
+/// stop claiming and watching) and the senders' flush token, cancelled once the worker is
+/// done so what it queued last is delivered. Every service task (health server, log and
+/// event senders) is spawned in one tracker; the worker has its own for its loops and runs.
 ///
 /// # Errors
 /// Start-up failures (Docker unreachable, API rejected the worker, port in use) and fatal
 /// worker errors, with context for the user.
 pub async fn run(settings: Settings, lifetime: Lifetime) -> anyhow::Result<()> {
+    let services = TaskTracker::new();
     let metrics = Arc::new(Metrics::new());
-    let server_shutdown = CancellationToken::new();
+    let server_stop = lifetime.abandon.child_token();
     if let Some(endpoints) = settings.endpoints.clone() {
         let addr = endpoints.addr;
-        let (bound, _task) =
-            crate::health::serve(endpoints, Arc::clone(&metrics), server_shutdown.clone())
-                .await
-                .with_context(|| format!("starting the health/metrics server on {addr}"))?;
+        let (bound, _task) = crate::health::serve(
+            endpoints,
+            Arc::clone(&metrics),
+            server_stop.clone(),
+            &services,
+        )
+        .await
+        .with_context(|| format!("starting the health/metrics server on {addr}"))?;
         tracing::info!(address = %bound, "serving health/metrics endpoints");
     }
 
@@ -44,41 +59,8 @@ pub async fn run(settings: Settings, lifetime: Lifetime) -> anyhow::Result<()> {
         "connected to Docker"
     );
 
-    let log_shutdown = CancellationToken::new();
-    let (logs, log_task) = if settings.worker.reporting.logging_to_api {
-        let (logs, task) = ApiLogs::spawn(
-            Arc::clone(&api),
-            settings.worker.reporting.log_batch_interval,
-            settings.worker.reporting.log_limits,
-            Arc::clone(&metrics),
-            log_shutdown.clone(),
-        );
-        (logs, Some(task))
-    } else {
-        (ApiLogs::disabled(), None)
-    };
-
-    let events_config = (settings.worker.cancellation.events
-        || settings.worker.features.fast_pickup)
-        .then(|| settings.api.clone());
-    let events_shutdown = CancellationToken::new();
-    let (events, events_task) = if settings.worker.reporting.emit_events {
-        let (sink, task) = EventSink::spawn(settings.api.clone(), events_shutdown.clone());
-        (sink, Some(task))
-    } else {
-        (EventSink::disabled(), None)
-    };
-    let reporting = Reporting {
-        logs,
-        events,
-        metrics,
-        events_config,
-        channel_config: settings
-            .worker
-            .features
-            .worker_channel
-            .then(|| settings.api.clone()),
-    };
+    let flush = lifetime.abandon.child_token();
+    let (reporting, senders) = reporting(&settings, &api, metrics, &flush, &services);
     let ports = Ports {
         api,
         docker: Arc::new(docker),
@@ -91,22 +73,59 @@ pub async fn run(settings: Settings, lifetime: Lifetime) -> anyhow::Result<()> {
         lifetime,
     );
     let result = worker.run().await;
-    // The worker's handles to the log and event queues go with it, so their senders close.
+    // The worker's handles to the log and event queues go with it, so their queues close.
     drop(worker);
 
-    // Deliver the last events (`prefect.worker.stopped`) before the process ends.
-    events_shutdown.cancel();
-    if let Some(task) = events_task {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(6), task).await;
-    }
-
-    // Flush queued flow-run logs last, after every run task is done writing them.
-    log_shutdown.cancel();
-    if let Some(task) = log_task {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), task).await;
-    }
-    server_shutdown.cancel();
+    // Deliver the last events (`prefect.worker.stopped`) and flow-run logs.
+    flush.cancel();
+    let _ = tokio::time::timeout(FLUSH_GRACE, futures_util::future::join_all(senders)).await;
+    server_stop.cancel();
+    services.close();
+    let _ = tokio::time::timeout(Duration::from_secs(1), services.wait()).await;
     result.map_err(anyhow::Error::from)
+}
+
+/// The flow-run log and event senders (or disabled handles), spawned in `services`, and the
+/// settings of the worker's server-push connections.
+fn reporting(
+    settings: &Settings,
+    api: &Arc<PrefectClient>,
+    metrics: Arc<Metrics>,
+    flush: &CancellationToken,
+    services: &TaskTracker,
+) -> (Reporting, Vec<JoinHandle<()>>) {
+    let worker = &settings.worker;
+    let mut senders = Vec::new();
+    let logs = if worker.reporting.logging_to_api {
+        let (logs, task) = ApiLogs::spawn(
+            Arc::clone(api),
+            worker.reporting.log_batch_interval,
+            worker.reporting.log_limits,
+            Arc::clone(&metrics),
+            flush.clone(),
+            services,
+        );
+        senders.push(task);
+        logs
+    } else {
+        ApiLogs::disabled()
+    };
+    let events = if worker.reporting.emit_events {
+        let (sink, task) = EventSink::spawn(settings.api.clone(), flush.clone(), services);
+        senders.push(task);
+        sink
+    } else {
+        EventSink::disabled()
+    };
+    let reporting = Reporting {
+        logs,
+        events,
+        metrics,
+        events_config: (worker.cancellation.events || worker.features.fast_pickup)
+            .then(|| settings.api.clone()),
+        channel_config: worker.features.worker_channel.then(|| settings.api.clone()),
+    };
+    (reporting, senders)
 }
 
 /// Connects to the Docker Engine the settings name (TLS and registry credentials included).

@@ -20,7 +20,6 @@ use crate::docker::{DockerError, Removal, StoppedContainer};
 use crate::job::labels;
 use crate::worker::ports::{ContainerRuntime, PrefectApi};
 
-
 /// What one collection looks at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GcOptions {

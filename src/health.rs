@@ -14,6 +14,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
 
@@ -86,11 +87,13 @@ pub async fn serve(
     settings: EndpointSettings,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    tasks: &TaskTracker,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(settings.addr).await?;
     let bound = listener.local_addr()?;
     let settings = Arc::new(settings);
-    let handle = tokio::spawn(async move {
+    let connections = tasks.clone();
+    let handle = tasks.spawn(async move {
         loop {
             let (stream, _) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -104,7 +107,7 @@ pub async fn serve(
             };
             let settings = Arc::clone(&settings);
             let metrics = Arc::clone(&metrics);
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let service = service_fn(move |req| {
                     let resp = handle(&req, &settings, &metrics);
                     async move { Ok::<_, Infallible>(resp) }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
 use crate::prefect::{LogEntry, PrefectClient, models::timestamp_now};
@@ -102,9 +103,10 @@ impl ApiLogs {
         limits: LogLimits,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
+        tasks: &TaskTracker,
     ) -> (Self, JoinHandle<()>) {
         let (logs, rx) = Self::queue(limits, Some(Arc::clone(&metrics)));
-        let handle = tokio::spawn(send_loop(api, rx, interval, limits, metrics, shutdown));
+        let handle = tasks.spawn(send_loop(api, rx, interval, limits, metrics, shutdown));
         (logs, handle)
     }
 
@@ -555,6 +557,7 @@ mod tests {
             LogLimits::default(),
             Arc::new(Metrics::new()),
             shutdown.clone(),
+            &TaskTracker::new(),
         );
         logs.info("run-a", "Worker 'w1' submitting flow run 'run-a'");
         logs.warn("run-b", "warned");
@@ -626,6 +629,7 @@ mod tests {
             LogLimits::default(),
             Arc::new(Metrics::new()),
             shutdown.clone(),
+            &TaskTracker::new(),
         );
         logs.info("run-a", "kept");
         wait_for(&bodies, 1).await;

@@ -65,110 +65,111 @@ impl Default for Metrics {
 impl Metrics {
     /// Creates and registers every metric under the `docker_worker` prefix.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("docker_worker");
-        let runs_claimed = Counter::default();
-        let runs_running = Gauge::default();
-        let runs_completed = Counter::default();
-        let runs_crashed = Counter::default();
-        let runs_cancelled = Counter::default();
-        let submission_seconds = Histogram::new(exponential_buckets(0.05, 2.0, 12));
-        let pull_seconds = Histogram::new(exponential_buckets(0.1, 2.0, 12));
-        let poll_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 12));
-        let api_errors = Family::<KindLabel, Counter>::default();
-        let docker_errors = Family::<KindLabel, Counter>::default();
-        let queued_reports = Gauge::default();
-        let gc_removed = Counter::default();
-        let channel_connected = Gauge::default();
-        let cleanups = Family::<KindLabel, Counter>::default();
-        registry.register(
-            "channel_connected",
-            "1 while the Prefect worker channel websocket is healthy",
-            channel_connected.clone(),
-        );
-        registry.register(
-            "channel_cleanups",
-            "Cleanups delivered by the worker channel, by outcome",
-            cleanups.clone(),
-        );
-        registry.register(
-            "flow_runs_claimed",
-            "Flow runs claimed by this worker",
-            runs_claimed.clone(),
-        );
-        registry.register(
-            "flow_runs_running",
-            "Flow-run containers running and watched",
-            runs_running.clone(),
-        );
-        registry.register(
-            "flow_runs_completed",
-            "Flow-run containers that exited 0",
-            runs_completed.clone(),
-        );
-        registry.register(
-            "flow_runs_crashed",
-            "Flow runs reported Crashed",
-            runs_crashed.clone(),
-        );
-        registry.register(
-            "flow_runs_cancelled",
-            "Flow runs marked Cancelled by the worker",
-            runs_cancelled.clone(),
-        );
-        registry.register(
-            "submission_duration_seconds",
-            "Time from claiming a flow run to its container running",
-            submission_seconds.clone(),
-        );
-        registry.register(
-            "image_pull_duration_seconds",
-            "Image pull duration",
-            pull_seconds.clone(),
-        );
-        registry.register(
-            "poll_duration_seconds",
-            "Latency of polls for scheduled flow runs",
-            poll_seconds.clone(),
-        );
-        registry.register(
-            "api_errors",
-            "Prefect API errors by kind",
-            api_errors.clone(),
-        );
-        registry.register(
-            "docker_errors",
-            "Docker Engine errors by kind",
-            docker_errors.clone(),
-        );
-        registry.register(
-            "queued_reports",
-            "Flow-run log lines queued for the Prefect API",
-            queued_reports.clone(),
-        );
-        registry.register(
-            "gc_removed",
-            "Finished flow-run containers removed by garbage collection",
-            gc_removed.clone(),
-        );
-        Self {
-            registry,
+        let mut metrics = Self {
+            registry: Registry::with_prefix("docker_worker"),
             started: Instant::now(),
             last_poll: Mutex::new(None),
-            runs_claimed,
-            runs_running,
-            runs_completed,
-            runs_crashed,
-            runs_cancelled,
-            submission_seconds,
-            pull_seconds,
-            poll_seconds,
-            api_errors,
-            docker_errors,
-            queued_reports,
-            gc_removed,
-            channel_connected,
-            cleanups,
-        }
+            runs_claimed: Counter::default(),
+            runs_running: Gauge::default(),
+            runs_completed: Counter::default(),
+            runs_crashed: Counter::default(),
+            runs_cancelled: Counter::default(),
+            submission_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
+            pull_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 12)),
+            poll_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            api_errors: Family::default(),
+            docker_errors: Family::default(),
+            queued_reports: Gauge::default(),
+            gc_removed: Counter::default(),
+            channel_connected: Gauge::default(),
+            cleanups: Family::default(),
+        };
+        metrics.register_channel();
+        metrics.register_runs();
+        metrics.register_timings_and_errors();
+        metrics
+    }
+
+    fn register_channel(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "channel_connected",
+            "1 while the Prefect worker channel websocket is healthy",
+            self.channel_connected.clone(),
+        );
+        r.register(
+            "channel_cleanups",
+            "Cleanups delivered by the worker channel, by outcome",
+            self.cleanups.clone(),
+        );
+    }
+
+    fn register_runs(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "flow_runs_claimed",
+            "Flow runs claimed by this worker",
+            self.runs_claimed.clone(),
+        );
+        r.register(
+            "flow_runs_running",
+            "Flow-run containers running and watched",
+            self.runs_running.clone(),
+        );
+        r.register(
+            "flow_runs_completed",
+            "Flow-run containers that exited 0",
+            self.runs_completed.clone(),
+        );
+        r.register(
+            "flow_runs_crashed",
+            "Flow runs reported Crashed",
+            self.runs_crashed.clone(),
+        );
+        r.register(
+            "flow_runs_cancelled",
+            "Flow runs marked Cancelled by the worker",
+            self.runs_cancelled.clone(),
+        );
+    }
+
+    fn register_timings_and_errors(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "submission_duration_seconds",
+            "Time from claiming a flow run to its container running",
+            self.submission_seconds.clone(),
+        );
+        r.register(
+            "image_pull_duration_seconds",
+            "Image pull duration",
+            self.pull_seconds.clone(),
+        );
+        r.register(
+            "poll_duration_seconds",
+            "Latency of polls for scheduled flow runs",
+            self.poll_seconds.clone(),
+        );
+        r.register(
+            "api_errors",
+            "Prefect API errors by kind",
+            self.api_errors.clone(),
+        );
+        r.register(
+            "docker_errors",
+            "Docker Engine errors by kind",
+            self.docker_errors.clone(),
+        );
+        r.register(
+            "queued_reports",
+            "Flow-run log lines queued for the Prefect API",
+            self.queued_reports.clone(),
+        );
+        r.register(
+            "gc_removed",
+            "Finished flow-run containers removed by garbage collection",
+            self.gc_removed.clone(),
+        );
     }
 
     /// Counts an API error by class.

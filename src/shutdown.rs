@@ -7,7 +7,8 @@ use tokio_util::sync::CancellationToken;
 /// Exit code used when a second signal forces an immediate exit (128 + SIGINT).
 pub const FORCED_EXIT_CODE: i32 = 130;
 
-/// Spawns the signal watcher for `root`.
+/// Spawns the signal watcher for `root`. It is the one task outside the trackers: it lives
+/// as long as the process, so that a second signal can still end it while shutdown waits.
 ///
 /// # Errors
 /// When the signal handlers cannot be installed.

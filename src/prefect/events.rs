@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::client::ClientConfig;
 use super::socket::{EventSocket, SocketError, connect, connect_legacy, is_subprotocol_refusal};
@@ -36,10 +37,14 @@ impl EventSink {
         Self { tx: None }
     }
 
-    /// Starts the sender; it delivers until `shutdown`, then flushes for up to 5 s.
-    pub fn spawn(config: ClientConfig, shutdown: CancellationToken) -> (Self, JoinHandle<()>) {
+    /// Starts the sender in `tasks`; it delivers until `shutdown`, then flushes for up to 5 s.
+    pub fn spawn(
+        config: ClientConfig,
+        shutdown: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> (Self, JoinHandle<()>) {
         let (sink, rx) = Self::queue();
-        let task = tokio::spawn(send_loop(config, rx, shutdown));
+        let task = tasks.spawn(send_loop(config, rx, shutdown));
         (sink, task)
     }
 
@@ -221,7 +226,8 @@ impl Sender {
 
     /// After a failed delivery: gives up once the flush deadline has passed, else waits the
     /// next backoff delay. Before shutdown the wait ends at shutdown, so the flush starts at
-    /// once; during the flush the token is already cancelled, so the wait is a plain sleep.
+    /// once; during the flush the token is already cancelled, so the wait ends at the flush
+    /// deadline at the latest.
     async fn back_off(&mut self, error: &SocketError) -> ControlFlow<()> {
         self.socket = None;
         if let Some(deadline) = self.flush_deadline
@@ -232,11 +238,10 @@ impl Sender {
         }
         let delay = self.backoff.next_delay();
         tracing::debug!(error = %error, pending = self.unconfirmed.len(), retry_in_s = delay.as_secs(), "events not confirmed; will reconnect and resend");
-        if self.flush_deadline.is_none() {
+        match self.flush_deadline {
             // `false` means shutdown came: the next round starts the flush.
-            backoff::sleep(delay, &self.shutdown).await;
-        } else {
-            tokio::time::sleep(delay).await;
+            None => _ = backoff::sleep(delay, &self.shutdown).await,
+            Some(deadline) => tokio::time::sleep_until(deadline.min(Instant::now() + delay)).await,
         }
         ControlFlow::Continue(())
     }
@@ -362,7 +367,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let shutdown = CancellationToken::new();
-        let (sink, task) = EventSink::spawn(config(port), shutdown.clone());
+        let (sink, task) = EventSink::spawn(config(port), shutdown.clone(), &TaskTracker::new());
         sink.emit(event(1));
 
         // The first connection reads the event and drops before its pong: not confirmed.

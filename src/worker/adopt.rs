@@ -48,7 +48,10 @@ impl Worker {
             let Some(run_id) = container.labels.get(labels::FLOW_RUN_ID).cloned() else {
                 continue;
             };
-            let owner = container.labels.get(labels::WORKER_NAME).map(String::as_str);
+            let owner = container
+                .labels
+                .get(labels::WORKER_NAME)
+                .map(String::as_str);
             if !may_adopt(owner, self.name(), &online) {
                 tracing::debug!(flow_run_id = %run_id, owner, "container belongs to a live worker; not adopting");
                 continue;

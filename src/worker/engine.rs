@@ -65,7 +65,11 @@ impl Worker {
     /// Follows the Engine's events for this pool's containers until `shutdown`, reconnecting
     /// with backoff (1 s doubling to 30 s) and resuming from the last event's time.
     pub(super) async fn engine_events_loop(self: Arc<Self>, shutdown: CancellationToken) {
-        let label = format!("{}={}", crate::job::labels::WORK_POOL_NAME, self.settings.pool);
+        let label = format!(
+            "{}={}",
+            crate::job::labels::WORK_POOL_NAME,
+            self.settings.pool
+        );
         let mut since = chrono::Utc::now().timestamp();
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         loop {

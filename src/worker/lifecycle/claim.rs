@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use super::super::Worker;
 use crate::prefect::{
-    ApiError, Deployment, FlowRun, SetStateStatus, State, StateProposal, StateType,
+    ApiError, Deployment, FlowRun, OrchestrationResult, SetStateStatus, State, StateProposal,
+    StateType,
 };
 
 /// Whether the run's deployment is still there.
@@ -69,17 +70,9 @@ pub(crate) async fn check_deployment(worker: &Worker, flow_run: &FlowRun) -> Dep
 /// Proposes Pending until the server answers ACCEPT, REJECT or ABORT, and checks an accepted
 /// claim. Every outcome but [`Claim::Claimed`] is logged to the run here.
 pub(crate) async fn claim(worker: &Worker, id: &str) -> Claim {
-    match worker.api.read_flow_run(id).await {
-        Ok(run) if run.state_type() != Some(StateType::Scheduled) => {
-            tracing::debug!(
-                state = ?run.state_type(),
-                "flow run is no longer scheduled; not claiming it"
-            );
-            return Claim::NotScheduled(run.state_type());
-        }
-        _ => {}
+    if let Some(state) = no_longer_scheduled(worker, id).await {
+        return Claim::NotScheduled(state);
     }
-    let logs = &worker.out.logs;
     loop {
         let result = match worker
             .api
@@ -88,48 +81,85 @@ pub(crate) async fn claim(worker: &Worker, id: &str) -> Claim {
         {
             Ok(result) => result,
             Err(e) => {
-                logs.error(
-                    id,
-                    format!("Failed to update state of flow run '{id}': {e}"),
-                );
+                let message = format!("Failed to update state of flow run '{id}': {e}");
+                worker.out.logs.error(id, message);
                 return Claim::Failed;
             }
         };
-        match result.status {
-            SetStateStatus::Accept if result.state_type() == Some(StateType::Pending) => {
+        match answer(worker, id, &result) {
+            Answer::Accepted => {
                 return match result.state_id() {
                     Some(ours) => check_claim(worker, id, ours).await,
                     None => Claim::Claimed,
                 };
             }
-            SetStateStatus::Accept | SetStateStatus::Reject => {
-                let state = result.state_type().map_or("unknown", StateType::as_str);
-                logs.info(
-                    id,
-                    format!("Aborted submission of flow run '{id}': Server returned a non-pending state '{state}'"),
-                );
-                return Claim::Refused(result.state_type());
-            }
-            SetStateStatus::Abort => {
-                logs.info(
-                    id,
-                    format!(
-                        "Aborted submission of flow run '{id}'. Server sent an abort signal: {}",
-                        result.reason()
-                    ),
-                );
-                return Claim::Aborted(result.reason().to_owned());
-            }
-            SetStateStatus::Wait => {
-                let delay = Duration::from_secs_f64(result.delay_seconds().clamp(0.0, 3600.0));
-                tracing::debug!(
-                    delay_s = delay.as_secs_f64(),
-                    "server asked to wait before claiming"
-                );
+            Answer::Ended(claim) => return claim,
+            Answer::Wait(delay) => {
                 if !crate::backoff::sleep(delay, &worker.lifetime.stop).await {
                     return Claim::Interrupted;
                 }
             }
+        }
+    }
+}
+
+/// The poll's snapshot may be stale (another worker may have claimed or even finished the
+/// run since): only a run that is still Scheduled is claimed. `Some(state)` when it is not;
+/// a failed read is left to the proposal, which the server judges anyway.
+async fn no_longer_scheduled(worker: &Worker, id: &str) -> Option<Option<StateType>> {
+    match worker.api.read_flow_run(id).await {
+        Ok(run) if run.state_type() != Some(StateType::Scheduled) => {
+            tracing::debug!(
+                state = ?run.state_type(),
+                "flow run is no longer scheduled; not claiming it"
+            );
+            Some(run.state_type())
+        }
+        _ => None,
+    }
+}
+
+/// What the server's answer to a Pending proposal means.
+enum Answer {
+    /// Pending accepted: check it against the history.
+    Accepted,
+    /// Not ours (logged).
+    Ended(Claim),
+    /// Propose again after this long.
+    Wait(Duration),
+}
+
+fn answer(worker: &Worker, id: &str, result: &OrchestrationResult) -> Answer {
+    let logs = &worker.out.logs;
+    match result.status {
+        SetStateStatus::Accept if result.state_type() == Some(StateType::Pending) => {
+            Answer::Accepted
+        }
+        SetStateStatus::Accept | SetStateStatus::Reject => {
+            let state = result.state_type().map_or("unknown", StateType::as_str);
+            logs.info(
+                id,
+                format!("Aborted submission of flow run '{id}': Server returned a non-pending state '{state}'"),
+            );
+            Answer::Ended(Claim::Refused(result.state_type()))
+        }
+        SetStateStatus::Abort => {
+            logs.info(
+                id,
+                format!(
+                    "Aborted submission of flow run '{id}'. Server sent an abort signal: {}",
+                    result.reason()
+                ),
+            );
+            Answer::Ended(Claim::Aborted(result.reason().to_owned()))
+        }
+        SetStateStatus::Wait => {
+            let delay = Duration::from_secs_f64(result.delay_seconds().clamp(0.0, 3600.0));
+            tracing::debug!(
+                delay_s = delay.as_secs_f64(),
+                "server asked to wait before claiming"
+            );
+            Answer::Wait(delay)
         }
     }
 }

@@ -16,7 +16,8 @@ use super::super::registry::{CancelAction, RunGuard};
 use super::super::{PoolRef, Worker};
 use super::resolve::Submission;
 use super::watch::{RunEvents, Watched};
-use crate::docker::DockerError;
+use crate::docker::{CreatedContainer, DockerError, StartedContainer};
+use crate::job::ContainerSpec;
 use crate::prefect::{FlowRun, SetStateStatus, StateProposal, StateType};
 
 /// How a start ended.
@@ -66,25 +67,9 @@ pub(crate) async fn start(
     );
     worker.label_run(id, pool);
     mark_submitting(worker, guard, id).await;
-
-    let wanted = || !guard.cancel_requested();
-    let started = match worker.docker.create_and_start(&spec, &wanted).await {
+    let started = match create_and_start_container(worker, guard, &spec, &related).await {
         Ok(started) => started,
-        Err(DockerError::Withdrawn { stage }) => return Start::Withdrawn { stage },
-        Err(e @ DockerError::Duplicate { .. }) => return Start::StoodDown(e),
-        Err(e) => {
-            worker.out.metrics.docker_error(&e);
-            if creation_failed(&e) {
-                emit(
-                    worker,
-                    "prefect.docker.container.creation-failed",
-                    events::worker_resource(worker.name()),
-                    related,
-                    None,
-                );
-            }
-            return Start::Failed(e);
-        }
+        Err(ended) => return ended,
     };
     let metrics = &worker.out.metrics;
     if let Some(pull) = started.pull_duration {
@@ -93,9 +78,73 @@ pub(crate) async fn start(
     metrics
         .submission_seconds
         .observe(claimed_at.elapsed().as_secs_f64());
-    let container = started.container;
+    let events = container_started_events(worker, &started.container, related, submitted);
+    record_pid(worker, id, &started.container.id).await;
+    worker.out.logs.info(
+        id,
+        format!("Flow run '{}' submitted to infrastructure", flow_run.name),
+    );
+    if let CancelAction::Stop { container } = guard.watching(&started.container.id) {
+        // Cancelled between the last check and the start: stop it now.
+        worker.stop_for_cancel(id, container);
+    }
+    // A run may be watched for days, hundreds at a time: keep only what the exit report
+    // needs, not the deployment, flow, rendered spec or the run's full JSON.
+    Start::Running(Box::new(Watched {
+        flow_run_id: flow_run.id.clone(),
+        flow_run_name: flow_run.name.clone(),
+        container: started.container,
+        image: spec.image.clone(),
+        pull: started.pull_duration,
+        options: WatchOptions {
+            auto_remove: spec.auto_remove,
+            follow_output: spec.stream_output
+                || OutputTail::keeps_lines(worker.settings.reporting.crash_log_lines),
+            logs_since: None,
+        },
+        print_output: spec.stream_output,
+        pool: pool.clone(),
+        events,
+    }))
+}
 
-    // The container's own events: created, then running, each following the one before.
+/// Pull, create and start, withdrawing as soon as the registry says the run was cancelled.
+/// A failure is counted, and announced with `creation-failed` where the reference does.
+async fn create_and_start_container(
+    worker: &Worker,
+    guard: &RunGuard,
+    spec: &ContainerSpec,
+    related: &[Value],
+) -> Result<StartedContainer, Start> {
+    let wanted = || !guard.cancel_requested();
+    match worker.docker.create_and_start(spec, &wanted).await {
+        Ok(started) => Ok(started),
+        Err(DockerError::Withdrawn { stage }) => Err(Start::Withdrawn { stage }),
+        Err(e @ DockerError::Duplicate { .. }) => Err(Start::StoodDown(e)),
+        Err(e) => {
+            worker.out.metrics.docker_error(&e);
+            if creation_failed(&e) {
+                emit(
+                    worker,
+                    "prefect.docker.container.creation-failed",
+                    events::worker_resource(worker.name()),
+                    related.to_vec(),
+                    None,
+                );
+            }
+            Err(Start::Failed(e))
+        }
+    }
+}
+
+/// The container's own events, created then running, each following the one before; returns
+/// the run's event context for its exit.
+fn container_started_events(
+    worker: &Worker,
+    container: &CreatedContainer,
+    related: Vec<Value>,
+    submitted: Emitted,
+) -> RunEvents {
     let mut container_related = related.clone();
     container_related.push(events::worker_related(worker.name()));
     let resource = events::container_resource(&container.id, container.display_name());
@@ -113,38 +162,12 @@ pub(crate) async fn start(
         container_related.clone(),
         Some(&created),
     );
-    record_pid(worker, id, &container.id).await;
-    worker.out.logs.info(
-        id,
-        format!("Flow run '{}' submitted to infrastructure", flow_run.name),
-    );
-    if let CancelAction::Stop { container } = guard.watching(&container.id) {
-        // Cancelled between the last check and the start: stop it now.
-        worker.stop_for_cancel(id, container);
+    RunEvents {
+        related,
+        container_related,
+        submitted: Some(submitted),
+        last_container_event: Some(running),
     }
-    // A run may be watched for days, hundreds at a time: keep only what the exit report
-    // needs, not the deployment, flow, rendered spec or the run's full JSON.
-    Start::Running(Box::new(Watched {
-        flow_run_id: flow_run.id.clone(),
-        flow_run_name: flow_run.name.clone(),
-        container,
-        image: spec.image.clone(),
-        pull: started.pull_duration,
-        options: WatchOptions {
-            auto_remove: spec.auto_remove,
-            follow_output: spec.stream_output
-                || OutputTail::keeps_lines(worker.settings.reporting.crash_log_lines),
-            logs_since: None,
-        },
-        print_output: spec.stream_output,
-        pool: pool.clone(),
-        events: RunEvents {
-            related,
-            container_related,
-            submitted: Some(submitted),
-            last_container_event: Some(running),
-        },
-    }))
 }
 
 /// Errors after which the reference emits `prefect.docker.container.creation-failed`.

@@ -410,8 +410,7 @@ impl PrefectApi for FakeApi {
     }
     async fn read_flow(&self, id: &str) -> Result<Flow, ApiError> {
         self.call("read_flow", format!("read_flow {id}"))?;
-        Flow::from_value(json!({"id": id, "name": "flow", "tags": []}))
-            .map_err(|m| ApiError::Config(m))
+        Flow::from_value(json!({"id": id, "name": "flow", "tags": []})).map_err(ApiError::Config)
     }
     async fn read_flow_run(&self, id: &str) -> Result<FlowRun, ApiError> {
         self.call("read_flow_run", format!("read_flow_run {id}"))?;

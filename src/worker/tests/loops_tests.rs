@@ -41,7 +41,10 @@ async fn its_own_running_container_is_watched_again_and_reported() {
     drain(&h).await;
     let state = h.api.current("r1");
     assert_eq!(state.state_type, StateType::Crashed);
-    assert_eq!(state.message.as_deref(), Some(crate::worker::crash_message(2).as_str()));
+    assert_eq!(
+        state.message.as_deref(),
+        Some(crate::worker::crash_message(2).as_str())
+    );
     assert_eq!(h.worker.registry.len(), 0);
 }
 
@@ -56,9 +59,19 @@ async fn an_offline_workers_exited_container_is_reported_at_once() {
     h.worker.adopt_orphans(&pool()).await.expect("adopted");
     drain(&h).await;
     assert_eq!(h.api.current("r1").state_type, StateType::Crashed);
-    assert!(h.docker.calls_to("watch").is_empty(), "no watch for an exited one");
-    assert!(h.logged().iter().any(|l| l.contains("while no worker was watching")));
-    assert!(h.emitted().contains(&"prefect.worker.executed-flow-run".to_owned()));
+    assert!(
+        h.docker.calls_to("watch").is_empty(),
+        "no watch for an exited one"
+    );
+    assert!(
+        h.logged()
+            .iter()
+            .any(|l| l.contains("while no worker was watching"))
+    );
+    assert!(
+        h.emitted()
+            .contains(&"prefect.worker.executed-flow-run".to_owned())
+    );
 }
 
 #[tokio::test]
@@ -228,7 +241,9 @@ async fn a_non_transient_error_is_not_retried() {
     let boom = StateProposal::crashed("boom");
     let result = h
         .worker
-        .through_outage("report", || h.api.set_flow_run_state("missing", &boom, false))
+        .through_outage("report", || {
+            h.api.set_flow_run_state("missing", &boom, false)
+        })
         .await;
     assert!(result.is_err_and(|e| e.is_not_found()));
     assert_eq!(h.api.calls_to("set_state missing").len(), 1);
@@ -261,5 +276,8 @@ async fn an_idle_worker_winds_down_at_once() {
     // Nothing in flight: the wind-down needs no grace (a paused clock would not hide a wait,
     // so this runs on real time and would take 30 s if it waited).
     h.worker.wind_down().await;
-    assert!(!h.lifetime.abandon.is_cancelled(), "nothing had to be abandoned");
+    assert!(
+        !h.lifetime.abandon.is_cancelled(),
+        "nothing had to be abandoned"
+    );
 }
