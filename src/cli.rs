@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start the worker: poll a work pool and run its flow runs in Docker containers.
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// Remove the exited containers of flow runs that are over in Prefect (garbage collection).
     Gc(GcArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
@@ -113,6 +113,40 @@ pub struct StartArgs {
     /// With --gc-interval: keep containers that finished less than DURATION ago.
     #[arg(long, value_name = "DURATION")]
     pub gc_older_than: Option<String>,
+
+    /// Compare the pool's runs with this host's containers and fix every disagreement this
+    /// often (`30s`): runs whose container vanished, claims never started, containers of
+    /// final runs.
+    #[arg(long, value_name = "DURATION")]
+    pub reconcile_interval: Option<String>,
+
+    /// A run claimed by another worker that has been offline this long (`10m`), with no
+    /// container recorded, is marked Crashed.
+    #[arg(long, value_name = "DURATION")]
+    pub orphan_claim_timeout: Option<String>,
+
+    /// Reschedule such runs instead of crashing them (only safe if no host this worker cannot
+    /// see may hold their container).
+    #[arg(long)]
+    pub reschedule_orphans: bool,
+
+    /// A container still running this long (`60s`) after its run went final is stopped.
+    #[arg(long, value_name = "DURATION")]
+    pub orphan_grace: Option<String>,
+
+    /// Never stop containers whose run is final.
+    #[arg(long)]
+    pub no_stop_orphans: bool,
+
+    /// On the first SIGTERM, stop claiming but keep watching and reporting until no run is in
+    /// flight or DURATION (`2m`) passed, then exit 0 (containers left for the next worker).
+    #[arg(long, value_name = "DURATION")]
+    pub drain_timeout: Option<String>,
+
+    /// How often a pull, create or start that failed for a transient reason (a 5xx, a timeout,
+    /// a registry rate limit) is retried before the run is Crashed.
+    #[arg(long, value_name = "N")]
+    pub submit_retries: Option<u32>,
 }
 
 /// Arguments of `docker-worker gc`.

@@ -36,6 +36,10 @@ pub struct Metrics {
     pub runs_crashed: Counter,
     /// Runs the worker marked Cancelled.
     pub runs_cancelled: Counter,
+    /// Claimed runs the worker put back to Scheduled (their container was never created).
+    pub runs_rescheduled: Counter,
+    /// Containers stopped because their run was already final.
+    pub orphans_stopped: Counter,
     /// Claim → container started.
     pub submission_seconds: Histogram,
     /// Image pulls.
@@ -74,6 +78,8 @@ impl Metrics {
             runs_completed: Counter::default(),
             runs_crashed: Counter::default(),
             runs_cancelled: Counter::default(),
+            runs_rescheduled: Counter::default(),
+            orphans_stopped: Counter::default(),
             submission_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             pull_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 12)),
             poll_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
@@ -130,6 +136,16 @@ impl Metrics {
             "flow_runs_cancelled",
             "Flow runs marked Cancelled by the worker",
             self.runs_cancelled.clone(),
+        );
+        r.register(
+            "flow_runs_rescheduled",
+            "Claimed flow runs put back to Scheduled because their container was never created",
+            self.runs_rescheduled.clone(),
+        );
+        r.register(
+            "orphans_stopped",
+            "Containers stopped because their flow run was already final",
+            self.orphans_stopped.clone(),
         );
     }
 

@@ -690,10 +690,20 @@ fn same_states(reference: &[Value], ours: &[Value]) -> bool {
             let same_kind =
                 r["type"] == o["type"] && r["name"] == o["name"] && r["force"] == o["force"];
             let (rm, om) = (r["message"].as_str(), o["message"].as_str());
+            // README difference 20: the claim names its worker, so the reconcile pass can
+            // tell a claim that never got a container from other workers' claims.
+            let claim_named =
+                r["name"] == "Pending" && rm.is_none() && om.is_some_and(is_claim_message);
             same_kind
                 && (rm == om
+                    || claim_named
                     || matches!((rm, om), (Some(rm), Some(om)) if same_submit_failure(rm, om)))
         })
+}
+
+/// This worker's claim message: `Claimed by worker '<name>'`.
+fn is_claim_message(message: &str) -> bool {
+    message.starts_with("Claimed by worker '") && message.ends_with('\'')
 }
 
 /// Where the IfPossible message (pull and local lookup both failed) puts the pull's error.

@@ -391,6 +391,56 @@ pub const DOCKER_WORKER_GC_OLDER_THAN: EnvVar = var(
     "garbage collection keeps containers that finished less than this long ago",
 );
 
+/// The reconcile pass.
+pub const DOCKER_WORKER_RECONCILE_INTERVAL: EnvVar = var(
+    "DOCKER_WORKER_RECONCILE_INTERVAL",
+    Value("30s"),
+    &[start("reconcile-interval")],
+    "compare the pool's runs with this host's containers and fix disagreements this often",
+);
+/// Claims of workers that went away.
+pub const DOCKER_WORKER_ORPHAN_CLAIM_TIMEOUT: EnvVar = var(
+    "DOCKER_WORKER_ORPHAN_CLAIM_TIMEOUT",
+    Value("10m"),
+    &[start("orphan-claim-timeout")],
+    "a run claimed by another worker offline this long is ended (Crashed)",
+);
+/// Rescheduling instead of crashing them.
+pub const DOCKER_WORKER_RESCHEDULE_ORPHANS: EnvVar = var(
+    "DOCKER_WORKER_RESCHEDULE_ORPHANS",
+    Value("false"),
+    &[start("reschedule-orphans")],
+    "reschedule such runs instead (their container may exist on a host this worker cannot see)",
+);
+/// Containers that outlive their run.
+pub const DOCKER_WORKER_ORPHAN_GRACE: EnvVar = var(
+    "DOCKER_WORKER_ORPHAN_GRACE",
+    Value("60s"),
+    &[start("orphan-grace")],
+    "a container still running this long after its run went final is stopped",
+);
+/// Stopping them at all.
+pub const DOCKER_WORKER_STOP_ORPHANS: EnvVar = var(
+    "DOCKER_WORKER_STOP_ORPHANS",
+    Value("true"),
+    &[start("no-stop-orphans")],
+    "stop containers whose run is final (after the orphan grace)",
+);
+/// Draining on the first SIGTERM.
+pub const DOCKER_WORKER_DRAIN_TIMEOUT: EnvVar = var(
+    "DOCKER_WORKER_DRAIN_TIMEOUT",
+    Absent("off"),
+    &[start("drain-timeout")],
+    "on SIGTERM stop claiming, keep watching and reporting until no run is in flight or this long passed",
+);
+/// Retrying transient infrastructure failures.
+pub const DOCKER_WORKER_SUBMIT_RETRIES: EnvVar = var(
+    "DOCKER_WORKER_SUBMIT_RETRIES",
+    Value("3"),
+    &[start("submit-retries")],
+    "retries of a pull, create or start that failed for a transient reason (5xx, timeout, rate limit)",
+);
+
 /// Every variable the worker reads, in the order `--help` shows them. Besides, every
 /// `PREFECT_*` variable set, these and any other, is passed into each flow-run container.
 pub const ENV_VARS: &[&EnvVar] = &[
@@ -435,6 +485,13 @@ pub const ENV_VARS: &[&EnvVar] = &[
     &DOCKER_WORKER_CHANNEL,
     &DOCKER_WORKER_GC_INTERVAL,
     &DOCKER_WORKER_GC_OLDER_THAN,
+    &DOCKER_WORKER_RECONCILE_INTERVAL,
+    &DOCKER_WORKER_ORPHAN_CLAIM_TIMEOUT,
+    &DOCKER_WORKER_RESCHEDULE_ORPHANS,
+    &DOCKER_WORKER_ORPHAN_GRACE,
+    &DOCKER_WORKER_STOP_ORPHANS,
+    &DOCKER_WORKER_DRAIN_TIMEOUT,
+    &DOCKER_WORKER_SUBMIT_RETRIES,
 ];
 
 /// The "Environment:" section of `docker-worker start --help`, one entry per [`ENV_VARS`]

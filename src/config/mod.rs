@@ -28,8 +28,8 @@ use env_table as var;
 pub use env_table::{DEFAULT_IMAGE, ENV_VARS, EnvDefault, EnvVar};
 pub use profile::with_profile;
 pub use worker::{
-    CancellationSettings, FeatureSettings, GcLoopSettings, PollingSettings, ReportingSettings,
-    RunDefaults, WorkerSettings,
+    CancellationSettings, ConvergenceSettings, FeatureSettings, GcLoopSettings, PollingSettings,
+    ReportingSettings, RunDefaults, WorkerSettings,
 };
 
 /// A setting that cannot be used.
@@ -353,7 +353,7 @@ mod tests {
         let mut argv = vec!["docker-worker", "start", "--pool", "p"];
         argv.extend_from_slice(extra);
         match crate::cli::Cli::parse_from(argv).command {
-            crate::cli::Command::Start(a) => a,
+            crate::cli::Command::Start(a) => *a,
             _ => unreachable!("parsed `start`"),
         }
     }

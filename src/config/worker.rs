@@ -34,6 +34,31 @@ pub struct WorkerSettings {
     pub gc: GcLoopSettings,
     /// Features beyond the Python worker, each of which can be switched off.
     pub features: FeatureSettings,
+    /// How Prefect's view of the runs and this host's containers are kept in agreement.
+    pub convergence: ConvergenceSettings,
+}
+
+/// How Prefect's view of the runs and this host's containers are kept in agreement.
+#[derive(Debug, Clone)]
+pub struct ConvergenceSettings {
+    /// How often the reconcile pass runs (it also runs at start-up).
+    pub reconcile_interval: Duration,
+    /// A run claimed by another worker offline this long, with no container recorded, is
+    /// ended; shorter would end runs whose worker is only restarting.
+    pub orphan_claim_timeout: Duration,
+    /// Reschedule such runs instead of crashing them. Off by default: their container may
+    /// exist on a Docker host this worker cannot see, and rescheduling would run them twice.
+    pub reschedule_orphans: bool,
+    /// A container of a final run is stopped once it outlived its run by this much, so an
+    /// engine that reported Completed has time to exit by itself.
+    pub orphan_grace: Duration,
+    /// Stop containers of final runs at all.
+    pub stop_orphans: bool,
+    /// On the first SIGTERM, keep watching and reporting (but stop claiming) for up to this
+    /// long, for rolling upgrades; `None` = exit at once, leaving containers for adoption.
+    pub drain_timeout: Option<Duration>,
+    /// Retries of a submission step that failed for a transient reason.
+    pub submit_retries: u32,
 }
 
 /// How and how often the pool is polled and synced.
@@ -199,6 +224,7 @@ impl WorkerSettings {
             reporting: reporting(env)?,
             cancellation: cancellation(args, env)?,
             features: features(args, env)?,
+            convergence: convergence(args, env)?,
         })
     }
 }
@@ -385,5 +411,49 @@ fn features(args: &StartArgs, env: &Env) -> Result<FeatureSettings, ConfigError>
         prepull,
         fast_pickup,
         worker_channel: env.boolean(&var::DOCKER_WORKER_CHANNEL)?,
+    })
+}
+
+/// The reconcile pass, orphans, drain and submission retries.
+fn convergence(args: &StartArgs, env: &Env) -> Result<ConvergenceSettings, ConfigError> {
+    let reconcile_interval = env.required_duration(
+        args.reconcile_interval.as_deref(),
+        "--reconcile-interval",
+        &var::DOCKER_WORKER_RECONCILE_INTERVAL,
+    )?;
+    if reconcile_interval.is_zero() {
+        return Err(ConfigError::Invalid {
+            name: "--reconcile-interval".into(),
+            value: "0".into(),
+            reason: "the reconcile interval must be longer than 0".into(),
+        });
+    }
+    let submit_retries = match args.submit_retries {
+        Some(n) => n,
+        None => env.count_trimmed(&var::DOCKER_WORKER_SUBMIT_RETRIES)?,
+    };
+    Ok(ConvergenceSettings {
+        reconcile_interval,
+        orphan_claim_timeout: env.required_duration(
+            args.orphan_claim_timeout.as_deref(),
+            "--orphan-claim-timeout",
+            &var::DOCKER_WORKER_ORPHAN_CLAIM_TIMEOUT,
+        )?,
+        reschedule_orphans: args.reschedule_orphans
+            || env.boolean(&var::DOCKER_WORKER_RESCHEDULE_ORPHANS)?,
+        orphan_grace: env.required_duration(
+            args.orphan_grace.as_deref(),
+            "--orphan-grace",
+            &var::DOCKER_WORKER_ORPHAN_GRACE,
+        )?,
+        stop_orphans: !args.no_stop_orphans && env.boolean(&var::DOCKER_WORKER_STOP_ORPHANS)?,
+        drain_timeout: env
+            .duration(
+                args.drain_timeout.as_deref(),
+                "--drain-timeout",
+                &var::DOCKER_WORKER_DRAIN_TIMEOUT,
+            )?
+            .filter(|d| !d.is_zero()),
+        submit_retries,
     })
 }

@@ -30,6 +30,19 @@ pub struct FoundContainer {
     pub oom_killed: bool,
 }
 
+/// A container of ours as the Engine's list shows it: enough to tell which run it belongs to
+/// and whether it runs, without an inspect per container (a reconcile pass lists every
+/// container of the pool every interval).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedContainer {
+    /// The container.
+    pub container: CreatedContainer,
+    /// Its labels.
+    pub labels: HashMap<String, String>,
+    /// It is running (else created, exited, dead, paused or restarting).
+    pub running: bool,
+}
+
 /// A [`FoundContainer`] from the list entry `summary` (whose id is `id`) and its inspect.
 fn found_container(
     id: String,
@@ -82,6 +95,69 @@ impl DockerRuntime {
             found.push(found_container(id, summary, info));
         }
         Ok(found)
+    }
+
+    /// Every container (any state) carrying all of `labels`, from one list call.
+    ///
+    /// # Errors
+    /// [`DockerError::Api`] when the Engine cannot list containers.
+    pub async fn list_labelled(
+        &self,
+        labels: &[String],
+    ) -> Result<Vec<ListedContainer>, DockerError> {
+        let filters = HashMap::from([("label".to_owned(), labels.to_vec())]);
+        let summaries = self.list_containers(&filters).await?;
+        Ok(summaries
+            .into_iter()
+            .filter_map(|summary| {
+                let id = summary.id?;
+                let name = summary
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .map(|n| n.trim_start_matches('/').to_owned());
+                Some(ListedContainer {
+                    container: CreatedContainer {
+                        id,
+                        name,
+                        created_at: summary.created.unwrap_or_default(),
+                    },
+                    labels: summary.labels.unwrap_or_default(),
+                    running: summary.state.is_some_and(|s| s.to_string() == "running"),
+                })
+            })
+            .collect())
+    }
+
+    /// The container with this id as [`DockerRuntime::find_containers`] describes it; `None`
+    /// when it no longer exists.
+    ///
+    /// # Errors
+    /// [`DockerError::Api`] when the Engine cannot list or inspect it.
+    pub async fn inspect_found(&self, id: &str) -> Result<Option<FoundContainer>, DockerError> {
+        let filters = HashMap::from([("id".to_owned(), vec![id.to_owned()])]);
+        let Some(mut summary) = self
+            .list_containers(&filters)
+            .await?
+            .into_iter()
+            .find(|s| s.id.as_deref() == Some(id))
+        else {
+            return Ok(None);
+        };
+        let id = summary.id.take().unwrap_or_default();
+        match self.docker.inspect_container(&id, None).await {
+            Ok(info) => Ok(Some(found_container(id, summary, info))),
+            Err(e) => {
+                let failure = EngineFailure::from(e);
+                if failure.is_not_found() {
+                    Ok(None)
+                } else {
+                    Err(DockerError::Api {
+                        operation: "inspect container",
+                        failure,
+                    })
+                }
+            }
+        }
     }
 
     /// Every container (running or not) matching the Engine's list `filters`.

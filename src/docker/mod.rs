@@ -27,5 +27,5 @@ pub use connect::{DockerRuntime, TlsFiles};
 pub use create::{CreatedContainer, StartedContainer};
 pub use error::{DockerError, EngineFailure};
 pub use events::{ContainerEvent, ContainerEventKind};
-pub use find::FoundContainer;
+pub use find::{FoundContainer, ListedContainer};
 pub use watch::ExitStatus;

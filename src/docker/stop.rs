@@ -41,6 +41,29 @@ impl DockerRuntime {
         }
     }
 
+    /// Force-removes a container (killing it if it runs): for a container that must never run,
+    /// such as one of a claim Prefect withdrew. One already gone is not an error.
+    ///
+    /// # Errors
+    /// [`DockerError::Api`] when the Engine refuses.
+    pub async fn remove_container(&self, id: &str) -> Result<(), DockerError> {
+        let options = RemoveContainerOptionsBuilder::default().force(true).build();
+        match self.docker.remove_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let failure = EngineFailure::from(e);
+                if failure.is_not_found() {
+                    Ok(())
+                } else {
+                    Err(DockerError::Api {
+                        operation: "remove container",
+                        failure,
+                    })
+                }
+            }
+        }
+    }
+
     /// Force-removes a container the worker is done with; a failure is only logged, with
     /// `what` saying which container it was.
     pub(super) async fn force_remove(&self, container: &CreatedContainer, what: &str) {

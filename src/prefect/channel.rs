@@ -21,6 +21,9 @@ use crate::backoff::Backoff;
 pub const CHANNEL_VERSION: &str = "work_pool_worker_channel.v1";
 /// The one cleanup kind this worker handles.
 pub const CANCELLING_TIMEOUT_TEARDOWN: &str = "cancelling_timeout_teardown.v1";
+/// Cleanup kind: tear down whatever a claim the server withdrew left (Prefect's planned
+/// pending-claim protocol; 3.9's schema defines it, the OSS 3.9.1 server does not send it yet).
+pub const PENDING_CLAIM_TEARDOWN: &str = "pending_claim_teardown.v1";
 const HEARTBEAT: &str = "worker_heartbeat.v1";
 const SNAPSHOTS: &str = "work_pool_snapshot.v1";
 const CLEANUP: &str = "cleanup_delivery.v1";
@@ -68,6 +71,12 @@ impl ChannelError {
     pub fn is_terminal(&self) -> bool {
         matches!(self, Self::Terminal { .. })
     }
+
+    /// Whether the server refused a frame it could not read (`protocol_error`): what a server
+    /// whose schema lacks a cleanup kind the hello asked for answers.
+    pub fn is_protocol_error(&self) -> bool {
+        matches!(self, Self::Terminal { reason, .. } if reason == "protocol_error")
+    }
 }
 
 /// What the worker tells the server about itself in `worker.hello.v1`.
@@ -83,8 +92,8 @@ pub struct Hello {
     pub heartbeat_interval_seconds: u64,
     /// `--work-queue` names (sorted).
     pub work_queue_names: Vec<String>,
-    /// Whether to ask for cleanup delivery (`cancelling_timeout_teardown.v1`, one at a time).
-    pub cleanup: bool,
+    /// The cleanup kinds to ask for (one at a time); empty = no cleanup delivery.
+    pub cleanup_kinds: Vec<&'static str>,
     /// Create the pool when it does not exist.
     pub create_pool_if_not_found: bool,
     /// Template for a created pool, or to fill an empty one.
@@ -290,12 +299,13 @@ async fn negotiate(
 
 fn hello_frame(hello: &Hello) -> String {
     let mut capabilities = vec![HEARTBEAT, SNAPSHOTS];
-    let (kinds, concurrency) = if hello.cleanup {
-        capabilities.push(CLEANUP);
-        (vec![CANCELLING_TIMEOUT_TEARDOWN], 1)
+    let concurrency = if hello.cleanup_kinds.is_empty() {
+        0
     } else {
-        (vec![], 0)
+        capabilities.push(CLEANUP);
+        1
     };
+    let kinds = &hello.cleanup_kinds;
     frame(
         "worker.hello.v1",
         &frame_id(),
@@ -348,7 +358,7 @@ fn parse_ready(value: &Value, hello: &Hello) -> Result<Ready, ChannelError> {
         return Err(malformed("required capabilities not accepted"));
     }
     let cleanup_accepted = accepted.contains(&CLEANUP);
-    if cleanup_accepted && !hello.cleanup {
+    if cleanup_accepted && hello.cleanup_kinds.is_empty() {
         return Err(ChannelError::terminal(
             "protocol_error",
             "Worker channel accepted cleanup_delivery.v1 even though the worker did not request it",
@@ -664,7 +674,7 @@ mod tests {
             worker_type: "docker".into(),
             heartbeat_interval_seconds: 30,
             work_queue_names: vec![],
-            cleanup: true,
+            cleanup_kinds: vec![CANCELLING_TIMEOUT_TEARDOWN],
             create_pool_if_not_found: true,
             default_base_job_template: json!({}),
             worker_metadata: None,
@@ -703,7 +713,7 @@ mod tests {
         let wrong = parse_ready(&ready(all.clone(), "other"), &hello()).unwrap_err();
         assert!(wrong.is_terminal() && wrong.to_string().contains("consumer_id"));
         let mut no_cleanup = hello();
-        no_cleanup.cleanup = false;
+        no_cleanup.cleanup_kinds.clear();
         assert!(parse_ready(&ready(all, "c1"), &no_cleanup).is_err());
         assert!(parse_ready(&ready(json!([HEARTBEAT]), "c1"), &hello()).is_err());
     }

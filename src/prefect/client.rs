@@ -15,6 +15,7 @@ use url::Url;
 
 use super::models::{
     Deployment, Flow, FlowRun, LogEntry, OrchestrationResult, State, StateProposal, WorkPool,
+    WorkerStatus,
 };
 use crate::backoff::Backoff;
 
@@ -627,6 +628,53 @@ impl PrefectClient {
             .filter(|w| w.get("status").and_then(Value::as_str) == Some("ONLINE"))
             .filter_map(|w| w.get("name").and_then(Value::as_str).map(str::to_owned))
             .collect())
+    }
+
+    /// `POST /work_pools/{pool}/workers/filter`: the pool's workers, with their status and
+    /// last heartbeat.
+    ///
+    /// # Errors
+    /// Any [`ApiError`].
+    pub async fn pool_workers(&self, pool: &str) -> Result<Vec<WorkerStatus>, ApiError> {
+        let path = format!("work_pools/{}/workers/filter", encode(pool));
+        let workers: Vec<Value> = self
+            .call_json(Method::POST, &path, Some(&json!({})))
+            .await?;
+        Ok(workers
+            .iter()
+            .filter_map(WorkerStatus::from_value)
+            .collect())
+    }
+
+    /// `POST /flow_runs/filter`: the pool's runs in one of `state_types`, every page of them.
+    /// A run the worker cannot read is left out, so one odd run does not hide the others.
+    ///
+    /// # Errors
+    /// Any [`ApiError`].
+    pub async fn read_pool_flow_runs(
+        &self,
+        pool: &str,
+        state_types: &[&str],
+    ) -> Result<Vec<FlowRun>, ApiError> {
+        const PAGE: usize = 200;
+        let mut all = Vec::new();
+        loop {
+            let body = json!({
+                "flow_runs": {"state": {"type": {"any_": state_types}}},
+                "work_pools": {"name": {"any_": [pool]}},
+                "sort": "ID_DESC",
+                "offset": all.len(),
+                "limit": PAGE,
+            });
+            let page: Vec<Value> = self
+                .call_json(Method::POST, "flow_runs/filter", Some(&body))
+                .await?;
+            let done = page.len() < PAGE;
+            all.extend(page.into_iter().filter_map(|r| FlowRun::from_value(r).ok()));
+            if done || all.len() >= 100_000 {
+                return Ok(all);
+            }
+        }
     }
 
     /// `POST /flow_runs/filter`: which of `ids` are in one of `state_types` (`CANCELLING`, …).

@@ -11,5 +11,5 @@ pub mod subscriber;
 pub use client::{ApiError, ClientConfig, PrefectClient};
 pub use models::{
     Deployment, Flow, FlowRun, LogEntry, OrchestrationResult, SetStateStatus, State, StateProposal,
-    StateType, WorkPool,
+    StateType, WorkPool, WorkerStatus,
 };

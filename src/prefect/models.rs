@@ -161,6 +161,37 @@ impl FlowRun {
     pub fn state_type(&self) -> Option<StateType> {
         self.state.as_ref().map(|s| s.state_type)
     }
+
+    /// One of the run's labels (`prefect.worker.name`, …), if set and a string.
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.raw.get("labels")?.get(key)?.as_str()
+    }
+}
+
+/// A worker of a pool as the server sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerStatus {
+    /// Its name.
+    pub name: String,
+    /// The server counts it online (recent heartbeats).
+    pub online: bool,
+    /// Its last heartbeat, if any.
+    pub last_heartbeat: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl WorkerStatus {
+    /// Reads one entry of `workers/filter`; `None` without a name.
+    pub fn from_value(value: &Value) -> Option<Self> {
+        Some(Self {
+            name: value.get("name")?.as_str()?.to_owned(),
+            online: value.get("status").and_then(Value::as_str) == Some("ONLINE"),
+            last_heartbeat: value
+                .get("last_heartbeat_time")
+                .and_then(Value::as_str)
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&chrono::Utc)),
+        })
+    }
 }
 
 /// The fields of a deployment the worker decides on; the whole JSON stays for templating.

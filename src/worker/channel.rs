@@ -20,7 +20,7 @@ use crate::job::default_base_job_template;
 use crate::prefect::ClientConfig;
 use crate::prefect::channel::{
     self, CANCELLING_TIMEOUT_TEARDOWN, CleanupMessage, Hello, Inbound, Operation, OperationResult,
-    Session, Snapshot,
+    PENDING_CLAIM_TEARDOWN, Session, Snapshot,
 };
 
 /// The grace period of a cleanup's container stop, as the reference's handler uses.
@@ -51,6 +51,9 @@ pub(crate) struct ChannelState {
     active: Mutex<HashSet<String>>,
     /// Cleanups allowed at once (the server's effective limit, at most 1).
     max_concurrency: Mutex<u64>,
+    /// Ask for `pending_claim_teardown.v1` too; switched off once a server refused a hello
+    /// that asked for it (a schema without the kind).
+    claim_teardown: AtomicBool,
 }
 
 impl ChannelState {
@@ -68,6 +71,7 @@ impl ChannelState {
             pending: Mutex::new(HashMap::new()),
             active: Mutex::new(HashSet::new()),
             max_concurrency: Mutex::new(1),
+            claim_teardown: AtomicBool::new(true),
         }
     }
 
@@ -93,7 +97,11 @@ impl Worker {
             worker_type: "docker".into(),
             heartbeat_interval_seconds: self.settings.polling.heartbeat_interval.as_secs().max(1),
             work_queue_names: queues,
-            cleanup: true,
+            cleanup_kinds: if self.channel.claim_teardown.load(Ordering::SeqCst) {
+                vec![CANCELLING_TIMEOUT_TEARDOWN, PENDING_CLAIM_TEARDOWN]
+            } else {
+                vec![CANCELLING_TIMEOUT_TEARDOWN]
+            },
             create_pool_if_not_found: self.settings.polling.create_pool_if_not_found,
             default_base_job_template: self
                 .settings
@@ -112,7 +120,17 @@ impl Worker {
         let Some(config) = self.channel.config.clone() else {
             return false;
         };
-        let first = channel::open(&config, &self.settings.pool, &self.hello(), false).await;
+        let mut first = channel::open(&config, &self.settings.pool, &self.hello(), false).await;
+        if first
+            .as_ref()
+            .is_err_and(channel::ChannelError::is_protocol_error)
+            && self.channel.claim_teardown.swap(false, Ordering::SeqCst)
+        {
+            tracing::debug!(
+                "the server refused a hello asking for pending-claim teardowns; asking without"
+            );
+            first = channel::open(&config, &self.settings.pool, &self.hello(), false).await;
+        }
         let session = match first {
             Ok(session) => Some(session),
             Err(e) if e.is_terminal() => {
@@ -264,7 +282,7 @@ impl Worker {
     }
 
     async fn execute_cleanup(self: Arc<Self>, message: CleanupMessage) {
-        if message.kind != CANCELLING_TIMEOUT_TEARDOWN {
+        if message.kind != CANCELLING_TIMEOUT_TEARDOWN && message.kind != PENDING_CLAIM_TEARDOWN {
             self.finish_cleanup(&message, Err("unsupported_cleanup_kind"))
                 .await;
             return;
@@ -295,7 +313,7 @@ impl Worker {
         }
         let lease = Arc::new(Mutex::new(message.lease_expires_at));
         let outcome = tokio::select! {
-            outcome = self.teardown(&message) => Some(outcome),
+            outcome = self.cleanup(&message) => Some(outcome),
             () = self.renew_until_lost(&message, Arc::clone(&lease)) => None,
         };
         match outcome {
@@ -419,6 +437,62 @@ impl Worker {
             }
         }
         last
+    }
+
+    /// Does one cleanup of either kind.
+    async fn cleanup(self: &Arc<Self>, message: &CleanupMessage) -> Result<(), Release> {
+        if message.kind == PENDING_CLAIM_TEARDOWN {
+            self.teardown_pending_claim(message).await
+        } else {
+            self.teardown(message).await
+        }
+    }
+
+    /// `pending_claim_teardown.v1`: the server withdrew the run's claim, so nothing of it may
+    /// run. A submission this process has in flight withdraws (or, if its container already
+    /// runs, is stopped); a container of the run on this host that nobody here watches is
+    /// removed; then the message is acknowledged. A pid naming another Docker host releases it
+    /// to that host's worker.
+    pub(super) async fn teardown_pending_claim(
+        self: &Arc<Self>,
+        message: &CleanupMessage,
+    ) -> Result<(), Release> {
+        let Some(run_id) = message.flow_run_id.as_deref() else {
+            return Err("invalid_payload");
+        };
+        if let Some(pid) = message
+            .infrastructure_pid
+            .as_deref()
+            .and_then(InfrastructurePid::parse)
+            && !pid.is_on(self.docker.base_url())
+        {
+            return Err("infrastructure_not_available");
+        }
+        if self.registry.holds(run_id) {
+            self.cancel_run(run_id);
+            return Ok(());
+        }
+        let label = format!("{}={run_id}", crate::job::labels::FLOW_RUN_ID);
+        let containers = match self.docker.list_labelled(&[label]).await {
+            Ok(containers) => containers,
+            Err(e) => {
+                tracing::warn!(error = %e, flow_run_id = run_id, "cleanup could not list the run's containers");
+                return Err("handler_failed");
+            }
+        };
+        for found in containers {
+            if let Err(e) = self.docker.remove_container(&found.container.id).await {
+                self.out.metrics.docker_error(&e);
+                tracing::warn!(error = %e, flow_run_id = run_id, "cleanup could not remove a container of a withdrawn claim");
+                return Err("handler_failed");
+            }
+            tracing::info!(
+                flow_run_id = run_id,
+                container = found.container.display_name(),
+                "removed the container of a claim the server withdrew"
+            );
+        }
+        Ok(())
     }
 
     /// `cancelling_timeout_teardown.v1`: stop the run's container. `Ok` = acknowledge

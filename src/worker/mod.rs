@@ -7,14 +7,14 @@
 //! - `lifecycle`: one run, claim → resolve → start → watch → report, each step a small
 //!   function returning a typed outcome; `policy` turns outcomes into Prefect states.
 //! - the loops: `sync` (pool and heartbeat), `poll`, `cancel` (cancellations and fast pickup),
-//!   `engine` (the Engine's event facts), `adopt` (containers left by an earlier process),
+//!   `engine` (the Engine's event facts), `reconcile` (Prefect's runs against this host's
+//!   containers: adoption, vanished containers, stale claims, orphaned containers),
 //!   `channel` (Prefect's worker channel), `gc_loop`, `prepull`.
 //!
 //! Error policy: a failed flow run never stops the worker; transient API errors back off and
 //! recover; 401/403 stop the worker with a message saying so, since retrying with the same
 //! credentials cannot help.
 
-mod adopt;
 mod cache;
 mod cancel;
 mod channel;
@@ -32,6 +32,7 @@ mod policy;
 mod poll;
 pub mod ports;
 mod prepull;
+mod reconcile;
 mod registry;
 mod sync;
 
@@ -303,6 +304,12 @@ impl Worker {
             let stop = loops.child_token();
             self.tasks
                 .spawn(async move { worker.gc_loop(interval, stop).await });
+        }
+        if !run_once {
+            let worker = Arc::clone(self);
+            let stop = loops.child_token();
+            self.tasks
+                .spawn(async move { worker.reconcile_loop(stop).await });
         }
         if self.settings.features.prepull && !run_once {
             let worker = Arc::clone(self);

@@ -76,6 +76,31 @@ pub(crate) enum Outcome {
         /// The worker had stopped it for a cancellation.
         stopped_for_cancel: bool,
     },
+    /// The run's container on this host was removed by someone else (seen by the watch or a
+    /// reconcile pass).
+    Vanished {
+        /// The container's name or short id.
+        container: String,
+        /// The Engine's base URL.
+        host: String,
+        /// The run was being cancelled anyway.
+        cancelling: bool,
+    },
+    /// This worker claimed the run and stopped before creating its container.
+    Rescheduled {
+        /// The worker that claimed it (this one).
+        claimer: String,
+        /// The Engine's base URL.
+        host: String,
+    },
+    /// Another worker claimed the run and has been offline too long without recording a
+    /// container for it.
+    OrphanedClaim {
+        claimer: String,
+        offline_for: std::time::Duration,
+        /// `--reschedule-orphans`.
+        reschedule: bool,
+    },
     /// The exit could not be learnt (the Engine lost the container).
     Lost {
         /// The run's name.
@@ -90,6 +115,7 @@ pub(crate) enum Outcome {
 pub(crate) enum Tally {
     Crashed,
     Cancelled,
+    Rescheduled,
 }
 
 /// How a state is delivered.
@@ -179,6 +205,53 @@ pub(crate) fn verdict(run_id: &str, outcome: &Outcome) -> Verdict {
             status,
             stopped_for_cancel,
         } => exited(container, status, *stopped_for_cancel),
+        Outcome::Vanished {
+            container,
+            host,
+            cancelling: false,
+        } => Verdict {
+            report: Some(crashed(format!(
+                "The container '{container}' of this flow run was removed from Docker host {host} outside the worker; the flow run's outcome is unknown."
+            ))),
+            ..Verdict::default()
+        },
+        Outcome::Vanished {
+            container,
+            host,
+            cancelling: true,
+        } => Verdict {
+            report: Some(Report {
+                proposal: StateProposal::cancelled(format!(
+                    "Flow run was being cancelled and its container '{container}' is gone from Docker host {host}."
+                )),
+                delivery: Delivery::Reliable,
+                tally: Tally::Cancelled,
+            }),
+            ..Verdict::default()
+        },
+        Outcome::Rescheduled { claimer, host } => rescheduled(format!(
+            "Worker '{claimer}' claimed this flow run but stopped before creating its container (there is none on Docker host {host} and no infrastructure_pid was recorded); rescheduled so that it runs once."
+        )),
+        Outcome::OrphanedClaim {
+            claimer,
+            offline_for,
+            reschedule,
+        } => {
+            let minutes = offline_for.as_secs() / 60;
+            let lead = format!(
+                "Worker '{claimer}' claimed this flow run and has been offline for {minutes} min without recording a container for it"
+            );
+            if *reschedule {
+                rescheduled(format!("{lead}; rescheduled (--reschedule-orphans)."))
+            } else {
+                Verdict {
+                    report: Some(crashed(format!(
+                        "{lead}. Its container may exist on a Docker host this worker cannot see, so the run is not rescheduled (start workers with --reschedule-orphans to reschedule such runs)."
+                    ))),
+                    ..Verdict::default()
+                }
+            }
+        }
         Outcome::Lost { run_name, error } => Verdict {
             before: vec![(
                 Level::Error,
@@ -188,6 +261,17 @@ pub(crate) fn verdict(run_id: &str, outcome: &Outcome) -> Verdict {
             )],
             ..Verdict::default()
         },
+    }
+}
+
+fn rescheduled(message: String) -> Verdict {
+    Verdict {
+        report: Some(Report {
+            proposal: super::reconcile::reschedule(message),
+            delivery: Delivery::Reliable,
+            tally: Tally::Rescheduled,
+        }),
+        ..Verdict::default()
     }
 }
 

@@ -64,7 +64,7 @@ impl Worker {
     }
 
     /// One poll: `prefetched` runs (from start-up's overlapped poll) or freshly fetched ones.
-    /// The first successful one adopts what an earlier process left behind first.
+    /// The first successful one reconciles first (adopting what an earlier process left).
     async fn poll_with(
         self: &Arc<Self>,
         prefetched: Option<Vec<FlowRun>>,
@@ -74,7 +74,7 @@ impl Worker {
             return Ok(0);
         };
         if !*adopted {
-            self.adopt_orphans(&pool).await?;
+            self.reconcile(&pool).await?;
             *adopted = true;
         }
         let runs = match prefetched {

@@ -18,12 +18,12 @@ use crate::docker::cleanup::{Removal, StoppedContainer};
 use crate::docker::usage::ResourceUsage;
 use crate::docker::{
     ContainerEvent, CreatedContainer, DockerError, DockerRuntime, ExitStatus, FoundContainer,
-    StartedContainer,
+    ListedContainer, StartedContainer,
 };
 use crate::job::ContainerSpec;
 use crate::prefect::{
     ApiError, Deployment, Flow, FlowRun, OrchestrationResult, PrefectClient, State, StateProposal,
-    StateType, WorkPool,
+    StateType, WorkPool, WorkerStatus,
 };
 
 /// What the worker asks of the Prefect API.
@@ -59,8 +59,14 @@ pub trait PrefectApi: Send + Sync {
     ) -> Result<Vec<FlowRun>, ApiError>;
     /// Every deployment of the pool.
     async fn pool_deployments(&self, pool: &str) -> Result<Vec<Deployment>, ApiError>;
-    /// Names of the pool's workers the server sees online.
-    async fn online_workers(&self, pool: &str) -> Result<Vec<String>, ApiError>;
+    /// The pool's workers, with their status and last heartbeat.
+    async fn pool_workers(&self, pool: &str) -> Result<Vec<WorkerStatus>, ApiError>;
+    /// The pool's runs in one of `states` (one filtered read, every page).
+    async fn read_pool_flow_runs(
+        &self,
+        pool: &str,
+        states: &[StateType],
+    ) -> Result<Vec<FlowRun>, ApiError>;
     /// Which of `ids` are in one of `states`.
     async fn flow_runs_in_states(
         &self,
@@ -134,8 +140,12 @@ pub trait ContainerRuntime: Send + Sync {
     ) -> Result<ExitStatus, DockerError>;
     /// SIGTERM, then SIGKILL after `grace`; a container already gone is not an error.
     async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), DockerError>;
-    /// Every container carrying all of `labels` (`key=value`).
-    async fn find_containers(&self, labels: &[String]) -> Result<Vec<FoundContainer>, DockerError>;
+    /// Every container carrying all of `labels` (`key=value`), from one list call.
+    async fn list_labelled(&self, labels: &[String]) -> Result<Vec<ListedContainer>, DockerError>;
+    /// One container in detail (exit code, auto-remove, OOM); `None` when it is gone.
+    async fn inspect_found(&self, id: &str) -> Result<Option<FoundContainer>, DockerError>;
+    /// Force-removes a container that must not run; one already gone is not an error.
+    async fn remove_container(&self, id: &str) -> Result<(), DockerError>;
     /// Whether a container exists.
     async fn container_exists(&self, id: &str) -> Result<bool, DockerError>;
     /// The Engine's live `die`/`oom`/`kill` events of containers carrying `label`.
@@ -197,8 +207,16 @@ impl PrefectApi for PrefectClient {
     async fn pool_deployments(&self, pool: &str) -> Result<Vec<Deployment>, ApiError> {
         PrefectClient::pool_deployments(self, pool).await
     }
-    async fn online_workers(&self, pool: &str) -> Result<Vec<String>, ApiError> {
-        PrefectClient::online_workers(self, pool).await
+    async fn pool_workers(&self, pool: &str) -> Result<Vec<WorkerStatus>, ApiError> {
+        PrefectClient::pool_workers(self, pool).await
+    }
+    async fn read_pool_flow_runs(
+        &self,
+        pool: &str,
+        states: &[StateType],
+    ) -> Result<Vec<FlowRun>, ApiError> {
+        let names: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        PrefectClient::read_pool_flow_runs(self, pool, &names).await
     }
     async fn flow_runs_in_states(
         &self,
@@ -285,8 +303,14 @@ impl ContainerRuntime for DockerRuntime {
     async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), DockerError> {
         DockerRuntime::stop_container(self, id, grace).await
     }
-    async fn find_containers(&self, labels: &[String]) -> Result<Vec<FoundContainer>, DockerError> {
-        DockerRuntime::find_containers(self, labels).await
+    async fn list_labelled(&self, labels: &[String]) -> Result<Vec<ListedContainer>, DockerError> {
+        DockerRuntime::list_labelled(self, labels).await
+    }
+    async fn inspect_found(&self, id: &str) -> Result<Option<FoundContainer>, DockerError> {
+        DockerRuntime::inspect_found(self, id).await
+    }
+    async fn remove_container(&self, id: &str) -> Result<(), DockerError> {
+        DockerRuntime::remove_container(self, id).await
     }
     async fn container_exists(&self, id: &str) -> Result<bool, DockerError> {
         DockerRuntime::container_exists(self, id).await

@@ -35,6 +35,11 @@ pub(crate) enum Phase {
     },
     /// The watch ended; the outcome is being reported.
     Reporting,
+    /// The run is over in Prefect but its container still ran: the worker is stopping it.
+    Stopping {
+        /// The container's id.
+        container: String,
+    },
 }
 
 /// What a cancellation of a run asks the worker to do.

@@ -46,6 +46,31 @@ pub(crate) enum Claim {
     Interrupted,
 }
 
+/// What a claim message starts with; the worker's name follows in quotes.
+const CLAIMED_BY: &str = "Claimed by worker '";
+
+/// The Pending proposal that claims a run. Its message names the worker, so a run left
+/// Pending by a worker that died can be told apart from other workers' claims and put back
+/// (the reconcile pass), whichever worker finds it.
+pub(crate) fn claim_proposal(worker: &str) -> StateProposal {
+    StateProposal {
+        message: Some(format!("{CLAIMED_BY}{worker}'")),
+        ..StateProposal::pending()
+    }
+}
+
+/// The worker that made the claim `state` records, if it is one of this worker's claims.
+pub(crate) fn claimer_of(state: &State) -> Option<&str> {
+    if state.state_type != StateType::Pending {
+        return None;
+    }
+    state
+        .message
+        .as_deref()?
+        .strip_prefix(CLAIMED_BY)?
+        .strip_suffix('\'')
+}
+
 /// Reads the run's deployment (through the short-lived cache), logging a failure.
 pub(crate) async fn check_deployment(worker: &Worker, flow_run: &FlowRun) -> DeploymentCheck {
     let Some(deployment_id) = &flow_run.deployment_id else {
@@ -76,7 +101,7 @@ pub(crate) async fn claim(worker: &Worker, id: &str) -> Claim {
     loop {
         let result = match worker
             .api
-            .set_flow_run_state(id, &StateProposal::pending(), false)
+            .set_flow_run_state(id, &claim_proposal(worker.name()), false)
             .await
         {
             Ok(result) => result,
@@ -285,6 +310,27 @@ mod tests {
             message: None,
             timestamp: None,
         }
+    }
+
+    #[test]
+    fn a_claim_names_its_worker_and_reads_back() {
+        let proposal = claim_proposal("host-1 worker");
+        let claim = State {
+            message: proposal.message.clone(),
+            ..state("s", StateType::Pending)
+        };
+        assert_eq!(proposal.name, "Pending");
+        assert_eq!(claimer_of(&claim), Some("host-1 worker"));
+        let other = State {
+            message: Some("something else".into()),
+            ..state("s", StateType::Pending)
+        };
+        assert_eq!(claimer_of(&other), None);
+        let scheduled = State {
+            state_type: StateType::Scheduled,
+            ..claim.clone()
+        };
+        assert_eq!(claimer_of(&scheduled), None);
     }
 
     #[test]

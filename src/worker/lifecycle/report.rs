@@ -39,6 +39,7 @@ fn count(worker: &Worker, tally: Tally) {
     match tally {
         Tally::Crashed => metrics.runs_crashed.inc(),
         Tally::Cancelled => metrics.runs_cancelled.inc(),
+        Tally::Rescheduled => metrics.runs_rescheduled.inc(),
     };
 }
 

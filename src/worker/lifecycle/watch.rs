@@ -162,6 +162,11 @@ pub(crate) async fn finish(
     let facts = worker.engine_facts.take(&watched.container.id);
     let name = watched.container.display_name();
     let outcome = match policy::exit_with_facts(waited, facts) {
+        Ok(_) if removed_outside(worker, watched, stopped_for_cancel).await => Outcome::Vanished {
+            container: name.to_owned(),
+            host: worker.docker.base_url().to_owned(),
+            cancelling: false,
+        },
         Ok(status) => {
             report::account(worker, watched, &status, &observed);
             if status.code == 0 {
@@ -190,6 +195,19 @@ pub(crate) async fn finish(
         report::emit_exit_events(worker, watched, status);
     }
     drop(guard);
+}
+
+/// Whether the container that just exited is gone although nothing here removes it: someone
+/// removed it (`docker rm -f`), and its exit code says only that it was killed. A container
+/// the Engine removes by itself (`auto_remove`) or one the worker stopped is not asked about.
+async fn removed_outside(worker: &Worker, watched: &Watched, stopped: bool) -> bool {
+    if watched.options.auto_remove || stopped {
+        return false;
+    }
+    matches!(
+        worker.docker.container_exists(&watched.container.id).await,
+        Ok(false)
+    )
 }
 
 /// Runs `watching` to its end while sampling the container's resource use alongside (when

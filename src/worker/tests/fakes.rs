@@ -16,12 +16,12 @@ use crate::docker::cleanup::{Removal, StoppedContainer};
 use crate::docker::usage::ResourceUsage;
 use crate::docker::{
     ContainerEvent, CreatedContainer, DockerError, EngineFailure, ExitStatus, FoundContainer,
-    StartedContainer,
+    ListedContainer, StartedContainer,
 };
 use crate::job::ContainerSpec;
 use crate::prefect::{
     ApiError, Deployment, Flow, FlowRun, OrchestrationResult, SetStateStatus, State, StateProposal,
-    StateType, WorkPool,
+    StateType, WorkPool, WorkerStatus,
 };
 use crate::worker::ports::{ContainerRuntime, PrefectApi, WatchOptions};
 
@@ -49,7 +49,7 @@ struct ApiState {
     runs: HashMap<String, Value>,
     histories: HashMap<String, Vec<State>>,
     deployments: HashMap<String, Value>,
-    online: Vec<String>,
+    workers: Vec<WorkerStatus>,
     /// Scripted answers to the next proposals, by run.
     answers: HashMap<String, VecDeque<OrchestrationResult>>,
     /// Claims that race another party's states, by run.
@@ -91,7 +91,7 @@ impl FakeApi {
                 state_type: state,
                 name: Some(title(state).into()),
                 message: None,
-                timestamp: Some(format!("2026-01-01T00:00:{:02}Z", s.next_state)),
+                timestamp: Some(crate::prefect::models::timestamp_now()),
             };
             let deployment = s.deployments.contains_key("d1").then_some("d1");
             let raw = json!({
@@ -189,7 +189,42 @@ impl FakeApi {
 
     /// Workers the server reports online.
     pub fn set_online(&self, workers: &[&str]) {
-        self.with(|s| s.online = workers.iter().map(|w| (*w).to_owned()).collect());
+        for w in workers {
+            self.set_worker(w, true, Duration::ZERO);
+        }
+    }
+
+    /// A worker of the pool, online or not, last seen `ago`.
+    pub fn set_worker(&self, name: &str, online: bool, ago: Duration) {
+        let status = WorkerStatus {
+            name: name.into(),
+            online,
+            last_heartbeat: chrono::Duration::from_std(ago)
+                .ok()
+                .map(|d| chrono::Utc::now() - d),
+        };
+        self.with(|s| {
+            s.workers.retain(|w| w.name != name);
+            s.workers.push(status);
+        });
+    }
+
+    /// Records a container on the run, as a worker does after its start.
+    pub fn set_pid(&self, id: &str, pid: &str) {
+        self.with(|s| {
+            if let Some(run) = s.runs.get_mut(id) {
+                run["infrastructure_pid"] = json!(pid);
+            }
+        });
+    }
+
+    /// Labels the run with the worker that claimed it.
+    pub fn set_claim_label(&self, id: &str, worker: &str) {
+        self.with(|s| {
+            if let Some(run) = s.runs.get_mut(id) {
+                run["labels"] = json!({"prefect.worker.name": worker});
+            }
+        });
     }
 
     /// Every call so far.
@@ -232,7 +267,7 @@ impl FakeApi {
                 state_type,
                 name: Some(name.into()),
                 message,
-                timestamp: Some(format!("2026-01-01T00:00:{:02}Z", s.next_state)),
+                timestamp: Some(crate::prefect::models::timestamp_now()),
             };
             s.histories
                 .entry(id.into())
@@ -370,9 +405,34 @@ impl PrefectApi for FakeApi {
                 .collect()
         }))
     }
-    async fn online_workers(&self, pool: &str) -> Result<Vec<String>, ApiError> {
-        self.call("online_workers", format!("online_workers {pool}"))?;
-        Ok(self.with(|s| s.online.clone()))
+    async fn pool_workers(&self, pool: &str) -> Result<Vec<WorkerStatus>, ApiError> {
+        self.call("pool_workers", format!("pool_workers {pool}"))?;
+        Ok(self.with(|s| s.workers.clone()))
+    }
+    async fn read_pool_flow_runs(
+        &self,
+        pool: &str,
+        states: &[StateType],
+    ) -> Result<Vec<FlowRun>, ApiError> {
+        self.call("read_pool_flow_runs", format!("read_pool_flow_runs {pool}"))?;
+        let raws: Vec<Value> = self.with(|s| {
+            let mut ids: Vec<&String> = s.runs.keys().collect();
+            ids.sort();
+            ids.into_iter()
+                .filter_map(|id| s.runs.get(id))
+                .filter(|r| {
+                    r["state"]["type"]
+                        .as_str()
+                        .and_then(|t| serde_json::from_value(json!(t)).ok())
+                        .is_some_and(|t: StateType| states.contains(&t))
+                })
+                .cloned()
+                .collect()
+        });
+        Ok(raws
+            .into_iter()
+            .filter_map(|r| FlowRun::from_value(r).ok())
+            .collect())
     }
     async fn flow_runs_in_states(
         &self,
@@ -497,6 +557,7 @@ struct RuntimeState {
 struct FakeContainer {
     exit: tokio::sync::watch::Sender<Option<Plan>>,
     running: bool,
+    labels: HashMap<String, String>,
 }
 
 /// The Docker Engine in memory.
@@ -531,14 +592,31 @@ impl FakeRuntime {
         self.with(|s| s.hooks.insert(step, Box::new(hook)));
     }
 
-    /// Containers `find_containers` reports (as left by an earlier process).
+    /// A container left on the host (by an earlier process, or another worker).
     pub fn leave(&self, found: FoundContainer) {
         let id = found.container.id.clone();
         let running = found.running;
         self.with(|s| {
             let (exit, _) = tokio::sync::watch::channel(None);
-            s.containers.insert(id, FakeContainer { exit, running });
+            let labels = found.labels.clone();
+            s.containers.insert(
+                id,
+                FakeContainer {
+                    exit,
+                    running,
+                    labels,
+                },
+            );
             s.found.push(found);
+        });
+    }
+
+    /// Removes a container as an operator's `docker rm -f` would (a watch sees it killed).
+    pub fn remove_outside(&self, id: &str) {
+        self.with(|s| {
+            if let Some(c) = s.containers.remove(id) {
+                c.exit.send_replace(Some(Plan::Exit(137)));
+            }
         });
     }
 
@@ -657,6 +735,7 @@ impl ContainerRuntime for FakeRuntime {
                 FakeContainer {
                     exit,
                     running: false,
+                    labels: spec.labels.clone().into_iter().collect(),
                 },
             );
             (id, s.plan.unwrap_or(Plan::Exit(0)))
@@ -724,9 +803,36 @@ impl ContainerRuntime for FakeRuntime {
         self.exit(id, 143);
         Ok(())
     }
-    async fn find_containers(&self, labels: &[String]) -> Result<Vec<FoundContainer>, DockerError> {
-        self.record(format!("find {}", labels.join(",")));
-        Ok(self.with(|s| s.found.clone()))
+    async fn list_labelled(&self, labels: &[String]) -> Result<Vec<ListedContainer>, DockerError> {
+        self.record(format!("list {}", labels.join(",")));
+        Ok(self.with(|s| {
+            let mut ids: Vec<&String> = s.containers.keys().collect();
+            ids.sort();
+            ids.into_iter()
+                .map(|id| ListedContainer {
+                    container: CreatedContainer {
+                        id: id.clone(),
+                        name: Some(format!("name-{id}")),
+                        created_at: 0,
+                    },
+                    labels: s.containers[id].labels.clone(),
+                    running: s.containers[id].running,
+                })
+                .collect()
+        }))
+    }
+    async fn inspect_found(&self, id: &str) -> Result<Option<FoundContainer>, DockerError> {
+        Ok(self.with(|s| {
+            let running = s.containers.get(id)?.running;
+            let mut found = s.found.iter().find(|f| f.container.id == id)?.clone();
+            found.running = running;
+            Some(found)
+        }))
+    }
+    async fn remove_container(&self, id: &str) -> Result<(), DockerError> {
+        self.record(format!("remove {id}"));
+        self.with(|s| s.containers.remove(id));
+        Ok(())
     }
     async fn container_exists(&self, id: &str) -> Result<bool, DockerError> {
         Ok(self.with(|s| s.containers.contains_key(id)))

@@ -32,7 +32,7 @@ async fn its_own_running_container_is_watched_again_and_reported() {
     h.api.add_run("r1", StateType::Scheduled);
     h.api.set_externally("r1", StateType::Running);
     h.docker.leave(found("old1", "r1", "me", true, None));
-    h.worker.adopt_orphans(&pool()).await.expect("adopted");
+    h.worker.reconcile(&pool()).await.expect("adopted");
     assert!(matches!(
         h.worker.registry.phase("r1"),
         Some(Phase::Watching { .. })
@@ -56,7 +56,7 @@ async fn an_offline_workers_exited_container_is_reported_at_once() {
     h.api.set_online(&["someone-else"]);
     h.docker
         .leave(found("old1", "r1", "gone-worker", false, Some(5)));
-    h.worker.adopt_orphans(&pool()).await.expect("adopted");
+    h.worker.reconcile(&pool()).await.expect("adopted");
     drain(&h).await;
     assert_eq!(h.api.current("r1").state_type, StateType::Crashed);
     assert!(
@@ -81,7 +81,7 @@ async fn an_online_workers_container_is_left_alone() {
     h.api.set_externally("r1", StateType::Running);
     h.api.set_online(&["other"]);
     h.docker.leave(found("old1", "r1", "other", true, None));
-    h.worker.adopt_orphans(&pool()).await.expect("looked");
+    h.worker.reconcile(&pool()).await.expect("looked");
     assert_eq!(h.worker.registry.len(), 0);
     assert!(h.docker.calls_to("watch").is_empty());
 }
@@ -92,7 +92,7 @@ async fn a_container_of_a_final_run_is_not_adopted() {
     h.api.add_run("r1", StateType::Scheduled);
     h.api.set_externally("r1", StateType::Completed);
     h.docker.leave(found("old1", "r1", "me", true, None));
-    h.worker.adopt_orphans(&pool()).await.expect("looked");
+    h.worker.reconcile(&pool()).await.expect("looked");
     assert_eq!(h.worker.registry.len(), 0);
 }
 
@@ -102,7 +102,7 @@ async fn a_container_created_but_never_started_is_crashed_not_started() {
     h.api.add_run("r1", StateType::Scheduled);
     h.api.set_externally("r1", StateType::Pending);
     h.docker.leave(found("old1", "r1", "me", false, None));
-    h.worker.adopt_orphans(&pool()).await.expect("adopted");
+    h.worker.reconcile(&pool()).await.expect("adopted");
     drain(&h).await;
     let state = h.api.current("r1");
     assert_eq!(state.state_type, StateType::Crashed);
@@ -121,7 +121,7 @@ async fn an_adopted_run_can_be_cancelled() {
     h.api.add_run("r1", StateType::Scheduled);
     h.api.set_externally("r1", StateType::Running);
     h.docker.leave(found("old1", "r1", "me", true, None));
-    h.worker.adopt_orphans(&pool()).await.expect("adopted");
+    h.worker.reconcile(&pool()).await.expect("adopted");
     h.api.set_externally("r1", StateType::Cancelling);
     h.worker.cancel_run("r1");
     drain(&h).await;

@@ -3,6 +3,7 @@
 //! `--limit` slot on every path. No Docker, no server; each test takes milliseconds. The
 //! real-peer suites under tests/ prove the wiring.
 
+mod converge_tests;
 mod fakes;
 mod lifecycle_tests;
 mod loops_tests;
