@@ -27,6 +27,10 @@ pub const DEPLOYMENT_ID: &str = "io.prefect.deployment-id";
 pub const DEPLOYMENT_NAME: &str = "io.prefect.deployment-name";
 /// When the deployment was last updated (Python `isoformat()`), when the run has one.
 pub const DEPLOYMENT_UPDATED: &str = "io.prefect.deployment-updated";
+/// The job's `max_runtime` in whole seconds, on containers that have one, so a worker that
+/// adopts the container after a restart still enforces it. This worker's own label, not
+/// Prefect's.
+pub const MAX_RUNTIME: &str = "dev.docker-worker.max-runtime-seconds";
 
 /// Converts a Prefect-style label key to Docker's reverse-DNS convention: a key with a `/`
 /// has the part before the first `/` reversed on `.`; keys without `/` are unchanged.

@@ -86,6 +86,9 @@ pub struct ContainerSpec {
     pub exclusive_label: Option<(String, String)>,
     /// Image platform (`linux/arm64`) for the pull and the create, when the job names one.
     pub platform: Option<String>,
+    /// The longest the container may run (the job variable `max_runtime`); not sent to the
+    /// Engine: the worker stops the container when it is over.
+    pub max_runtime: Option<std::time::Duration>,
 }
 
 /// Why a valid configuration still cannot become a container.
@@ -223,6 +226,7 @@ impl DockerJobConfiguration {
             host_config_overrides: self.overrides.host_config.clone(),
             exclusive_label: Some((labels::FLOW_RUN_ID.to_owned(), flow_run_id.to_owned())),
             platform: self.typed.platform.clone(),
+            max_runtime: self.typed.max_runtime,
         })
     }
 
@@ -315,6 +319,13 @@ impl DockerJobConfiguration {
             out.insert(docker_label_key(&k), v);
         }
         out.insert(labels::VERSION.into(), PREFECT_VERSION.into());
+        if let Some(limit) = self.typed.max_runtime {
+            // Whole seconds, at least one: the label must never mean "no time at all left".
+            out.insert(
+                labels::MAX_RUNTIME.into(),
+                limit.as_secs().max(1).to_string(),
+            );
+        }
         out
     }
 

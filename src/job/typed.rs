@@ -2,6 +2,8 @@
 //! `gpus`, `shm_size`, `ipc_mode`, `cpus`, `ports`, `platform` — each validated with a message
 //! that says what is accepted, and turned into Engine fields. They compose with
 //! `container_create_kwargs`: a typed option wins over the keyword it overlaps, with a warning.
+//! `max_runtime` is the one typed option that is not an Engine field: the worker stops a run's
+//! container when it has run that long.
 //!
 //! Pure: JSON in, Engine JSON out.
 
@@ -11,7 +13,15 @@ use super::create_kwargs::EngineOverrides;
 use super::memory::parse_bytes;
 
 /// The typed options' job-variable names, in template order.
-pub const TYPED_FIELDS: &[&str] = &["gpus", "shm_size", "ipc_mode", "cpus", "ports", "platform"];
+pub const TYPED_FIELDS: &[&str] = &[
+    "gpus",
+    "shm_size",
+    "ipc_mode",
+    "cpus",
+    "ports",
+    "platform",
+    "max_runtime",
+];
 
 /// `ExposedPorts` and `PortBindings`, as Engine JSON.
 pub type PortMaps = (Map<String, Value>, Map<String, Value>);
@@ -31,6 +41,8 @@ pub struct TypedOptions {
     pub ports: Option<PortMaps>,
     /// Image platform for the pull and the create (`linux/arm64`).
     pub platform: Option<String>,
+    /// The longest a run's container may run before the worker stops it.
+    pub max_runtime: Option<std::time::Duration>,
 }
 
 /// A typed option that did not validate: the field and what is wrong with it.
@@ -57,6 +69,7 @@ impl TypedOptions {
         check("cpus", &|v| parse_cpus(v).map(drop));
         check("ports", &|v| parse_ports(v).map(drop));
         check("platform", &|v| parse_platform(v).map(drop));
+        check("max_runtime", &|v| parse_max_runtime(v).map(drop));
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -68,6 +81,7 @@ impl TypedOptions {
             nano_cpus: get("cpus").and_then(|v| parse_cpus(v).ok()),
             ports: get("ports").and_then(|v| parse_ports(v).ok()),
             platform: get("platform").and_then(|v| parse_platform(v).ok()),
+            max_runtime: get("max_runtime").and_then(|v| parse_max_runtime(v).ok()),
         })
     }
 
@@ -519,6 +533,32 @@ fn parse_platform(value: &Value) -> Result<String, String> {
     }
 }
 
+/// A positive number of seconds, or a duration with units (`90m`, `2h`, `1h 30m`), at most a
+/// year (a longer limit is no limit, and would overflow the worker's timer).
+pub fn parse_max_runtime(value: &Value) -> Result<std::time::Duration, String> {
+    const EXPECTED: &str =
+        "expected a positive number of seconds or a duration such as \"90m\" or \"2h\"";
+    const YEAR: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+    let parsed = match value {
+        Value::Number(n) => n
+            .as_f64()
+            .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok()),
+        Value::String(s) => {
+            let text = s.trim();
+            match text.parse::<f64>() {
+                Ok(seconds) => std::time::Duration::try_from_secs_f64(seconds).ok(),
+                Err(_) => humantime::parse_duration(text).ok(),
+            }
+        }
+        _ => None,
+    };
+    match parsed {
+        Some(d) if !d.is_zero() && d <= YEAR => Ok(d),
+        Some(d) if d > YEAR => Err(format!("{EXPECTED}, at most a year; got {value}")),
+        _ => Err(format!("{EXPECTED}; got {value}")),
+    }
+}
+
 /// The JSON-schema properties the typed options add to the base job template's variables,
 /// with titles and descriptions for the Prefect UI form.
 pub fn template_variables() -> Map<String, Value> {
@@ -557,6 +597,11 @@ pub fn template_variables() -> Map<String, Value> {
         "description": "Image platform to pull and run, such as \"linux/amd64\" or \"linux/arm64\", for multi-platform images.",
         "type": "string"
     }));
+    m.insert("max_runtime".into(), json!({
+        "title": "Maximum Runtime",
+        "description": "The longest the flow run's container may run, in seconds (7200) or as a duration (\"2h\", \"90m\"). At the limit the worker stops the container (SIGTERM, then SIGKILL after its grace period) and marks the run Crashed. Empty = no limit.",
+        "anyOf": [{"type": "string"}, {"type": "number"}]
+    }));
     m
 }
 
@@ -566,6 +611,46 @@ mod tests {
 
     fn typed(v: Value) -> Result<TypedOptions, Vec<TypedError>> {
         TypedOptions::from_rendered(v.as_object().unwrap())
+    }
+
+    #[test]
+    fn max_runtime_takes_seconds_or_a_duration() {
+        use std::time::Duration;
+        assert_eq!(parse_max_runtime(&json!(5)), Ok(Duration::from_secs(5)));
+        assert_eq!(
+            parse_max_runtime(&json!(1.5)),
+            Ok(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse_max_runtime(&json!("300")),
+            Ok(Duration::from_secs(300))
+        );
+        assert_eq!(
+            parse_max_runtime(&json!("2h")),
+            Ok(Duration::from_secs(7200))
+        );
+        assert_eq!(
+            parse_max_runtime(&json!("1h 30m")),
+            Ok(Duration::from_secs(5400))
+        );
+        for bad in [
+            json!(0),
+            json!(-1),
+            json!("soon"),
+            json!(""),
+            json!(true),
+            json!("400d"),
+        ] {
+            let err = parse_max_runtime(&bad).unwrap_err();
+            assert!(
+                err.starts_with("expected a positive number of seconds"),
+                "{bad}: {err}"
+            );
+        }
+        let t = typed(json!({"max_runtime": "90m"})).unwrap();
+        assert_eq!(t.max_runtime, Some(Duration::from_secs(5400)));
+        let errors = typed(json!({"max_runtime": "x"})).unwrap_err();
+        assert_eq!(errors[0].0, "max_runtime");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use crate::logs::Level;
 use crate::prefect::{ApiError, StateProposal};
 
 use super::engine::EngineFacts;
+use super::registry::StopReason;
 use super::{crash_message, explain};
 
 /// Why a run could not be started; becomes the Crashed message.
@@ -73,8 +74,10 @@ pub(crate) enum Outcome {
         container: String,
         /// How.
         status: ExitStatus,
-        /// The worker had stopped it for a cancellation.
-        stopped_for_cancel: bool,
+        /// Why the worker had stopped it, if it had.
+        stopped: Option<StopReason>,
+        /// The run's `max_runtime`, for the message when that is why.
+        max_runtime: Option<std::time::Duration>,
     },
     /// The run's container on this host was removed by someone else (seen by the watch or a
     /// reconcile pass).
@@ -203,8 +206,9 @@ pub(crate) fn verdict(run_id: &str, outcome: &Outcome) -> Verdict {
         Outcome::Exited {
             container,
             status,
-            stopped_for_cancel,
-        } => exited(container, status, *stopped_for_cancel),
+            stopped,
+            max_runtime,
+        } => exited(container, status, *stopped, *max_runtime),
         Outcome::Vanished {
             container,
             host,
@@ -275,6 +279,20 @@ fn rescheduled(message: String) -> Verdict {
     }
 }
 
+fn cancelled_exit(container: &str, status: &ExitStatus) -> Verdict {
+    Verdict {
+        report: Some(Report {
+            proposal: StateProposal::cancelled(format!(
+                "Flow run was cancelled; the worker stopped its container '{container}' (exit code {}).",
+                status.code
+            )),
+            delivery: Delivery::Reliable,
+            tally: Tally::Cancelled,
+        }),
+        ..Verdict::default()
+    }
+}
+
 fn crashed(message: String) -> Report {
     Report {
         proposal: StateProposal::crashed(message),
@@ -283,19 +301,29 @@ fn crashed(message: String) -> Report {
     }
 }
 
-fn exited(container: &str, status: &ExitStatus, stopped_for_cancel: bool) -> Verdict {
-    if stopped_for_cancel {
-        return Verdict {
-            report: Some(Report {
-                proposal: StateProposal::cancelled(format!(
-                    "Flow run was cancelled; the worker stopped its container '{container}' (exit code {}).",
+fn exited(
+    container: &str,
+    status: &ExitStatus,
+    stopped: Option<StopReason>,
+    max_runtime: Option<std::time::Duration>,
+) -> Verdict {
+    match stopped {
+        Some(StopReason::Cancelled) => return cancelled_exit(container, status),
+        // The run is already final: there is nothing to tell Prefect.
+        Some(StopReason::RunOver) => return Verdict::default(),
+        Some(StopReason::MaxRuntime) => {
+            let limit = max_runtime.map_or_else(String::new, |d| {
+                format!(" of {}", humantime::format_duration(d))
+            });
+            return Verdict {
+                report: Some(crashed(format!(
+                    "Flow run exceeded its max_runtime{limit}; the worker stopped its container '{container}' (exit code {}).",
                     status.code
-                )),
-                delivery: Delivery::Reliable,
-                tally: Tally::Cancelled,
-            }),
-            ..Verdict::default()
-        };
+                ))),
+                ..Verdict::default()
+            };
+        }
+        None => {}
     }
     if status.code == 0 {
         return Verdict {
@@ -385,7 +413,8 @@ mod tests {
             &Outcome::Exited {
                 container: "c".into(),
                 status: status(0),
-                stopped_for_cancel: false,
+                stopped: None,
+                max_runtime: None,
             },
         );
         assert!(v.report.is_none() && v.completed && !v.send_tail);
@@ -401,7 +430,8 @@ mod tests {
             &Outcome::Exited {
                 container: "c".into(),
                 status: s,
-                stopped_for_cancel: false,
+                stopped: None,
+                max_runtime: None,
             },
         );
         let (ty, message) = state_of(&v);
@@ -419,7 +449,8 @@ mod tests {
             &Outcome::Exited {
                 container: "happy-cat".into(),
                 status: status(143),
-                stopped_for_cancel: true,
+                stopped: Some(StopReason::Cancelled),
+                max_runtime: None,
             },
         );
         let (ty, message) = state_of(&v);
@@ -429,6 +460,35 @@ mod tests {
             "Flow run was cancelled; the worker stopped its container 'happy-cat' (exit code 143)."
         );
         assert!(!v.send_tail && !v.completed);
+    }
+
+    #[test]
+    fn an_exit_after_the_max_runtime_stop_is_crashed_saying_so() {
+        let v = verdict(
+            "r",
+            &Outcome::Exited {
+                container: "slow".into(),
+                status: status(137),
+                stopped: Some(StopReason::MaxRuntime),
+                max_runtime: Some(std::time::Duration::from_secs(5)),
+            },
+        );
+        let (ty, message) = state_of(&v);
+        assert_eq!(ty, StateType::Crashed);
+        assert_eq!(
+            message,
+            "Flow run exceeded its max_runtime of 5s; the worker stopped its container 'slow' (exit code 137)."
+        );
+        let over = verdict(
+            "r",
+            &Outcome::Exited {
+                container: "c".into(),
+                status: status(143),
+                stopped: Some(StopReason::RunOver),
+                max_runtime: None,
+            },
+        );
+        assert!(over.report.is_none() && !over.completed);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::infra_pid::InfrastructurePid;
 use super::lifecycle::{self, claim::claimer_of};
 use super::policy::Outcome;
-use super::registry::{CancelAction, Phase};
+use super::registry::{Phase, StopReason};
 use super::{PoolRef, Worker};
 use crate::backoff;
 use crate::docker::ListedContainer;
@@ -317,7 +317,7 @@ impl Worker {
         let phase = if found.running {
             Phase::Watching {
                 container: found.container.id.clone(),
-                stopping: false,
+                stopping: None,
             }
         } else {
             Phase::Reporting
@@ -356,9 +356,9 @@ impl Worker {
             return Ok(());
         }
         let container = if held {
-            match self.registry.cancel(run_id) {
-                CancelAction::Stop { container } => container,
-                _ => return Ok(()),
+            match self.registry.stop(run_id, StopReason::RunOver) {
+                Some(container) => container,
+                None => return Ok(()),
             }
         } else {
             container_id.to_owned()

@@ -30,8 +30,8 @@ pub(crate) enum Phase {
     Watching {
         /// The container's id.
         container: String,
-        /// The worker is stopping it for a cancellation (the exit then means Cancelled).
-        stopping: bool,
+        /// The worker is stopping it, and why (which decides what its exit means).
+        stopping: Option<StopReason>,
     },
     /// The watch ended; the outcome is being reported.
     Reporting,
@@ -40,6 +40,17 @@ pub(crate) enum Phase {
         /// The container's id.
         container: String,
     },
+}
+
+/// Why the worker stops a watched container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    /// The run was cancelled: its exit means Cancelled.
+    Cancelled,
+    /// It ran longer than its `max_runtime`: its exit means Crashed, saying so.
+    MaxRuntime,
+    /// Its run is already final (set from outside): nothing more to report.
+    RunOver,
 }
 
 /// What a cancellation of a run asks the worker to do.
@@ -156,14 +167,30 @@ impl Registry {
             }
             Some(Phase::Watching {
                 container,
-                stopping,
-            }) if !*stopping => {
-                *stopping = true;
+                stopping: stopping @ None,
+            }) => {
+                *stopping = Some(StopReason::Cancelled);
                 CancelAction::Stop {
                     container: container.clone(),
                 }
             }
             _ => CancelAction::Nothing,
+        }
+    }
+
+    /// Marks a watched run's container as being stopped for `reason`; its id when it was not
+    /// already being stopped (so it is stopped once, for the first reason).
+    pub fn stop(&self, run_id: &str, reason: StopReason) -> Option<String> {
+        let mut inner = self.lock();
+        match inner.runs.get_mut(run_id) {
+            Some(Phase::Watching {
+                container,
+                stopping: stopping @ None,
+            }) => {
+                *stopping = Some(reason);
+                Some(container.clone())
+            }
+            _ => None,
         }
     }
 
@@ -275,7 +302,7 @@ impl RunGuard {
             &self.run_id,
             Phase::Watching {
                 container: container.to_owned(),
-                stopping: cancelled,
+                stopping: cancelled.then_some(StopReason::Cancelled),
             },
         );
         if cancelled {
@@ -287,13 +314,12 @@ impl RunGuard {
         }
     }
 
-    /// The watch ended; returns whether the worker had stopped the container for a
-    /// cancellation (so its exit means Cancelled).
-    pub fn reporting(&self) -> bool {
-        let stopping = matches!(
-            self.registry.phase(&self.run_id),
-            Some(Phase::Watching { stopping: true, .. })
-        );
+    /// The watch ended; returns why the worker had stopped the container, if it had.
+    pub fn reporting(&self) -> Option<StopReason> {
+        let stopping = match self.registry.phase(&self.run_id) {
+            Some(Phase::Watching { stopping, .. }) => stopping,
+            _ => None,
+        };
         self.registry.set(&self.run_id, Phase::Reporting);
         stopping
     }
@@ -367,7 +393,11 @@ mod tests {
                 container: "c1".into()
             }
         );
-        assert!(guard.reporting(), "its exit means Cancelled");
+        assert_eq!(
+            guard.reporting(),
+            Some(StopReason::Cancelled),
+            "its exit means Cancelled"
+        );
     }
 
     #[test]
@@ -383,7 +413,12 @@ mod tests {
             }
         );
         assert_eq!(registry.cancel("a"), CancelAction::Nothing);
-        assert!(guard.reporting());
+        assert_eq!(
+            registry.stop("a", StopReason::MaxRuntime),
+            None,
+            "stopped once"
+        );
+        assert_eq!(guard.reporting(), Some(StopReason::Cancelled));
         assert_eq!(registry.cancel("a"), CancelAction::Nothing);
     }
 
@@ -394,7 +429,7 @@ mod tests {
         let guard = admitted(&registry, "a");
         guard.claimed();
         assert_eq!(guard.watching("c"), CancelAction::Nothing);
-        assert!(!guard.reporting(), "not stopped by the worker");
+        assert_eq!(guard.reporting(), None, "not stopped by the worker");
         assert_eq!(registry.cancel("a"), CancelAction::Nothing);
     }
 

@@ -103,6 +103,7 @@ pub(crate) async fn start(
             logs_since: None,
         },
         print_output: spec.stream_output,
+        max_runtime: spec.max_runtime,
         pool: pool.clone(),
         events,
     }))

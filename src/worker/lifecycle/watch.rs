@@ -13,7 +13,7 @@ use super::super::events::{self, Emitted};
 use super::super::observe::OutputTail;
 use super::super::policy::{self, Outcome};
 use super::super::ports::WatchOptions;
-use super::super::registry::RunGuard;
+use super::super::registry::{RunGuard, StopReason};
 use super::super::{PoolRef, Worker};
 use super::report;
 use crate::docker::usage::ResourceUsage;
@@ -33,6 +33,8 @@ pub(crate) struct Watched {
     pub options: WatchOptions,
     /// Print its output on the worker's stdout (`stream_output`).
     pub print_output: bool,
+    /// The longest it may run (from its creation) before the worker stops it.
+    pub max_runtime: Option<Duration>,
     pub pool: PoolRef,
     pub events: RunEvents,
 }
@@ -83,6 +85,11 @@ impl Watched {
                 logs_since: Some(chrono::Utc::now().timestamp()),
             },
             print_output: true,
+            max_runtime: found
+                .labels
+                .get(crate::job::labels::MAX_RUNTIME)
+                .and_then(|s| s.parse::<u64>().ok())
+                .map(Duration::from_secs),
             pool,
             events: RunEvents {
                 related,
@@ -113,7 +120,8 @@ impl Observed {
 }
 
 /// Watches the container to its exit and reports it; on shutdown, stops watching (the
-/// container keeps running for the next worker to adopt).
+/// container keeps running for the next worker to adopt). A run with a `max_runtime` has its
+/// container stopped when it is over, and the watch goes on to the exit.
 pub(crate) async fn follow(worker: &Arc<Worker>, watched: Watched, guard: RunGuard) {
     let tail = OutputTail::new(worker.settings.reporting.crash_log_lines);
     let usage = Mutex::new(ResourceUsage::default());
@@ -128,10 +136,20 @@ pub(crate) async fn follow(worker: &Arc<Worker>, watched: Watched, guard: RunGua
     let waiting = worker
         .docker
         .watch(&watched.container, watched.options, &output);
+    let watching = with_sampling(worker, &watched.container.id, &usage, waiting);
+    tokio::pin!(watching);
+    let limit = time_left(&watched);
+    let mut armed = limit.is_some();
     worker.out.metrics.runs_running.inc();
-    let waited = tokio::select! {
-        r = with_sampling(worker, &watched.container.id, &usage, waiting) => Some(r),
-        () = worker.lifetime.stop.cancelled() => None,
+    let waited = loop {
+        tokio::select! {
+            r = &mut watching => break Some(r),
+            () = worker.lifetime.stop.cancelled() => break None,
+            () = tokio::time::sleep(limit.unwrap_or_default()), if armed => {
+                armed = false;
+                worker.enforce_max_runtime(&watched);
+            }
+        }
     };
     worker.out.metrics.runs_running.dec();
     let Some(waited) = waited else {
@@ -149,6 +167,50 @@ pub(crate) async fn follow(worker: &Arc<Worker>, watched: Watched, guard: RunGua
     finish(worker, &watched, guard, waited, observed).await;
 }
 
+/// How long the container may still run: its `max_runtime` from its creation (a container
+/// adopted after a restart has used some of it already).
+fn time_left(watched: &Watched) -> Option<Duration> {
+    let limit = watched.max_runtime?;
+    let created = watched.container.created_at;
+    let ran = u64::try_from(chrono::Utc::now().timestamp().saturating_sub(created)).unwrap_or(0);
+    Some(limit.saturating_sub(Duration::from_secs(ran).min(limit)))
+}
+
+impl Worker {
+    /// Stops a container that ran past its `max_runtime` (SIGTERM, SIGKILL after the cancel
+    /// grace), unless it is already being stopped; the watch reports the exit.
+    fn enforce_max_runtime(self: &Arc<Self>, watched: &Watched) {
+        let run_id = &watched.flow_run_id;
+        let Some(container) = self.registry.stop(run_id, StopReason::MaxRuntime) else {
+            return;
+        };
+        let grace = self.settings.cancellation.grace;
+        let limit = watched
+            .max_runtime
+            .map(humantime::format_duration)
+            .map(|d| d.to_string())
+            .unwrap_or_default();
+        self.out.logs.info(
+            run_id,
+            format!(
+                "Flow run '{run_id}' exceeded its max_runtime of {limit}; stopping its container (grace period {} s)",
+                grace.as_secs()
+            ),
+        );
+        let worker = Arc::clone(self);
+        let run_id = run_id.clone();
+        self.tasks.spawn(async move {
+            if let Err(e) = worker.docker.stop_container(&container, grace).await {
+                worker.out.metrics.docker_error(&e);
+                worker.out.logs.error(
+                    &run_id,
+                    format!("Could not stop the container of flow run '{run_id}': {e}"),
+                );
+            }
+        });
+    }
+}
+
 /// Reports a watched container's end: the wait's answer completed with the Engine's facts,
 /// turned into a state by the policy, then the crash tail and the exit events.
 pub(crate) async fn finish(
@@ -158,11 +220,11 @@ pub(crate) async fn finish(
     waited: Result<ExitStatus, DockerError>,
     observed: Observed,
 ) {
-    let stopped_for_cancel = guard.reporting();
+    let stopped = guard.reporting();
     let facts = worker.engine_facts.take(&watched.container.id);
     let name = watched.container.display_name();
     let outcome = match policy::exit_with_facts(waited, facts) {
-        Ok(_) if removed_outside(worker, watched, stopped_for_cancel).await => Outcome::Vanished {
+        Ok(_) if removed_outside(worker, watched, stopped.is_some()).await => Outcome::Vanished {
             container: name.to_owned(),
             host: worker.docker.base_url().to_owned(),
             cancelling: false,
@@ -175,7 +237,8 @@ pub(crate) async fn finish(
             Outcome::Exited {
                 container: name.to_owned(),
                 status,
-                stopped_for_cancel,
+                stopped,
+                max_runtime: watched.max_runtime,
             }
         }
         Err(error) => {

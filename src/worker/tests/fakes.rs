@@ -761,7 +761,7 @@ impl ContainerRuntime for FakeRuntime {
             container: CreatedContainer {
                 id: id.clone(),
                 name: Some(format!("name-{id}")),
-                created_at: 0,
+                created_at: chrono::Utc::now().timestamp(),
             },
             pull_duration: None,
         })

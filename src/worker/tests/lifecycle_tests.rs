@@ -440,3 +440,39 @@ async fn shutdown_stops_the_watch_not_the_container_and_frees_the_slot() {
     assert_eq!(h.worker.registry.len(), 0);
     assert_eq!(h.metrics.runs_running.get(), 0);
 }
+
+// ---------------------------------------------------------------- max_runtime
+
+#[tokio::test(start_paused = true)]
+async fn a_run_past_its_max_runtime_is_stopped_and_crashed_saying_so() {
+    let mut h = Harness::with(&["--cancel-grace", "3"]);
+    h.docker.plan(Plan::Hold);
+    let mut run = h.api.add_run("r1", StateType::Scheduled);
+    run.job_variables
+        .insert("max_runtime".into(), serde_json::json!("5s"));
+    h.submit(run).await;
+    assert_eq!(h.docker.calls_to("stop c1 grace=3").len(), 1);
+    let (state, message) = state_of(&h, "r1");
+    assert_eq!(state, StateType::Crashed);
+    assert_eq!(
+        message,
+        "Flow run exceeded its max_runtime of 5s; the worker stopped its container 'name-c1' (exit code 143)."
+    );
+    assert!(
+        h.logged()
+            .iter()
+            .any(|l| l.contains("exceeded its max_runtime of 5s; stopping its container"))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_that_ends_within_its_max_runtime_is_not_stopped() {
+    let h = Harness::new();
+    h.docker.plan(Plan::Exit(0));
+    let mut run = h.api.add_run("r1", StateType::Scheduled);
+    run.job_variables
+        .insert("max_runtime".into(), serde_json::json!(3600));
+    h.submit(run).await;
+    assert!(h.docker.calls_to("stop").is_empty());
+    assert_eq!(h.metrics.runs_completed.get(), 1);
+}
