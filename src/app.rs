@@ -22,11 +22,12 @@ use crate::worker::{Lifetime, Ports, Reporting, Worker};
 /// How long the log and event senders get to deliver what is queued after the worker ended.
 const FLUSH_GRACE: Duration = Duration::from_secs(10);
 
-/// Runs the worker until `lifetime.stop` is cancelled or it stops on its own.
+/// Runs the worker until shutdown is asked for (`lifetime.requested`) and it has stopped, or
+/// until it stops on its own.
 ///
-/// The token tree: `lifetime.abandon` (the process) → `lifetime.stop` (the first signal:
-/// stop claiming and watching) and the senders' flush token, cancelled once the worker is
-/// done so what it queued last is delivered. Every service task (health server, log and
+/// The token tree: `lifetime.abandon` (the process) → `lifetime.requested` (the first signal),
+/// `lifetime.stop` (stop watching: at once, or after `--drain-timeout`), and the senders'
+/// flush token, cancelled once the worker is done so what it queued last is delivered. Every service task (health server, log and
 /// event senders) is spawned in one tracker; the worker has its own for its loops and runs.
 ///
 /// # Errors

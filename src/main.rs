@@ -156,7 +156,7 @@ fn start(args: &StartArgs) -> ExitCode {
     };
     runtime.block_on(async {
         let lifetime = docker_worker::worker::Lifetime::new();
-        if let Err(e) = docker_worker::shutdown::spawn_signal_handler(lifetime.stop.clone()) {
+        if let Err(e) = docker_worker::shutdown::spawn_signal_handler(lifetime.requested.clone()) {
             eprintln!("docker-worker: cannot install signal handlers: {e}");
             return ExitCode::FAILURE;
         }

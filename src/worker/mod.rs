@@ -115,22 +115,32 @@ struct Outputs {
 /// The worker's part of the process's token tree.
 #[derive(Debug, Clone)]
 pub struct Lifetime {
-    /// Cancelled by the first SIGTERM/SIGINT: stop claiming, stop watching (containers keep
-    /// running), let runs mid-submission reach a started container.
+    /// Cancelled by the first SIGTERM/SIGINT: shutdown is asked for. The worker stops
+    /// claiming at once; with `--drain-timeout` it goes on watching and reporting until no run
+    /// is in flight (or the timeout), then cancels `stop`; without, it cancels `stop` at once.
+    pub requested: CancellationToken,
+    /// Stop watching (containers keep running for the next worker to adopt); runs
+    /// mid-submission still reach a started container.
     pub stop: CancellationToken,
     /// Cancelled when the shutdown grace is over: reports still retried through an outage
-    /// give up. A parent of `stop` in the tree.
+    /// give up. The root of the tree.
     pub abandon: CancellationToken,
 }
 
 impl Lifetime {
-    /// A tree for a worker on its own: `abandon` → `stop`.
+    /// A tree for a worker on its own: `abandon` → `requested`, `stop`.
     pub fn new() -> Self {
         let abandon = CancellationToken::new();
         Self {
+            requested: abandon.child_token(),
             stop: abandon.child_token(),
             abandon,
         }
+    }
+
+    /// Whether shutdown was asked for (so nothing new is claimed).
+    pub fn draining(&self) -> bool {
+        self.requested.is_cancelled()
     }
 }
 
@@ -232,7 +242,7 @@ impl Worker {
             let outcome = tokio::select! {
                 r = self.sync_loop(loops.clone()) => r,
                 r = self.poll_loop(first_runs, loops.clone()) => r,
-                () = self.lifetime.stop.cancelled() => Ok(()),
+                () = self.until_stopped() => Ok(()),
             };
             outcome
         };
@@ -319,12 +329,51 @@ impl Worker {
         }
     }
 
+    /// Resolves once the worker is to stop watching: at once on a signal, or after the drain
+    /// when `--drain-timeout` is set (or when `stop` is cancelled directly).
+    async fn until_stopped(&self) {
+        tokio::select! {
+            () = self.lifetime.requested.cancelled() => {
+                self.drain().await;
+                self.lifetime.stop.cancel();
+            }
+            () = self.lifetime.stop.cancelled() => {}
+        }
+    }
+
+    /// `--drain-timeout`: with no new claims, waits until no run is in flight or the timeout
+    /// passed; the sync (heartbeat), the watches and the reports go on meanwhile, and polls
+    /// go on without claiming so `/health` stays 200.
+    async fn drain(&self) {
+        let Some(timeout) = self.settings.convergence.drain_timeout else {
+            return;
+        };
+        let in_flight = self.registry.len();
+        tracing::info!(
+            in_flight,
+            timeout = %humantime::format_duration(timeout),
+            "draining: no new flow runs are claimed; waiting for the runs in flight"
+        );
+        tokio::select! {
+            () = self.registry.until_empty() => {
+                tracing::info!("drained: no flow run is in flight");
+            }
+            () = tokio::time::sleep(timeout) => {
+                tracing::warn!(
+                    in_flight = self.registry.len(),
+                    "drain timeout passed; the containers still running are left for the next worker to adopt"
+                );
+            }
+            () = self.lifetime.stop.cancelled() => {}
+        }
+    }
+
     /// `--run-once`: one poll, then wait until every run it started is reported (or a signal).
     async fn run_once(self: &Arc<Self>) -> Result<(), WorkerError> {
         let result = self.poll_once().await;
         tokio::select! {
             () = self.registry.until_empty() => {}
-            () = self.lifetime.stop.cancelled() => {}
+            () = self.until_stopped() => {}
         }
         match result {
             Err(e) if e.is_auth() => Err(WorkerError::Unauthorized(e)),

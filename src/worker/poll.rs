@@ -81,6 +81,10 @@ impl Worker {
             Some(runs) => runs,
             None => self.fetch_scheduled_runs(&pool.name).await?,
         };
+        if self.lifetime.draining() {
+            // Polled only to show the worker is alive (`/health`): nothing new is claimed.
+            return Ok(0);
+        }
         Ok(self.take_on(runs, &pool))
     }
 

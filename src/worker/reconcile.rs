@@ -209,6 +209,10 @@ impl Worker {
             let Some(pool) = self.current_pool() else {
                 continue;
             };
+            if self.lifetime.draining() {
+                // Adopting now would only keep this worker from exiting: the next one will.
+                continue;
+            }
             if let Err(e) = self.reconcile(&pool).await {
                 self.out.metrics.api_error(&e);
                 tracing::warn!(error = %e, "reconcile pass failed; will try again");

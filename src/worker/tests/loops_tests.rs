@@ -281,3 +281,91 @@ async fn an_idle_worker_winds_down_at_once() {
         "nothing had to be abandoned"
     );
 }
+
+// ---------------------------------------------------------------- drain
+
+/// Waits on the paused clock (which then advances) until `condition` holds.
+async fn until_paused(what: &str, condition: impl Fn() -> bool) {
+    for _ in 0..10_000 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_claims_nothing_new_but_watches_and_reports_to_the_end() {
+    let h = Harness::with(&["--drain-timeout", "10m"]);
+    h.docker.plan(Plan::Hold);
+    h.api.add_run("r1", StateType::Scheduled);
+    let worker = std::sync::Arc::clone(&h.worker);
+    let running = tokio::spawn(async move { worker.run().await });
+    let registry = std::sync::Arc::clone(&h.worker.registry);
+    until_paused("r1 is watched", || {
+        matches!(registry.phase("r1"), Some(Phase::Watching { .. }))
+    })
+    .await;
+    h.lifetime.requested.cancel(); // SIGTERM
+    h.api.add_run("r2", StateType::Scheduled);
+    let polls = h.api.calls_to("poll pool").len();
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert!(!running.is_finished(), "still draining");
+    assert!(
+        h.api.calls_to("poll pool").len() > polls,
+        "polls go on (for /health)"
+    );
+    assert_eq!(
+        h.api.current("r2").state_type,
+        StateType::Scheduled,
+        "not claimed"
+    );
+    h.docker.exit("c1", 4);
+    running.await.expect("joined").expect("clean exit");
+    assert_eq!(
+        h.api.current("r1").state_type,
+        StateType::Crashed,
+        "reported"
+    );
+    assert_eq!(h.worker.registry.len(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_that_times_out_leaves_the_container_running_for_adoption() {
+    let h = Harness::with(&["--drain-timeout", "2m"]);
+    h.docker.plan(Plan::Hold);
+    h.api.add_run("r1", StateType::Scheduled);
+    let worker = std::sync::Arc::clone(&h.worker);
+    let running = tokio::spawn(async move { worker.run().await });
+    let registry = std::sync::Arc::clone(&h.worker.registry);
+    until_paused("r1 is watched", || {
+        matches!(registry.phase("r1"), Some(Phase::Watching { .. }))
+    })
+    .await;
+    h.lifetime.requested.cancel();
+    running.await.expect("joined").expect("clean exit");
+    assert!(
+        h.docker.calls_to("stop").is_empty(),
+        "the container keeps running"
+    );
+    assert_eq!(h.api.current("r1").name.as_deref(), Some("Submitting"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_drain_a_signal_stops_watching_at_once() {
+    let h = Harness::new();
+    h.docker.plan(Plan::Hold);
+    h.api.add_run("r1", StateType::Scheduled);
+    let worker = std::sync::Arc::clone(&h.worker);
+    let running = tokio::spawn(async move { worker.run().await });
+    let registry = std::sync::Arc::clone(&h.worker.registry);
+    until_paused("r1 is watched", || {
+        matches!(registry.phase("r1"), Some(Phase::Watching { .. }))
+    })
+    .await;
+    h.lifetime.requested.cancel();
+    running.await.expect("joined").expect("clean exit");
+    assert!(h.lifetime.stop.is_cancelled());
+    assert!(h.docker.calls_to("stop").is_empty());
+}
