@@ -352,6 +352,24 @@ impl DockerRuntime {
         self.create_and_start_while(spec, &|| true).await
     }
 
+    /// A step after the create failed. A failure about the job leaves the container for
+    /// inspection, as the Python worker does; a transient one removes it, so a retry of the
+    /// whole submission starts clean (one container per run).
+    async fn after_failed_step(
+        &self,
+        container: &CreatedContainer,
+        error: DockerError,
+    ) -> DockerError {
+        if error.is_transient() {
+            self.force_remove(
+                container,
+                "container whose start failed for a transient reason",
+            )
+            .await;
+        }
+        error
+    }
+
     /// [`DockerRuntime::create_and_start_container`], asking `wanted()` before the pull,
     /// before the create and right before the start: once it says no, nothing more happens, a
     /// container already created is removed, and the answer is [`DockerError::Withdrawn`].
@@ -375,8 +393,12 @@ impl DockerRuntime {
         if let Some((key, value)) = &spec.exclusive_label {
             self.stand_down_if_duplicate(&container, key, value).await?;
         }
-        self.connect_networks(&container, &spec.extra_networks)
-            .await?;
+        if let Err(e) = self
+            .connect_networks(&container, &spec.extra_networks)
+            .await
+        {
+            return Err(self.after_failed_step(&container, e).await);
+        }
         if !wanted() {
             self.force_remove(&container, "withdrawn container").await;
             return Err(DockerError::Withdrawn { stage: "started" });
@@ -388,7 +410,8 @@ impl DockerRuntime {
             {
                 return Err(DockerError::NoGpuRuntime { container, failure });
             }
-            other => other?,
+            Err(e) => return Err(self.after_failed_step(&container, e).await),
+            Ok(()) => {}
         }
         Ok(StartedContainer {
             container,

@@ -42,7 +42,57 @@ impl From<bollard::errors::Error> for EngineFailure {
     }
 }
 
+/// Words of Engine and registry messages that say "try again later".
+const TRANSIENT_WORDS: &[&str] = &[
+    "timeout",
+    "timed out",
+    "deadline exceeded",
+    "temporarily",
+    "try again",
+    "connection reset",
+    "connection refused",
+    "unexpected eof",
+    "toomanyrequests",
+    "too many requests",
+    "service unavailable",
+    "bad gateway",
+    "gateway timeout",
+    "http status: 502",
+    "http status: 503",
+    "http status: 504",
+];
+
+/// Words that say the job itself is at fault, whatever the status.
+const PERMANENT_WORDS: &[&str] = &[
+    "not found",
+    "manifest unknown",
+    "unauthorized",
+    "denied",
+    "no such",
+    "invalid",
+    "executable file",
+    "permission",
+    "oci runtime",
+];
+
 impl EngineFailure {
+    /// Worth trying again in a moment: no answer at all, a gateway/unavailable status, a
+    /// registry rate limit, or a 5xx whose message says it is temporary. A failure whose
+    /// message names the job's fault (missing image, bad credentials, bad command) never is.
+    pub fn is_transient(&self) -> bool {
+        let message = self.message.to_ascii_lowercase();
+        if PERMANENT_WORDS.iter().any(|w| message.contains(w)) {
+            return false;
+        }
+        let says_transient = TRANSIENT_WORDS.iter().any(|w| message.contains(w));
+        match self.status {
+            None => true,
+            Some(429 | 502 | 503 | 504) => true,
+            Some(s) if s >= 500 => says_transient,
+            Some(_) => false,
+        }
+    }
+
     /// 404, or Podman's "no such container" wording.
     pub fn is_not_found(&self) -> bool {
         self.status == Some(404)
@@ -215,6 +265,20 @@ fn login_failed_prefix(registry: Option<&str>) -> String {
 }
 
 impl DockerError {
+    /// A failure of the Engine or the registry that may well not happen again: worth retrying
+    /// the submission (`--submit-retries`). Failures about the job (missing image, invalid
+    /// options, name conflicts, a bad command) are not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::PullFailed { failure, .. }
+            | Self::CreateFailed { failure, .. }
+            | Self::NetworkConnectFailed { failure, .. }
+            | Self::StartFailed { failure, .. }
+            | Self::Api { failure, .. } => failure.is_transient(),
+            _ => false,
+        }
+    }
+
     /// A short class name for Prefect state messages, in the spirit of the Python worker's
     /// `<ExceptionClass>: <message>` (`ImageNotFound`, `PullFailed`, …).
     pub fn kind(&self) -> &'static str {
@@ -238,5 +302,76 @@ impl DockerError {
             Self::Duplicate { .. } => "Duplicate",
             Self::Withdrawn { .. } => "Withdrawn",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(status: Option<u16>, message: &str) -> EngineFailure {
+        EngineFailure {
+            status,
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn registry_hiccups_and_timeouts_are_transient() {
+        for (status, message) in [
+            (
+                Some(500),
+                "received unexpected HTTP status: 503 Service Unavailable",
+            ),
+            (
+                Some(500),
+                "toomanyrequests: You have reached your pull rate limit",
+            ),
+            (None, "error trying to connect: operation timed out"),
+            (Some(503), "the daemon is busy"),
+            (Some(500), "context deadline exceeded"),
+        ] {
+            assert!(
+                failure(status, message).is_transient(),
+                "{status:?} {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_jobs_own_faults_are_not() {
+        for (status, message) in [
+            (Some(404), "manifest for x:1 not found: manifest unknown"),
+            (
+                Some(500),
+                "Head https://r/v2/x/manifests/1: unauthorized: authentication required",
+            ),
+            (Some(400), "invalid reference format"),
+            (
+                Some(500),
+                "OCI runtime create failed: exec: \"nope\": executable file not found in $PATH",
+            ),
+            (Some(500), "something the Engine did not like"),
+            (Some(409), "Conflict. The container name is already in use"),
+        ] {
+            assert!(
+                !failure(status, message).is_transient(),
+                "{status:?} {message}"
+            );
+        }
+        let pull = DockerError::PullFailed {
+            image: "x".into(),
+            login_registry: None,
+            failure: failure(
+                Some(500),
+                "received unexpected HTTP status: 503 Service Unavailable",
+            ),
+        };
+        assert!(pull.is_transient());
+        let missing = DockerError::ImageNotFound {
+            image: "x".into(),
+            policy: "Never",
+        };
+        assert!(!missing.is_transient());
     }
 }

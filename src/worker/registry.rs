@@ -268,6 +268,11 @@ pub(crate) struct RunGuard {
 }
 
 impl RunGuard {
+    /// The run's id.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
     /// The claim stood: on to submission (a cancellation already asked for is kept).
     pub fn claimed(&self) {
         let cancel_requested = self.cancel_requested();

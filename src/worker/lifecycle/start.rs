@@ -4,7 +4,7 @@
 //! `container.created` and `container.running` events along the way.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -110,7 +110,9 @@ pub(crate) async fn start(
 }
 
 /// Pull, create and start, withdrawing as soon as the registry says the run was cancelled.
-/// A failure is counted, and announced with `creation-failed` where the reference does.
+/// A transient failure (a registry 503 or rate limit, a timeout, an Engine 5xx not about the
+/// job) is retried with backoff up to `--submit-retries` times, each attempt logged to the
+/// run; a failure is counted, and announced with `creation-failed` where the reference does.
 async fn create_and_start_container(
     worker: &Worker,
     guard: &RunGuard,
@@ -118,11 +120,38 @@ async fn create_and_start_container(
     related: &[Value],
 ) -> Result<StartedContainer, Start> {
     let wanted = || !guard.cancel_requested();
-    match worker.docker.create_and_start(spec, &wanted).await {
-        Ok(started) => Ok(started),
-        Err(DockerError::Withdrawn { stage }) => Err(Start::Withdrawn { stage }),
-        Err(e @ DockerError::Duplicate { .. }) => Err(Start::StoodDown(e)),
-        Err(e) => {
+    let retries = worker.settings.convergence.submit_retries;
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut attempt = 0;
+    let error = loop {
+        attempt += 1;
+        match worker.docker.create_and_start(spec, &wanted).await {
+            Ok(started) => return Ok(started),
+            Err(e) if e.is_transient() && attempt <= retries => {
+                worker.out.metrics.docker_error(&e);
+                let delay = backoff.next_delay();
+                worker.out.logs.warn(
+                    guard.run_id(),
+                    format!(
+                        "Attempt {attempt} of {} to start the flow run's container failed for a transient reason ({}: {e}); trying again in {} s",
+                        retries + 1,
+                        e.kind(),
+                        delay.as_secs()
+                    ),
+                );
+                if !crate::backoff::sleep(delay, &worker.lifetime.stop).await {
+                    // Shutdown: nothing was started; the next worker's reconcile pass puts the
+                    // claim back.
+                    break e;
+                }
+            }
+            Err(e) => break e,
+        }
+    };
+    match error {
+        DockerError::Withdrawn { stage } => Err(Start::Withdrawn { stage }),
+        e @ DockerError::Duplicate { .. } => Err(Start::StoodDown(e)),
+        e => {
             worker.out.metrics.docker_error(&e);
             if creation_failed(&e) {
                 emit(

@@ -547,7 +547,7 @@ type Hook = Box<dyn FnOnce() + Send>;
 struct RuntimeState {
     next: u32,
     plan: Option<Plan>,
-    create_error: Option<fn() -> DockerError>,
+    create_errors: VecDeque<fn() -> DockerError>,
     hooks: HashMap<Step, Hook>,
     containers: HashMap<String, FakeContainer>,
     found: Vec<FoundContainer>,
@@ -582,9 +582,9 @@ impl FakeRuntime {
         self.with(|s| s.plan = Some(plan));
     }
 
-    /// The next create fails with this error.
+    /// The next create fails with this error (each call queues one more failure).
     pub fn fail_create(&self, error: fn() -> DockerError) {
-        self.with(|s| s.create_error = Some(error));
+        self.with(|s| s.create_errors.push_back(error));
     }
 
     /// Runs `hook` once, right after `step` of the next submission.
@@ -722,7 +722,7 @@ impl ContainerRuntime for FakeRuntime {
         if !wanted() {
             return Err(DockerError::Withdrawn { stage: "created" });
         }
-        if let Some(error) = self.with(|s| s.create_error.take()) {
+        if let Some(error) = self.with(|s| s.create_errors.pop_front()) {
             self.record("create failed".into());
             return Err(error());
         }

@@ -476,3 +476,61 @@ async fn a_run_that_ends_within_its_max_runtime_is_not_stopped() {
     assert!(h.docker.calls_to("stop").is_empty());
     assert_eq!(h.metrics.runs_completed.get(), 1);
 }
+
+// ---------------------------------------------------------------- transient failures
+
+fn registry_unavailable() -> DockerError {
+    DockerError::PullFailed {
+        image: "local/busybox:dw".into(),
+        login_registry: None,
+        failure: crate::docker::EngineFailure {
+            status: Some(500),
+            message: "received unexpected HTTP status: 503 Service Unavailable".into(),
+        },
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transient_failure_is_retried_and_each_attempt_logged() {
+    let mut h = Harness::new();
+    h.docker.fail_create(registry_unavailable);
+    h.docker.fail_create(registry_unavailable);
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.submit(run).await;
+    assert_eq!(h.docker.calls_to("create c").len(), 1, "one container");
+    assert_eq!(h.docker.calls_to("create failed").len(), 2);
+    assert_eq!(h.metrics.runs_completed.get(), 1);
+    let attempts: Vec<String> = h
+        .logged()
+        .into_iter()
+        .filter(|l| l.contains("to start the flow run's container failed for a transient reason"))
+        .collect();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert!(attempts[0].starts_with("Attempt 1 of 4"), "{}", attempts[0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transient_failure_past_the_retries_is_crashed() {
+    let h = Harness::with(&["--submit-retries", "1"]);
+    h.docker.fail_create(registry_unavailable);
+    h.docker.fail_create(registry_unavailable);
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.submit(run).await;
+    assert_eq!(h.docker.calls_to("create failed").len(), 2);
+    let (state, message) = state_of(&h, "r1");
+    assert_eq!(state, StateType::Crashed);
+    assert!(message.contains("PullFailed"), "{message}");
+}
+
+#[tokio::test]
+async fn a_failure_about_the_job_is_not_retried() {
+    let h = Harness::new();
+    h.docker.fail_create(|| DockerError::ImageNotFound {
+        image: "nope:1".into(),
+        policy: "Never",
+    });
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.submit(run).await;
+    assert_eq!(h.docker.calls_to("create failed").len(), 1);
+    assert_eq!(state_of(&h, "r1").0, StateType::Crashed);
+}
