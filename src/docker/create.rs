@@ -196,7 +196,7 @@ impl DockerRuntime {
                 .create_once(spec, &body, name.clone(), created_at)
                 .await?
             {
-                Attempt::Created(container) => return Ok(container),
+                Attempt::Created(container) => return Ok(self.with_engine_name(container).await),
                 Attempt::NameTaken if attempt < NAME_CONFLICT_ATTEMPTS => {
                     tracing::info!(
                         container = name.as_deref().unwrap_or_default(),
@@ -210,6 +210,18 @@ impl DockerRuntime {
             name: spec.name.clone().unwrap_or_default(),
             attempts: NAME_CONFLICT_ATTEMPTS,
         })
+    }
+
+    /// A container created without a name gets the one the Engine chose (`happy_turing`),
+    /// as docker-py's container object has it, so messages and events name it as the
+    /// reference does. If the inspect fails the short id stands in.
+    async fn with_engine_name(&self, mut container: CreatedContainer) -> CreatedContainer {
+        if container.name.is_none()
+            && let Ok(info) = self.docker.inspect_container(&container.id, None).await
+        {
+            container.name = info.name.map(|n| n.trim_start_matches('/').to_owned());
+        }
+        container
     }
 
     /// One create call under `name`. A name conflict is [`Attempt::NameTaken`] when the spec
@@ -382,6 +394,21 @@ impl DockerRuntime {
         spec: &ContainerSpec,
         wanted: &(dyn Fn() -> bool + Sync),
     ) -> Result<StartedContainer, DockerError> {
+        self.create_and_start_observed(spec, wanted, &|_| {}).await
+    }
+
+    /// [`DockerRuntime::create_and_start_while`], telling `created` about the container as soon
+    /// as it exists, before its networks and its start (which may still fail): the caller's
+    /// `container.created` event is due then, as in the reference.
+    ///
+    /// # Errors
+    /// The failing step's [`DockerError`], or [`DockerError::Withdrawn`].
+    pub async fn create_and_start_observed(
+        &self,
+        spec: &ContainerSpec,
+        wanted: &(dyn Fn() -> bool + Sync),
+        created: &(dyn Fn(&CreatedContainer) + Sync),
+    ) -> Result<StartedContainer, DockerError> {
         if !wanted() {
             return Err(DockerError::Withdrawn { stage: "pulled" });
         }
@@ -393,6 +420,7 @@ impl DockerRuntime {
         if let Some((key, value)) = &spec.exclusive_label {
             self.stand_down_if_duplicate(&container, key, value).await?;
         }
+        created(&container);
         if let Err(e) = self
             .connect_networks(&container, &spec.extra_networks)
             .await

@@ -125,11 +125,13 @@ pub trait ContainerRuntime: Send + Sync {
     /// Pulls the spec's image per its pull policy; `Some(took)` when a pull was made.
     async fn ensure_image(&self, spec: &ContainerSpec) -> Result<Option<Duration>, DockerError>;
     /// Pull, create, connect networks and start, asking `wanted()` before each step; once it
-    /// says no, nothing more happens and the answer is [`DockerError::Withdrawn`].
+    /// says no, nothing more happens and the answer is [`DockerError::Withdrawn`]. `created`
+    /// hears of the container as soon as it exists, even if a later step fails.
     async fn create_and_start(
         &self,
         spec: &ContainerSpec,
         wanted: &(dyn Fn() -> bool + Sync),
+        created: &(dyn for<'c> Fn(&'c CreatedContainer) + Sync),
     ) -> Result<StartedContainer, DockerError>;
     /// Follows the container to its exit.
     async fn watch(
@@ -282,8 +284,9 @@ impl ContainerRuntime for DockerRuntime {
         &self,
         spec: &ContainerSpec,
         wanted: &(dyn Fn() -> bool + Sync),
+        created: &(dyn for<'c> Fn(&'c CreatedContainer) + Sync),
     ) -> Result<StartedContainer, DockerError> {
-        self.create_and_start_while(spec, wanted).await
+        self.create_and_start_observed(spec, wanted, created).await
     }
     async fn watch(
         &self,

@@ -143,16 +143,29 @@ pub(crate) fn account(
 }
 
 /// The exit's events: `prefect.docker.container.exited` following the container's last
-/// event, then `prefect.worker.executed-flow-run` following `submitted-flow-run`.
+/// event (then `removing` for an auto-removed one), then `prefect.worker.executed-flow-run`
+/// following `submitted-flow-run`.
 pub(crate) fn emit_exit_events(worker: &Worker, watched: &Watched, status: &ExitStatus) {
     let run = &watched.events;
-    emit(
+    let resource =
+        events::container_resource(&watched.container.id, watched.container.display_name());
+    let exited = emit(
         worker,
         "prefect.docker.container.exited",
-        events::container_resource(&watched.container.id, watched.container.display_name()),
+        resource.clone(),
         run.container_related.clone(),
         run.last_container_event.as_ref(),
     );
+    if watched.options.auto_remove {
+        // The Engine removes it now: the reference reports the `removing` status it sees.
+        emit(
+            worker,
+            "prefect.docker.container.removing",
+            resource,
+            run.container_related.clone(),
+            Some(&exited),
+        );
+    }
     let pid = super::super::infra_pid::InfrastructurePid::new(
         worker.docker.base_url(),
         &watched.container.id,

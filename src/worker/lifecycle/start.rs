@@ -67,7 +67,10 @@ pub(crate) async fn start(
     );
     worker.label_run(id, pool);
     mark_submitting(worker, guard, id).await;
-    let started = match create_and_start_container(worker, guard, &spec, &related).await {
+    let mut container_related = related.clone();
+    container_related.push(events::worker_related(worker.name()));
+    let created = CreatedEvent::new(worker, &container_related);
+    let started = match create_and_start_container(worker, guard, &spec, &related, &created).await {
         Ok(started) => started,
         Err(ended) => return ended,
     };
@@ -78,7 +81,12 @@ pub(crate) async fn start(
     metrics
         .submission_seconds
         .observe(claimed_at.elapsed().as_secs_f64());
-    let events = container_started_events(worker, &started.container, related, submitted);
+    let events = RunEvents {
+        last_container_event: Some(created.running(&started.container)),
+        related,
+        container_related,
+        submitted: Some(submitted),
+    };
     record_pid(worker, id, &started.container.id).await;
     worker.out.logs.info(
         id,
@@ -118,14 +126,20 @@ async fn create_and_start_container(
     guard: &RunGuard,
     spec: &ContainerSpec,
     related: &[Value],
+    created: &CreatedEvent<'_>,
 ) -> Result<StartedContainer, Start> {
     let wanted = || !guard.cancel_requested();
+    let on_created = |c: &CreatedContainer| created.emit(c);
     let retries = worker.settings.convergence.submit_retries;
     let mut backoff = crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let mut attempt = 0;
     let error = loop {
         attempt += 1;
-        match worker.docker.create_and_start(spec, &wanted).await {
+        match worker
+            .docker
+            .create_and_start(spec, &wanted, &on_created)
+            .await
+        {
             Ok(started) => return Ok(started),
             Err(e) if e.is_transient() && attempt <= retries => {
                 worker.out.metrics.docker_error(&e);
@@ -167,36 +181,46 @@ async fn create_and_start_container(
     }
 }
 
-/// The container's own events, created then running, each following the one before; returns
-/// the run's event context for its exit.
-fn container_started_events(
-    worker: &Worker,
-    container: &CreatedContainer,
-    related: Vec<Value>,
-    submitted: Emitted,
-) -> RunEvents {
-    let mut container_related = related.clone();
-    container_related.push(events::worker_related(worker.name()));
-    let resource = events::container_resource(&container.id, container.display_name());
-    let created = emit(
-        worker,
-        "prefect.docker.container.created",
-        resource.clone(),
-        container_related.clone(),
-        None,
-    );
-    let running = emit(
-        worker,
-        "prefect.docker.container.running",
-        resource,
-        container_related.clone(),
-        Some(&created),
-    );
-    RunEvents {
-        related,
-        container_related,
-        submitted: Some(submitted),
-        last_container_event: Some(running),
+/// The container's own events: `created` as soon as it exists (even if its start then fails,
+/// as the reference emits it), `running` following it once it started.
+struct CreatedEvent<'a> {
+    worker: &'a Worker,
+    related: &'a [Value],
+    emitted: std::sync::Mutex<Option<Emitted>>,
+}
+
+impl<'a> CreatedEvent<'a> {
+    fn new(worker: &'a Worker, related: &'a [Value]) -> Self {
+        Self {
+            worker,
+            related,
+            emitted: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn emit(&self, container: &CreatedContainer) {
+        let emitted = emit(
+            self.worker,
+            "prefect.docker.container.created",
+            events::container_resource(&container.id, container.display_name()),
+            self.related.to_vec(),
+            None,
+        );
+        if let Ok(mut slot) = self.emitted.lock() {
+            *slot = Some(emitted);
+        }
+    }
+
+    /// Emits `running`, following `created`; returns it for the exit to follow.
+    fn running(&self, container: &CreatedContainer) -> Emitted {
+        let created = self.emitted.lock().ok().and_then(|mut e| e.take());
+        emit(
+            self.worker,
+            "prefect.docker.container.running",
+            events::container_resource(&container.id, container.display_name()),
+            self.related.to_vec(),
+            created.as_ref(),
+        )
     }
 }
 

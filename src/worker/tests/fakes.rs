@@ -548,6 +548,7 @@ struct RuntimeState {
     next: u32,
     plan: Option<Plan>,
     create_errors: VecDeque<fn() -> DockerError>,
+    start_errors: VecDeque<fn() -> DockerError>,
     hooks: HashMap<Step, Hook>,
     containers: HashMap<String, FakeContainer>,
     found: Vec<FoundContainer>,
@@ -580,6 +581,11 @@ impl FakeRuntime {
     /// How the next containers end (default: exit 0).
     pub fn plan(&self, plan: Plan) {
         self.with(|s| s.plan = Some(plan));
+    }
+
+    /// The next start (after a successful create) fails with this error.
+    pub fn fail_start(&self, error: fn() -> DockerError) {
+        self.with(|s| s.start_errors.push_back(error));
     }
 
     /// The next create fails with this error (each call queues one more failure).
@@ -713,6 +719,7 @@ impl ContainerRuntime for FakeRuntime {
         &self,
         spec: &ContainerSpec,
         wanted: &(dyn Fn() -> bool + Sync),
+        created: &(dyn for<'c> Fn(&'c CreatedContainer) + Sync),
     ) -> Result<StartedContainer, DockerError> {
         if !wanted() {
             return Err(DockerError::Withdrawn { stage: "pulled" });
@@ -741,6 +748,15 @@ impl ContainerRuntime for FakeRuntime {
             (id, s.plan.unwrap_or(Plan::Exit(0)))
         });
         self.record(format!("create {id}"));
+        created(&CreatedContainer {
+            id: id.clone(),
+            name: Some(format!("name-{id}")),
+            created_at: chrono::Utc::now().timestamp(),
+        });
+        if let Some(error) = self.with(|s| s.start_errors.pop_front()) {
+            self.record(format!("start failed {id}"));
+            return Err(error());
+        }
         self.run_hook(Step::Created);
         if !wanted() {
             self.record(format!("remove {id}"));

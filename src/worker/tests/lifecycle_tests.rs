@@ -534,3 +534,43 @@ async fn a_failure_about_the_job_is_not_retried() {
     assert_eq!(h.docker.calls_to("create failed").len(), 1);
     assert_eq!(state_of(&h, "r1").0, StateType::Crashed);
 }
+
+// ---------------------------------------------------------------- events on the failure paths
+
+#[tokio::test]
+async fn a_container_whose_start_fails_still_had_its_created_event() {
+    let mut h = Harness::new();
+    h.docker.fail_start(|| DockerError::StartFailed {
+        container: "name-c1".into(),
+        failure: crate::docker::EngineFailure {
+            status: Some(500),
+            message: "OCI runtime create failed: exec: \"nope\": executable file not found".into(),
+        },
+    });
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.submit(run).await;
+    assert_eq!(
+        h.emitted(),
+        [
+            "prefect.worker.submitted-flow-run",
+            "prefect.docker.container.created",
+        ],
+        "created, and no creation-failed: the create succeeded"
+    );
+    assert!(state_of(&h, "r1").1.contains("StartFailed"));
+}
+
+#[tokio::test]
+async fn an_auto_removed_container_ends_with_a_removing_event() {
+    let mut h = Harness::new();
+    let mut run = h.api.add_run("r1", StateType::Scheduled);
+    run.job_variables
+        .insert("auto_remove".into(), serde_json::json!(true));
+    h.submit(run).await;
+    let events = h.emitted();
+    let exited = events
+        .iter()
+        .position(|e| e == "prefect.docker.container.exited")
+        .expect("exited");
+    assert_eq!(events[exited + 1], "prefect.docker.container.removing");
+}
