@@ -179,6 +179,21 @@ impl DockerRuntime {
         &self.base_url
     }
 
+    /// Whether the Engine answers now (`GET /_ping`).
+    ///
+    /// # Errors
+    /// [`DockerError::Api`] when it does not.
+    pub async fn ping(&self) -> Result<(), DockerError> {
+        self.docker
+            .ping()
+            .await
+            .map(drop)
+            .map_err(|e| DockerError::Api {
+                operation: "ping",
+                failure: e.into(),
+            })
+    }
+
     /// The Engine's version string as it reports it (`20.10.24+dfsg1`).
     pub fn engine_version(&self) -> &str {
         &self.engine_version

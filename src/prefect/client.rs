@@ -486,6 +486,21 @@ impl PrefectClient {
         self.call(Method::GET, "health", None).await.map(|_| ())
     }
 
+    /// One `GET /health` with a 2 s timeout and no retries: whether the API answers right
+    /// now. For probing during an outage, where the normal retries would only add delay.
+    pub async fn probe(&self) -> bool {
+        let Ok(url) = self.url("health") else {
+            return false;
+        };
+        let answer = self
+            .http
+            .get(url)
+            .timeout(std::time::Duration::from_secs(2))
+            .send()
+            .await;
+        answer.is_ok_and(|r| r.status().is_success())
+    }
+
     /// `GET /work_pools/{name}`; `None` when it does not exist.
     ///
     /// # Errors

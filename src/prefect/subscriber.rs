@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::client::ClientConfig;
-use crate::backoff::{self, Backoff};
+use crate::backoff::Backoff;
 
 pub use super::socket::{SocketError as SubscribeError, events_out_url};
 
@@ -97,6 +97,7 @@ pub async fn pool_flow_run_events(
     pool_id: String,
     tx: mpsc::Sender<PoolEvent>,
     shutdown: CancellationToken,
+    mut reachable: tokio::sync::watch::Receiver<u64>,
 ) {
     let mut since = chrono::Utc::now() - chrono::Duration::minutes(1);
     let mut seen: VecDeque<String> = VecDeque::new();
@@ -131,8 +132,12 @@ pub async fn pool_flow_run_events(
                 delay
             }
         };
-        if !backoff::sleep(delay, &shutdown).await {
-            return;
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            // The API answers again (its caller probes it): reconnect now, from the start of
+            // the schedule, instead of after a backoff grown long during the outage.
+            Ok(()) = reachable.changed() => backoff.reset(),
+            () = shutdown.cancelled() => return,
         }
     }
 }

@@ -50,7 +50,7 @@ impl Worker {
 
     /// Follows the pool's flow-run events on `/events/out` once the pool is known.
     pub(super) async fn pool_events_loop(self: Arc<Self>, shutdown: CancellationToken) {
-        let Some(config) = self.events_config.clone() else {
+        let Some(config) = self.channel.events_config.clone() else {
             return;
         };
         let pool_id = loop {
@@ -68,6 +68,7 @@ impl Worker {
                 pool_id,
                 tx,
                 shutdown.clone(),
+                self.api_health.recoveries(),
             ));
         loop {
             let event = tokio::select! {

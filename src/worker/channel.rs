@@ -36,6 +36,8 @@ const OPERATION_ATTEMPTS: u32 = 3;
 pub(crate) struct ChannelState {
     /// API settings; `None` = the channel is not used.
     config: Option<ClientConfig>,
+    /// API settings for the `/events/out` subscription; `None` = poll only.
+    pub(super) events_config: Option<ClientConfig>,
     consumer_id: String,
     /// A session is up and has applied a snapshot: REST sync stands down.
     healthy: AtomicBool,
@@ -57,11 +59,13 @@ pub(crate) struct ChannelState {
 }
 
 impl ChannelState {
-    /// `config`: `None` when the channel is switched off.
-    pub(crate) fn new(config: Option<ClientConfig>) -> Self {
+    /// `config`: `None` when the channel is switched off; `events_config`: `None` when the
+    /// `/events/out` subscription is.
+    pub(crate) fn new(config: Option<ClientConfig>, events_config: Option<ClientConfig>) -> Self {
         let (outbound, rx) = mpsc::unbounded_channel();
         Self {
             config,
+            events_config,
             consumer_id: channel::frame_id(),
             healthy: AtomicBool::new(false),
             sequence: Mutex::new(None),
@@ -186,6 +190,7 @@ impl Worker {
             return;
         };
         let mut attempt = 0u32;
+        let mut recoveries = self.api_health.recoveries();
         // The session handed in was readied by `start_channel`; later ones are readied here.
         let mut fresh = session.is_none();
         // A refused connection is terminal until a session was once healthy, then retryable.
@@ -229,6 +234,8 @@ impl Worker {
             tracing::warn!(error = %error, retry_in_seconds = delay.as_secs(), "worker channel lost; REST sync is active while it reconnects");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
+                // The API answers again: reconnect now, from the start of the schedule.
+                () = super::api_health::recovered(&mut recoveries) => attempt = 0,
                 () = shutdown.cancelled() => return,
             }
         }

@@ -23,10 +23,13 @@ pub(crate) struct EngineFacts {
     pub oom_killed: bool,
 }
 
-/// Facts by container id. Entries go when their run is reported.
+/// Facts by container id (entries go when their run is reported), and whether the Engine is
+/// being waited for.
 #[derive(Debug, Default)]
 pub(crate) struct FactStore {
     facts: Mutex<HashMap<String, EngineFacts>>,
+    /// The Engine did not answer a poll's ping: a probe waits for it to come back.
+    waiting_for_engine: std::sync::atomic::AtomicBool,
 }
 
 /// Bound on remembered containers: only watched ones matter, at most a few per run.
@@ -61,7 +64,42 @@ impl FactStore {
     }
 }
 
+/// How often an Engine that does not answer is asked again before claiming resumes.
+const ENGINE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
 impl Worker {
+    /// Whether the Engine answers; when it does not, nothing is claimed (runs stay Scheduled for
+    /// workers whose Engine works) and a probe wakes the poll the moment it answers again.
+    pub(super) async fn engine_answers(self: &Arc<Self>) -> bool {
+        let Err(e) = self.docker.ping().await else {
+            return true;
+        };
+        use std::sync::atomic::Ordering;
+        if !self
+            .engine_facts
+            .waiting_for_engine
+            .swap(true, Ordering::SeqCst)
+        {
+            tracing::warn!(error = %e, "the Docker Engine does not answer; no flow run is claimed until it does");
+            let worker = Arc::clone(self);
+            let stop = self.lifetime.stop.clone();
+            self.tasks.spawn(async move {
+                while crate::backoff::sleep(ENGINE_PROBE_INTERVAL, &stop).await {
+                    if worker.docker.ping().await.is_ok() {
+                        tracing::info!("the Docker Engine answers again; polling now");
+                        worker
+                            .engine_facts
+                            .waiting_for_engine
+                            .store(false, Ordering::SeqCst);
+                        worker.registry.wake_poll();
+                        return;
+                    }
+                }
+            });
+        }
+        false
+    }
+
     /// Follows the Engine's events for this pool's containers until `shutdown`, reconnecting
     /// with backoff (1 s doubling to 30 s) and resuming from the last event's time.
     pub(super) async fn engine_events_loop(self: Arc<Self>, shutdown: CancellationToken) {
@@ -71,7 +109,8 @@ impl Worker {
             self.settings.pool
         );
         let mut since = chrono::Utc::now().timestamp();
-        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        // A local Engine is cheap to ask: reconnect within 2 s of it coming back.
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(2));
         loop {
             let mut stream = self.docker.container_events(&label, since);
             loop {

@@ -15,6 +15,7 @@
 //! recover; 401/403 stop the worker with a message saying so, since retrying with the same
 //! credentials cannot help.
 
+mod api_health;
 mod cache;
 mod cancel;
 mod channel;
@@ -97,10 +98,11 @@ pub struct Worker {
     lookups: lookups::Lookups,
     /// What the Engine's event stream said about containers (exit codes, OOM kills).
     engine_facts: engine::FactStore,
-    /// Prefect's worker channel (heartbeats, pool snapshots, cleanup delivery).
+    /// Prefect's worker channel (heartbeats, pool snapshots, cleanup delivery) and the
+    /// `/events/out` subscription's settings.
     channel: channel::ChannelState,
-    /// API settings for the `/events/out` subscription; `None` = poll only.
-    events_config: Option<ClientConfig>,
+    /// Whether the API answers, and the moment it is back after an outage.
+    api_health: api_health::ApiHealth,
 }
 
 /// Where the worker's reports go besides state changes.
@@ -205,8 +207,8 @@ impl Worker {
             lifetime,
             lookups: lookups::Lookups::new(),
             engine_facts: engine::FactStore::default(),
-            channel: channel::ChannelState::new(channel_config),
-            events_config,
+            channel: channel::ChannelState::new(channel_config, events_config),
+            api_health: api_health::ApiHealth::default(),
         })
     }
 
@@ -297,7 +299,13 @@ impl Worker {
             self.tasks
                 .spawn(async move { worker.cancellation_loop(stop).await });
         }
-        if self.events_config.is_some() && !run_once {
+        if !run_once {
+            let worker = Arc::clone(self);
+            let stop = loops.child_token();
+            self.tasks
+                .spawn(async move { worker.api_probe_loop(stop).await });
+        }
+        if self.channel.events_config.is_some() && !run_once {
             let worker = Arc::clone(self);
             let stop = loops.child_token();
             self.tasks

@@ -39,13 +39,19 @@ impl Worker {
                 }
                 Err(e) if e.is_transient() => {
                     self.out.metrics.api_error(&e);
+                    self.api_health.failed();
                     failures += 1;
                     if failures == 1 {
                         tracing::warn!(what, error = %e, "Prefect API unavailable; keeping this report and retrying until it is delivered");
                     }
-                    if !backoff.wait(&self.lifetime.abandon).await {
-                        tracing::warn!(what, error = %e, "shutdown grace over; giving up on this report");
-                        return Err(e);
+                    let mut recoveries = self.api_health.recoveries();
+                    tokio::select! {
+                        more = backoff.wait(&self.lifetime.abandon) => if !more {
+                            tracing::warn!(what, error = %e, "shutdown grace over; giving up on this report");
+                            return Err(e);
+                        },
+                        // The probe saw the API answer: deliver now rather than after the delay.
+                        () = super::api_health::recovered(&mut recoveries) => {}
                     }
                 }
                 Err(e) => return Err(e),

@@ -7,13 +7,16 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use super::api_health::recovered;
 use super::registry::Admission;
 use super::{PoolRef, Worker, WorkerError, lifecycle};
 use crate::backoff;
 use crate::prefect::{ApiError, FlowRun, WorkPool};
 
 impl Worker {
-    /// Polls until `shutdown`; `first` = runs already fetched at start-up.
+    /// Polls until `shutdown`; `first` = runs already fetched at start-up. While the API
+    /// fails, the poll waits out a stretched interval, but polls at once when the API probe
+    /// sees the server answer again (cutting short a poll still stuck in retries).
     pub(super) async fn poll_loop(
         self: &Arc<Self>,
         mut first: Option<Vec<FlowRun>>,
@@ -21,12 +24,27 @@ impl Worker {
     ) -> Result<(), WorkerError> {
         let mut failures = 0;
         let mut adopted = false;
+        let mut recoveries = self.api_health.recoveries();
         loop {
-            match self.poll_with(first.take(), &mut adopted).await {
-                Ok(_) => failures = 0,
-                Err(e) if e.is_auth() => return Err(WorkerError::Unauthorized(e)),
-                Err(e) => {
+            let polled = tokio::select! {
+                r = self.poll_with(first.take(), &mut adopted) => Some(r),
+                () = recovered(&mut recoveries), if failures > 0 => None,
+            };
+            match polled {
+                None => {
+                    tracing::debug!("the Prefect API is back; polling again at once");
+                    continue;
+                }
+                Some(Ok(_)) => {
+                    failures = 0;
+                    self.api_health.succeeded();
+                }
+                Some(Err(e)) if e.is_auth() => return Err(WorkerError::Unauthorized(e)),
+                Some(Err(e)) => {
                     failures += 1;
+                    if e.is_transient() {
+                        self.api_health.failed();
+                    }
                     self.out.metrics.api_error(&e);
                     tracing::warn!(error = %e, consecutive_failures = failures, "polling for flow runs failed");
                 }
@@ -38,6 +56,7 @@ impl Worker {
                 () = self.registry.poll_wanted(), if failures == 0 => {
                     tracing::debug!("polling early: a run became due or a slot freed");
                 }
+                () = recovered(&mut recoveries), if failures > 0 => {}
                 () = shutdown.cancelled() => return Ok(()),
             }
         }
@@ -83,6 +102,9 @@ impl Worker {
         };
         if self.lifetime.draining() {
             // Polled only to show the worker is alive (`/health`): nothing new is claimed.
+            return Ok(0);
+        }
+        if !runs.is_empty() && !self.engine_answers().await {
             return Ok(0);
         }
         Ok(self.take_on(runs, &pool))

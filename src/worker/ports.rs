@@ -31,6 +31,8 @@ use crate::prefect::{
 pub trait PrefectApi: Send + Sync {
     /// Fetches the CSRF token ahead of the first write (a no-op when the server has none).
     async fn prefetch_csrf_token(&self);
+    /// Whether the API answers right now (one quick `GET /health`, no retries).
+    async fn probe(&self) -> bool;
     /// The pool; `None` when it does not exist.
     async fn read_work_pool(&self, name: &str) -> Result<Option<WorkPool>, ApiError>;
     /// Creates the pool.
@@ -122,6 +124,8 @@ pub trait ContainerRuntime: Send + Sync {
     fn base_url(&self) -> &str;
     /// The Engine's version.
     fn engine_version(&self) -> &str;
+    /// Whether the Engine answers now.
+    async fn ping(&self) -> Result<(), DockerError>;
     /// Pulls the spec's image per its pull policy; `Some(took)` when a pull was made.
     async fn ensure_image(&self, spec: &ContainerSpec) -> Result<Option<Duration>, DockerError>;
     /// Pull, create, connect networks and start, asking `wanted()` before each step; once it
@@ -171,6 +175,9 @@ pub trait ContainerRuntime: Send + Sync {
 impl PrefectApi for PrefectClient {
     async fn prefetch_csrf_token(&self) {
         PrefectClient::prefetch_csrf_token(self).await;
+    }
+    async fn probe(&self) -> bool {
+        PrefectClient::probe(self).await
     }
     async fn read_work_pool(&self, name: &str) -> Result<Option<WorkPool>, ApiError> {
         PrefectClient::read_work_pool(self, name).await
@@ -276,6 +283,9 @@ impl ContainerRuntime for DockerRuntime {
     }
     fn engine_version(&self) -> &str {
         DockerRuntime::engine_version(self)
+    }
+    async fn ping(&self) -> Result<(), DockerError> {
+        DockerRuntime::ping(self).await
     }
     async fn ensure_image(&self, spec: &ContainerSpec) -> Result<Option<Duration>, DockerError> {
         DockerRuntime::ensure_image(self, spec).await

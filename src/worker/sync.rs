@@ -4,6 +4,7 @@
 
 use tokio_util::sync::CancellationToken;
 
+use super::api_health::recovered;
 use super::{Worker, WorkerError};
 use crate::backoff;
 use crate::job::default_base_job_template;
@@ -94,24 +95,34 @@ impl Worker {
         *guard = Some(pool);
     }
 
-    /// Syncs every heartbeat interval (stretched while the API keeps failing) until `shutdown`.
+    /// Syncs every heartbeat interval (stretched while the API keeps failing, but at once
+    /// when the API probe sees it answer again) until `shutdown`.
     pub(super) async fn sync_loop(&self, shutdown: CancellationToken) -> Result<(), WorkerError> {
         let mut failures = 0;
+        let mut recoveries = self.api_health.recoveries();
         loop {
             let interval =
                 super::clamped_poisson_interval(self.settings.polling.heartbeat_interval);
-            if !backoff::sleep(backoff::stretched(interval, failures), &shutdown).await {
-                return Ok(());
+            tokio::select! {
+                () = tokio::time::sleep(backoff::stretched(interval, failures)) => {}
+                () = recovered(&mut recoveries), if failures > 0 => {}
+                () = shutdown.cancelled() => return Ok(()),
             }
             if self.channel.healthy() {
                 tracing::debug!("worker channel healthy: no REST heartbeat or pool read");
                 continue;
             }
             match self.sync().await {
-                Ok(()) => failures = 0,
+                Ok(()) => {
+                    failures = 0;
+                    self.api_health.succeeded();
+                }
                 Err(e) if e.is_auth() => return Err(WorkerError::Unauthorized(e)),
                 Err(e) => {
                     failures += 1;
+                    if e.is_transient() {
+                        self.api_health.failed();
+                    }
                     self.out.metrics.api_error(&e);
                     tracing::warn!(error = %e, consecutive_failures = failures, "work pool sync failed");
                 }

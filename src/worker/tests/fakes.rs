@@ -335,6 +335,9 @@ fn state_json(state: &State) -> Value {
 #[async_trait]
 impl PrefectApi for FakeApi {
     async fn prefetch_csrf_token(&self) {}
+    async fn probe(&self) -> bool {
+        self.call("probe", "probe".into()).is_ok()
+    }
     async fn read_work_pool(&self, name: &str) -> Result<Option<WorkPool>, ApiError> {
         self.call("read_work_pool", format!("read_work_pool {name}"))?;
         Ok(Some(WorkPool {
@@ -549,6 +552,7 @@ struct RuntimeState {
     plan: Option<Plan>,
     create_errors: VecDeque<fn() -> DockerError>,
     start_errors: VecDeque<fn() -> DockerError>,
+    engine_down: bool,
     hooks: HashMap<Step, Hook>,
     containers: HashMap<String, FakeContainer>,
     found: Vec<FoundContainer>,
@@ -581,6 +585,11 @@ impl FakeRuntime {
     /// How the next containers end (default: exit 0).
     pub fn plan(&self, plan: Plan) {
         self.with(|s| s.plan = Some(plan));
+    }
+
+    /// The Engine stops (or starts again) answering pings.
+    pub fn set_engine_down(&self, down: bool) {
+        self.with(|s| s.engine_down = down);
     }
 
     /// The next start (after a successful create) fails with this error.
@@ -710,6 +719,13 @@ impl ContainerRuntime for FakeRuntime {
     }
     fn engine_version(&self) -> &str {
         "28.0.0"
+    }
+    async fn ping(&self) -> Result<(), DockerError> {
+        if self.with(|s| s.engine_down) {
+            Err(lost("ping"))
+        } else {
+            Ok(())
+        }
     }
     async fn ensure_image(&self, spec: &ContainerSpec) -> Result<Option<Duration>, DockerError> {
         self.record(format!("pull {}", spec.image));

@@ -369,3 +369,65 @@ async fn without_drain_a_signal_stops_watching_at_once() {
     assert!(h.lifetime.stop.is_cancelled());
     assert!(h.docker.calls_to("stop").is_empty());
 }
+
+// ---------------------------------------------------------------- recovering from outages
+
+#[tokio::test(start_paused = true)]
+async fn after_a_long_api_outage_a_new_run_is_claimed_as_soon_as_the_api_answers() {
+    let h = Harness::new();
+    h.docker.plan(Plan::Hold);
+    h.worker.record_pool(pool());
+    h.api.fail_next("get_scheduled_flow_runs", u32::MAX);
+    h.api.fail_next("probe", u32::MAX);
+    let worker = std::sync::Arc::clone(&h.worker);
+    let stop = h.lifetime.stop.clone();
+    tokio::spawn(async move { worker.api_probe_loop(stop).await });
+    let worker = std::sync::Arc::clone(&h.worker);
+    let stop = h.lifetime.stop.clone();
+    let polling = tokio::spawn(async move { worker.poll_loop(None, stop).await });
+    // Five minutes of failures: the poll interval has stretched to minutes.
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert!(h.worker.api_health.is_down());
+    h.api.fail_next("get_scheduled_flow_runs", 0);
+    h.api.fail_next("probe", 0);
+    h.api.add_run("r1", StateType::Scheduled);
+    let back = tokio::time::Instant::now();
+    let api = std::sync::Arc::clone(&h.api);
+    until_paused("r1 is claimed", || {
+        api.current("r1").state_type == StateType::Pending
+    })
+    .await;
+    // The probe (every 2 s) saw it, and the poll went at once: not the stretched interval.
+    assert!(
+        back.elapsed() < Duration::from_secs(5),
+        "claimed {:?} after the API answered",
+        back.elapsed()
+    );
+    h.lifetime.stop.cancel();
+    polling.await.expect("joined").expect("ok");
+}
+
+#[tokio::test(start_paused = true)]
+async fn while_the_engine_does_not_answer_nothing_is_claimed_and_its_return_polls_at_once() {
+    let h = Harness::new();
+    h.docker.plan(Plan::Hold);
+    h.worker.record_pool(pool());
+    h.docker.set_engine_down(true);
+    h.api.add_run("r1", StateType::Scheduled);
+    assert_eq!(h.worker.poll_once().await.expect("polled"), 0);
+    assert_eq!(
+        h.api.current("r1").state_type,
+        StateType::Scheduled,
+        "left for others"
+    );
+    use futures_util::FutureExt as _;
+    assert!(h.worker.registry.poll_wanted().now_or_never().is_none());
+    h.docker.set_engine_down(false);
+    let registry = std::sync::Arc::clone(&h.worker.registry);
+    tokio::time::timeout(Duration::from_secs(5), registry.poll_wanted())
+        .await
+        .expect("the Engine's return asks for a poll");
+    assert_eq!(h.worker.poll_once().await.expect("polled"), 1);
+    h.lifetime.stop.cancel();
+    drain(&h).await;
+}
