@@ -11,7 +11,11 @@ use serde_json::{Value, json};
 
 use crate::docker::usage::ResourceUsage;
 
-/// The last `capacity` lines a container printed.
+/// The longest line a tail keeps: a container printing one endless line cannot make the
+/// worker hold it (and the Prefect UI shows a line this long whole).
+pub(crate) const TAIL_LINE_LIMIT: usize = 4096;
+
+/// The last `capacity` lines a container printed, each cut at [`TAIL_LINE_LIMIT`] bytes.
 pub(crate) struct OutputTail {
     capacity: usize,
     lines: Mutex<VecDeque<String>>,
@@ -44,7 +48,7 @@ impl OutputTail {
             if lines.len() == self.capacity {
                 lines.pop_front();
             }
-            lines.push_back(line.to_owned());
+            lines.push_back(cut(line));
         }
     }
 
@@ -55,6 +59,18 @@ impl OutputTail {
             .map(|mut l| l.drain(..).collect())
             .unwrap_or_default()
     }
+}
+
+/// `line`, or its first [`TAIL_LINE_LIMIT`] bytes (on a character boundary) with a note.
+fn cut(line: &str) -> String {
+    if line.len() <= TAIL_LINE_LIMIT {
+        return line.to_owned();
+    }
+    let mut end = TAIL_LINE_LIMIT;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… [line cut at {TAIL_LINE_LIMIT} bytes]", &line[..end])
 }
 
 /// One run's accounting, gathered from the pull, the stats samples and the exit.
@@ -163,6 +179,15 @@ fn mebibytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endless_line_is_cut_with_a_note() {
+        let tail = OutputTail::new(2);
+        tail.push(&"é".repeat(TAIL_LINE_LIMIT));
+        let kept = tail.take();
+        assert!(kept[0].len() < TAIL_LINE_LIMIT + 64, "{}", kept[0].len());
+        assert!(kept[0].ends_with(&format!("… [line cut at {TAIL_LINE_LIMIT} bytes]")));
+    }
 
     #[test]
     fn tail_keeps_the_last_lines_across_chunks() {
