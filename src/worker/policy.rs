@@ -67,6 +67,9 @@ pub(crate) enum Outcome {
     NeverStarted {
         /// The container's name.
         container: String,
+        /// The run was still Pending, so the container was removed and the run can start
+        /// over.
+        removed: bool,
     },
     /// Its container exited.
     Exited {
@@ -197,7 +200,16 @@ pub(crate) fn verdict(run_id: &str, outcome: &Outcome) -> Verdict {
             )],
             ..Verdict::default()
         },
-        Outcome::NeverStarted { container } => Verdict {
+        Outcome::NeverStarted {
+            container,
+            removed: true,
+        } => rescheduled(format!(
+            "The worker created container '{container}' for this flow run but stopped before starting it; the container was removed and the run rescheduled so that it runs once."
+        )),
+        Outcome::NeverStarted {
+            container,
+            removed: false,
+        } => Verdict {
             report: Some(crashed(format!(
                 "Failed to submit flow run to infrastructure: WorkerInterrupted: the worker stopped after creating container '{container}' and before starting it"
             ))),

@@ -96,8 +96,9 @@ async fn submit_failed(worker: &Worker, flow_run: &FlowRun, error: SubmitError) 
 
 /// Takes up a container found after a restart (left by an earlier process of this worker, or
 /// by a worker now offline): a running one is watched to its exit like any run, an exited one
-/// is reported at once, one that was created but never started is Crashed (starting it now
-/// could run a flow the user may already have retried).
+/// is reported at once. One that was created but never started is removed and its run
+/// rescheduled while the run is still Pending (so it runs exactly once); otherwise the run is
+/// Crashed (starting the container now could run a flow the user may already have retried).
 pub(crate) async fn adopt(
     worker: &Arc<Worker>,
     flow_run: FlowRun,
@@ -110,7 +111,16 @@ pub(crate) async fn adopt(
         let id = flow_run.id.as_str();
         let name = found.container.display_name().to_owned();
         if !found.running && found.exit_code.is_none() {
-            let outcome = Outcome::NeverStarted { container: name };
+            let removed = flow_run.state_type() == Some(crate::prefect::StateType::Pending)
+                && worker
+                    .docker
+                    .remove_container(&found.container.id)
+                    .await
+                    .is_ok();
+            let outcome = Outcome::NeverStarted {
+                container: name,
+                removed,
+            };
             return report::conclude(worker, id, &outcome).await;
         }
         let watched = watch::Watched::adopted(worker, &flow_run, &found, pool).await;

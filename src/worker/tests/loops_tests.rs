@@ -97,10 +97,27 @@ async fn a_container_of_a_final_run_is_not_adopted() {
 }
 
 #[tokio::test]
-async fn a_container_created_but_never_started_is_crashed_not_started() {
+async fn a_container_created_but_never_started_is_removed_and_its_run_rescheduled() {
     let h = Harness::new();
     h.api.add_run("r1", StateType::Scheduled);
     h.api.set_externally("r1", StateType::Pending);
+    h.docker.leave(found("old1", "r1", "me", false, None));
+    h.worker.reconcile(&pool()).await.expect("adopted");
+    drain(&h).await;
+    let state = h.api.current("r1");
+    assert_eq!(state.name.as_deref(), Some("Rescheduled"));
+    assert!(state.message.unwrap_or_default().contains(
+        "created container 'name-old1' for this flow run but stopped before starting it"
+    ));
+    assert_eq!(h.docker.calls_to("remove old1").len(), 1);
+    assert!(h.docker.calls_to("start").is_empty());
+}
+
+#[tokio::test]
+async fn a_never_started_container_of_a_run_past_pending_is_crashed_and_kept() {
+    let h = Harness::new();
+    h.api.add_run("r1", StateType::Scheduled);
+    h.api.set_externally("r1", StateType::Running);
     h.docker.leave(found("old1", "r1", "me", false, None));
     h.worker.reconcile(&pool()).await.expect("adopted");
     drain(&h).await;
@@ -112,7 +129,7 @@ async fn a_container_created_but_never_started_is_crashed_not_started() {
             .unwrap_or_default()
             .contains("WorkerInterrupted: the worker stopped after creating container 'name-old1'")
     );
-    assert!(h.docker.calls_to("start").is_empty());
+    assert!(h.docker.calls_to("remove").is_empty());
 }
 
 #[tokio::test]
