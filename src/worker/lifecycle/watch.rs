@@ -224,11 +224,13 @@ pub(crate) async fn finish(
     let facts = worker.engine_facts.take(&watched.container.id);
     let name = watched.container.display_name();
     let outcome = match policy::exit_with_facts(waited, facts) {
-        Ok(_) if removed_outside(worker, watched, stopped.is_some()).await => Outcome::Vanished {
-            container: name.to_owned(),
-            host: worker.docker.base_url().to_owned(),
-            cancelling: false,
-        },
+        Ok(status) if removed_outside(worker, watched, stopped.is_some(), status.code).await => {
+            Outcome::Vanished {
+                container: name.to_owned(),
+                host: worker.docker.base_url().to_owned(),
+                cancelling: false,
+            }
+        }
         Ok(status) => {
             report::account(worker, watched, &status, &observed);
             if status.code == 0 {
@@ -263,15 +265,29 @@ pub(crate) async fn finish(
 /// Whether the container that just exited is gone although nothing here removes it: someone
 /// removed it (`docker rm -f`), and its exit code says only that it was killed. A container
 /// the Engine removes by itself (`auto_remove`) or one the worker stopped is not asked about.
-async fn removed_outside(worker: &Worker, watched: &Watched, stopped: bool) -> bool {
+/// A forced removal kills first and removes a moment later, so a container killed by SIGKILL
+/// (137) is given up to [`REMOVAL_WINDOW`] to disappear.
+async fn removed_outside(worker: &Worker, watched: &Watched, stopped: bool, code: i64) -> bool {
     if watched.options.auto_remove || stopped {
         return false;
     }
-    matches!(
-        worker.docker.container_exists(&watched.container.id).await,
-        Ok(false)
-    )
+    let checks = if code == 137 { REMOVAL_CHECKS } else { 1 };
+    for check in 0..checks {
+        match worker.docker.container_exists(&watched.container.id).await {
+            Ok(false) => return true,
+            Ok(true) if check + 1 < checks => {
+                tokio::time::sleep(REMOVAL_WINDOW / REMOVAL_CHECKS).await;
+            }
+            _ => return false,
+        }
+    }
+    false
 }
+
+/// How long a container killed by SIGKILL is watched for a removal that follows the kill.
+const REMOVAL_WINDOW: Duration = Duration::from_secs(3);
+/// How many times it is looked for in that window.
+const REMOVAL_CHECKS: u32 = 6;
 
 /// Runs `watching` to its end while sampling the container's resource use alongside (when
 /// resource accounting is on); the sampling never delays the result.
