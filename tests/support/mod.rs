@@ -497,6 +497,11 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     pub fn start(server: &PrefectServer, args: &[&str], extra_env: &[(&str, &str)]) -> Self {
+        Self::start_at(&server.api_url, args, extra_env)
+    }
+
+    /// [`WorkerProcess::start`] against any API URL (an in-process stub).
+    pub fn start_at(api_url: &str, args: &[&str], extra_env: &[(&str, &str)]) -> Self {
         let log = std::env::temp_dir().join(format!("{}.log", unique("dw-worker")));
         let file = std::fs::File::create(&log).expect("worker log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_docker-worker"));
@@ -504,7 +509,7 @@ impl WorkerProcess {
             .args(args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("PREFECT_API_URL", &server.api_url)
+            .env("PREFECT_API_URL", api_url)
             .env("PREFECT_WORKER_QUERY_SECONDS", "1")
             .env("PREFECT_WORKER_HEARTBEAT_SECONDS", "5")
             .env("RUST_LOG", "info,docker_worker=debug")
