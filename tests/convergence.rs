@@ -361,11 +361,19 @@ async fn c5_drain_reports_the_runs_in_flight_and_claims_nothing_new() {
                 .await,
         );
     }
-    let mut worker = start_worker(
+    let port = free_port();
+    let port_text = port.to_string();
+    let name = unique("c5-worker");
+    let mut args = vec!["--pool", pool.as_str(), "--name", name.as_str()];
+    args.extend_from_slice(FAST_PASSES);
+    args.extend_from_slice(&["--drain-timeout", "2m", "--with-healthcheck"]);
+    let mut worker = WorkerProcess::start(
         server,
-        &pool,
-        &unique("c5-worker"),
-        &["--drain-timeout", "2m", "--with-healthcheck"],
+        &args,
+        &[
+            ("PREFECT_WORKER_WEBSERVER_HOST", "127.0.0.1"),
+            ("PREFECT_WORKER_WEBSERVER_PORT", &port_text),
+        ],
     );
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     wait_for_pids(&api, &refs, Duration::from_secs(120), &worker).await;
@@ -375,6 +383,10 @@ async fn c5_drain_reports_the_runs_in_flight_and_claims_nothing_new() {
         .wait_for_output("draining", Duration::from_secs(10))
         .await;
     let late = api.create_flow_run(&dep, json!({"command": "true"})).await;
+    let health = reqwest::get(format!("http://127.0.0.1:{port}/health"))
+        .await
+        .expect("/health answers while draining");
+    assert_eq!(health.status(), 200, "/health stays 200 while draining");
     let status = worker
         .wait_timeout(Duration::from_secs(150))
         .await

@@ -305,12 +305,19 @@ async fn run_once_exits_after_its_runs_finish() {
         "worker did not exit cleanly: {status:?}\n{}",
         worker.output()
     );
-    // By the time it exited, its run had finished and been reported.
+    // By the time it exited, its run had finished and been reported, and the labels sent in
+    // the background had landed too (the worker waits for its tasks before it exits).
     let run = api.read_flow_run(&run_id).await;
     assert_eq!(
         run_state(&run).0,
         "CRASHED",
         "run: {run}\nworker:\n{}",
+        worker.output()
+    );
+    assert_eq!(
+        run["labels"]["prefect.work-pool.name"],
+        json!(pool),
+        "labels flushed before exit: {run}\n{}",
         worker.output()
     );
     assert!(guard.running().is_empty());

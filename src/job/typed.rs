@@ -813,8 +813,8 @@ mod properties {
     use serde_json::{Map, Value, json};
 
     use super::{
-        TYPED_FIELDS, TypedOptions, parse_cpus, parse_gpus, parse_ipc_mode, parse_platform,
-        parse_ports, parse_size,
+        TYPED_FIELDS, TypedOptions, parse_cpus, parse_gpus, parse_ipc_mode, parse_max_runtime,
+        parse_platform, parse_ports, parse_size,
     };
     use crate::job::create_kwargs::EngineOverrides;
     use crate::job::strategies::{any_json, config, joined, text};
@@ -1003,6 +1003,17 @@ mod properties {
         fn platform(value in option_value(OTHER_PIECES, 6)) {
             if let Ok(platform) = parse_platform(&value) {
                 prop_assert_eq!(parse_platform(&json!(platform.clone())), Ok(platform));
+            }
+        }
+
+        /// `max_runtime`: anything gives a positive limit of at most a year, or a message; a
+        /// limit given back as its number of seconds reads the same.
+        #[test]
+        fn max_runtime(value in option_value(OTHER_PIECES, 6)) {
+            if let Ok(limit) = parse_max_runtime(&value) {
+                prop_assert!(!limit.is_zero());
+                prop_assert!(limit <= std::time::Duration::from_secs(365 * 24 * 3600));
+                prop_assert_eq!(parse_max_runtime(&json!(limit.as_secs_f64())), Ok(limit));
             }
         }
 
