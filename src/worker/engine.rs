@@ -54,6 +54,14 @@ impl FactStore {
         }
     }
 
+    /// The exit code the event stream saw for a container, if any (kept for [`FactStore::take`]).
+    pub fn exit_code(&self, container_id: &str) -> Option<i64> {
+        self.facts
+            .lock()
+            .ok()
+            .and_then(|f| f.get(container_id).and_then(|e| e.exit_code))
+    }
+
     /// Takes (and forgets) what was said about a container.
     pub fn take(&self, container_id: &str) -> EngineFacts {
         self.facts

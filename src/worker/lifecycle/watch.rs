@@ -140,6 +140,8 @@ pub(crate) async fn follow(worker: &Arc<Worker>, watched: Watched, guard: RunGua
     tokio::pin!(watching);
     let limit = time_left(&watched);
     let mut armed = limit.is_some();
+    let mut check_gone = tokio::time::interval(GONE_CHECK);
+    check_gone.reset();
     worker.out.metrics.runs_running.inc();
     let waited = loop {
         tokio::select! {
@@ -148,6 +150,11 @@ pub(crate) async fn follow(worker: &Arc<Worker>, watched: Watched, guard: RunGua
             () = tokio::time::sleep(limit.unwrap_or_default()), if armed => {
                 armed = false;
                 worker.enforce_max_runtime(&watched);
+            }
+            _ = check_gone.tick(), if watched.options.auto_remove => {
+                if let Some(gone) = exited_and_removed(worker, &watched).await {
+                    break Some(Err(gone));
+                }
             }
         }
     };
@@ -165,6 +172,27 @@ pub(crate) async fn follow(worker: &Arc<Worker>, watched: Watched, guard: RunGua
         wall: started.elapsed(),
     };
     finish(worker, &watched, guard, waited, observed).await;
+}
+
+/// How often an auto-removed container's wait is checked against the Engine's events.
+const GONE_CHECK: Duration = Duration::from_secs(5);
+
+/// An auto-removed container whose `die` the Engine's event stream saw and which no longer
+/// exists is over, whatever its wait says: an Engine can leave a wait for removal hanging when
+/// the removal raced it. The error ends the watch; the exit code comes from the event.
+async fn exited_and_removed(worker: &Worker, watched: &Watched) -> Option<DockerError> {
+    let id = &watched.container.id;
+    worker.engine_facts.exit_code(id)?;
+    match worker.docker.container_exists(id).await {
+        Ok(false) => Some(DockerError::WatchFailed {
+            container: watched.container.display_name().to_owned(),
+            failure: crate::docker::EngineFailure {
+                status: Some(404),
+                message: "the container exited and was removed; its wait did not end".into(),
+            },
+        }),
+        _ => None,
+    }
 }
 
 /// How long the container may still run: its `max_runtime` from its creation (a container
