@@ -426,6 +426,7 @@ mod tests {
             host_config_overrides: Map::from_iter([("ShmSize".to_owned(), json!(1024))]),
             exclusive_label: None,
             platform: None,
+            create_kwargs_keys: vec![],
         }
     }
 

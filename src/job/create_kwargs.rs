@@ -32,6 +32,9 @@ pub struct EngineOverrides {
     pub networking_config: Option<Map<String, Value>>,
     /// Non-fatal remarks for the worker log.
     pub warnings: Vec<String>,
+    /// The keys given, in order, except the job fields dropped above: what a host policy's
+    /// allow-list of keys judges.
+    pub keys: Vec<String>,
 }
 
 /// One keyword that cannot be used.
@@ -179,6 +182,25 @@ const KEYWORDS: &[(&str, Keyword)] = &[
     ("volume_driver",       host("VolumeDriver", NotNull, string)),
     ("volumes_from",        host("VolumesFrom", NotNull, volumes_from)),
 ];
+
+/// Keywords with rules of their own (see [`map_keyword`]), beside those of [`KEYWORDS`].
+const SPECIAL_KEYWORDS: &[&str] = &[
+    "extra_hosts",
+    "platform",
+    "ports",
+    "networking_config",
+    "detach",
+    "kernel_memory",
+    "lxc_conf",
+    "use_config_proxy",
+    "version",
+];
+
+/// Whether `key` is a `container_create_kwargs` keyword this worker accepts, so a host
+/// policy's allow-list can be checked for typos.
+pub fn is_keyword(key: &str) -> bool {
+    keyword(key).is_some() || SPECIAL_KEYWORDS.contains(&key)
+}
 
 /// The row of [`KEYWORDS`] for `key`.
 fn keyword(key: &str) -> Option<&'static Keyword> {
@@ -795,6 +817,7 @@ pub fn map_create_kwargs(kwargs: &Map<String, Value>) -> Result<EngineOverrides,
             }
             continue;
         }
+        out.keys.push(key.clone());
         if let Err(message) = map_keyword(&mut out, key, value) {
             errors.push(KwargError {
                 key: key.clone(),

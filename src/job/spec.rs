@@ -86,6 +86,9 @@ pub struct ContainerSpec {
     pub exclusive_label: Option<(String, String)>,
     /// Image platform (`linux/arm64`) for the pull and the create, when the job names one.
     pub platform: Option<String>,
+    /// The `container_create_kwargs` keys the job gave (those that are not job fields), for
+    /// a host policy that allows only some.
+    pub create_kwargs_keys: Vec<String>,
 }
 
 /// Why a valid configuration still cannot become a container.
@@ -223,6 +226,7 @@ impl DockerJobConfiguration {
             host_config_overrides: self.overrides.host_config.clone(),
             exclusive_label: Some((labels::FLOW_RUN_ID.to_owned(), flow_run_id.to_owned())),
             platform: self.typed.platform.clone(),
+            create_kwargs_keys: self.overrides.keys.clone(),
         })
     }
 

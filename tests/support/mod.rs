@@ -692,6 +692,7 @@ pub fn test_spec(image: &str, name: &str, command: &str) -> docker_worker::job::
         host_config_overrides: serde_json::Map::new(),
         exclusive_label: None,
         platform: None,
+        create_kwargs_keys: vec![],
     }
 }
 
