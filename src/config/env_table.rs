@@ -390,6 +390,13 @@ pub const DOCKER_WORKER_GC_OLDER_THAN: EnvVar = var(
     ],
     "garbage collection keeps containers that finished less than this long ago",
 );
+/// The host policy file.
+pub const DOCKER_WORKER_POLICY: EnvVar = var(
+    "DOCKER_WORKER_POLICY",
+    Absent("none"),
+    &[start("policy")],
+    "TOML host policy: what jobs may not ask for, what every container gets",
+);
 
 /// Every variable the worker reads, in the order `--help` shows them. Besides, every
 /// `PREFECT_*` variable set, these and any other, is passed into each flow-run container.
@@ -435,6 +442,7 @@ pub const ENV_VARS: &[&EnvVar] = &[
     &DOCKER_WORKER_CHANNEL,
     &DOCKER_WORKER_GC_INTERVAL,
     &DOCKER_WORKER_GC_OLDER_THAN,
+    &DOCKER_WORKER_POLICY,
 ];
 
 /// The "Environment:" section of `docker-worker start --help`, one entry per [`ENV_VARS`]

@@ -58,6 +58,9 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The host policy file cannot be used.
+    #[error("cannot use policy file {0}")]
+    Policy(#[from] crate::guard::PolicyFileError),
     /// The `--base-job-template` file cannot be used.
     #[error("cannot use base job template {path}: {reason}")]
     BaseJobTemplate {
@@ -251,6 +254,33 @@ fn docker_settings(env: &Env) -> Result<DockerSettings, ConfigError> {
     })
 }
 
+/// The host policy file at `path`, protecting the socket of a unix `DOCKER_HOST` along with
+/// the default ones.
+fn load_policy(path: &std::path::Path, env: &Env) -> Result<crate::guard::HostPolicy, ConfigError> {
+    let mut policy = crate::guard::HostPolicy::load(path)?;
+    let socket = env.non_empty(&var::DOCKER_HOST).and_then(|h| {
+        h.strip_prefix("unix://")
+            .map(str::to_owned)
+            .or_else(|| h.starts_with('/').then_some(h))
+    });
+    if let Some(socket) = socket {
+        policy = policy.with_docker_socket(PathBuf::from(socket));
+    }
+    Ok(policy)
+}
+
+/// The host policy file at `path` as `docker-worker start` would read it in environment `env`
+/// (for `docker-worker policy check`).
+///
+/// # Errors
+/// [`ConfigError::Policy`] when the file cannot be used.
+pub fn policy_for_check(
+    path: &std::path::Path,
+    env: &BTreeMap<String, String>,
+) -> Result<crate::guard::HostPolicy, ConfigError> {
+    load_policy(path, &Env::new(env))
+}
+
 /// The stderr log filter: `RUST_LOG`, else `PREFECT_LOGGING_LEVEL` in tracing's words.
 fn log_filter(env: &Env) -> String {
     env.non_empty(&var::RUST_LOG).unwrap_or_else(|| {
@@ -326,7 +356,7 @@ impl Settings {
         // are wrong the same one is reported (reporting, cancellation and feature variables
         // are now read group by group, the one exception).
         let polling = worker::polling(args, env)?;
-        let run_defaults = worker::run_defaults(args, env);
+        let run_defaults = worker::run_defaults(args, env)?;
         let endpoints = endpoints(args, env, polling.query_interval)?;
         let log_format = log_format(args, env)?;
         let log_filter = log_filter(env);
@@ -764,6 +794,58 @@ mod tests {
         assert_eq!(w.gc.older_than, Duration::from_secs(86_400));
         assert_eq!(w.reporting.crash_log_lines, 200);
         assert!(w.features.worker_channel && !w.features.prepull);
+    }
+
+    /// `--policy` (else `DOCKER_WORKER_POLICY`) is read and checked with the settings: a bad
+    /// file is a configuration error naming the file and the line; a unix `DOCKER_HOST`'s
+    /// socket is protected too.
+    #[test]
+    fn the_policy_file_is_read_with_the_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.toml");
+        std::fs::write(
+            &good,
+            "[deny]\nprivileged = true\nbind_outside = [\"/srv\"]\n",
+        )
+        .unwrap();
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(
+            &bad,
+            "[deny]\nprivileged = true\n\n[force]\npids_limit = \"many\"\n",
+        )
+        .unwrap();
+        let base = [("PREFECT_API_URL", "http://x/api")];
+        let s = Settings::from_start_args(&args(&[]), &env(&base)).unwrap();
+        assert!(s.worker.run_defaults.policy.is_none());
+        let good_text = good.to_string_lossy().into_owned();
+        let s = Settings::from_start_args(
+            &args(&[]),
+            &env(&[
+                base[0],
+                ("DOCKER_WORKER_POLICY", &good_text),
+                ("DOCKER_HOST", "unix:///srv/d.sock"),
+            ]),
+        )
+        .unwrap();
+        let policy = s.worker.run_defaults.policy.expect("a policy");
+        assert_eq!(policy.source(), good.as_path());
+        assert!(policy.describe().join("\n").contains("/srv/d.sock"));
+        let e = Settings::from_start_args(
+            &args(&["--policy", &bad.to_string_lossy()]),
+            &env(&[base[0], ("DOCKER_WORKER_POLICY", &good_text)]),
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(text.starts_with("cannot use policy file "), "{text}");
+        assert!(text.contains("bad.toml: line 5, column 14: "), "{text}");
+        let e =
+            Settings::from_start_args(&args(&["--policy", "/no/such/policy.toml"]), &env(&base))
+                .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("/no/such/policy.toml: cannot read it"),
+            "{e}"
+        );
     }
 
     /// No `{:?}` of the settings prints a secret: `settings_env` holds every `PREFECT_*`
