@@ -53,9 +53,9 @@ pub async fn run(settings: Settings, lifetime: Lifetime) -> anyhow::Result<()> {
         Arc::new(PrefectClient::new(&settings.api).context("building the Prefect API client")?);
     let docker = connect_docker(&settings.docker).await?;
     tracing::info!(
-        docker_host = docker.host(),
+        docker_host = %crate::redact::url(docker.host()),
         engine_version = docker.engine_version(),
-        api_url = %settings.api.api_url,
+        api_url = %crate::redact::url(settings.api.api_url.as_str()),
         "connected to Docker"
     );
 

@@ -18,5 +18,6 @@ pub mod job;
 pub mod logs;
 pub mod metrics;
 pub mod prefect;
+pub mod redact;
 pub mod shutdown;
 pub mod worker;

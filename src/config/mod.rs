@@ -72,7 +72,7 @@ pub enum ConfigError {
 }
 
 /// Settings of the Docker connection.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DockerSettings {
     /// `DOCKER_HOST`; `None` = the default socket.
     pub host: Option<String>,
@@ -83,6 +83,18 @@ pub struct DockerSettings {
     pub tls_cert_dir: Option<PathBuf>,
     /// `DOCKER_CONFIG` (default `~/.docker`): `config.json` with registry credentials.
     pub config_dir: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for DockerSettings {
+    /// The host without any credentials a URL-style `DOCKER_HOST` may carry.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerSettings")
+            .field("host", &self.host.as_deref().map(crate::redact::url))
+            .field("timeout", &self.timeout)
+            .field("tls_cert_dir", &self.tls_cert_dir)
+            .field("config_dir", &self.config_dir)
+            .finish()
+    }
 }
 
 /// How the worker writes its own log.
@@ -210,23 +222,42 @@ fn api_settings(env: &Env, worker_name: Option<String>) -> Result<ClientConfig, 
     let api_url_text = env
         .non_empty(&var::PREFECT_API_URL)
         .ok_or(ConfigError::MissingApiUrl)?;
-    let api_url = Url::parse(api_url_text.trim())
+    let mut api_url = Url::parse(api_url_text.trim())
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https"))
         .ok_or_else(|| ConfigError::Invalid {
             name: var::PREFECT_API_URL.name.into(),
-            value: api_url_text.clone(),
+            value: crate::redact::url(&api_url_text).into_owned(),
             reason: "expected an http(s) URL such as http://127.0.0.1:4200/api".into(),
         })?;
+    let userinfo = take_userinfo(&mut api_url);
     let max_retries = env.count_trimmed(&var::PREFECT_CLIENT_MAX_RETRIES)?;
     Ok(ClientConfig {
         api_url,
         api_key: env.non_empty(&var::PREFECT_API_KEY),
-        auth_string: env.non_empty(&var::PREFECT_API_AUTH_STRING),
+        auth_string: env.non_empty(&var::PREFECT_API_AUTH_STRING).or(userinfo),
         timeout: env.seconds(&var::PREFECT_API_REQUEST_TIMEOUT)?,
         max_retries,
         worker_name,
         csrf_enabled: env.boolean(&var::PREFECT_CLIENT_CSRF_SUPPORT_ENABLED)?,
+    })
+}
+
+/// Removes `user:pass@` from the API URL and returns it decoded: it becomes the basic-auth
+/// string (unless `PREFECT_API_AUTH_STRING` is set), as an HTTP client reads a URL's
+/// credentials, and the URL the worker keeps, logs and prints has no secret left in it.
+fn take_userinfo(url: &mut Url) -> Option<String> {
+    if url.username().is_empty() && url.password().is_none() {
+        return None;
+    }
+    let user = crate::redact::percent_decode(url.username());
+    let pass = url.password().map(crate::redact::percent_decode);
+    // Cannot fail for http(s) URLs, which have a host.
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    Some(match pass {
+        Some(pass) => format!("{user}:{pass}"),
+        None => user,
     })
 }
 
@@ -861,6 +892,34 @@ mod tests {
         vars.insert("PREFECT_API_URL".into(), "http://x/api".into());
         let s = Settings::from_start_args(&args(&[]), &vars).unwrap();
         assert_eq!(s.worker.run_defaults.settings_env.len(), 4);
+        // Credentials in the API URL are taken out of it and used as the auth string.
+        let mut vars = env(&secrets);
+        vars.insert(
+            "PREFECT_API_URL".into(),
+            "http://dw%40user:secret-url-4@x/api".into(),
+        );
+        vars.remove("PREFECT_API_AUTH_STRING");
+        vars.insert(
+            "DOCKER_HOST".into(),
+            "tcp://d:secret-docker-5@h:2375".into(),
+        );
+        let with_userinfo = Settings::from_start_args(&args(&[]), &vars).unwrap();
+        assert_eq!(with_userinfo.api.api_url.as_str(), "http://x/api");
+        assert_eq!(
+            with_userinfo.api.auth_string.as_deref(),
+            Some("dw@user:secret-url-4")
+        );
+        let text = format!("{with_userinfo:?}");
+        assert!(
+            !text.contains("secret-url-4") && !text.contains("secret-docker-5"),
+            "{text}"
+        );
+        let bad = Settings::from_start_args(
+            &args(&[]),
+            &env(&[("PREFECT_API_URL", "ftp://u:secret-url-6@x/api")]),
+        )
+        .unwrap_err();
+        assert!(!bad.to_string().contains("secret-url-6"), "{bad}");
         for text in [
             format!("{s:?}"),
             format!("{s:#?}"),

@@ -143,10 +143,13 @@ pub fn engine_version(text: &str) -> Option<semver::Version> {
     Some(semver::Version::new(major, minor, patch))
 }
 
+/// The host of an API URL, as Python's `urlparse(url).hostname` reads it (credentials before
+/// an `@` are not the host).
 fn api_url_host(url: &str) -> &str {
     let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
     let netloc = after_scheme.split('/').next().unwrap_or_default();
-    netloc.split(':').next().unwrap_or_default()
+    let host_port = netloc.rsplit_once('@').map_or(netloc, |(_, h)| h);
+    host_port.split(':').next().unwrap_or_default()
 }
 
 /// Python `datetime.isoformat()` of a UTC timestamp from the API (`+00:00`, no zero micros).
@@ -676,6 +679,13 @@ mod tests {
         );
         assert_eq!(engine_version("24.0"), Some(semver::Version::new(24, 0, 0)));
         assert_eq!(engine_version("junk"), None);
+    }
+
+    #[test]
+    fn the_api_host_is_after_the_credentials() {
+        assert_eq!(api_url_host("http://u:p@127.0.0.1:4200/api"), "127.0.0.1");
+        assert_eq!(api_url_host("http://localhost/api"), "localhost");
+        assert_eq!(api_url_host("https://a@b@host/api"), "host");
     }
 
     #[test]
