@@ -134,9 +134,7 @@ async fn connect_docker(settings: &DockerSettings) -> anyhow::Result<DockerRunti
     Ok(
         DockerRuntime::connect_with_tls(settings.host.as_deref(), tls.as_ref(), settings.timeout)
             .await
-            .context(
-                "connecting to the Docker Engine (is the daemon running and is DOCKER_HOST right?)",
-            )?
+            .context("connecting to the Docker Engine")?
             .with_docker_config(settings.config_dir.clone()),
     )
 }

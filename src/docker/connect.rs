@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bollard::Docker;
 
-use super::error::{DockerError, EngineFailure};
+use super::error::{ConnectCause, DockerError};
 use super::image::PullFailure;
 use super::single_flight::SingleFlight;
 
@@ -128,17 +128,15 @@ impl DockerRuntime {
             .filter(|h| !h.is_empty())
             .unwrap_or(DEFAULT_HOST)
             .to_owned();
-        let connect_error = |failure: EngineFailure| DockerError::Connect {
-            host: host.clone(),
-            failure,
+        let connect_error = |error: bollard::errors::Error| DockerError::Connect {
+            host: crate::redact::url(&host).into_owned(),
+            cause: ConnectCause::of(&error),
+            failure: error.into(),
         };
         let docker = open(&host, tls, timeout)
-            .map_err(|e| connect_error(e.into()))?
+            .map_err(connect_error)?
             .with_timeout(timeout);
-        let version = docker
-            .version()
-            .await
-            .map_err(|e| connect_error(e.into()))?;
+        let version = docker.version().await.map_err(connect_error)?;
         let is_podman = version
             .components
             .iter()
