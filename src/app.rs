@@ -58,6 +58,12 @@ pub async fn run(settings: Settings, lifetime: Lifetime) -> anyhow::Result<()> {
         api_url = %crate::redact::url(settings.api.api_url.as_str()),
         "connected to Docker"
     );
+    if let Some(address) = docker.rootless_host_address() {
+        tracing::info!(
+            address,
+            "rootless Docker: a localhost PREFECT_API_URL reaches flow-run containers as host.docker.internal, mapped to rootlesskit's host loopback address (rootlesskit must run without --disable-host-loopback; otherwise give the worker a PREFECT_API_URL containers can reach)"
+        );
+    }
 
     let flush = lifetime.abandon.child_token();
     let (reporting, senders) = reporting(&settings, &api, metrics, &flush, &services);
@@ -268,6 +274,7 @@ fn job_spec(
             settings_env: &settings_env,
             default_image: crate::config::DEFAULT_IMAGE,
             engine_version: None,
+            rootless_host: None,
         })
         .map_err(|e| e.to_string())
 }

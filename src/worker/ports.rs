@@ -116,6 +116,11 @@ pub trait ContainerRuntime: Send + Sync {
     fn base_url(&self) -> &str;
     /// The Engine's version.
     fn engine_version(&self) -> &str;
+    /// Under rootless Docker, the address containers reach this host's loopback at;
+    /// `None` for a rootful Engine.
+    fn rootless_host_address(&self) -> Option<&str> {
+        None
+    }
     /// Pulls the spec's image per its pull policy; `Some(took)` when a pull was made.
     async fn ensure_image(&self, spec: &ContainerSpec) -> Result<Option<Duration>, DockerError>;
     /// Pull, create, connect networks and start, asking `wanted()` before each step; once it
@@ -256,6 +261,9 @@ impl ContainerRuntime for DockerRuntime {
     }
     fn engine_version(&self) -> &str {
         DockerRuntime::engine_version(self)
+    }
+    fn rootless_host_address(&self) -> Option<&str> {
+        DockerRuntime::rootless_host_address(self)
     }
     async fn ensure_image(&self, spec: &ContainerSpec) -> Result<Option<Duration>, DockerError> {
         DockerRuntime::ensure_image(self, spec).await

@@ -93,6 +93,7 @@ pub(crate) async fn resolve_configuration(
         settings_env: &worker.settings.run_defaults.settings_env,
         default_image: &worker.settings.run_defaults.default_image,
         engine_version: Some(worker.docker.engine_version()),
+        rootless_host: worker.docker.rootless_host_address(),
     })?;
     apply_host_policy(worker, inputs.flow_run, spec)
 }
