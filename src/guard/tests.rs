@@ -521,3 +521,24 @@ fn describe_names_every_rule() {
         assert!(text.contains(needle), "{needle} missing:\n{text}");
     }
 }
+
+/// The example policy of `deploy/` (the one the systemd unit names) reads, and the README's
+/// example too.
+#[test]
+fn the_shipped_examples_read() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/policy.toml");
+    let policy = HostPolicy::load(Path::new(example)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(policy.describe().len() > 10, "{:?}", policy.describe());
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("## Host policy")
+        .nth(1)
+        .expect("a Host policy section");
+    let toml = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("a TOML example");
+    HostPolicy::parse(toml, Path::new("README.md")).unwrap_or_else(|e| panic!("{e}"));
+}
