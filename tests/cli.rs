@@ -121,6 +121,51 @@ fn bad_settings_exit_64() {
     }
 }
 
+/// A policy file that cannot be used stops `start` with exit 64, naming the file, the line
+/// and the problem, before anything else happens (no Docker or API is reachable here).
+#[test]
+fn a_bad_policy_file_exits_64_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    std::fs::write(
+        &file,
+        "[deny]\nprivileged = true\nhost_namespaces = [\"net\"]\n",
+    )
+    .unwrap();
+    for (flag, env) in [
+        (vec!["--policy", file.to_str().unwrap()], vec![]),
+        (
+            vec![],
+            vec![("DOCKER_WORKER_POLICY", file.to_str().unwrap())],
+        ),
+    ] {
+        let out = worker()
+            .args(["start", "--pool", "p"])
+            .args(&flag)
+            .env("PREFECT_API_URL", "http://127.0.0.1:9/api")
+            .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+            .envs(env)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{err}");
+        assert!(
+            err.contains(&format!(
+                "cannot use policy file {}: line 3, column 20: unknown variant `net`",
+                file.display()
+            )),
+            "{err}"
+        );
+    }
+    let out = worker()
+        .args(["start", "--pool", "p", "--policy", "/no/such/policy.toml"])
+        .env("PREFECT_API_URL", "http://127.0.0.1:9/api")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/policy.toml: cannot read it"));
+}
+
 #[test]
 fn missing_pool_flag_is_a_usage_error() {
     let out = worker().arg("start").output().unwrap();

@@ -699,8 +699,15 @@ impl HostPolicy {
 
     /// The rules in words, for `docker-worker policy check` and the start-up log.
     pub fn describe(&self) -> Vec<String> {
+        let mut out = self.describe_refusals();
+        out.extend(self.describe_forced());
+        out
+    }
+
+    /// The `[deny]` and `[allow]` rules in words.
+    fn describe_refusals(&self) -> Vec<String> {
         let mut out = Vec::new();
-        let (deny, allow, force) = (&self.deny, &self.allow, &self.force);
+        let (deny, allow) = (&self.deny, &self.allow);
         let list = |items: &[String]| items.join(", ");
         let paths = |items: &[PathBuf]| {
             items
@@ -762,6 +769,14 @@ impl HostPolicy {
                 list(keys)
             ));
         }
+        out
+    }
+
+    /// The `[force]` rules in words.
+    fn describe_forced(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let force = &self.force;
+        let list = |items: &[String]| items.join(", ");
         if let Some(max) = force.max_memory {
             out.push(format!("refuse more memory than {max} bytes"));
         }
