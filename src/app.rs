@@ -58,6 +58,13 @@ pub async fn run(settings: Settings, lifetime: Lifetime) -> anyhow::Result<()> {
         api_url = %crate::redact::url(settings.api.api_url.as_str()),
         "connected to Docker"
     );
+    if let Some(policy) = &settings.worker.run_defaults.policy {
+        tracing::info!(
+            file = %policy.source().display(),
+            rules = %policy.describe().join("; "),
+            "host policy: every new run's container is judged and changed by it"
+        );
+    }
     if let Some(address) = docker.rootless_host_address() {
         tracing::info!(
             address,

@@ -291,6 +291,9 @@ async fn every_rule_refuses_what_breaks_it_and_allows_what_keeps_to_it() {
         ],
     );
 
+    worker
+        .wait_for_output("host policy: every new run", Duration::from_secs(60))
+        .await;
     for (run_id, case, rule, field, words) in &runs {
         let run = api
             .wait_for_final_state(run_id, Duration::from_secs(180))
