@@ -121,10 +121,18 @@ impl RootlessDockerd {
         let _ = std::fs::remove_dir_all(runtime.join("dockerd-rootlesskit"));
         let log = std::env::temp_dir().join(format!("{}.log", unique("dw-rootless-dockerd")));
         let file = std::fs::File::create(&log).unwrap();
+        // A watchdog shell owns rootlesskit: it stops it when told to (TERM) and when this
+        // test process is gone, so even a killed test leaves no daemon behind.
+        let watchdog = r#"parent=$1; shift; "$@" & child=$!
+trap 'kill $child 2>/dev/null; wait $child; exit 0' TERM INT
+while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 1; done
+kill $child 2>/dev/null; wait $child"#;
         // The flags of dockerd-rootless.sh, except --disable-host-loopback: containers reach
         // the host's loopback at 10.0.2.2 only without it.
-        let child = Command::new("setpriv")
+        let child = Command::new("sh")
+            .args(["-c", watchdog, "sh", &std::process::id().to_string()])
             .args([
+                "setpriv",
                 "--reuid",
                 &uid,
                 "--regid",
@@ -234,7 +242,8 @@ impl RootlessDockerd {
 
 impl Drop for RootlessDockerd {
     fn drop(&mut self) {
-        // SIGTERM to rootlesskit (our child) stops dockerd and containerd inside it.
+        // SIGTERM to the watchdog, which stops rootlesskit (and so dockerd and containerd
+        // inside it) and waits for it.
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
             .status();
