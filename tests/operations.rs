@@ -355,6 +355,13 @@ async fn json_logs_and_no_secret_anywhere() {
     let events = serde_json::to_string(&events).unwrap();
     let output = worker.output();
     assert!(!output.trim().is_empty(), "the worker logged nothing");
+    assert!(!logs.trim().is_empty(), "no flow-run logs to search");
+    assert!(events.len() > 2, "no events to search");
+    // At trace level, so the searched log holds the worker's most talkative lines.
+    assert!(
+        output.contains("\"level\":\"TRACE\"") || output.contains("\"level\":\"DEBUG\""),
+        "not a verbose log"
+    );
     assert!(messages.iter().all(|m| !m.is_empty()), "{messages:?}");
     for secret in secrets {
         assert!(
