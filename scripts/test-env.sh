@@ -43,6 +43,25 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
 
+# ---------------------------------------------------------------- rootless docker (tests/rootless.rs)
+# rootlesskit, newuidmap and slirp4netns run a second dockerd as an unprivileged user; that
+# user needs /dev/net/tun (slirp4netns) and /dev/fuse (fuse-overlayfs), which a stock Debian
+# leaves at 0666 and some VM images at 0600.
+rootless_pkgs=()
+command -v rootlesskit >/dev/null 2>&1 || rootless_pkgs+=(rootlesskit)
+command -v newuidmap >/dev/null 2>&1 || rootless_pkgs+=(uidmap)
+command -v slirp4netns >/dev/null 2>&1 || rootless_pkgs+=(slirp4netns)
+command -v fuse-overlayfs >/dev/null 2>&1 || rootless_pkgs+=(fuse-overlayfs)
+if [ ${#rootless_pkgs[@]} -gt 0 ]; then
+  log "installing ${rootless_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${rootless_pkgs[@]}" >/dev/null
+fi
+for dev in /dev/net/tun /dev/fuse; do
+  if [ -e "$dev" ]; then chmod 0666 "$dev"; fi
+done
+
 # ---------------------------------------------------------------- docker daemon
 if ! docker info >/dev/null 2>&1; then
   log "no Docker daemon answers; starting dockerd"

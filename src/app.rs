@@ -54,11 +54,24 @@ pub async fn run(settings: Settings, lifetime: Lifetime) -> anyhow::Result<()> {
         Arc::new(PrefectClient::new(&settings.api).context("building the Prefect API client")?);
     let docker = connect_docker(&settings.docker).await?;
     tracing::info!(
-        docker_host = docker.host(),
+        docker_host = %crate::redact::url(docker.host()),
         engine_version = docker.engine_version(),
-        api_url = %settings.api.api_url,
+        api_url = %crate::redact::url(settings.api.api_url.as_str()),
         "connected to Docker"
     );
+    if let Some(policy) = &settings.worker.run_defaults.policy {
+        tracing::info!(
+            file = %policy.source().display(),
+            rules = %policy.describe().join("; "),
+            "host policy: every new run's container is judged and changed by it"
+        );
+    }
+    if let Some(address) = docker.rootless_host_address() {
+        tracing::info!(
+            address,
+            "rootless Docker: a localhost PREFECT_API_URL reaches flow-run containers as host.docker.internal, mapped to rootlesskit's host loopback address (rootlesskit must run without --disable-host-loopback; otherwise give the worker a PREFECT_API_URL containers can reach)"
+        );
+    }
 
     let flush = lifetime.abandon.child_token();
     let (reporting, senders) = reporting(&settings, &api, metrics, &flush, &services);
@@ -135,9 +148,7 @@ async fn connect_docker(settings: &DockerSettings) -> anyhow::Result<DockerRunti
     Ok(
         DockerRuntime::connect_with_tls(settings.host.as_deref(), tls.as_ref(), settings.timeout)
             .await
-            .context(
-                "connecting to the Docker Engine (is the daemon running and is DOCKER_HOST right?)",
-            )?
+            .context("connecting to the Docker Engine")?
             .with_docker_config(settings.config_dir.clone()),
     )
 }
@@ -156,4 +167,122 @@ pub async fn gc(settings: GcSettings) -> anyhow::Result<Report> {
     }
     println!("{}", report.summary());
     Ok(report)
+}
+
+/// What `docker-worker policy check` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyCheck {
+    /// The policy file is valid (and the job, if any, allowed): the report to print.
+    Allowed(String),
+    /// The policy refuses the job: the report to print.
+    Refused(String),
+}
+
+/// Why `docker-worker policy check` could not check.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyCheckError {
+    /// The policy file cannot be used.
+    #[error(transparent)]
+    Policy(#[from] crate::config::ConfigError),
+    /// The job cannot be read, rendered or validated.
+    #[error("cannot use the job: {0}")]
+    Job(String),
+}
+
+/// `docker-worker policy check FILE [--job JSON]`: reads the policy as `start` would in
+/// environment `env`, describes it, and with a job (its variables, inline JSON or a file)
+/// renders it through the default base job template as a run would, applies the policy and
+/// shows the verdict and, when allowed, the container create body.
+///
+/// # Errors
+/// [`PolicyCheckError`] when the policy file or the job cannot be used.
+pub fn check_policy(
+    file: &std::path::Path,
+    job: Option<&str>,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<PolicyCheck, PolicyCheckError> {
+    use std::fmt::Write as _;
+    let policy = crate::config::policy_for_check(file, env)?;
+    let mut report = format!("Policy {} is valid. It will:\n", file.display());
+    let rules = policy.describe();
+    if rules.is_empty() {
+        report.push_str("  - change nothing (no rule is on)\n");
+    }
+    for rule in rules {
+        let _ = writeln!(report, "  - {rule}");
+    }
+    let Some(job) = job else {
+        return Ok(PolicyCheck::Allowed(report));
+    };
+    let mut spec = job_spec(job, env).map_err(PolicyCheckError::Job)?;
+    match policy.apply(&mut spec) {
+        Err(violation) => {
+            let _ = writeln!(report, "Job: refused: PolicyViolation: {violation}");
+            Ok(PolicyCheck::Refused(report))
+        }
+        Ok(applied) => {
+            let _ = writeln!(
+                report,
+                "Job: allowed; the policy changes: {}",
+                if applied.changes.is_empty() {
+                    "nothing".to_owned()
+                } else {
+                    applied.to_string()
+                }
+            );
+            let body = DockerRuntime::create_body_json(&spec)
+                .map_err(|e| PolicyCheckError::Job(e.to_string()))?;
+            let pretty = serde_json::to_string_pretty(&body).unwrap_or_default();
+            let _ = writeln!(report, "Container create body:\n{pretty}");
+            Ok(PolicyCheck::Allowed(report))
+        }
+    }
+}
+
+/// A job's variables (inline JSON or a file) → the container a run of it would get, with
+/// the default base job template, the API URL of `env` and no Engine.
+fn job_spec(
+    job: &str,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<crate::job::ContainerSpec, String> {
+    use crate::job::render::{merge_job_variables, render_job_configuration};
+    use crate::job::{DockerJobConfiguration, RunContext};
+    let text = if job.trim_start().starts_with('{') {
+        job.to_owned()
+    } else {
+        std::fs::read_to_string(job).map_err(|e| format!("cannot read {job}: {e}"))?
+    };
+    let variables: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("not valid JSON: {e}"))?;
+    let variables = variables
+        .as_object()
+        .ok_or("expected a JSON object of job variables")?;
+    let template = crate::job::default_base_job_template();
+    let merged = merge_job_variables(None, Some(variables));
+    let rendered = render_job_configuration(&template, &merged, &|name| env.get(name).cloned())
+        .map_err(|e| e.to_string())?;
+    let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
+    let config =
+        DockerJobConfiguration::from_rendered(&rendered, &cwd).map_err(|e| e.to_string())?;
+    let settings_env: Vec<(String, String)> = env
+        .get("PREFECT_API_URL")
+        .map(|url| ("PREFECT_API_URL".to_owned(), url.clone()))
+        .into_iter()
+        .collect();
+    let flow_run =
+        serde_json::json!({"id": "00000000-0000-0000-0000-000000000000", "name": "policy-check"});
+    config
+        .prepare(&RunContext {
+            flow_run: &flow_run,
+            flow: None,
+            deployment: None,
+            worker_name: "policy-check",
+            work_pool_name: "policy-check",
+            work_pool_id: "",
+            settings_env: &settings_env,
+            default_image: crate::config::DEFAULT_IMAGE,
+            engine_version: None,
+            rootless_host: None,
+        })
+        .map_err(|e| e.to_string())
 }

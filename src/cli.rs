@@ -23,12 +23,20 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// Parsed once per process: the size of the `start` variant costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start the worker: poll a work pool and run its flow runs in Docker containers.
     Start(Box<StartArgs>),
     /// Remove the exited containers of flow runs that are over in Prefect (garbage collection).
     Gc(GcArgs),
+    /// Check a host policy file, and what it would do to a job.
+    Policy {
+        /// What to do with the policy.
+        #[command(subcommand)]
+        action: PolicyCommand,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions {
         /// The shell.
@@ -147,6 +155,25 @@ pub struct StartArgs {
     /// a registry rate limit) is retried before the run is Crashed.
     #[arg(long, value_name = "N")]
     pub submit_retries: Option<u32>,
+    /// Host policy (TOML): what jobs may not ask of this host and what every container gets.
+    /// Checked at start; `docker-worker policy check FILE` tries one out.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+}
+
+/// `docker-worker policy …`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy file and say what it does; with --job, show what it would do to a
+    /// job (refused with the violation, exit 1; or allowed, with the container create body).
+    Check {
+        /// The policy file (TOML).
+        file: PathBuf,
+        /// A job's variables as a deployment would give them: inline JSON (`{"privileged":
+        /// true}`) or the path of a JSON file.
+        #[arg(long, value_name = "JSON")]
+        job: Option<String>,
+    },
 }
 
 /// Arguments of `docker-worker gc`.

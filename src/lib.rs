@@ -2,7 +2,8 @@
 //!
 //! Boundaries: [`job`] is pure (template → [`job::ContainerSpec`]); [`prefect`] knows HTTP and
 //! nothing of Docker; [`docker`] knows bollard and nothing of Prefect; [`worker`] wires the two,
-//! and so does [`gc`] (removing the containers of finished flow runs).
+//! and so does [`gc`] (removing the containers of finished flow runs). [`guard`] is the host
+//! policy applied to every new run's container.
 #![forbid(unsafe_code)]
 
 pub mod app;
@@ -11,10 +12,12 @@ pub mod cli;
 pub mod config;
 pub mod docker;
 pub mod gc;
+pub mod guard;
 pub mod health;
 pub mod job;
 pub mod logs;
 pub mod metrics;
 pub mod prefect;
+pub mod redact;
 pub mod shutdown;
 pub mod worker;

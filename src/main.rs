@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
-use docker_worker::cli::{self, Command, GcArgs, StartArgs};
+use docker_worker::cli::{self, Command, GcArgs, PolicyCommand, StartArgs};
 use docker_worker::config::{ConfigError, GcSettings, LogFormat, Settings, with_profile};
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -96,6 +96,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Gc(args) => gc(&args),
+        Command::Policy {
+            action: PolicyCommand::Check { file, job },
+        } => policy_check(&file, job.as_deref()),
         Command::Start(args) => start(&args),
     }
 }
@@ -139,6 +142,27 @@ fn gc(args: &GcArgs) -> ExitCode {
         Err(e) => {
             eprintln!("docker-worker: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `docker-worker policy check`: 0 valid (and the job allowed), 1 the job refused, 64 the
+/// policy or the job unusable. The environment is the one `start` would read.
+fn policy_check(file: &std::path::Path, job: Option<&str>) -> ExitCode {
+    use docker_worker::app::{PolicyCheck, check_policy};
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    match check_policy(file, job, &env) {
+        Ok(PolicyCheck::Allowed(report)) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Ok(PolicyCheck::Refused(report)) => {
+            print!("{report}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("docker-worker: {e}");
+            ExitCode::from(EXIT_CONFIG)
         }
     }
 }

@@ -21,6 +21,13 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+/// Label set for the policy violation counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabel {
+    /// The policy file's key of the rule (`privileged`, `bind_outside`, …).
+    pub rule: String,
+}
+
 /// Every metric the worker exports, plus the last successful poll for `/health`.
 pub struct Metrics {
     registry: Registry,
@@ -58,6 +65,8 @@ pub struct Metrics {
     pub channel_connected: Gauge,
     /// Cleanups delivered by the worker channel, by outcome (`ack` or the release reason).
     pub cleanups: Family<KindLabel, Counter>,
+    /// Runs the host policy refused, by rule.
+    pub policy_violations: Family<RuleLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -89,6 +98,7 @@ impl Metrics {
             gc_removed: Counter::default(),
             channel_connected: Gauge::default(),
             cleanups: Family::default(),
+            policy_violations: Family::default(),
         };
         metrics.register_channel();
         metrics.register_runs();
@@ -182,6 +192,11 @@ impl Metrics {
             self.queued_reports.clone(),
         );
         r.register(
+            "policy_violations",
+            "Flow runs the host policy refused, by rule",
+            self.policy_violations.clone(),
+        );
+        r.register(
             "gc_removed",
             "Finished flow-run containers removed by garbage collection",
             self.gc_removed.clone(),
@@ -206,6 +221,15 @@ impl Metrics {
         self.docker_errors
             .get_or_create(&KindLabel {
                 kind: error.kind().to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a run the host policy refused.
+    pub fn policy_violation(&self, rule: &str) {
+        self.policy_violations
+            .get_or_create(&RuleLabel {
+                rule: rule.to_owned(),
             })
             .inc();
     }
@@ -263,6 +287,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("docker_worker_gc_removed_total 1"), "{text}");
+        m.policy_violation("bind_outside");
+        assert!(
+            m.encode()
+                .contains("docker_worker_policy_violations_total{rule=\"bind_outside\"} 1"),
+            "{}",
+            m.encode()
+        );
         assert!(
             text.contains("docker_worker_submission_duration_seconds_bucket"),
             "{text}"

@@ -121,6 +121,51 @@ fn bad_settings_exit_64() {
     }
 }
 
+/// A policy file that cannot be used stops `start` with exit 64, naming the file, the line
+/// and the problem, before anything else happens (no Docker or API is reachable here).
+#[test]
+fn a_bad_policy_file_exits_64_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    std::fs::write(
+        &file,
+        "[deny]\nprivileged = true\nhost_namespaces = [\"net\"]\n",
+    )
+    .unwrap();
+    for (flag, env) in [
+        (vec!["--policy", file.to_str().unwrap()], vec![]),
+        (
+            vec![],
+            vec![("DOCKER_WORKER_POLICY", file.to_str().unwrap())],
+        ),
+    ] {
+        let out = worker()
+            .args(["start", "--pool", "p"])
+            .args(&flag)
+            .env("PREFECT_API_URL", "http://127.0.0.1:9/api")
+            .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+            .envs(env)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{err}");
+        assert!(
+            err.contains(&format!(
+                "cannot use policy file {}: line 3, column 20: unknown variant `net`",
+                file.display()
+            )),
+            "{err}"
+        );
+    }
+    let out = worker()
+        .args(["start", "--pool", "p", "--policy", "/no/such/policy.toml"])
+        .env("PREFECT_API_URL", "http://127.0.0.1:9/api")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/policy.toml: cannot read it"));
+}
+
 #[test]
 fn missing_pool_flag_is_a_usage_error() {
     let out = worker().arg("start").output().unwrap();
@@ -139,9 +184,135 @@ fn unreachable_docker_fails_with_a_message() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("connecting to the Docker Engine") && err.contains("/nonexistent/docker.sock"),
+        err.contains("connecting to the Docker Engine")
+            && err.contains("Could not connect to Docker at unix:///nonexistent/docker.sock")
+            && err.contains("no such socket"),
         "{err}"
     );
+}
+
+/// Starts the worker against `docker_host` (with `extra` settings) through `wrap` (a command
+/// prefix, e.g. to run it as another user) and returns its stderr, after checking exit 1.
+fn connect_failure(
+    wrap: &[&str],
+    binary: &std::path::Path,
+    docker_host: &str,
+    extra: &[(&str, &str)],
+) -> String {
+    let mut cmd = match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut cmd = Command::new(first);
+            cmd.args(rest).arg(binary);
+            cmd
+        }
+        None => Command::new(binary),
+    };
+    let out = cmd
+        .args(["start", "--pool", "p"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("PREFECT_API_URL", "http://127.0.0.1:9/api")
+        .env("DOCKER_HOST", docker_host)
+        .envs(extra.iter().copied())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("Could not connect to Docker at {docker_host}: ")),
+        "{err}"
+    );
+    err
+}
+
+/// A TCP port nothing listens on: refused, said so, with the address.
+#[test]
+fn a_refused_docker_connection_says_so() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_docker-worker"));
+    let err = connect_failure(&[], binary, &format!("tcp://127.0.0.1:{port}"), &[]);
+    assert!(
+        err.contains("Connection refused")
+            && err.contains("connection refused: nothing listens there"),
+        "{err}"
+    );
+}
+
+/// A socket the worker's user may not open (mode 000, worker run as `nobody` with
+/// `setpriv`, which needs root): permission denied, with the `docker` group hint.
+#[test]
+fn a_socket_without_permission_says_to_join_the_docker_group() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.path().join("docker.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o000)).unwrap();
+    // A copy `nobody` can run wherever the build directory is.
+    let binary = dir.path().join("docker-worker");
+    std::fs::copy(env!("CARGO_BIN_EXE_docker-worker"), &binary).unwrap();
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let err = connect_failure(
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ],
+        &binary,
+        &format!("unix://{}", socket.display()),
+        &[],
+    );
+    assert!(
+        err.contains("Permission denied") && err.contains("to the `docker` group"),
+        "{err}"
+    );
+}
+
+/// `DOCKER_TLS_VERIFY` against a port that answers in plain HTTP: the handshake fails and the
+/// message points at the certificates and the daemon's TLS.
+#[test]
+fn a_failed_tls_handshake_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=dw",
+        ])
+        .arg("-keyout")
+        .arg(dir.path().join("key.pem"))
+        .arg("-out")
+        .arg(dir.path().join("cert.pem"))
+        .output()
+        .expect("openssl is needed (scripts/test-env.sh installs it)");
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    std::fs::copy(dir.path().join("cert.pem"), dir.path().join("ca.pem")).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 512];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\nnot TLS");
+        }
+    });
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_docker-worker"));
+    let cert_path = dir.path().display().to_string();
+    let err = connect_failure(
+        &[],
+        binary,
+        &format!("tcp://127.0.0.1:{port}"),
+        &[("DOCKER_TLS_VERIFY", "1"), ("DOCKER_CERT_PATH", &cert_path)],
+    );
+    assert!(err.contains("the TLS handshake failed"), "{err}");
 }
 
 #[test]

@@ -31,6 +31,7 @@ fn create_body(job: &Value) -> Value {
             settings_env: &[],
             default_image: "busybox:1",
             engine_version: Some("20.10.24"),
+            rootless_host: None,
         })
         .unwrap();
     serde_json::to_value(DockerRuntime::create_body(&spec).unwrap()).unwrap()

@@ -178,10 +178,12 @@ async fn health_turns_503_when_polls_stop_succeeding() {
         .await;
 }
 
-/// Secrets never show in the worker's log (at trace level), in flow-run logs or in state
-/// messages, on the two paths that handle them: a pull that fails (its error is reported) and
+/// Secrets never show in the worker's log (at trace level), in flow-run logs, in events or in
+/// state messages, on the paths that handle them: a pull that fails (its error is reported),
 /// a run that logs in to a real registry, pulls, and creates its container — whose environment
-/// carries the API key and auth string to the flow, as the reference's does.
+/// carries the API key, the auth string and the API URL's credentials to the flow, as the
+/// reference's does — and a `log_config` holding a token that fails validation. The worker's
+/// API URL carries `user:pass@`.
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_and_no_secret_anywhere() {
     require_docker();
@@ -192,6 +194,8 @@ async fn json_logs_and_no_secret_anywhere() {
     const API_KEY: &str = "pnu_SECRETkey0123456789";
     const AUTH: &str = "admin:SECRETauthstring";
     const UNREACHABLE_PASSWORD: &str = "SECRETregistrypass";
+    const URL_PASSWORD: &str = "SECRETurlpass";
+    const LOG_TOKEN: &str = "SECRETlogtoken";
     let registry = Registry::start();
     let image = registry.push_busybox(&unique("ops"));
     let _image = ImageGuard(image.clone());
@@ -200,6 +204,8 @@ async fn json_logs_and_no_secret_anywhere() {
         "SECRETauthstring",
         UNREACHABLE_PASSWORD,
         &registry.password,
+        URL_PASSWORD,
+        LOG_TOKEN,
     ];
 
     // Nothing listens there: the pull fails and its error becomes the state message.
@@ -228,6 +234,16 @@ async fn json_logs_and_no_secret_anywhere() {
             }),
         )
         .await;
+    // A logging driver's options with a token, one of them of the wrong type: refused at
+    // validation, whose message must name the field and not echo the value.
+    let bad_log_config = api
+        .busybox_deployment(
+            &pool,
+            json!({"container_create_kwargs": {"log_config": {"type": "splunk",
+                "config": {"splunk-token": LOG_TOKEN, "splunk-insecureskipverify": true}}}}),
+        )
+        .await;
+    let log_config_run = api.create_flow_run(&bad_log_config, json!({})).await;
     let pull_failed_run = api.create_flow_run(&unreachable, json!({})).await;
     let created_run = api.create_flow_run(&pulled, json!({})).await;
 
@@ -241,10 +257,15 @@ async fn json_logs_and_no_secret_anywhere() {
         unreachable!()
     };
     let docker_host = format!("unix://{}", socket.display());
+    // The server has no auth: it takes the request whatever Authorization says.
+    let api_url = server
+        .api_url
+        .replace("http://", &format!("http://dwuser:{URL_PASSWORD}@"));
     let worker = WorkerProcess::start(
         server,
         &["--pool", &pool, "--log-format", "json"],
         &[
+            ("PREFECT_API_URL", &api_url),
             ("PREFECT_API_KEY", API_KEY),
             ("PREFECT_API_AUTH_STRING", AUTH),
             ("RUST_LOG", "trace"),
@@ -256,6 +277,7 @@ async fn json_logs_and_no_secret_anywhere() {
     for (run_id, expected) in [
         (&pull_failed_run, "PullFailed"),
         (&created_run, "non-zero status code 3."),
+        (&log_config_run, "container_create_kwargs.log_config"),
     ] {
         let run = api
             .wait_for_final_state(run_id, Duration::from_secs(120))
@@ -285,6 +307,7 @@ async fn json_logs_and_no_secret_anywhere() {
     for expected in [
         format!("PREFECT_API_KEY={API_KEY}"),
         format!("PREFECT_API_AUTH_STRING={AUTH}"),
+        format!("PREFECT_API_URL={api_url}"),
     ] {
         assert!(
             env.as_array().is_some_and(|e| e.contains(&json!(expected))),
@@ -296,15 +319,49 @@ async fn json_logs_and_no_secret_anywhere() {
     // Everything searched below is there to search: the worker's log, both runs' flow-run
     // logs (up to the report of their crash, the last line the worker sends), their states.
     let mut logs = Vec::new();
-    for run_id in [&pull_failed_run, &created_run] {
+    for run_id in [&pull_failed_run, &created_run, &log_config_run] {
         let lines = api
             .wait_for_log(run_id, "Reported flow run", Duration::from_secs(60))
             .await;
         logs.extend(lines);
     }
     let logs = logs.join("\n");
+    // The runs' events, once the exit of the created one is among them (each run has a
+    // submitted event before it).
+    let run_ids = [&pull_failed_run, &created_run, &log_config_run];
+    let related: Vec<String> = run_ids
+        .iter()
+        .map(|id| format!("prefect.flow-run.{id}"))
+        .collect();
+    let events = eventually(Duration::from_secs(60), "the runs' events", async || {
+        let filter = json!({
+            "any_resource": {"id": related},
+            "occurred": {"since": "2020-01-01T00:00:00Z"},
+        });
+        let events = api.events(filter, 50).await;
+        let exited = events
+            .iter()
+            .any(|e| e["event"] == "prefect.docker.container.exited");
+        let submitted = run_ids
+            .iter()
+            .all(|id| events.iter().any(|e| e.to_string().contains(id.as_str())));
+        if exited && submitted {
+            Ok(events)
+        } else {
+            Err(format!("{events:#?}"))
+        }
+    })
+    .await;
+    let events = serde_json::to_string(&events).unwrap();
     let output = worker.output();
     assert!(!output.trim().is_empty(), "the worker logged nothing");
+    assert!(!logs.trim().is_empty(), "no flow-run logs to search");
+    assert!(events.len() > 2, "no events to search");
+    // At trace level, so the searched log holds the worker's most talkative lines.
+    assert!(
+        output.contains("\"level\":\"TRACE\"") || output.contains("\"level\":\"DEBUG\""),
+        "not a verbose log"
+    );
     assert!(messages.iter().all(|m| !m.is_empty()), "{messages:?}");
     for secret in secrets {
         assert!(
@@ -312,6 +369,7 @@ async fn json_logs_and_no_secret_anywhere() {
             "{secret} leaked into the worker log"
         );
         assert!(!logs.contains(secret), "{secret} leaked into flow-run logs");
+        assert!(!events.contains(secret), "{secret} leaked into events");
         for message in &messages {
             assert!(
                 !message.contains(secret),
@@ -329,7 +387,7 @@ async fn json_logs_and_no_secret_anywhere() {
             "{line}"
         );
     }
-    for run_id in [&pull_failed_run, &created_run] {
+    for run_id in [&pull_failed_run, &created_run, &log_config_run] {
         let with_run_id = lines.iter().filter(|l| l.contains(run_id.as_str())).count();
         assert!(
             with_run_id >= 2,

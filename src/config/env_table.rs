@@ -390,6 +390,13 @@ pub const DOCKER_WORKER_GC_OLDER_THAN: EnvVar = var(
     ],
     "garbage collection keeps containers that finished less than this long ago",
 );
+/// The host policy file.
+pub const DOCKER_WORKER_POLICY: EnvVar = var(
+    "DOCKER_WORKER_POLICY",
+    Absent("none"),
+    &[start("policy")],
+    "TOML host policy: what jobs may not ask for, what every container gets",
+);
 
 /// The reconcile pass.
 pub const DOCKER_WORKER_RECONCILE_INTERVAL: EnvVar = var(
@@ -492,6 +499,7 @@ pub const ENV_VARS: &[&EnvVar] = &[
     &DOCKER_WORKER_STOP_ORPHANS,
     &DOCKER_WORKER_DRAIN_TIMEOUT,
     &DOCKER_WORKER_SUBMIT_RETRIES,
+    &DOCKER_WORKER_POLICY,
 ];
 
 /// The "Environment:" section of `docker-worker start --help`, one entry per [`ENV_VARS`]

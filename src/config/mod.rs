@@ -58,6 +58,9 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The host policy file cannot be used.
+    #[error("cannot use policy file {0}")]
+    Policy(#[from] crate::guard::PolicyFileError),
     /// The `--base-job-template` file cannot be used.
     #[error("cannot use base job template {path}: {reason}")]
     BaseJobTemplate {
@@ -69,7 +72,7 @@ pub enum ConfigError {
 }
 
 /// Settings of the Docker connection.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DockerSettings {
     /// `DOCKER_HOST`; `None` = the default socket.
     pub host: Option<String>,
@@ -80,6 +83,18 @@ pub struct DockerSettings {
     pub tls_cert_dir: Option<PathBuf>,
     /// `DOCKER_CONFIG` (default `~/.docker`): `config.json` with registry credentials.
     pub config_dir: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for DockerSettings {
+    /// The host without any credentials a URL-style `DOCKER_HOST` may carry.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerSettings")
+            .field("host", &self.host.as_deref().map(crate::redact::url))
+            .field("timeout", &self.timeout)
+            .field("tls_cert_dir", &self.tls_cert_dir)
+            .field("config_dir", &self.config_dir)
+            .finish()
+    }
 }
 
 /// How the worker writes its own log.
@@ -207,23 +222,42 @@ fn api_settings(env: &Env, worker_name: Option<String>) -> Result<ClientConfig, 
     let api_url_text = env
         .non_empty(&var::PREFECT_API_URL)
         .ok_or(ConfigError::MissingApiUrl)?;
-    let api_url = Url::parse(api_url_text.trim())
+    let mut api_url = Url::parse(api_url_text.trim())
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https"))
         .ok_or_else(|| ConfigError::Invalid {
             name: var::PREFECT_API_URL.name.into(),
-            value: api_url_text.clone(),
+            value: crate::redact::url(&api_url_text).into_owned(),
             reason: "expected an http(s) URL such as http://127.0.0.1:4200/api".into(),
         })?;
+    let userinfo = take_userinfo(&mut api_url);
     let max_retries = env.count_trimmed(&var::PREFECT_CLIENT_MAX_RETRIES)?;
     Ok(ClientConfig {
         api_url,
         api_key: env.non_empty(&var::PREFECT_API_KEY),
-        auth_string: env.non_empty(&var::PREFECT_API_AUTH_STRING),
+        auth_string: env.non_empty(&var::PREFECT_API_AUTH_STRING).or(userinfo),
         timeout: env.seconds(&var::PREFECT_API_REQUEST_TIMEOUT)?,
         max_retries,
         worker_name,
         csrf_enabled: env.boolean(&var::PREFECT_CLIENT_CSRF_SUPPORT_ENABLED)?,
+    })
+}
+
+/// Removes `user:pass@` from the API URL and returns it decoded: it becomes the basic-auth
+/// string (unless `PREFECT_API_AUTH_STRING` is set), as an HTTP client reads a URL's
+/// credentials, and the URL the worker keeps, logs and prints has no secret left in it.
+fn take_userinfo(url: &mut Url) -> Option<String> {
+    if url.username().is_empty() && url.password().is_none() {
+        return None;
+    }
+    let user = crate::redact::percent_decode(url.username());
+    let pass = url.password().map(crate::redact::percent_decode);
+    // Cannot fail for http(s) URLs, which have a host.
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    Some(match pass {
+        Some(pass) => format!("{user}:{pass}"),
+        None => user,
     })
 }
 
@@ -249,6 +283,33 @@ fn docker_settings(env: &Env) -> Result<DockerSettings, ConfigError> {
             .map(PathBuf::from)
             .or_else(home_docker),
     })
+}
+
+/// The host policy file at `path`, protecting the socket of a unix `DOCKER_HOST` along with
+/// the default ones.
+fn load_policy(path: &std::path::Path, env: &Env) -> Result<crate::guard::HostPolicy, ConfigError> {
+    let mut policy = crate::guard::HostPolicy::load(path)?;
+    let socket = env.non_empty(&var::DOCKER_HOST).and_then(|h| {
+        h.strip_prefix("unix://")
+            .map(str::to_owned)
+            .or_else(|| h.starts_with('/').then_some(h))
+    });
+    if let Some(socket) = socket {
+        policy = policy.with_docker_socket(PathBuf::from(socket));
+    }
+    Ok(policy)
+}
+
+/// The host policy file at `path` as `docker-worker start` would read it in environment `env`
+/// (for `docker-worker policy check`).
+///
+/// # Errors
+/// [`ConfigError::Policy`] when the file cannot be used.
+pub fn policy_for_check(
+    path: &std::path::Path,
+    env: &BTreeMap<String, String>,
+) -> Result<crate::guard::HostPolicy, ConfigError> {
+    load_policy(path, &Env::new(env))
 }
 
 /// The stderr log filter: `RUST_LOG`, else `PREFECT_LOGGING_LEVEL` in tracing's words.
@@ -326,7 +387,7 @@ impl Settings {
         // are wrong the same one is reported (reporting, cancellation and feature variables
         // are now read group by group, the one exception).
         let polling = worker::polling(args, env)?;
-        let run_defaults = worker::run_defaults(args, env);
+        let run_defaults = worker::run_defaults(args, env)?;
         let endpoints = endpoints(args, env, polling.query_interval)?;
         let log_format = log_format(args, env)?;
         let log_filter = log_filter(env);
@@ -766,6 +827,58 @@ mod tests {
         assert!(w.features.worker_channel && !w.features.prepull);
     }
 
+    /// `--policy` (else `DOCKER_WORKER_POLICY`) is read and checked with the settings: a bad
+    /// file is a configuration error naming the file and the line; a unix `DOCKER_HOST`'s
+    /// socket is protected too.
+    #[test]
+    fn the_policy_file_is_read_with_the_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.toml");
+        std::fs::write(
+            &good,
+            "[deny]\nprivileged = true\nbind_outside = [\"/srv\"]\n",
+        )
+        .unwrap();
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(
+            &bad,
+            "[deny]\nprivileged = true\n\n[force]\npids_limit = \"many\"\n",
+        )
+        .unwrap();
+        let base = [("PREFECT_API_URL", "http://x/api")];
+        let s = Settings::from_start_args(&args(&[]), &env(&base)).unwrap();
+        assert!(s.worker.run_defaults.policy.is_none());
+        let good_text = good.to_string_lossy().into_owned();
+        let s = Settings::from_start_args(
+            &args(&[]),
+            &env(&[
+                base[0],
+                ("DOCKER_WORKER_POLICY", &good_text),
+                ("DOCKER_HOST", "unix:///srv/d.sock"),
+            ]),
+        )
+        .unwrap();
+        let policy = s.worker.run_defaults.policy.expect("a policy");
+        assert_eq!(policy.source(), good.as_path());
+        assert!(policy.describe().join("\n").contains("/srv/d.sock"));
+        let e = Settings::from_start_args(
+            &args(&["--policy", &bad.to_string_lossy()]),
+            &env(&[base[0], ("DOCKER_WORKER_POLICY", &good_text)]),
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(text.starts_with("cannot use policy file "), "{text}");
+        assert!(text.contains("bad.toml: line 5, column 14: "), "{text}");
+        let e =
+            Settings::from_start_args(&args(&["--policy", "/no/such/policy.toml"]), &env(&base))
+                .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("/no/such/policy.toml: cannot read it"),
+            "{e}"
+        );
+    }
+
     /// No `{:?}` of the settings prints a secret: `settings_env` holds every `PREFECT_*`
     /// value, the API key and auth string among them.
     #[test]
@@ -779,6 +892,34 @@ mod tests {
         vars.insert("PREFECT_API_URL".into(), "http://x/api".into());
         let s = Settings::from_start_args(&args(&[]), &vars).unwrap();
         assert_eq!(s.worker.run_defaults.settings_env.len(), 4);
+        // Credentials in the API URL are taken out of it and used as the auth string.
+        let mut vars = env(&secrets);
+        vars.insert(
+            "PREFECT_API_URL".into(),
+            "http://dw%40user:secret-url-4@x/api".into(),
+        );
+        vars.remove("PREFECT_API_AUTH_STRING");
+        vars.insert(
+            "DOCKER_HOST".into(),
+            "tcp://d:secret-docker-5@h:2375".into(),
+        );
+        let with_userinfo = Settings::from_start_args(&args(&[]), &vars).unwrap();
+        assert_eq!(with_userinfo.api.api_url.as_str(), "http://x/api");
+        assert_eq!(
+            with_userinfo.api.auth_string.as_deref(),
+            Some("dw@user:secret-url-4")
+        );
+        let text = format!("{with_userinfo:?}");
+        assert!(
+            !text.contains("secret-url-4") && !text.contains("secret-docker-5"),
+            "{text}"
+        );
+        let bad = Settings::from_start_args(
+            &args(&[]),
+            &env(&[("PREFECT_API_URL", "ftp://u:secret-url-6@x/api")]),
+        )
+        .unwrap_err();
+        assert!(!bad.to_string().contains("secret-url-6"), "{bad}");
         for text in [
             format!("{s:?}"),
             format!("{s:#?}"),

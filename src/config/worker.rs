@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -11,6 +12,7 @@ use super::ConfigError;
 use super::env::Env;
 use super::env_table as var;
 use crate::cli::StartArgs;
+use crate::guard::HostPolicy;
 use crate::logs::LogLimits;
 
 /// Settings of the worker loop.
@@ -111,6 +113,9 @@ pub struct RunDefaults {
     /// Directory relative bind mounts are resolved against, as docker-py resolves them
     /// against the Python worker's.
     pub cwd: PathBuf,
+    /// The host policy (`--policy`): judges every new run's container before anything is
+    /// pulled or created, and adds what it forces; `None` = the reference's behaviour.
+    pub policy: Option<Arc<HostPolicy>>,
 }
 
 /// What the worker reports to Prefect besides states.
@@ -173,6 +178,7 @@ impl fmt::Debug for RunDefaults {
             .field("default_image", &self.default_image)
             .field("settings_env", &Names(&self.settings_env))
             .field("cwd", &self.cwd)
+            .field("policy", &self.policy)
             .finish()
     }
 }
@@ -194,7 +200,7 @@ impl WorkerSettings {
         let env = Env::new(&empty);
         let settings = polling(&args, &env).and_then(|polling| {
             let gc = gc(&args, &env)?;
-            let run_defaults = run_defaults(&args, &env);
+            let run_defaults = run_defaults(&args, &env)?;
             Self::from_parts(&args, name.to_owned(), polling, run_defaults, gc, &env)
         });
         match settings {
@@ -322,8 +328,9 @@ fn cancellation(args: &StartArgs, env: &Env) -> Result<CancellationSettings, Con
     })
 }
 
-/// `--default-image`, the Prefect settings passed on, and the working directory.
-pub(super) fn run_defaults(args: &StartArgs, env: &Env) -> RunDefaults {
+/// `--default-image`, the Prefect settings passed on, the working directory and the host
+/// policy.
+pub(super) fn run_defaults(args: &StartArgs, env: &Env) -> Result<RunDefaults, ConfigError> {
     // Every explicitly set Prefect setting goes to the flow-run container, as the reference
     // does, so the engine inside talks to the same API with the same credentials. Internal
     // `PREFECT__*` variables are the worker's own and are set per run instead.
@@ -339,14 +346,30 @@ pub(super) fn run_defaults(args: &StartArgs, env: &Env) -> RunDefaults {
             (k.clone(), value)
         })
         .collect();
-    RunDefaults {
+    Ok(RunDefaults {
         default_image: args
             .default_image
             .clone()
             .unwrap_or_else(|| env.text(&var::DOCKER_WORKER_DEFAULT_IMAGE)),
         settings_env,
         cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
-    }
+        policy: policy(args, env)?,
+    })
+}
+
+/// `--policy`, else `DOCKER_WORKER_POLICY`: the file read and checked now, so a bad one stops
+/// the worker before it claims anything. The socket of a unix `DOCKER_HOST` is protected
+/// along with the default ones.
+fn policy(args: &StartArgs, env: &Env) -> Result<Option<Arc<HostPolicy>>, ConfigError> {
+    let Some(path) = args
+        .policy
+        .clone()
+        .or_else(|| env.non_empty(&var::DOCKER_WORKER_POLICY).map(PathBuf::from))
+    else {
+        return Ok(None);
+    };
+    let policy = super::load_policy(&path, env)?;
+    Ok(Some(Arc::new(policy)))
 }
 
 /// Flow-run logs, crash output, resource accounting and events.

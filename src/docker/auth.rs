@@ -1,10 +1,16 @@
 //! Registry credentials from the Docker CLI's `config.json` (`$DOCKER_CONFIG` or
 //! `~/.docker`): inline `auths`, per-registry `credHelpers` and the default `credsStore`,
 //! so `docker login` on the worker's host is enough for private images, as with docker-py.
+//! Credential helpers run as child processes with `tokio::process` and the file is read with
+//! `tokio::fs`: a slow helper (a keychain prompt, a cloud CLI) must not block the runtime's
+//! threads, which serve every other run.
 
-use std::io::Write as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt as _;
+use tokio::process::Command;
 
 use base64::Engine as _;
 use bollard::auth::DockerCredentials;
@@ -34,16 +40,30 @@ fn same_registry(key: &str, registry: &str) -> bool {
     host == registry || (hub(host) && hub(registry))
 }
 
-fn from_helper(helper: &str, server: &str) -> Option<DockerCredentials> {
-    let mut child = Command::new(format!("docker-credential-{helper}"))
+/// How long a credential helper may take before the pull goes on without its credentials.
+const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn from_helper(helper: &str, server: &str) -> Option<DockerCredentials> {
+    run_helper(Path::new(&format!("docker-credential-{helper}")), server).await
+}
+
+/// Runs a credential helper program (`get`, the server on stdin) and reads its answer.
+async fn run_helper(program: &Path, server: &str) -> Option<DockerCredentials> {
+    let mut child = Command::new(program)
         .arg("get")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
+        .kill_on_drop(true)
         .spawn()
         .ok()?;
-    child.stdin.take()?.write_all(server.as_bytes()).ok()?;
-    let out = child.wait_with_output().ok()?;
+    let mut stdin = child.stdin.take()?;
+    stdin.write_all(server.as_bytes()).await.ok()?;
+    drop(stdin);
+    let out = tokio::time::timeout(HELPER_TIMEOUT, child.wait_with_output())
+        .await
+        .ok()?
+        .ok()?;
     if !out.status.success() {
         return None;
     }
@@ -74,14 +94,19 @@ pub fn serves(registry_url: &str, image: &str) -> bool {
 }
 
 /// Credentials for `image`'s registry from `config_dir/config.json`, if any are stored.
-pub fn credentials_for(image: &str, config_dir: &Path) -> Option<DockerCredentials> {
-    credentials_for_registry(&registry_of(image), config_dir)
+pub async fn credentials_for(image: &str, config_dir: &Path) -> Option<DockerCredentials> {
+    credentials_for_registry(&registry_of(image), config_dir).await
 }
 
 /// Credentials stored in `config_dir/config.json` for a registry address (a host, `host:port`
 /// or a URL such as `https://index.docker.io/v1/`), if any.
-pub fn credentials_for_registry(registry: &str, config_dir: &Path) -> Option<DockerCredentials> {
-    let text = std::fs::read_to_string(config_dir.join("config.json")).ok()?;
+pub async fn credentials_for_registry(
+    registry: &str,
+    config_dir: &Path,
+) -> Option<DockerCredentials> {
+    let text = tokio::fs::read_to_string(config_dir.join("config.json"))
+        .await
+        .ok()?;
     let config: Value = serde_json::from_str(&text).ok()?;
     let host = host_of_key(registry);
     let registry = if same_registry(host, "docker.io") {
@@ -101,7 +126,7 @@ pub fn credentials_for_registry(registry: &str, config_dir: &Path) -> Option<Doc
         .and_then(|helpers| helpers.iter().find(|(k, _)| same_registry(k, &registry)))
         .and_then(|(_, v)| v.as_str())
     {
-        return from_helper(helper, &server);
+        return from_helper(helper, &server).await;
     }
     if let Some((key, entry)) = config
         .get("auths")
@@ -136,7 +161,7 @@ pub fn credentials_for_registry(registry: &str, config_dir: &Path) -> Option<Doc
         }
     }
     if let Some(store) = config.get("credsStore").and_then(Value::as_str) {
-        return from_helper(store, &server);
+        return from_helper(store, &server).await;
     }
     None
 }
@@ -154,8 +179,8 @@ mod tests {
         assert_eq!(registry_of("localhost/x"), "localhost");
     }
 
-    #[test]
-    fn inline_auths() {
+    #[tokio::test]
+    async fn inline_auths() {
         let dir = tempfile::tempdir().unwrap();
         let auth = base64::engine::general_purpose::STANDARD.encode("user:pa:ss");
         std::fs::write(
@@ -163,18 +188,28 @@ mod tests {
             format!(r#"{{"auths":{{"127.0.0.1:5000":{{"auth":"{auth}"}},"https://index.docker.io/v1/":{{"username":"hub","password":"p"}}}}}}"#),
         )
         .unwrap();
-        let c = credentials_for("127.0.0.1:5000/x:1", dir.path()).unwrap();
+        let c = credentials_for("127.0.0.1:5000/x:1", dir.path())
+            .await
+            .unwrap();
         assert_eq!(
             (c.username.as_deref(), c.password.as_deref()),
             (Some("user"), Some("pa:ss"))
         );
-        let hub = credentials_for("busybox", dir.path()).unwrap();
+        let hub = credentials_for("busybox", dir.path()).await.unwrap();
         assert_eq!(hub.username.as_deref(), Some("hub"));
-        assert!(credentials_for("ghcr.io/x/y", dir.path()).is_none());
-        assert!(credentials_for("x", Path::new("/nonexistent")).is_none());
-        let by_url = credentials_for_registry("https://index.docker.io/v1/", dir.path()).unwrap();
+        assert!(credentials_for("ghcr.io/x/y", dir.path()).await.is_none());
+        assert!(
+            credentials_for("x", Path::new("/nonexistent"))
+                .await
+                .is_none()
+        );
+        let by_url = credentials_for_registry("https://index.docker.io/v1/", dir.path())
+            .await
+            .unwrap();
         assert_eq!(by_url.username.as_deref(), Some("hub"));
-        let by_host = credentials_for_registry("http://127.0.0.1:5000", dir.path()).unwrap();
+        let by_host = credentials_for_registry("http://127.0.0.1:5000", dir.path())
+            .await
+            .unwrap();
         assert_eq!(by_host.username.as_deref(), Some("user"));
     }
 
@@ -188,14 +223,46 @@ mod tests {
         assert!(!serves("ghcr.io", "busybox"));
     }
 
-    #[test]
-    fn missing_helper_gives_none() {
+    #[tokio::test]
+    async fn missing_helper_gives_none() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("config.json"),
             r#"{"credsStore":"no-such-helper-dw"}"#,
         )
         .unwrap();
-        assert!(credentials_for("ghcr.io/x/y", dir.path()).is_none());
+        assert!(credentials_for("ghcr.io/x/y", dir.path()).await.is_none());
+    }
+
+    /// A helper is a child process the runtime awaits: its answer is read, and on a
+    /// current-thread runtime another task makes progress while it runs.
+    #[tokio::test(flavor = "current_thread")]
+    async fn helpers_run_without_blocking_the_runtime() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let helper = dir.path().join("docker-credential-dwtest");
+        // Waits for the test's flag file before answering, so it can only answer if the
+        // runtime kept running the other task meanwhile (it gives up after 30 s, failing the
+        // test rather than hanging it, if the runtime was blocked).
+        let flag = dir.path().join("flag");
+        std::fs::write(
+            &helper,
+            format!(
+                "#!/bin/sh\nread server\nn=0\nwhile [ ! -e {} ]; do n=$((n+1)); [ $n -gt 600 ] && exit 1; sleep 0.05; done\necho '{{\"Username\":\"u\",\"Secret\":\"s\"}}'\n",
+                flag.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let flag_writer = async {
+            tokio::task::yield_now().await;
+            tokio::fs::write(&flag, "").await.unwrap();
+        };
+        let (found, ()) = tokio::join!(run_helper(&helper, "ghcr.io"), flag_writer);
+        let found = found.expect("the helper's credentials");
+        assert_eq!(
+            (found.username.as_deref(), found.password.as_deref()),
+            (Some("u"), Some("s"))
+        );
     }
 }

@@ -10,12 +10,18 @@ use std::time::Duration;
 
 use bollard::Docker;
 
-use super::error::{DockerError, EngineFailure};
+use super::error::{ConnectCause, DockerError};
 use super::image::PullFailure;
 use super::single_flight::SingleFlight;
 
 /// The `DOCKER_HOST` used when none is given, as the Docker CLI's default.
 const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
+
+/// Where containers of a rootless Engine reach the host's loopback: rootlesskit's
+/// slirp4netns gateway, which forwards to the host's 127.0.0.1 unless rootlesskit runs with
+/// `--disable-host-loopback`. `host-gateway` would name the bridge inside rootlesskit's
+/// network namespace instead, where nothing of the host listens.
+pub const ROOTLESS_HOST_ADDRESS: &str = "10.0.2.2";
 
 /// Client certificate files for a TLS Docker host (`ca.pem`, `cert.pem`, `key.pem`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +58,9 @@ pub struct DockerRuntime {
     engine_version: String,
     /// Podman's compat API needs a few detours (see `watch_container`).
     pub(super) is_podman: bool,
+    /// The Engine runs rootless (its `info` security options say `name=rootless`): its
+    /// containers cannot reach the host's loopback through `host-gateway`.
+    rootless: bool,
     /// Where the Docker CLI's `config.json` lives (registry credentials for pulls).
     pub(super) docker_config: Option<PathBuf>,
     /// Pulls (with their registry logins) in flight, shared by every run that needs the same
@@ -128,17 +137,24 @@ impl DockerRuntime {
             .filter(|h| !h.is_empty())
             .unwrap_or(DEFAULT_HOST)
             .to_owned();
-        let connect_error = |failure: EngineFailure| DockerError::Connect {
-            host: host.clone(),
-            failure,
+        let connect_error = |error: bollard::errors::Error| DockerError::Connect {
+            host: crate::redact::url(&host).into_owned(),
+            cause: ConnectCause::of(&error),
+            failure: error.into(),
         };
         let docker = open(&host, tls, timeout)
-            .map_err(|e| connect_error(e.into()))?
+            .map_err(connect_error)?
             .with_timeout(timeout);
-        let version = docker
-            .version()
-            .await
-            .map_err(|e| connect_error(e.into()))?;
+        // Both at once, so start-up waits for one round trip.
+        let (version, info) = tokio::join!(docker.version(), docker.info());
+        let version = version.map_err(connect_error)?;
+        // An Engine whose `info` fails still runs containers; it is taken as rootful.
+        let rootless = info.ok().is_some_and(|info| {
+            info.security_options
+                .iter()
+                .flatten()
+                .any(|o| o.split(',').any(|part| part == "name=rootless"))
+        });
         let is_podman = version
             .components
             .iter()
@@ -146,6 +162,7 @@ impl DockerRuntime {
             .any(|c| c.name.to_ascii_lowercase().contains("podman"));
         Ok(Self {
             is_podman,
+            rootless,
             docker_config: None,
             pulls: SingleFlight::default(),
             pulls_made: Arc::default(),
@@ -197,6 +214,17 @@ impl DockerRuntime {
     /// The Engine's version string as it reports it (`20.10.24+dfsg1`).
     pub fn engine_version(&self) -> &str {
         &self.engine_version
+    }
+
+    /// True when the Engine runs rootless.
+    pub fn is_rootless(&self) -> bool {
+        self.rootless
+    }
+
+    /// Under rootless Docker, where containers reach this host's loopback
+    /// ([`ROOTLESS_HOST_ADDRESS`]); `None` for a rootful Engine.
+    pub fn rootless_host_address(&self) -> Option<&str> {
+        self.rootless.then_some(ROOTLESS_HOST_ADDRESS)
     }
 }
 

@@ -158,6 +158,16 @@ impl DockerRuntime {
         })
     }
 
+    /// [`DockerRuntime::create_body`] as JSON, for showing (`docker-worker policy check`).
+    ///
+    /// # Errors
+    /// As [`DockerRuntime::create_body`].
+    pub fn create_body_json(spec: &ContainerSpec) -> Result<Value, DockerError> {
+        serde_json::to_value(Self::create_body(spec)?).map_err(|e| DockerError::InvalidOptions {
+            message: e.to_string(),
+        })
+    }
+
     /// [`DockerRuntime::create_body`] as this Engine gets it: with the Docker client config's
     /// proxies and without Podman's unreliable `AutoRemove`.
     fn engine_create_body(&self, spec: &ContainerSpec) -> Result<ContainerCreateBody, DockerError> {
@@ -478,6 +488,7 @@ mod tests {
             exclusive_label: None,
             platform: None,
             max_runtime: None,
+            create_kwargs_keys: vec![],
         }
     }
 

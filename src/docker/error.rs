@@ -36,7 +36,7 @@ impl From<bollard::errors::Error> for EngineFailure {
             },
             other => Self {
                 status: None,
-                message: other.to_string(),
+                message: with_sources(&other),
             },
         }
     }
@@ -74,6 +74,99 @@ const PERMANENT_WORDS: &[&str] = &[
     "permission",
     "oci runtime",
 ];
+/// An error's text followed by each of its sources' that adds something: hyper's
+/// `client error (Connect)` alone does not say that the socket refused permission.
+fn with_sources(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !text.is_empty() && !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
+/// Why a connection to the Engine failed, as far as the error's sources tell, with what to do
+/// about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectCause {
+    /// The socket exists but this user may not use it.
+    PermissionDenied,
+    /// No socket (or directory) at the path.
+    NoSuchSocket,
+    /// Nothing listens at the address.
+    Refused,
+    /// The TLS handshake failed (certificates, or a daemon that does not speak TLS there).
+    Tls,
+    /// Something else; the message says what.
+    Other,
+}
+
+impl ConnectCause {
+    /// Classifies a bollard connection error by its sources.
+    pub fn of(error: &(dyn std::error::Error + 'static)) -> Self {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+        let mut tls = false;
+        while let Some(cause) = source {
+            if let Some(bollard::errors::Error::SocketNotFoundError(_)) =
+                cause.downcast_ref::<bollard::errors::Error>()
+            {
+                return Self::NoSuchSocket;
+            }
+            if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+                // An io error's `source()` skips the error it wraps: look at that too.
+                tls |= io
+                    .get_ref()
+                    .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
+                match io.kind() {
+                    std::io::ErrorKind::PermissionDenied => return Self::PermissionDenied,
+                    std::io::ErrorKind::NotFound => return Self::NoSuchSocket,
+                    std::io::ErrorKind::ConnectionRefused => return Self::Refused,
+                    _ => {}
+                }
+            }
+            if cause.downcast_ref::<rustls::Error>().is_some() {
+                tls = true;
+            }
+            let text = cause.to_string().to_ascii_lowercase();
+            tls |= ["tls", "certificate", "handshake", "corrupt message"]
+                .iter()
+                .any(|w| text.contains(w));
+            source = cause.source();
+        }
+        if tls { Self::Tls } else { Self::Other }
+    }
+
+    /// What to do about it, for the message.
+    pub fn hint(self) -> &'static str {
+        match self {
+            Self::PermissionDenied => {
+                "permission denied on the Docker socket: add the user the worker runs as to the `docker` group (or point DOCKER_HOST at a socket it may use)"
+            }
+            Self::NoSuchSocket => {
+                "no such socket: is the Docker daemon running, and is DOCKER_HOST right?"
+            }
+            Self::Refused => {
+                "connection refused: nothing listens there; is the Docker daemon running, and is DOCKER_HOST right?"
+            }
+            Self::Tls => {
+                "the TLS handshake failed: check DOCKER_CERT_PATH (ca.pem, cert.pem, key.pem) and that the daemon serves TLS at DOCKER_HOST"
+            }
+            Self::Other => "",
+        }
+    }
+}
+
+fn hint_suffix(cause: &ConnectCause) -> String {
+    match cause.hint() {
+        "" => String::new(),
+        hint => format!(" ({hint})"),
+    }
+}
 
 impl EngineFailure {
     /// Worth trying again in a moment: no answer at all, a gateway/unavailable status, a
@@ -119,12 +212,14 @@ impl EngineFailure {
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
     /// No Engine answers at the configured host.
-    #[error("Could not connect to Docker at {host}: {failure}")]
+    #[error("Could not connect to Docker at {host}: {failure}{}", hint_suffix(.cause))]
     Connect {
-        /// `DOCKER_HOST` or the default socket.
+        /// `DOCKER_HOST` or the default socket (credentials removed).
         host: String,
-        /// What happened.
+        /// What happened, with the error's sources.
         failure: EngineFailure,
+        /// Why, as far as the sources tell.
+        cause: ConnectCause,
     },
     /// The registry or the Engine refused a pull, or the registry login (`POST /auth`) that
     /// comes first when the job has `registry_credentials`.

@@ -240,37 +240,35 @@ impl DockerRuntime {
 
     /// Whether the Docker SDK would skip the login: `reauth: false` and `config.json` already
     /// holds a login of the same user for that registry (whose credentials the pull then uses).
-    fn login_cached(&self, credentials: &RegistryCredentials) -> bool {
-        !credentials.reauth
-            && self
-                .docker_config
-                .as_deref()
-                .and_then(|dir| {
-                    super::auth::credentials_for_registry(&credentials.registry_url, dir)
-                })
-                .is_some_and(|stored| stored.username.as_deref() == Some(&credentials.username))
+    async fn login_cached(&self, credentials: &RegistryCredentials) -> bool {
+        if credentials.reauth {
+            return false;
+        }
+        let Some(dir) = self.docker_config.as_deref() else {
+            return false;
+        };
+        super::auth::credentials_for_registry(&credentials.registry_url, dir)
+            .await
+            .is_some_and(|stored| stored.username.as_deref() == Some(&credentials.username))
     }
 
     /// The credentials sent with a pull (`X-Registry-Auth`): the job's `registry_credentials`
     /// when they are for the image's registry (and were logged in with), else whatever
     /// `config.json` holds for that registry.
-    fn pull_credentials(&self, spec: &ContainerSpec) -> Option<DockerCredentials> {
-        match &spec.registry_credentials {
-            Some(c)
-                if super::auth::serves(&c.registry_url, &spec.image) && !self.login_cached(c) =>
-            {
-                Some(DockerCredentials {
-                    username: Some(c.username.clone()),
-                    password: Some(c.password.clone()),
-                    serveraddress: Some(c.registry_url.clone()),
-                    ..DockerCredentials::default()
-                })
-            }
-            _ => self
-                .docker_config
-                .as_deref()
-                .and_then(|dir| super::auth::credentials_for(&spec.image, dir)),
+    async fn pull_credentials(&self, spec: &ContainerSpec) -> Option<DockerCredentials> {
+        if let Some(c) = &spec.registry_credentials
+            && super::auth::serves(&c.registry_url, &spec.image)
+            && !self.login_cached(c).await
+        {
+            return Some(DockerCredentials {
+                username: Some(c.username.clone()),
+                password: Some(c.password.clone()),
+                serveraddress: Some(c.registry_url.clone()),
+                ..DockerCredentials::default()
+            });
         }
+        let dir = self.docker_config.as_deref()?;
+        super::auth::credentials_for(&spec.image, dir).await
     }
 
     /// Logs in to the registry when the job has `registry_credentials` (`POST /auth`), then
@@ -278,12 +276,11 @@ impl DockerRuntime {
     /// (same platform, same credentials) are one login and one pull: the later callers wait for
     /// it and share its outcome.
     async fn pull_image(&self, spec: &ContainerSpec) -> Result<(), DockerError> {
-        let login = spec
-            .registry_credentials
-            .as_ref()
-            .filter(|c| !self.login_cached(c))
-            .cloned();
-        let credentials = self.pull_credentials(spec);
+        let login = match &spec.registry_credentials {
+            Some(c) if !self.login_cached(c).await => Some(c.clone()),
+            _ => None,
+        };
+        let credentials = self.pull_credentials(spec).await;
         let key = pull_key(spec, login.as_ref(), credentials.as_ref());
         let pull = Pull {
             docker: self.docker.clone(),

@@ -25,7 +25,7 @@ mod watch;
 pub use cleanup::{Removal, StoppedContainer};
 pub use connect::{DockerRuntime, TlsFiles};
 pub use create::{CreatedContainer, StartedContainer};
-pub use error::{DockerError, EngineFailure};
+pub use error::{ConnectCause, DockerError, EngineFailure};
 pub use events::{ContainerEvent, ContainerEventKind};
 pub use find::{FoundContainer, ListedContainer};
 pub use watch::ExitStatus;

@@ -32,6 +32,9 @@ pub struct EngineOverrides {
     pub networking_config: Option<Map<String, Value>>,
     /// Non-fatal remarks for the worker log.
     pub warnings: Vec<String>,
+    /// The keys given, in order, except the job fields dropped above: what a host policy's
+    /// allow-list of keys judges.
+    pub keys: Vec<String>,
 }
 
 /// One keyword that cannot be used.
@@ -179,6 +182,25 @@ const KEYWORDS: &[(&str, Keyword)] = &[
     ("volume_driver",       host("VolumeDriver", NotNull, string)),
     ("volumes_from",        host("VolumesFrom", NotNull, volumes_from)),
 ];
+
+/// Keywords with rules of their own (see [`map_keyword`]), beside those of [`KEYWORDS`].
+const SPECIAL_KEYWORDS: &[&str] = &[
+    "extra_hosts",
+    "platform",
+    "ports",
+    "networking_config",
+    "detach",
+    "kernel_memory",
+    "lxc_conf",
+    "use_config_proxy",
+    "version",
+];
+
+/// Whether `key` is a `container_create_kwargs` keyword this worker accepts, so a host
+/// policy's allow-list can be checked for typos.
+pub fn is_keyword(key: &str) -> bool {
+    keyword(key).is_some() || SPECIAL_KEYWORDS.contains(&key)
+}
 
 /// The row of [`KEYWORDS`] for `key`.
 fn keyword(key: &str) -> Option<&'static Keyword> {
@@ -776,6 +798,27 @@ fn tmpfs(value: &Value) -> Result<Value, String> {
     }
 }
 
+/// Keywords whose values carry secrets by design (a logging driver's options hold its
+/// tokens), whatever their keys are called.
+const SECRET_KEYWORDS: &[&str] = &["log_config"];
+
+/// Whether a keyword's value may hold a secret: a keyword made for them, a keyword named like
+/// one, or a value with a key named like one at any depth.
+fn may_hold_secret(key: &str, value: &Value) -> bool {
+    SECRET_KEYWORDS.contains(&key)
+        || crate::redact::is_secret_name(key)
+        || crate::redact::holds_secret_key(value)
+}
+
+/// A message without the value it echoes: what was expected is kept, what was given is not.
+fn withhold_value(message: &str) -> String {
+    const WITHHELD: &str = "a value not shown here, as it may hold a secret";
+    match message.find("; got ") {
+        Some(at) => format!("{}; got {WITHHELD}", &message[..at]),
+        None => format!("invalid: {WITHHELD}"),
+    }
+}
+
 /// Maps `container_create_kwargs` to Engine fields.
 ///
 /// # Errors
@@ -795,7 +838,13 @@ pub fn map_create_kwargs(kwargs: &Map<String, Value>) -> Result<EngineOverrides,
             }
             continue;
         }
+        out.keys.push(key.clone());
         if let Err(message) = map_keyword(&mut out, key, value) {
+            let message = if may_hold_secret(key, value) {
+                withhold_value(&message)
+            } else {
+                message
+            };
             errors.push(KwargError {
                 key: key.clone(),
                 message,
@@ -955,6 +1004,44 @@ mod tests {
 
     fn map(v: Value) -> Result<EngineOverrides, Vec<KwargError>> {
         map_create_kwargs(v.as_object().unwrap())
+    }
+
+    /// A rejected value that may hold a secret is not echoed; the field and what was
+    /// expected still are.
+    #[test]
+    fn secret_values_are_not_echoed() {
+        for (kwargs, key, expected) in [
+            (
+                json!({"log_config": {"type": "splunk", "config": {"splunk-token": "SECRET1", "splunk-insecureskipverify": true}}}),
+                "log_config",
+                "config: expected an object of strings; got a value not shown here, as it may hold a secret",
+            ),
+            (
+                json!({"log_config": "SECRET2"}),
+                "log_config",
+                "expected an object such as {\"type\": \"json-file\", \"config\": {\"max-size\": \"10m\"}}; got a value not shown here, as it may hold a secret",
+            ),
+            (
+                json!({"storage_opt": {"api_key": 5, "note": "SECRET3"}}),
+                "storage_opt",
+                "expected an object of strings; got a value not shown here, as it may hold a secret",
+            ),
+        ] {
+            let errors = errors(kwargs.clone());
+            assert_eq!(
+                errors,
+                vec![(key.to_owned(), expected.to_owned())],
+                "{kwargs}"
+            );
+        }
+        // Other values are still shown.
+        assert_eq!(
+            errors(json!({"storage_opt": {"size": 5}})),
+            vec![(
+                "storage_opt".to_owned(),
+                "expected an object of strings; got {\"size\":5}".to_owned()
+            )]
+        );
     }
 
     fn errors(v: Value) -> Vec<(String, String)> {

@@ -38,6 +38,10 @@ pub struct RunContext<'a> {
     pub default_image: &'a str,
     /// The Docker Engine's version string (`20.10.24+dfsg1`), for the host-gateway rule.
     pub engine_version: Option<&'a str>,
+    /// Under rootless Docker, the address containers reach the host's loopback at
+    /// (rootlesskit's); `None` on a rootful Engine. There `host` networking is rootlesskit's
+    /// namespace and `host-gateway` its bridge, so neither reaches a localhost API.
+    pub rootless_host: Option<&'a str>,
 }
 
 /// The container to create, in terms the Docker runtime understands (no Prefect types).
@@ -89,6 +93,9 @@ pub struct ContainerSpec {
     /// The longest the container may run (the job variable `max_runtime`); not sent to the
     /// Engine: the worker stops the container when it is over.
     pub max_runtime: Option<std::time::Duration>,
+    /// The `container_create_kwargs` keys the job gave (those that are not job fields), for
+    /// a host policy that allows only some.
+    pub create_kwargs_keys: Vec<String>,
 }
 
 /// Why a valid configuration still cannot become a container.
@@ -143,10 +150,13 @@ pub fn engine_version(text: &str) -> Option<semver::Version> {
     Some(semver::Version::new(major, minor, patch))
 }
 
+/// The host of an API URL, as Python's `urlparse(url).hostname` reads it (credentials before
+/// an `@` are not the host).
 fn api_url_host(url: &str) -> &str {
     let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
     let netloc = after_scheme.split('/').next().unwrap_or_default();
-    netloc.split(':').next().unwrap_or_default()
+    let host_port = netloc.rsplit_once('@').map_or(netloc, |(_, h)| h);
+    host_port.split(':').next().unwrap_or_default()
 }
 
 /// Python `datetime.isoformat()` of a UTC timestamp from the API (`+00:00`, no zero micros).
@@ -198,7 +208,7 @@ impl DockerJobConfiguration {
         // The errors come in this order: command, image, extra_hosts.
         let command = self.command_words()?;
         let (image, pull_policy) = self.image_and_pull_policy(ctx)?;
-        let automatic = automatic_extra_hosts(&env, ctx.engine_version);
+        let automatic = automatic_extra_hosts(&env, ctx.engine_version, ctx.rootless_host);
         let extra_hosts = merge_extra_hosts(automatic, self.overrides.extra_hosts.as_ref())?;
         Ok(ContainerSpec {
             image,
@@ -227,6 +237,7 @@ impl DockerJobConfiguration {
             exclusive_label: Some((labels::FLOW_RUN_ID.to_owned(), flow_run_id.to_owned())),
             platform: self.typed.platform.clone(),
             max_runtime: self.typed.max_runtime,
+            create_kwargs_keys: self.overrides.keys.clone(),
         })
     }
 
@@ -253,7 +264,7 @@ impl DockerJobConfiguration {
                 job_api_url
                     .or(worker_api_url)
                     .filter(|url| matches!(api_url_host(url), "localhost" | "127.0.0.1"))
-                    .filter(|_| cfg!(target_os = "linux"))
+                    .filter(|_| cfg!(target_os = "linux") && ctx.rootless_host.is_none())
                     .map(|_| "host".to_owned())
             }
         };
@@ -271,7 +282,8 @@ impl DockerJobConfiguration {
     ) -> Vec<(String, String)> {
         let mut env: Map<String, Value> = Map::new();
         for (k, v) in ctx.settings_env {
-            let value = if k == "PREFECT_API_URL" && !host_mode {
+            // Under rootless Docker even `host` networking is not the host's: rewrite there too.
+            let value = if k == "PREFECT_API_URL" && (!host_mode || ctx.rootless_host.is_some()) {
                 v.replace("localhost", "host.docker.internal")
                     .replace("127.0.0.1", "host.docker.internal")
             } else {
@@ -446,11 +458,13 @@ fn render_name(template: &str, ctx: &RunContext<'_>) -> String {
 
 /// The reference's automatic `host.docker.internal` entry, on Linux when the container's API
 /// URL looks local (or is unset): `host-gateway` on Engines from 20.10 (or of unknown
-/// version), and no entry at all (but the key still sent) on older ones. `None` omits
-/// `ExtraHosts` unless the user gave some.
+/// version), and no entry at all (but the key still sent) on older ones; under rootless
+/// Docker, rootlesskit's host loopback address instead. `None` omits `ExtraHosts` unless the
+/// user gave some.
 fn automatic_extra_hosts(
     env: &[(String, String)],
     engine: Option<&str>,
+    rootless_host: Option<&str>,
 ) -> Option<BTreeMap<String, String>> {
     let final_api_url = env
         .iter()
@@ -458,6 +472,12 @@ fn automatic_extra_hosts(
         .map(|(_, v)| v.as_str());
     if !(cfg!(target_os = "linux") && final_api_url.is_none_or(looks_local)) {
         return None;
+    }
+    if let Some(address) = rootless_host {
+        return Some(BTreeMap::from([(
+            "host.docker.internal".to_owned(),
+            address.to_owned(),
+        )]));
     }
     let supported = engine
         .and_then(engine_version)
@@ -539,6 +559,7 @@ mod tests {
             settings_env: &f.settings,
             default_image: "prefecthq/prefect:3.9.1-python3.11",
             engine_version: engine,
+            rootless_host: None,
         })
         .unwrap()
     }
@@ -600,6 +621,57 @@ mod tests {
         assert_eq!(spec.env.last().unwrap(), &("X".to_owned(), "1".to_owned()));
     }
 
+    /// Under rootless Docker a localhost API is reached through rootlesskit's host loopback
+    /// address: no `host` network is inferred (it would be rootlesskit's), the URL is
+    /// rewritten even in `host` mode, and `host.docker.internal` maps to that address.
+    #[test]
+    fn rootless_docker_reaches_a_local_api_through_rootlesskit() {
+        let f = fixture("http://127.0.0.1:4200/api");
+        let ctx = |job: &DockerJobConfiguration| {
+            job.prepare(&RunContext {
+                flow_run: &f.flow_run,
+                flow: Some(&f.flow),
+                deployment: Some(&f.deployment),
+                worker_name: "w1",
+                work_pool_name: "p1",
+                work_pool_id: "pool-1",
+                settings_env: &f.settings,
+                default_image: "x:1",
+                engine_version: Some("20.10.24"),
+                rootless_host: Some("10.0.2.2"),
+            })
+            .unwrap()
+        };
+        for job in [json!({}), json!({"network_mode": "host"})] {
+            let spec = ctx(&config(job.clone()));
+            let expected_mode = if job.get("network_mode").is_some() {
+                "host"
+            } else {
+                "default"
+            };
+            assert_eq!(spec.network_mode, expected_mode);
+            assert_eq!(
+                spec.env[0],
+                (
+                    "PREFECT_API_URL".into(),
+                    "http://host.docker.internal:4200/api".into()
+                )
+            );
+            assert_eq!(
+                spec.extra_hosts,
+                Some(vec!["host.docker.internal:10.0.2.2".to_owned()])
+            );
+        }
+        // The job's own entry still wins.
+        let spec = ctx(&config(
+            json!({"container_create_kwargs": {"extra_hosts": {"host.docker.internal": "192.0.2.1"}}}),
+        ));
+        assert_eq!(
+            spec.extra_hosts,
+            Some(vec!["host.docker.internal:192.0.2.1".to_owned()])
+        );
+    }
+
     #[test]
     fn remote_api_gets_no_extra_hosts_and_default_network() {
         let f = fixture("https://api.example.com/api");
@@ -650,6 +722,7 @@ mod tests {
             settings_env: &[],
             default_image: "x:1",
             engine_version: None,
+            rootless_host: None,
         });
         assert!(matches!(bad, Err(PrepareError::InvalidCommand { .. })));
     }
@@ -683,6 +756,13 @@ mod tests {
         );
         assert_eq!(engine_version("24.0"), Some(semver::Version::new(24, 0, 0)));
         assert_eq!(engine_version("junk"), None);
+    }
+
+    #[test]
+    fn the_api_host_is_after_the_credentials() {
+        assert_eq!(api_url_host("http://u:p@127.0.0.1:4200/api"), "127.0.0.1");
+        assert_eq!(api_url_host("http://localhost/api"), "localhost");
+        assert_eq!(api_url_host("https://a@b@host/api"), "host");
     }
 
     #[test]
@@ -778,6 +858,7 @@ mod properties {
                 settings_env: &settings,
                 default_image: &default_image,
                 engine_version: engine.as_deref(),
+                rootless_host: None,
             };
             if let Ok(spec) = job.prepare(&ctx) {
                 let id = flow_run["id"].as_str().unwrap_or_default();

@@ -47,7 +47,7 @@ pub struct ClientConfig {
 impl std::fmt::Debug for ClientConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientConfig")
-            .field("api_url", &self.api_url.as_str())
+            .field("api_url", &crate::redact::url(self.api_url.as_str()))
             .field("api_key", &self.api_key.as_ref().map(|_| "********"))
             .field(
                 "auth_string",

@@ -43,7 +43,10 @@ pub fn ws_url(api_url: &url::Url, path: &str) -> Result<url::Url, SocketError> {
         other => return Err(SocketError::Url(format!("unsupported scheme {other}"))),
     };
     url.set_scheme(scheme)
-        .map_err(|()| SocketError::Url(api_url.to_string()))?;
+        .map_err(|()| SocketError::Url(crate::redact::url(api_url.as_str()).into_owned()))?;
+    // Credentials are sent as headers, never as part of the URL (or its Host header).
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
     let joined = format!("{}/{path}", url.path().trim_end_matches('/'));
     url.set_path(&joined);
     Ok(url)

@@ -28,6 +28,9 @@ pub(crate) enum SubmitError {
     Api(#[from] ApiError),
     #[error(transparent)]
     Docker(#[from] DockerError),
+    /// The host policy refused the job (before anything was pulled or created).
+    #[error(transparent)]
+    Policy(#[from] crate::guard::Violation),
 }
 
 impl SubmitError {
@@ -38,6 +41,7 @@ impl SubmitError {
             Self::Validation(_) => "ValidationError",
             Self::Api(_) => "PrefectHTTPStatusError",
             Self::Docker(e) => e.kind(),
+            Self::Policy(_) => "PolicyViolation",
         }
     }
 }

@@ -126,6 +126,11 @@ pub trait ContainerRuntime: Send + Sync {
     fn engine_version(&self) -> &str;
     /// Whether the Engine answers now.
     async fn ping(&self) -> Result<(), DockerError>;
+    /// Under rootless Docker, the address containers reach this host's loopback at;
+    /// `None` for a rootful Engine.
+    fn rootless_host_address(&self) -> Option<&str> {
+        None
+    }
     /// Pulls the spec's image per its pull policy; `Some(took)` when a pull was made.
     async fn ensure_image(&self, spec: &ContainerSpec) -> Result<Option<Duration>, DockerError>;
     /// Pull, create, connect networks and start, asking `wanted()` before each step; once it
@@ -286,6 +291,9 @@ impl ContainerRuntime for DockerRuntime {
     }
     async fn ping(&self) -> Result<(), DockerError> {
         DockerRuntime::ping(self).await
+    }
+    fn rootless_host_address(&self) -> Option<&str> {
+        DockerRuntime::rootless_host_address(self)
     }
     async fn ensure_image(&self, spec: &ContainerSpec) -> Result<Option<Duration>, DockerError> {
         DockerRuntime::ensure_image(self, spec).await

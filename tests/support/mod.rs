@@ -698,6 +698,7 @@ pub fn test_spec(image: &str, name: &str, command: &str) -> docker_worker::job::
         exclusive_label: None,
         platform: None,
         max_runtime: None,
+        create_kwargs_keys: vec![],
     }
 }
 

@@ -93,8 +93,37 @@ pub(crate) async fn resolve_configuration(
         settings_env: &worker.settings.run_defaults.settings_env,
         default_image: &worker.settings.run_defaults.default_image,
         engine_version: Some(worker.docker.engine_version()),
+        rootless_host: worker.docker.rootless_host_address(),
     })?;
-    Ok(spec)
+    apply_host_policy(worker, inputs.flow_run, spec)
+}
+
+/// The host policy, last: on the container exactly as it would be created. A refusal is
+/// counted (for runs, not pre-pulls) and becomes the run's Crashed state; what it changed is
+/// said in the run's logs.
+fn apply_host_policy(
+    worker: &Worker,
+    flow_run: Option<&FlowRun>,
+    mut spec: ContainerSpec,
+) -> Result<ContainerSpec, SubmitError> {
+    let Some(policy) = &worker.settings.run_defaults.policy else {
+        return Ok(spec);
+    };
+    match policy.apply(&mut spec) {
+        Ok(applied) => {
+            if let Some(run) = flow_run.filter(|_| !applied.changes.is_empty()) {
+                let line = format!("The worker's host policy applied: {applied}");
+                worker.out.logs.info(&run.id, line);
+            }
+            Ok(spec)
+        }
+        Err(violation) => {
+            if flow_run.is_some() {
+                worker.out.metrics.policy_violation(violation.rule.as_str());
+            }
+            Err(violation.into())
+        }
+    }
 }
 
 /// Fetches the blocks and variables the rendered configuration refers to and substitutes them
