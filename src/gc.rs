@@ -264,6 +264,72 @@ fn keep_before_asking(
     (age < older_than).then_some(KeepReason::TooYoung { older_than })
 }
 
+/// The decision about one stopped container of flow run `flow_run_id`, carried out.
+async fn decide(
+    docker: &dyn ContainerRuntime,
+    api: &dyn PrefectApi,
+    options: &GcOptions,
+    container: &StoppedContainer,
+    flow_run_id: String,
+    in_use: &(dyn Fn(&str) -> bool + Send + Sync),
+) -> Decision {
+    let now = Utc::now();
+    let mut decision = Decision {
+        name: container.container.display_name().to_owned(),
+        id: container.container.id.clone(),
+        flow_run_id: flow_run_id.clone(),
+        state: None,
+        finished_at: container.finished_at,
+        outcome: Outcome::WouldRemove,
+        checked_at: now,
+    };
+    if let Some(reason) =
+        keep_before_asking(container, options.older_than, now, in_use(&flow_run_id))
+    {
+        decision.outcome = Outcome::Kept(reason);
+        return decision;
+    }
+    let run = match api.read_flow_run(&flow_run_id).await {
+        Ok(run) => run,
+        Err(e) if e.is_not_found() => {
+            decision.outcome = Outcome::Kept(KeepReason::RunNotFound);
+            return decision;
+        }
+        Err(e) => {
+            decision.outcome = Outcome::Kept(KeepReason::ApiError(e.to_string()));
+            return decision;
+        }
+    };
+    let state_type = run.state_type();
+    let type_text = state_type
+        .map(|t| t.as_str().to_owned())
+        .unwrap_or_default();
+    decision.state = Some(
+        run.state
+            .as_ref()
+            .and_then(|s| s.name.as_deref())
+            .filter(|n| !n.is_empty())
+            .unwrap_or(if type_text.is_empty() {
+                "no state"
+            } else {
+                &type_text
+            })
+            .to_owned(),
+    );
+    if !state_type.is_some_and(crate::prefect::StateType::is_final) {
+        decision.outcome = Outcome::Kept(KeepReason::RunNotFinal {
+            state_type: type_text,
+        });
+    } else if !options.dry_run {
+        decision.outcome = match docker.remove_stopped_container(&decision.id).await {
+            Ok(Removal::Removed) => Outcome::Removed,
+            Ok(Removal::AlreadyGone) => Outcome::Gone,
+            Err(e) => Outcome::Kept(KeepReason::RemoveFailed(e.to_string())),
+        };
+    }
+    decision
+}
+
 /// Runs one collection. `in_use` names flow runs the caller is still handling (the worker's
 /// own); they are kept whatever their state.
 ///
@@ -290,62 +356,7 @@ pub async fn collect(
         let Some(flow_run_id) = container.labels.get(labels::FLOW_RUN_ID).cloned() else {
             continue; // the label filter guarantees it; never touch a container without it
         };
-        let now = Utc::now();
-        let mut decision = Decision {
-            name: container.container.display_name().to_owned(),
-            id: container.container.id.clone(),
-            flow_run_id: flow_run_id.clone(),
-            state: None,
-            finished_at: container.finished_at,
-            outcome: Outcome::WouldRemove,
-            checked_at: now,
-        };
-        if let Some(reason) =
-            keep_before_asking(&container, options.older_than, now, in_use(&flow_run_id))
-        {
-            decision.outcome = Outcome::Kept(reason);
-            report.decisions.push(decision);
-            continue;
-        }
-        let run = match api.read_flow_run(&flow_run_id).await {
-            Ok(run) => run,
-            Err(e) if e.is_not_found() => {
-                decision.outcome = Outcome::Kept(KeepReason::RunNotFound);
-                report.decisions.push(decision);
-                continue;
-            }
-            Err(e) => {
-                decision.outcome = Outcome::Kept(KeepReason::ApiError(e.to_string()));
-                report.decisions.push(decision);
-                continue;
-            }
-        };
-        let state_type = run.state_type();
-        let type_text = state_type
-            .map(|t| t.as_str().to_owned())
-            .unwrap_or_default();
-        decision.state = Some(
-            run.state
-                .as_ref()
-                .and_then(|s| s.name.as_deref())
-                .filter(|n| !n.is_empty())
-                .unwrap_or(if type_text.is_empty() {
-                    "no state"
-                } else {
-                    &type_text
-                })
-                .to_owned(),
-        );
-        if !state_type.is_some_and(crate::prefect::StateType::is_final) {
-            let state_type = type_text;
-            decision.outcome = Outcome::Kept(KeepReason::RunNotFinal { state_type });
-        } else if !options.dry_run {
-            decision.outcome = match docker.remove_stopped_container(&decision.id).await {
-                Ok(Removal::Removed) => Outcome::Removed,
-                Ok(Removal::AlreadyGone) => Outcome::Gone,
-                Err(e) => Outcome::Kept(KeepReason::RemoveFailed(e.to_string())),
-            };
-        }
+        let decision = decide(docker, api, options, &container, flow_run_id, in_use).await;
         report.decisions.push(decision);
     }
     Ok(report)

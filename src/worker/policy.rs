@@ -160,65 +160,14 @@ pub(crate) struct Verdict {
     pub send_tail: bool,
 }
 
-/// The policy: what `outcome` of run `run_id` means for Prefect.
+/// The policy: what `outcome` of run `run_id` means for Prefect. Each arm names the rule; the
+/// words are in the functions below, one per kind of ending.
 pub(crate) fn verdict(run_id: &str, outcome: &Outcome) -> Verdict {
     match outcome {
-        Outcome::DeploymentGone { deployment_id } => Verdict {
-            before: vec![(
-                Level::Error,
-                format!(
-                    "Deployment {deployment_id} no longer exists. Flow run {run_id} will not be submitted for execution"
-                ),
-            )],
-            report: Some(Report {
-                proposal: StateProposal::cancelled(format!(
-                    "Deployment {deployment_id} no longer exists, cancelled run."
-                )),
-                delivery: Delivery::ForcedOnce,
-                tally: Tally::Cancelled,
-            }),
-            ..Verdict::default()
-        },
-        Outcome::SubmitFailed { run_name, error } => Verdict {
-            before: vec![(
-                Level::Error,
-                format!("Failed to submit flow run '{run_name}' to infrastructure: {error}"),
-            )],
-            report: Some(crashed(format!(
-                "Failed to submit flow run to infrastructure: {}: {error}",
-                error.kind()
-            ))),
-            ..Verdict::default()
-        },
-        Outcome::Withdrawn { stage } => Verdict {
-            report: Some(Report {
-                proposal: StateProposal::cancelled(format!(
-                    "Flow run cancelled by worker while pending (before its container was {stage})."
-                )),
-                delivery: Delivery::Reliable,
-                tally: Tally::Cancelled,
-            }),
-            after: vec![(
-                Level::Info,
-                format!("Cancelled pending flow run '{run_id}'"),
-            )],
-            ..Verdict::default()
-        },
-        Outcome::NeverStarted {
-            container,
-            removed: true,
-        } => rescheduled(format!(
-            "The worker created container '{container}' for this flow run but stopped before starting it; the container was removed and the run rescheduled so that it runs once."
-        )),
-        Outcome::NeverStarted {
-            container,
-            removed: false,
-        } => Verdict {
-            report: Some(crashed(format!(
-                "Failed to submit flow run to infrastructure: WorkerInterrupted: the worker stopped after creating container '{container}' and before starting it"
-            ))),
-            ..Verdict::default()
-        },
+        Outcome::DeploymentGone { deployment_id } => deployment_gone(run_id, deployment_id),
+        Outcome::SubmitFailed { run_name, error } => submit_failed(run_name, error),
+        Outcome::Withdrawn { stage } => withdrawn(run_id, stage),
+        Outcome::NeverStarted { container, removed } => never_started(container, *removed),
         Outcome::Exited {
             container,
             status,
@@ -228,27 +177,8 @@ pub(crate) fn verdict(run_id: &str, outcome: &Outcome) -> Verdict {
         Outcome::Vanished {
             container,
             host,
-            cancelling: false,
-        } => Verdict {
-            report: Some(crashed(format!(
-                "The container '{container}' of this flow run was removed from Docker host {host} outside the worker; the flow run's outcome is unknown."
-            ))),
-            ..Verdict::default()
-        },
-        Outcome::Vanished {
-            container,
-            host,
-            cancelling: true,
-        } => Verdict {
-            report: Some(Report {
-                proposal: StateProposal::cancelled(format!(
-                    "Flow run was being cancelled and its container '{container}' is gone from Docker host {host}."
-                )),
-                delivery: Delivery::Reliable,
-                tally: Tally::Cancelled,
-            }),
-            ..Verdict::default()
-        },
+            cancelling,
+        } => vanished(container, host, *cancelling),
         Outcome::Rescheduled { claimer, host } => rescheduled(format!(
             "Worker '{claimer}' claimed this flow run but stopped before creating its container (there is none on Docker host {host} and no infrastructure_pid was recorded); rescheduled so that it runs once."
         )),
@@ -256,22 +186,7 @@ pub(crate) fn verdict(run_id: &str, outcome: &Outcome) -> Verdict {
             claimer,
             offline_for,
             reschedule,
-        } => {
-            let minutes = offline_for.as_secs() / 60;
-            let lead = format!(
-                "Worker '{claimer}' claimed this flow run and has been offline for {minutes} min without recording a container for it"
-            );
-            if *reschedule {
-                rescheduled(format!("{lead}; rescheduled (--reschedule-orphans)."))
-            } else {
-                Verdict {
-                    report: Some(crashed(format!(
-                        "{lead}. Its container may exist on a Docker host this worker cannot see, so the run is not rescheduled (start workers with --reschedule-orphans to reschedule such runs)."
-                    ))),
-                    ..Verdict::default()
-                }
-            }
-        }
+        } => orphaned_claim(claimer, *offline_for, *reschedule),
         Outcome::Lost { run_name, error } => Verdict {
             before: vec![(
                 Level::Error,
@@ -281,6 +196,106 @@ pub(crate) fn verdict(run_id: &str, outcome: &Outcome) -> Verdict {
             )],
             ..Verdict::default()
         },
+    }
+}
+
+fn deployment_gone(run_id: &str, deployment_id: &str) -> Verdict {
+    Verdict {
+        before: vec![(
+            Level::Error,
+            format!(
+                "Deployment {deployment_id} no longer exists. Flow run {run_id} will not be submitted for execution"
+            ),
+        )],
+        report: Some(Report {
+            proposal: StateProposal::cancelled(format!(
+                "Deployment {deployment_id} no longer exists, cancelled run."
+            )),
+            delivery: Delivery::ForcedOnce,
+            tally: Tally::Cancelled,
+        }),
+        ..Verdict::default()
+    }
+}
+
+fn submit_failed(run_name: &str, error: &SubmitError) -> Verdict {
+    Verdict {
+        before: vec![(
+            Level::Error,
+            format!("Failed to submit flow run '{run_name}' to infrastructure: {error}"),
+        )],
+        report: Some(crashed(format!(
+            "Failed to submit flow run to infrastructure: {}: {error}",
+            error.kind()
+        ))),
+        ..Verdict::default()
+    }
+}
+
+fn withdrawn(run_id: &str, stage: &str) -> Verdict {
+    Verdict {
+        report: Some(cancelled(format!(
+            "Flow run cancelled by worker while pending (before its container was {stage})."
+        ))),
+        after: vec![(
+            Level::Info,
+            format!("Cancelled pending flow run '{run_id}'"),
+        )],
+        ..Verdict::default()
+    }
+}
+
+fn never_started(container: &str, removed: bool) -> Verdict {
+    if removed {
+        return rescheduled(format!(
+            "The worker created container '{container}' for this flow run but stopped before starting it; the container was removed and the run rescheduled so that it runs once."
+        ));
+    }
+    Verdict {
+        report: Some(crashed(format!(
+            "Failed to submit flow run to infrastructure: WorkerInterrupted: the worker stopped after creating container '{container}' and before starting it"
+        ))),
+        ..Verdict::default()
+    }
+}
+
+fn vanished(container: &str, host: &str, cancelling: bool) -> Verdict {
+    let report = if cancelling {
+        cancelled(format!(
+            "Flow run was being cancelled and its container '{container}' is gone from Docker host {host}."
+        ))
+    } else {
+        crashed(format!(
+            "The container '{container}' of this flow run was removed from Docker host {host} outside the worker; the flow run's outcome is unknown."
+        ))
+    };
+    Verdict {
+        report: Some(report),
+        ..Verdict::default()
+    }
+}
+
+fn orphaned_claim(claimer: &str, offline_for: std::time::Duration, reschedule: bool) -> Verdict {
+    let minutes = offline_for.as_secs() / 60;
+    let lead = format!(
+        "Worker '{claimer}' claimed this flow run and has been offline for {minutes} min without recording a container for it"
+    );
+    if reschedule {
+        return rescheduled(format!("{lead}; rescheduled (--reschedule-orphans)."));
+    }
+    Verdict {
+        report: Some(crashed(format!(
+            "{lead}. Its container may exist on a Docker host this worker cannot see, so the run is not rescheduled (start workers with --reschedule-orphans to reschedule such runs)."
+        ))),
+        ..Verdict::default()
+    }
+}
+
+fn cancelled(message: String) -> Report {
+    Report {
+        proposal: StateProposal::cancelled(message),
+        delivery: Delivery::Reliable,
+        tally: Tally::Cancelled,
     }
 }
 
@@ -297,14 +312,10 @@ fn rescheduled(message: String) -> Verdict {
 
 fn cancelled_exit(container: &str, status: &ExitStatus) -> Verdict {
     Verdict {
-        report: Some(Report {
-            proposal: StateProposal::cancelled(format!(
-                "Flow run was cancelled; the worker stopped its container '{container}' (exit code {}).",
-                status.code
-            )),
-            delivery: Delivery::Reliable,
-            tally: Tally::Cancelled,
-        }),
+        report: Some(cancelled(format!(
+            "Flow run was cancelled; the worker stopped its container '{container}' (exit code {}).",
+            status.code
+        ))),
         ..Verdict::default()
     }
 }

@@ -96,9 +96,23 @@ pub(crate) async fn start(
         // Cancelled between the last check and the start: stop it now.
         worker.stop_for_cancel(id, container);
     }
-    // A run may be watched for days, hundreds at a time: keep only what the exit report
-    // needs, not the deployment, flow, rendered spec or the run's full JSON.
-    Start::Running(Box::new(Watched {
+    Start::Running(Box::new(watched(
+        worker, flow_run, &spec, started, pool, events,
+    )))
+}
+
+/// What the watch needs of a started run. A run may be watched for days, hundreds at a time:
+/// only what the exit report needs is kept, not the deployment, flow, rendered spec or the
+/// run's full JSON.
+fn watched(
+    worker: &Worker,
+    flow_run: &FlowRun,
+    spec: &ContainerSpec,
+    started: StartedContainer,
+    pool: &PoolRef,
+    events: RunEvents,
+) -> Watched {
+    Watched {
         flow_run_id: flow_run.id.clone(),
         flow_run_name: flow_run.name.clone(),
         container: started.container,
@@ -114,7 +128,7 @@ pub(crate) async fn start(
         max_runtime: spec.max_runtime,
         pool: pool.clone(),
         events,
-    }))
+    }
 }
 
 /// Pull, create and start, withdrawing as soon as the registry says the run was cancelled.
