@@ -155,6 +155,20 @@ pub struct StartArgs {
     /// a registry rate limit) is retried before the run is Crashed.
     #[arg(long, value_name = "N")]
     pub submit_retries: Option<u32>,
+
+    /// Pulls, creates and starts in flight at once (runs beyond wait their turn, claimed).
+    #[arg(long, value_name = "N")]
+    pub max_concurrent_submissions: Option<usize>,
+
+    /// Claim no run while the host's available memory is below SIZE (`512m`, `2g`); runs stay
+    /// Scheduled for other workers.
+    #[arg(long, value_name = "SIZE")]
+    pub min_free_memory: Option<String>,
+
+    /// GPU device ids (`0,1,2,3`) to hand out: a run asking for `gpus: N` gets N free ones
+    /// (and waits, claimed, while none are free).
+    #[arg(long, value_name = "IDS")]
+    pub gpu_devices: Option<String>,
     /// Host policy (TOML): what jobs may not ask of this host and what every container gets.
     /// Checked at start; `docker-worker policy check FILE` tries one out.
     #[arg(long, value_name = "FILE")]

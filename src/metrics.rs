@@ -47,6 +47,8 @@ pub struct Metrics {
     pub runs_rescheduled: Counter,
     /// Containers stopped because their run was already final.
     pub orphans_stopped: Counter,
+    /// The host's available memory at the last check (`--min-free-memory`).
+    pub available_memory: Gauge,
     /// Claim → container started.
     pub submission_seconds: Histogram,
     /// Image pulls.
@@ -89,6 +91,7 @@ impl Metrics {
             runs_cancelled: Counter::default(),
             runs_rescheduled: Counter::default(),
             orphans_stopped: Counter::default(),
+            available_memory: Gauge::default(),
             submission_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             pull_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 12)),
             poll_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
@@ -156,6 +159,11 @@ impl Metrics {
             "orphans_stopped",
             "Containers stopped because their flow run was already final",
             self.orphans_stopped.clone(),
+        );
+        r.register(
+            "available_memory_bytes",
+            "The host's available memory at the last check of --min-free-memory",
+            self.available_memory.clone(),
         );
     }
 

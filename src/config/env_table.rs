@@ -448,6 +448,28 @@ pub const DOCKER_WORKER_SUBMIT_RETRIES: EnvVar = var(
     "retries of a pull, create or start that failed for a transient reason (5xx, timeout, rate limit)",
 );
 
+/// Submissions in flight at once.
+pub const DOCKER_WORKER_MAX_CONCURRENT_SUBMISSIONS: EnvVar = var(
+    "DOCKER_WORKER_MAX_CONCURRENT_SUBMISSIONS",
+    Value("8"),
+    &[start("max-concurrent-submissions")],
+    "pulls, creates and starts in flight at once, so a burst of due runs does not swamp the host",
+);
+/// Memory the host must have left to claim a run.
+pub const DOCKER_WORKER_MIN_FREE_MEMORY: EnvVar = var(
+    "DOCKER_WORKER_MIN_FREE_MEMORY",
+    Absent("off"),
+    &[start("min-free-memory")],
+    "claim no run while the host's available memory is below this (512m, 2g)",
+);
+/// GPUs handed out one run at a time.
+pub const DOCKER_WORKER_GPU_DEVICES: EnvVar = var(
+    "DOCKER_WORKER_GPU_DEVICES",
+    Absent("none"),
+    &[start("gpu-devices")],
+    "GPU device ids (0,1,2,3) this worker hands out, each to one run at a time",
+);
+
 /// Every variable the worker reads, in the order `--help` shows them. Besides, every
 /// `PREFECT_*` variable set, these and any other, is passed into each flow-run container.
 pub const ENV_VARS: &[&EnvVar] = &[
@@ -499,6 +521,9 @@ pub const ENV_VARS: &[&EnvVar] = &[
     &DOCKER_WORKER_STOP_ORPHANS,
     &DOCKER_WORKER_DRAIN_TIMEOUT,
     &DOCKER_WORKER_SUBMIT_RETRIES,
+    &DOCKER_WORKER_MAX_CONCURRENT_SUBMISSIONS,
+    &DOCKER_WORKER_MIN_FREE_MEMORY,
+    &DOCKER_WORKER_GPU_DEVICES,
     &DOCKER_WORKER_POLICY,
 ];
 

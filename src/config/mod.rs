@@ -28,8 +28,8 @@ use env_table as var;
 pub use env_table::{DEFAULT_IMAGE, ENV_VARS, EnvDefault, EnvVar};
 pub use profile::with_profile;
 pub use worker::{
-    CancellationSettings, ConvergenceSettings, FeatureSettings, GcLoopSettings, PollingSettings,
-    ReportingSettings, RunDefaults, WorkerSettings,
+    AdmissionSettings, CancellationSettings, ConvergenceSettings, FeatureSettings, GcLoopSettings,
+    PollingSettings, ReportingSettings, RunDefaults, WorkerSettings,
 };
 
 /// A setting that cannot be used.

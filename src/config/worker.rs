@@ -38,6 +38,20 @@ pub struct WorkerSettings {
     pub features: FeatureSettings,
     /// How Prefect's view of the runs and this host's containers are kept in agreement.
     pub convergence: ConvergenceSettings,
+    /// What a run must wait for before it is submitted, beyond `--limit`.
+    pub admission: AdmissionSettings,
+}
+
+/// What a run must wait for before it is submitted, beyond `--limit`.
+#[derive(Debug, Clone)]
+pub struct AdmissionSettings {
+    /// Pulls, creates and starts in flight at once: a burst of due runs on a small host is
+    /// submitted a few at a time instead of all at once.
+    pub max_concurrent_submissions: usize,
+    /// No claim while the host's available memory (bytes) is below this; `None` = no check.
+    pub min_free_memory: Option<u64>,
+    /// GPU device ids handed out one run at a time; empty = Docker picks (no partitioning).
+    pub gpu_devices: Vec<String>,
 }
 
 /// How Prefect's view of the runs and this host's containers are kept in agreement.
@@ -231,6 +245,7 @@ impl WorkerSettings {
             cancellation: cancellation(args, env)?,
             features: features(args, env)?,
             convergence: convergence(args, env)?,
+            admission: admission(args, env)?,
         })
     }
 }
@@ -478,5 +493,60 @@ fn convergence(args: &StartArgs, env: &Env) -> Result<ConvergenceSettings, Confi
             )?
             .filter(|d| !d.is_zero()),
         submit_retries,
+    })
+}
+
+/// `--max-concurrent-submissions`, `--min-free-memory` and `--gpu-devices`.
+fn admission(args: &StartArgs, env: &Env) -> Result<AdmissionSettings, ConfigError> {
+    let max_concurrent_submissions = match args.max_concurrent_submissions {
+        Some(n) => n,
+        None => {
+            let var = &var::DOCKER_WORKER_MAX_CONCURRENT_SUBMISSIONS;
+            usize::try_from(env.count_trimmed(var)?).unwrap_or(usize::MAX)
+        }
+    };
+    if max_concurrent_submissions == 0 {
+        return Err(ConfigError::Invalid {
+            name: "--max-concurrent-submissions".into(),
+            value: "0".into(),
+            reason: "at least one submission must be allowed".into(),
+        });
+    }
+    let (memory_name, memory) = match &args.min_free_memory {
+        Some(text) => ("--min-free-memory", Some(text.clone())),
+        None => (
+            var::DOCKER_WORKER_MIN_FREE_MEMORY.name,
+            env.non_empty(&var::DOCKER_WORKER_MIN_FREE_MEMORY),
+        ),
+    };
+    let min_free_memory = match memory {
+        None => None,
+        Some(text) => Some(
+            crate::job::memory::parse_bytes(text.trim())
+                .ok()
+                .and_then(|b| u64::try_from(b).ok())
+                .filter(|b| *b > 0)
+                .ok_or_else(|| ConfigError::Invalid {
+                    name: memory_name.into(),
+                    value: text.clone(),
+                    reason: "expected a size such as 512m or 2g".into(),
+                })?,
+        ),
+    };
+    let devices = args
+        .gpu_devices
+        .clone()
+        .or_else(|| env.non_empty(&var::DOCKER_WORKER_GPU_DEVICES))
+        .unwrap_or_default();
+    let gpu_devices = devices
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(str::to_owned)
+        .collect();
+    Ok(AdmissionSettings {
+        max_concurrent_submissions,
+        min_free_memory,
+        gpu_devices,
     })
 }

@@ -28,6 +28,8 @@ pub struct FoundContainer {
     pub auto_remove: bool,
     /// The kernel killed it for memory.
     pub oom_killed: bool,
+    /// The device ids its `DeviceRequests` name (GPUs it holds).
+    pub device_ids: Vec<String>,
 }
 
 /// A container of ours as the Engine's list shows it: enough to tell which run it belongs to
@@ -67,9 +69,17 @@ fn found_container(
         exit_code: if exited { state.exit_code } else { None },
         auto_remove: info
             .host_config
+            .as_ref()
             .and_then(|h| h.auto_remove)
             .unwrap_or(false),
         oom_killed: state.oom_killed.unwrap_or(false),
+        device_ids: info
+            .host_config
+            .and_then(|h| h.device_requests)
+            .into_iter()
+            .flatten()
+            .flat_map(|r| r.device_ids.unwrap_or_default())
+            .collect(),
     }
 }
 

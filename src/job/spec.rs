@@ -98,6 +98,38 @@ pub struct ContainerSpec {
     pub create_kwargs_keys: Vec<String>,
 }
 
+#[cfg(test)]
+impl ContainerSpec {
+    /// A spec running `image` with nothing else set, for tests of code that takes a spec.
+    pub fn for_tests(image: &str) -> Self {
+        Self {
+            image: image.into(),
+            pull_policy: PullPolicy::Never,
+            registry_credentials: None,
+            name: None,
+            command: Vec::new(),
+            env: Vec::new(),
+            labels: BTreeMap::new(),
+            network_mode: "default".into(),
+            extra_networks: Vec::new(),
+            binds: Vec::new(),
+            volume_paths: Vec::new(),
+            mem_limit: None,
+            memswap_limit: None,
+            privileged: false,
+            auto_remove: false,
+            stream_output: false,
+            extra_hosts: None,
+            config_overrides: Map::new(),
+            host_config_overrides: Map::new(),
+            exclusive_label: None,
+            platform: None,
+            create_kwargs_keys: Vec::new(),
+            max_runtime: None,
+        }
+    }
+}
+
 /// Why a valid configuration still cannot become a container.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PrepareError {

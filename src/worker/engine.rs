@@ -30,6 +30,8 @@ pub(crate) struct FactStore {
     facts: Mutex<HashMap<String, EngineFacts>>,
     /// The Engine did not answer a poll's ping: a probe waits for it to come back.
     waiting_for_engine: std::sync::atomic::AtomicBool,
+    /// The host's available memory was below `--min-free-memory` at the last poll.
+    short_of_memory: std::sync::atomic::AtomicBool,
 }
 
 /// Bound on remembered containers: only watched ones matter, at most a few per run.
@@ -106,6 +108,41 @@ impl Worker {
             });
         }
         false
+    }
+
+    /// Whether the host has the memory `--min-free-memory` asks for (always, without it, or
+    /// where it cannot be read). Claims pause while it has not; a log line says so when that
+    /// changes, and the `available_memory_bytes` gauge shows the figure.
+    pub(super) fn memory_allows_claims(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let Some(min) = self.settings.admission.min_free_memory else {
+            return true;
+        };
+        let Some(available) = super::admission::available_memory() else {
+            return true;
+        };
+        self.out
+            .metrics
+            .available_memory
+            .set(i64::try_from(available).unwrap_or(i64::MAX));
+        let short = available < min;
+        let was_short = self
+            .engine_facts
+            .short_of_memory
+            .swap(short, Ordering::SeqCst);
+        if short && !was_short {
+            tracing::warn!(
+                available_mib = available / (1 << 20),
+                min_free_mib = min / (1 << 20),
+                "the host's available memory is below --min-free-memory; no flow run is claimed until it recovers (runs stay Scheduled for other workers)"
+            );
+        } else if !short && was_short {
+            tracing::info!(
+                available_mib = available / (1 << 20),
+                "the host has memory again; claiming runs"
+            );
+        }
+        !short
     }
 
     /// Follows the Engine's events for this pool's containers until `shutdown`, reconnecting

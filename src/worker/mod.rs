@@ -15,6 +15,7 @@
 //! recover; 401/403 stop the worker with a message saying so, since retrying with the same
 //! credentials cannot help.
 
+mod admission;
 mod api_health;
 mod cache;
 mod cancel;
@@ -192,7 +193,11 @@ impl Worker {
             channel_config,
         } = reporting;
         Arc::new(Self {
-            registry: Registry::new(settings.polling.limit),
+            registry: Registry::with_admission(
+                settings.polling.limit,
+                settings.admission.max_concurrent_submissions,
+                &settings.admission.gpu_devices,
+            ),
             settings,
             api: ports.api,
             docker: ports.docker,

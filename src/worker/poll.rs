@@ -104,7 +104,7 @@ impl Worker {
             // Polled only to show the worker is alive (`/health`): nothing new is claimed.
             return Ok(0);
         }
-        if !runs.is_empty() && !self.engine_answers().await {
+        if !runs.is_empty() && (!self.memory_allows_claims() || !self.engine_answers().await) {
             return Ok(0);
         }
         Ok(self.take_on(runs, &pool))

@@ -95,16 +95,30 @@ pub(crate) struct Registry {
     wake: Notify,
     /// Signalled whenever the registry becomes empty (`--run-once`, drain).
     emptied: Notify,
+    /// Turns to pull, create and start (`--max-concurrent-submissions`).
+    pub submissions: super::admission::Submissions,
+    /// The GPUs handed out one run at a time (`--gpu-devices`).
+    pub gpus: Arc<super::admission::GpuPool>,
 }
 
 impl Registry {
-    /// An empty registry with `limit` slots (`None` = unlimited).
+    /// An empty registry with `limit` slots (`None` = unlimited), eight submissions at once and
+    /// no GPUs to hand out.
+    #[cfg(test)]
     pub fn new(limit: Option<usize>) -> Arc<Self> {
+        Self::with_admission(limit, 8, &[])
+    }
+
+    /// An empty registry with `limit` slots, `submissions` turns to submit at once, and these
+    /// GPU devices to hand out.
+    pub fn with_admission(limit: Option<usize>, submissions: usize, gpus: &[String]) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::new(Inner::default()),
             limit,
             wake: Notify::new(),
             emptied: Notify::new(),
+            submissions: super::admission::Submissions::new(submissions),
+            gpus: super::admission::GpuPool::new(gpus),
         })
     }
 

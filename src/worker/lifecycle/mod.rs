@@ -5,6 +5,7 @@
 //! worker's (`create_and_start_container`, `watch_container`) so the two compare side by side.
 
 pub(crate) mod claim;
+pub(crate) mod gpus;
 pub(crate) mod report;
 pub(crate) mod resolve;
 pub(crate) mod start;
@@ -83,6 +84,10 @@ async fn submit_steps(
             );
         }
         Start::Failed(e) => submit_failed(worker, &flow_run, SubmitError::Docker(e)).await,
+        Start::Interrupted => {
+            // Nothing was created; the next worker's reconcile pass puts the claim back.
+            tracing::info!("worker stopping before the run's container was created");
+        }
     }
 }
 

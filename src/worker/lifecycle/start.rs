@@ -14,6 +14,7 @@ use super::super::observe::OutputTail;
 use super::super::ports::WatchOptions;
 use super::super::registry::{CancelAction, RunGuard};
 use super::super::{PoolRef, Worker};
+use super::gpus::{self, NoLease};
 use super::resolve::Submission;
 use super::watch::{RunEvents, Watched};
 use crate::docker::{CreatedContainer, DockerError, StartedContainer};
@@ -35,6 +36,8 @@ pub(crate) enum Start {
     StoodDown(DockerError),
     /// The pull, create or start failed.
     Failed(DockerError),
+    /// The worker is stopping before anything was created.
+    Interrupted,
 }
 
 /// Starts a claimed run's container.
@@ -48,7 +51,7 @@ pub(crate) async fn start(
 ) -> Start {
     let id = flow_run.id.as_str();
     let Submission {
-        spec,
+        mut spec,
         deployment,
         flow,
     } = submission;
@@ -66,14 +69,25 @@ pub(crate) async fn start(
         None,
     );
     worker.label_run(id, pool);
+    let gpus = match gpus::reserve(worker, guard, &mut spec).await {
+        Ok(lease) => lease,
+        Err(NoLease::Cancelled) => return Start::Withdrawn { stage: "pulled" },
+        Err(NoLease::Stopping) => return Start::Interrupted,
+        Err(NoLease::TooMany(e)) => return Start::Failed(e),
+    };
     mark_submitting(worker, guard, id).await;
     let mut container_related = related.clone();
     container_related.push(events::worker_related(worker.name()));
     let created = CreatedEvent::new(worker, &container_related);
+    // A turn among the submissions in flight, held through the pull, create and start.
+    let Some(turn) = worker.registry.submissions.turn().await else {
+        return Start::Interrupted;
+    };
     let started = match create_and_start_container(worker, guard, &spec, &related, &created).await {
         Ok(started) => started,
         Err(ended) => return ended,
     };
+    drop(turn);
     let metrics = &worker.out.metrics;
     if let Some(pull) = started.pull_duration {
         metrics.pull_seconds.observe(pull.as_secs_f64());
@@ -96,9 +110,9 @@ pub(crate) async fn start(
         // Cancelled between the last check and the start: stop it now.
         worker.stop_for_cancel(id, container);
     }
-    Start::Running(Box::new(watched(
-        worker, flow_run, &spec, started, pool, events,
-    )))
+    let mut watched = watched(worker, flow_run, &spec, started, pool, events);
+    watched.gpus = gpus;
+    Start::Running(Box::new(watched))
 }
 
 /// What the watch needs of a started run. A run may be watched for days, hundreds at a time:
@@ -128,6 +142,7 @@ fn watched(
         max_runtime: spec.max_runtime,
         pool: pool.clone(),
         events,
+        gpus: None,
     }
 }
 

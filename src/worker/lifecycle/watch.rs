@@ -37,6 +37,8 @@ pub(crate) struct Watched {
     pub max_runtime: Option<Duration>,
     pub pool: PoolRef,
     pub events: RunEvents,
+    /// The GPUs it holds (`--gpu-devices`), given back when the watch is done with it.
+    pub gpus: Option<crate::worker::admission::GpuLease>,
 }
 
 /// What a run's exit events relate to and follow. An adopted run's follow nothing: the
@@ -97,6 +99,8 @@ impl Watched {
                 submitted: None,
                 last_container_event: None,
             },
+            gpus: (worker.registry.gpus.is_enabled() && !found.device_ids.is_empty())
+                .then(|| worker.registry.gpus.hold(&found.device_ids)),
         }
     }
 }

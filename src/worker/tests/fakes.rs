@@ -553,6 +553,7 @@ struct RuntimeState {
     create_errors: VecDeque<fn() -> DockerError>,
     start_errors: VecDeque<fn() -> DockerError>,
     engine_down: bool,
+    created_specs: Vec<ContainerSpec>,
     hooks: HashMap<Step, Hook>,
     containers: HashMap<String, FakeContainer>,
     found: Vec<FoundContainer>,
@@ -658,6 +659,11 @@ impl FakeRuntime {
             .collect()
     }
 
+    /// The specs of every create, in order.
+    pub fn created_specs(&self) -> Vec<ContainerSpec> {
+        self.with(|s| s.created_specs.clone())
+    }
+
     /// Containers that exist now.
     pub fn existing(&self) -> usize {
         self.with(|s| s.containers.len())
@@ -699,6 +705,7 @@ pub fn found(
         exit_code,
         auto_remove: false,
         oom_killed: false,
+        device_ids: Vec::new(),
     }
 }
 
@@ -764,6 +771,7 @@ impl ContainerRuntime for FakeRuntime {
             (id, s.plan.unwrap_or(Plan::Exit(0)))
         });
         self.record(format!("create {id}"));
+        self.with(|s| s.created_specs.push(spec.clone()));
         created(&CreatedContainer {
             id: id.clone(),
             name: Some(format!("name-{id}")),

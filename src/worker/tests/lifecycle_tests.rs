@@ -574,3 +574,62 @@ async fn an_auto_removed_container_ends_with_a_removing_event() {
         .expect("exited");
     assert_eq!(events[exited + 1], "prefect.docker.container.removing");
 }
+
+// ---------------------------------------------------------------- GPUs and submission turns
+
+#[tokio::test]
+async fn runs_asking_for_gpus_get_their_own_devices_and_wait_their_turn() {
+    let h = Harness::with(&["--gpu-devices", "0,1"]);
+    h.docker.plan(Plan::Hold);
+    let mut first = h.api.add_run("r1", StateType::Scheduled);
+    first
+        .job_variables
+        .insert("gpus".into(), serde_json::json!(2));
+    let mut second = h.api.add_run("r2", StateType::Scheduled);
+    second
+        .job_variables
+        .insert("gpus".into(), serde_json::json!(1));
+    let a = h.spawn_submit(first);
+    h.until("r1 watched", |h| {
+        matches!(h.worker.registry.phase("r1"), Some(Phase::Watching { .. }))
+    })
+    .await;
+    let b = h.spawn_submit(second);
+    // r2 is claimed but waits: both devices are r1's.
+    h.until("r2 claimed", |h| {
+        h.api.current("r2").state_type == StateType::Pending
+    })
+    .await;
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(h.docker.calls_to("create").len(), 1, "r2 waits for a GPU");
+    h.docker.exit("c1", 0);
+    a.await.expect("r1");
+    h.until("r2 watched", |h| {
+        matches!(h.worker.registry.phase("r2"), Some(Phase::Watching { .. }))
+    })
+    .await;
+    let bodies = h.docker.created_specs();
+    let ids = |i: usize| bodies[i].host_config_overrides["DeviceRequests"][0]["DeviceIDs"].clone();
+    assert_eq!(ids(0), serde_json::json!(["0", "1"]));
+    assert_eq!(ids(1).as_array().map(Vec::len), Some(1));
+    h.docker.exit("c2", 0);
+    b.await.expect("r2");
+}
+
+#[tokio::test]
+async fn a_run_asking_for_more_gpus_than_the_worker_has_is_crashed_at_once() {
+    let h = Harness::with(&["--gpu-devices", "0"]);
+    let mut run = h.api.add_run("r1", StateType::Scheduled);
+    run.job_variables
+        .insert("gpus".into(), serde_json::json!(2));
+    h.submit(run).await;
+    let (state, message) = state_of(&h, "r1");
+    assert_eq!(state, StateType::Crashed);
+    assert!(
+        message.contains("asks for 2 GPUs, but this worker hands out 1"),
+        "{message}"
+    );
+    assert!(h.docker.calls_to("create").is_empty());
+}
