@@ -17,7 +17,7 @@ use crate::logs::ApiLogs;
 use crate::metrics::Metrics;
 use crate::prefect::PrefectClient;
 use crate::prefect::events::EventSink;
-use crate::worker::{Lifetime, Ports, Reporting, Worker};
+use crate::worker::{HostAdmission, Lifetime, Ports, Reporting, Worker};
 
 /// How long the log and event senders get to deliver what is queued after the worker ended.
 const FLUSH_GRACE: Duration = Duration::from_secs(10);
@@ -75,20 +75,15 @@ pub async fn run(settings: Settings, lifetime: Lifetime) -> anyhow::Result<()> {
 
     let flush = lifetime.abandon.child_token();
     let (reporting, senders) = reporting(&settings, &api, metrics, &flush, &services);
+    let admission = &settings.worker.admission;
     let ports = Ports {
         api,
         docker: Arc::new(docker),
+        host: HostAdmission::new(admission.max_concurrent_submissions, &admission.gpu_devices),
     };
-    let worker = Worker::new(
-        settings.worker,
-        ports,
-        reporting,
-        TaskTracker::new(),
-        lifetime,
-    );
-    let result = worker.run().await;
-    // The worker's handles to the log and event queues go with it, so their queues close.
-    drop(worker);
+    let result = run_pools(&settings, &ports, &reporting, &lifetime).await;
+    // The workers' handles to the log and event queues are gone, so their queues close.
+    drop((reporting, ports));
 
     // Deliver the last events (`prefect.worker.stopped`) and flow-run logs.
     flush.cancel();
@@ -97,6 +92,39 @@ pub async fn run(settings: Settings, lifetime: Lifetime) -> anyhow::Result<()> {
     services.close();
     let _ = tokio::time::timeout(Duration::from_secs(1), services.wait()).await;
     result.map_err(anyhow::Error::from)
+}
+
+/// One worker per pool, sharing the API client, the Docker connection, the log and event
+/// senders and the metrics, until all have stopped. A worker that fails (credentials, a pool
+/// it may not use) stops the others too: the process exits with its error.
+async fn run_pools(
+    settings: &Settings,
+    ports: &Ports,
+    reporting: &Reporting,
+    lifetime: &Lifetime,
+) -> Result<(), crate::worker::WorkerError> {
+    let workers: Vec<Arc<Worker>> = settings
+        .pools
+        .iter()
+        .map(|pool| {
+            Worker::new(
+                settings.worker_for(pool),
+                ports.clone(),
+                reporting.clone(),
+                TaskTracker::new(),
+                lifetime.clone(),
+            )
+        })
+        .collect();
+    let runs = workers.iter().map(|worker| async move {
+        let result = worker.run().await;
+        if result.is_err() {
+            lifetime.requested.cancel();
+        }
+        result
+    });
+    let results = futures_util::future::join_all(runs).await;
+    results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
 }
 
 /// The flow-run log and event senders (or disabled handles), spawned in `services`, and the

@@ -47,9 +47,14 @@ pub enum Command {
 /// Arguments of `docker-worker start`.
 #[derive(Debug, Default, Args)]
 pub struct StartArgs {
-    /// The work pool to poll for flow runs.
-    #[arg(short = 'p', long)]
-    pub pool: String,
+    /// A work pool to poll for flow runs (repeatable: one process serves several pools, each
+    /// with its own template, sync, limit, adoption, reconcile and garbage collection).
+    #[arg(short = 'p', long, required = true)]
+    pub pool: Vec<String>,
+
+    /// A pool's own `--limit`, as POOL=N (repeatable); pools without one get `--limit`.
+    #[arg(long, value_name = "POOL=N")]
+    pub pool_limit: Vec<String>,
 
     /// The worker's name (its identity in heartbeats). Default: `DockerWorker <uuid>`.
     #[arg(short = 'n', long)]

@@ -393,7 +393,9 @@ async fn worker_collects_its_pool_periodically() {
         .await
         .expect("metrics body");
     assert!(
-        metrics.contains("docker_worker_gc_removed_total 1"),
+        metrics.contains(&format!(
+            "docker_worker_gc_removed_total{{pool=\"{pool}\"}} 1"
+        )),
         "{metrics}"
     );
 }

@@ -92,9 +92,10 @@ fn keeping(extra: Value) -> Value {
     vars
 }
 
-/// `docker_worker_policy_violations_total{rule="…"}` in a scrape.
-fn violations(metrics: &str, rule: &str) -> Option<f64> {
-    let prefix = format!("docker_worker_policy_violations_total{{rule=\"{rule}\"}} ");
+/// `docker_worker_policy_violations_total{pool="…",rule="…"}` in a scrape.
+fn violations(metrics: &str, pool: &str, rule: &str) -> Option<f64> {
+    let prefix =
+        format!("docker_worker_policy_violations_total{{pool=\"{pool}\",rule=\"{rule}\"}} ");
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
@@ -396,7 +397,11 @@ async fn every_rule_refuses_what_breaks_it_and_allows_what_keeps_to_it() {
         ("max_memory", 1.0),
         ("max_cpus", 1.0),
     ] {
-        assert_eq!(violations(&scrape, rule), Some(count), "{rule}:\n{scrape}");
+        assert_eq!(
+            violations(&scrape, &pool, rule),
+            Some(count),
+            "{rule}:\n{scrape}"
+        );
     }
 }
 

@@ -27,9 +27,11 @@ async fn wait_for_http(url: &str, timeout: Duration) {
 }
 
 /// The value of one unlabelled sample (`name value`) in a Prometheus exposition.
-fn sample(metrics: &str, name: &str) -> Option<f64> {
+/// The value of `name{pool="<pool>"}` in a scrape.
+fn sample(metrics: &str, name: &str, pool: &str) -> Option<f64> {
+    let series = format!("{name}{{pool=\"{pool}\"}} ");
     metrics.lines().find_map(|line| {
-        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        let value = line.strip_prefix(&series)?;
         value.trim().parse().ok()
     })
 }
@@ -68,7 +70,7 @@ async fn health_and_metrics_over_http() {
         "flow_runs_running 1 while the run's container runs",
         async || {
             let metrics = scrape().await;
-            match sample(&metrics, "docker_worker_flow_runs_running") {
+            match sample(&metrics, "docker_worker_flow_runs_running", &pool) {
                 Some(1.0) => Ok(()),
                 _ => Err(metrics),
             }
@@ -98,7 +100,7 @@ async fn health_and_metrics_over_http() {
         "the crash report to be counted",
         async || {
             let metrics = scrape().await;
-            match sample(&metrics, "docker_worker_flow_runs_crashed_total") {
+            match sample(&metrics, "docker_worker_flow_runs_crashed_total", &pool) {
                 Some(1.0) => Ok(()),
                 _ => Err(metrics),
             }
@@ -110,7 +112,7 @@ async fn health_and_metrics_over_http() {
         "flow_runs_running 0 once the report was counted",
         async || {
             let metrics = scrape().await;
-            match sample(&metrics, "docker_worker_flow_runs_running") {
+            match sample(&metrics, "docker_worker_flow_runs_running", &pool) {
                 Some(0.0) => Ok(metrics),
                 _ => Err(metrics),
             }
@@ -118,14 +120,14 @@ async fn health_and_metrics_over_http() {
     )
     .await;
     for expected in [
-        "docker_worker_flow_runs_claimed_total 1",
-        "docker_worker_flow_runs_crashed_total 1",
-        "docker_worker_submission_duration_seconds_count 1",
-        "docker_worker_poll_duration_seconds_count",
-        "docker_worker_queued_reports",
+        format!("docker_worker_flow_runs_claimed_total{{pool=\"{pool}\"}} 1"),
+        format!("docker_worker_flow_runs_crashed_total{{pool=\"{pool}\"}} 1"),
+        format!("docker_worker_submission_duration_seconds_count{{pool=\"{pool}\"}} 1"),
+        format!("docker_worker_poll_duration_seconds_count{{pool=\"{pool}\"}}"),
+        "docker_worker_queued_reports".to_string(),
     ] {
         assert!(
-            metrics.contains(expected),
+            metrics.contains(&expected),
             "missing {expected:?} in:\n{metrics}"
         );
     }

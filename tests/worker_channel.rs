@@ -199,6 +199,7 @@ async fn the_channel_creates_the_pool_and_carries_heartbeats_instead_of_rest() {
 /// only the server's cleanup can — with `/metrics` served.
 struct CleanupCase {
     api: Api,
+    pool: String,
     run: String,
     worker: WorkerProcess,
     metrics_port: String,
@@ -238,6 +239,7 @@ impl CleanupCase {
         assert_eq!(container.running().len(), 1, "{}", worker.output());
         Self {
             api,
+            pool,
             run,
             worker,
             metrics_port,
@@ -341,12 +343,13 @@ async fn cleanup_delivery_stops_the_container_of_a_run_the_server_cancelled() {
     assert!(out.contains("Stopped Docker container"), "{out}");
     assert!(out.contains("cleanup lease renewed"), "{out}");
     let metrics = case.metrics().await;
+    let pool = &case.pool;
     for expected in [
-        "docker_worker_channel_connected 1",
-        "docker_worker_channel_cleanups_total{kind=\"ack\"} 1",
+        format!("docker_worker_channel_connected{{pool=\"{pool}\"}} 1"),
+        format!("docker_worker_channel_cleanups_total{{pool=\"{pool}\",kind=\"ack\"}} 1"),
     ] {
         assert!(
-            metrics.contains(expected),
+            metrics.contains(&expected),
             "missing {expected:?} in:\n{metrics}"
         );
     }
@@ -413,9 +416,10 @@ async fn a_cleanup_for_another_docker_hosts_container_is_released_and_nothing_is
     );
     let metrics = case.metrics().await;
     assert!(
-        metrics.contains(
-            "docker_worker_channel_cleanups_total{kind=\"infrastructure_not_available\"}"
-        ),
+        metrics.contains(&format!(
+            "docker_worker_channel_cleanups_total{{pool=\"{}\",kind=\"infrastructure_not_available\"}}",
+            case.pool
+        )),
         "{metrics}"
     );
 }

@@ -469,6 +469,13 @@ pub const DOCKER_WORKER_GPU_DEVICES: EnvVar = var(
     &[start("gpu-devices")],
     "GPU device ids (0,1,2,3) this worker hands out, each to one run at a time",
 );
+/// Per-pool limits when one process serves several pools.
+pub const DOCKER_WORKER_POOL_LIMITS: EnvVar = var(
+    "DOCKER_WORKER_POOL_LIMITS",
+    Absent("--limit for every pool"),
+    &[start("pool-limit")],
+    "each pool's own limit as POOL=N,POOL=N; a pool without one gets --limit",
+);
 
 /// Every variable the worker reads, in the order `--help` shows them. Besides, every
 /// `PREFECT_*` variable set, these and any other, is passed into each flow-run container.
@@ -524,6 +531,7 @@ pub const ENV_VARS: &[&EnvVar] = &[
     &DOCKER_WORKER_MAX_CONCURRENT_SUBMISSIONS,
     &DOCKER_WORKER_MIN_FREE_MEMORY,
     &DOCKER_WORKER_GPU_DEVICES,
+    &DOCKER_WORKER_POOL_LIMITS,
     &DOCKER_WORKER_POLICY,
 ];
 

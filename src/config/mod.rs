@@ -111,8 +111,10 @@ pub enum LogFormat {
 pub struct Settings {
     /// Prefect API client settings.
     pub api: ClientConfig,
-    /// Worker loop settings.
+    /// Worker loop settings (of the first pool; [`Settings::worker_for`] gives each pool's).
     pub worker: WorkerSettings,
+    /// The pools this process serves, each with its own worker.
+    pub pools: Vec<PoolSettings>,
     /// Docker settings.
     pub docker: DockerSettings,
     /// `/health` and `/metrics`; `None` when neither is enabled.
@@ -121,6 +123,25 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Log level filter (`RUST_LOG` syntax).
     pub log_filter: String,
+}
+
+/// One pool this process serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// The pool's name.
+    pub name: String,
+    /// Its `--limit`.
+    pub limit: Option<usize>,
+}
+
+impl Settings {
+    /// The worker settings of one of the pools: the shared ones with its name and limit.
+    pub fn worker_for(&self, pool: &PoolSettings) -> WorkerSettings {
+        let mut worker = self.worker.clone();
+        worker.pool = pool.name.clone();
+        worker.polling.limit = pool.limit;
+        worker
+    }
 }
 
 /// Everything `docker-worker gc` needs: the same API and Docker settings as `start`.
@@ -207,14 +228,70 @@ fn identity(args: &StartArgs) -> Result<String, ConfigError> {
             reason: "Worker name cannot contain '/' or '%'".into(),
         });
     }
-    if args.pool.trim().is_empty() {
-        return Err(ConfigError::Invalid {
-            name: "--pool".into(),
-            value: args.pool.clone(),
-            reason: "the work pool name cannot be empty".into(),
-        });
+    for (i, pool) in args.pool.iter().enumerate() {
+        if pool.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                name: "--pool".into(),
+                value: pool.clone(),
+                reason: "the work pool name cannot be empty".into(),
+            });
+        }
+        if args.pool[..i].contains(pool) {
+            return Err(ConfigError::Invalid {
+                name: "--pool".into(),
+                value: pool.clone(),
+                reason: "the work pool is named twice".into(),
+            });
+        }
     }
     Ok(name)
+}
+
+/// Every `--pool` with its limit: its `--pool-limit POOL=N` (or its entry in
+/// `DOCKER_WORKER_POOL_LIMITS` when no `--pool-limit` is given), else `--limit`.
+fn pools(args: &StartArgs, env: &Env) -> Result<Vec<PoolSettings>, ConfigError> {
+    let (source, given): (&str, Vec<String>) = if args.pool_limit.is_empty() {
+        let var = &env_table::DOCKER_WORKER_POOL_LIMITS;
+        let text = env.non_empty(var).unwrap_or_default();
+        let entries = text
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned)
+            .collect();
+        (var.name, entries)
+    } else {
+        ("--pool-limit", args.pool_limit.clone())
+    };
+    let invalid = |value: &str, reason: &str| ConfigError::Invalid {
+        name: source.into(),
+        value: value.into(),
+        reason: reason.into(),
+    };
+    let mut limits = BTreeMap::new();
+    for text in &given {
+        let (pool, n) = text
+            .rsplit_once('=')
+            .ok_or_else(|| invalid(text, "expected POOL=N"))?;
+        let n: usize = n
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| invalid(text, "the limit must be a whole number of at least 1"))?;
+        if !args.pool.iter().any(|p| p == pool) {
+            return Err(invalid(text, "no --pool of that name"));
+        }
+        limits.insert(pool.to_owned(), n);
+    }
+    Ok(args
+        .pool
+        .iter()
+        .map(|name| PoolSettings {
+            name: name.clone(),
+            limit: limits.get(name).copied().or(args.limit),
+        })
+        .collect())
 }
 
 /// The Prefect API client settings: `PREFECT_API_URL` and the client's `PREFECT_*` knobs.
@@ -397,6 +474,7 @@ impl Settings {
         Ok(Self {
             api,
             worker,
+            pools: pools(args, env)?,
             docker: docker_settings(env)?,
             endpoints,
             log_format,
@@ -424,6 +502,65 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn every_pool_gets_its_own_limit_or_the_shared_one() {
+        let api = ("PREFECT_API_URL", "http://127.0.0.1:4200/api");
+        let s = Settings::from_start_args(
+            &args(&[
+                "--pool",
+                "q",
+                "--pool",
+                "r",
+                "--limit",
+                "3",
+                "--pool-limit",
+                "q=1",
+            ]),
+            &env(&[api]),
+        )
+        .unwrap();
+        let limits: Vec<(&str, Option<usize>)> =
+            s.pools.iter().map(|p| (p.name.as_str(), p.limit)).collect();
+        assert_eq!(limits, [("p", Some(3)), ("q", Some(1)), ("r", Some(3))]);
+        let q = s.worker_for(&s.pools[1]);
+        assert_eq!((q.pool.as_str(), q.polling.limit), ("q", Some(1)));
+        // The environment's limits apply when no flag gives any.
+        let s = Settings::from_start_args(
+            &args(&["--pool", "q"]),
+            &env(&[api, ("DOCKER_WORKER_POOL_LIMITS", "p=2, q=5")]),
+        )
+        .unwrap();
+        let limits: Vec<Option<usize>> = s.pools.iter().map(|p| p.limit).collect();
+        assert_eq!(limits, [Some(2), Some(5)]);
+    }
+
+    #[test]
+    fn bad_pool_lists_are_errors_naming_the_entry() {
+        let api = ("PREFECT_API_URL", "http://127.0.0.1:4200/api");
+        for (extra, vars, needle) in [
+            (&["--pool", "p"][..], &[][..], "named twice"),
+            (&["--pool-limit", "p"][..], &[][..], "expected POOL=N"),
+            (&["--pool-limit", "p=0"][..], &[][..], "at least 1"),
+            (
+                &["--pool-limit", "x=2"][..],
+                &[][..],
+                "no --pool of that name",
+            ),
+            (
+                &[][..],
+                &[("DOCKER_WORKER_POOL_LIMITS", "p=many")][..],
+                "DOCKER_WORKER_POOL_LIMITS",
+            ),
+        ] {
+            let mut pairs = vec![api];
+            pairs.extend_from_slice(vars);
+            let err = Settings::from_start_args(&args(extra), &env(&pairs))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{extra:?} {vars:?}: {err}");
+        }
     }
 
     #[test]

@@ -207,7 +207,7 @@ impl WorkerSettings {
     #[must_use]
     pub fn with_defaults(pool: &str, name: &str) -> Self {
         let args = StartArgs {
-            pool: pool.to_owned(),
+            pool: vec![pool.to_owned()],
             ..StartArgs::default()
         };
         let empty = std::collections::BTreeMap::new();
@@ -235,7 +235,7 @@ impl WorkerSettings {
         env: &Env,
     ) -> Result<Self, ConfigError> {
         Ok(Self {
-            pool: args.pool.clone(),
+            pool: args.pool.first().cloned().unwrap_or_default(),
             name,
             work_queues: args.work_queue.clone(),
             polling,

@@ -8,6 +8,25 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// The host's turns every pool's worker of the process shares: submissions in flight and GPUs
+/// are the host's, so two pools served by one process must not each get their own.
+#[derive(Debug, Clone)]
+pub struct HostAdmission {
+    pub(crate) submissions: Submissions,
+    pub(crate) gpus: Arc<GpuPool>,
+}
+
+impl HostAdmission {
+    /// `max_submissions` turns to submit at once (at least one) and these GPU device ids.
+    #[must_use]
+    pub fn new(max_submissions: usize, gpu_devices: &[String]) -> Self {
+        Self {
+            submissions: Submissions::new(max_submissions),
+            gpus: GpuPool::new(gpu_devices),
+        }
+    }
+}
+
 /// The GPUs this worker hands out (`--gpu-devices`), each to one run at a time.
 #[derive(Debug)]
 pub(crate) struct GpuPool {
@@ -127,7 +146,7 @@ impl Drop for GpuLease {
 }
 
 /// Submissions in flight at once (`--max-concurrent-submissions`).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Submissions {
     permits: Arc<Semaphore>,
 }

@@ -339,11 +339,7 @@ impl Worker {
             Ok(()) => "ack",
             Err(reason) => reason,
         };
-        self.out
-            .metrics
-            .cleanups
-            .get_or_create(&crate::metrics::KindLabel { kind: kind.into() })
-            .inc();
+        self.out.metrics.cleanup(kind);
         let result = match outcome {
             Ok(()) => self.operation(Operation::Ack, message, None, None).await,
             Err(reason) => {

@@ -16,6 +16,7 @@
 //! credentials cannot help.
 
 mod admission;
+pub use admission::HostAdmission;
 mod api_health;
 mod cache;
 mod cancel;
@@ -53,7 +54,7 @@ pub use jitter::clamped_poisson_interval;
 
 use crate::config::WorkerSettings;
 use crate::logs::ApiLogs;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PoolMetrics};
 use crate::prefect::events::EventSink;
 use crate::prefect::{ApiError, ClientConfig, WorkPool};
 use ports::{ContainerRuntime, PrefectApi};
@@ -110,7 +111,7 @@ pub struct Worker {
 struct Outputs {
     logs: ApiLogs,
     events: EventSink,
-    metrics: Arc<Metrics>,
+    metrics: PoolMetrics,
     /// The `prefect.worker.started` event, for `stopped` to follow.
     started_event: Mutex<Option<events::Emitted>>,
 }
@@ -155,6 +156,8 @@ impl Default for Lifetime {
 
 /// What a worker reports through besides state changes: flow-run logs, Prefect events,
 /// metrics, and the API settings of the `/events/out` subscription (`None` = poll only).
+/// Shared by every pool's worker of the process.
+#[derive(Clone)]
 pub struct Reporting {
     /// Flow-run logs to the API.
     pub logs: ApiLogs,
@@ -168,12 +171,16 @@ pub struct Reporting {
     pub channel_config: Option<ClientConfig>,
 }
 
-/// The two ports the worker drives.
+/// The two ports the worker drives and the host's admission (shared by every pool's worker
+/// of the process).
+#[derive(Clone)]
 pub struct Ports {
     /// The Prefect API.
     pub api: Arc<dyn PrefectApi>,
     /// The Docker Engine.
     pub docker: Arc<dyn ContainerRuntime>,
+    /// Turns to submit and GPUs, the host's, so shared by all pools.
+    pub host: HostAdmission,
 }
 
 impl Worker {
@@ -192,12 +199,9 @@ impl Worker {
             events_config,
             channel_config,
         } = reporting;
+        let metrics = metrics.for_pool(&settings.pool);
         Arc::new(Self {
-            registry: Registry::with_admission(
-                settings.polling.limit,
-                settings.admission.max_concurrent_submissions,
-                &settings.admission.gpu_devices,
-            ),
+            registry: Registry::with_admission(settings.polling.limit, &ports.host),
             settings,
             api: ports.api,
             docker: ports.docker,

@@ -106,19 +106,22 @@ impl Registry {
     /// no GPUs to hand out.
     #[cfg(test)]
     pub fn new(limit: Option<usize>) -> Arc<Self> {
-        Self::with_admission(limit, 8, &[])
+        Self::with_admission(limit, &super::admission::HostAdmission::new(8, &[]))
     }
 
-    /// An empty registry with `limit` slots, `submissions` turns to submit at once, and these
-    /// GPU devices to hand out.
-    pub fn with_admission(limit: Option<usize>, submissions: usize, gpus: &[String]) -> Arc<Self> {
+    /// An empty registry with `limit` slots that takes its turns to submit and its GPUs from
+    /// the host's shares.
+    pub fn with_admission(
+        limit: Option<usize>,
+        host: &super::admission::HostAdmission,
+    ) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::new(Inner::default()),
             limit,
             wake: Notify::new(),
             emptied: Notify::new(),
-            submissions: super::admission::Submissions::new(submissions),
-            gpus: super::admission::GpuPool::new(gpus),
+            submissions: host.submissions.clone(),
+            gpus: Arc::clone(&host.gpus),
         })
     }
 

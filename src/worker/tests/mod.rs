@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use super::registry::{Admission, RunGuard};
-use super::{Lifetime, PoolRef, Ports, Reporting, Worker};
+use super::{HostAdmission, Lifetime, PoolRef, Ports, Reporting, Worker};
 use crate::config::WorkerSettings;
 use crate::logs::{ApiLogs, LogLimits};
 use crate::metrics::Metrics;
@@ -46,7 +46,7 @@ struct Harness {
     worker: Arc<Worker>,
     api: Arc<FakeApi>,
     docker: Arc<FakeRuntime>,
-    metrics: Arc<Metrics>,
+    metrics: crate::metrics::PoolMetrics,
     logs: mpsc::Receiver<LogEntry>,
     events: mpsc::Receiver<Value>,
     lifetime: Lifetime,
@@ -64,11 +64,17 @@ impl Harness {
         let (logs_handle, logs) = ApiLogs::queue(LogLimits::default(), None);
         let (events_handle, events) = EventSink::queue();
         let lifetime = Lifetime::new();
+        let settings = settings(extra);
+        let host = HostAdmission::new(
+            settings.admission.max_concurrent_submissions,
+            &settings.admission.gpu_devices,
+        );
         let worker = Worker::new(
-            settings(extra),
+            settings,
             Ports {
                 api: Arc::clone(&api) as _,
                 docker: Arc::clone(&docker) as _,
+                host,
             },
             Reporting {
                 logs: logs_handle,
@@ -84,7 +90,7 @@ impl Harness {
             worker,
             api,
             docker,
-            metrics,
+            metrics: metrics.for_pool("pool"),
             logs,
             events,
             lifetime,
