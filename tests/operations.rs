@@ -26,7 +26,6 @@ async fn wait_for_http(url: &str, timeout: Duration) {
     .await;
 }
 
-/// The value of one unlabelled sample (`name value`) in a Prometheus exposition.
 /// The value of `name{pool="<pool>"}` in a scrape.
 fn sample(metrics: &str, name: &str, pool: &str) -> Option<f64> {
     let series = format!("{name}{{pool=\"{pool}\"}} ");

@@ -2,15 +2,20 @@
 //! socket, the Prefect API), forwards every byte unchanged, and records each request's method,
 //! target and body. Keep-alive connections are followed request by request (Content-Length or
 //! chunked bodies); after an `Upgrade` (websockets) the connection is piped without parsing.
+//! Each request also gets the time it arrived and the time its answer began, so a test can
+//! count requests in flight at once (HTTP/1.1 clients here never pipeline: one request per
+//! connection is outstanding, and the next bytes from the peer are its answer).
 
 #![allow(dead_code)]
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// One recorded request.
 #[derive(Debug, Clone)]
@@ -21,6 +26,10 @@ pub struct Recorded {
     /// Header names (lower-cased) and values, in order.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// When the whole request had arrived.
+    pub received: Instant,
+    /// When the first bytes of its answer came back; `None` while none have.
+    pub answered: Option<Instant>,
 }
 
 impl Recorded {
@@ -57,6 +66,13 @@ impl Recorded {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
     }
+}
+
+/// Requests the proxy holds back before forwarding, and for how long: a slow peer for them.
+#[derive(Clone, Copy)]
+pub struct Hold {
+    pub which: fn(&Recorded) -> bool,
+    pub delay: std::time::Duration,
 }
 
 /// Where the proxy listens and where it forwards.
@@ -107,9 +123,14 @@ pub struct Recorder {
 impl Recorder {
     /// Listens on a new unix socket at `path`, forwarding to `upstream`.
     pub fn unix(path: &Path, upstream: Endpoint) -> Self {
+        Self::unix_holding(path, upstream, None)
+    }
+
+    /// As [`Recorder::unix`], holding back the requests `hold` picks.
+    pub fn unix_holding(path: &Path, upstream: Endpoint, hold: Option<Hold>) -> Self {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).expect("bind recorder socket");
-        Self::serve_all(Endpoint::Unix(path.to_owned()), upstream, move || {
+        Self::serve_all(Endpoint::Unix(path.to_owned()), upstream, hold, move || {
             listener
                 .accept()
                 .ok()
@@ -121,7 +142,7 @@ impl Recorder {
     pub fn tcp(upstream: Endpoint) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind recorder port");
         let addr = listener.local_addr().unwrap().to_string();
-        Self::serve_all(Endpoint::Tcp(addr), upstream, move || {
+        Self::serve_all(Endpoint::Tcp(addr), upstream, None, move || {
             listener
                 .accept()
                 .ok()
@@ -134,6 +155,7 @@ impl Recorder {
     fn serve_all(
         listen: Endpoint,
         upstream: Endpoint,
+        hold: Option<Hold>,
         mut accept: impl FnMut() -> Option<Box<dyn Conn>> + Send + 'static,
     ) -> Self {
         let records = Arc::new(Mutex::new(Vec::new()));
@@ -146,7 +168,7 @@ impl Recorder {
                     return;
                 }
                 if let Some(client) = client {
-                    serve(client, &upstream, &r);
+                    serve(client, &upstream, hold, &r);
                 }
             }
         });
@@ -161,6 +183,25 @@ impl Recorder {
     pub fn records(&self) -> Vec<Recorded> {
         self.records.lock().unwrap().clone()
     }
+
+    /// The most requests matching `which` that were ever outstanding at the same moment (a
+    /// request is outstanding from its arrival until its answer began, or until now).
+    pub fn max_in_flight(&self, which: impl Fn(&Recorded) -> bool) -> usize {
+        let now = Instant::now();
+        // +1 at arrival, -1 at answer; at equal times answers first (the slot was freed).
+        let mut edges: Vec<(Instant, i32)> = Vec::new();
+        for r in self.records().iter().filter(|r| which(r)) {
+            edges.push((r.received, 1));
+            edges.push((r.answered.unwrap_or(now), -1));
+        }
+        edges.sort();
+        let (mut current, mut most) = (0i32, 0i32);
+        for (_, step) in edges {
+            current += step;
+            most = most.max(current);
+        }
+        usize::try_from(most).unwrap_or(0)
+    }
 }
 
 impl Drop for Recorder {
@@ -173,7 +214,12 @@ impl Drop for Recorder {
     }
 }
 
-fn serve(client: Box<dyn Conn>, upstream: &Endpoint, records: &Arc<Mutex<Vec<Recorded>>>) {
+fn serve(
+    client: Box<dyn Conn>,
+    upstream: &Endpoint,
+    hold: Option<Hold>,
+    records: &Arc<Mutex<Vec<Recorded>>>,
+) {
     let Ok(server) = connect(upstream) else {
         return;
     };
@@ -184,10 +230,23 @@ fn serve(client: Box<dyn Conn>, upstream: &Endpoint, records: &Arc<Mutex<Vec<Rec
     };
     let mut client_write = client;
     let mut server_write = server;
+    // Indices (in `records`) of this connection's requests not answered yet.
+    let outstanding = Arc::new(Mutex::new(VecDeque::<usize>::new()));
+    let (answers, answered) = (Arc::clone(records), Arc::clone(&outstanding));
     std::thread::spawn(move || {
         let mut buf = [0u8; 32 * 1024];
         while let Ok(n) = server_read.read(&mut buf) {
-            if n == 0 || client_write.write_all(&buf[..n]).is_err() {
+            if n == 0 {
+                break;
+            }
+            // Taken in the client thread's order (records, then outstanding): no deadlock.
+            let mut all = answers.lock().unwrap();
+            let next = answered.lock().unwrap().pop_front();
+            if let Some(i) = next {
+                all[i].answered = Some(Instant::now());
+            }
+            drop(all);
+            if client_write.write_all(&buf[..n]).is_err() {
                 break;
             }
         }
@@ -203,8 +262,15 @@ fn serve(client: Box<dyn Conn>, upstream: &Endpoint, records: &Arc<Mutex<Vec<Rec
             }
             // Recorded before it is forwarded: a request the client got an answer to is
             // already in `records`, so a test may read them as soon as the client is done.
+            let mut held = false;
             for r in parser.feed(&buf[..n]) {
-                records.lock().unwrap().push(r);
+                held |= hold.is_some_and(|h| (h.which)(&r));
+                let mut all = records.lock().unwrap();
+                all.push(r);
+                outstanding.lock().unwrap().push_back(all.len() - 1);
+            }
+            if let Some(h) = hold.filter(|_| held) {
+                std::thread::sleep(h.delay);
             }
             if server_write.write_all(&buf[..n]).is_err() {
                 break;
@@ -272,6 +338,8 @@ impl Parser {
                 target,
                 headers,
                 body,
+                received: Instant::now(),
+                answered: None,
             });
             self.buf.drain(..consumed);
             if upgrade {

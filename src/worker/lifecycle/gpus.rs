@@ -118,6 +118,8 @@ pub(crate) async fn reserve(
     let mut check = tokio::time::interval(CANCEL_CHECK);
     loop {
         tokio::select! {
+            // A lease free at once is taken without a "waiting" line.
+            biased;
             lease = &mut acquiring => {
                 let Some(lease) = lease else {
                     return Err(NoLease::Stopping);

@@ -633,3 +633,44 @@ async fn a_run_asking_for_more_gpus_than_the_worker_has_is_crashed_at_once() {
     );
     assert!(h.docker.calls_to("create").is_empty());
 }
+
+#[tokio::test]
+async fn a_run_cancelled_while_waiting_for_gpus_ends_without_a_container() {
+    let h = Harness::with(&["--gpu-devices", "0"]);
+    h.docker.plan(Plan::Hold);
+    let mut first = h.api.add_run("r1", StateType::Scheduled);
+    first
+        .job_variables
+        .insert("gpus".into(), serde_json::json!(1));
+    let mut second = h.api.add_run("r2", StateType::Scheduled);
+    second
+        .job_variables
+        .insert("gpus".into(), serde_json::json!(1));
+    let a = h.spawn_submit(first);
+    h.until("r1 watched", |h| {
+        matches!(h.worker.registry.phase("r1"), Some(Phase::Watching { .. }))
+    })
+    .await;
+    let b = h.spawn_submit(second);
+    h.until("r2 claimed", |h| {
+        h.api.current("r2").state_type == StateType::Pending
+    })
+    .await;
+    h.worker.cancel_run("r2");
+    b.await.expect("r2");
+    let (state, _) = state_of(&h, "r2");
+    assert_eq!(state, StateType::Cancelled);
+    assert_eq!(h.docker.calls_to("create").len(), 1, "only r1's container");
+    // r1 still holds the device, and gives it back at its exit.
+    h.docker.exit("c1", 0);
+    a.await.expect("r1");
+    assert_eq!(
+        h.worker
+            .registry
+            .gpus
+            .acquire(1)
+            .await
+            .map(|l| l.device_ids()),
+        Some(vec!["0".to_owned()])
+    );
+}
