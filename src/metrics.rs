@@ -61,6 +61,8 @@ pub struct Metrics {
     pub queued_reports: Gauge,
     /// Containers removed by the periodic garbage collection.
     pub gc_removed: Counter,
+    /// Images removed by the worker's image collections (`--gc-images`, `--min-free-disk`).
+    pub gc_images_removed: Counter,
     /// 1 while Prefect's worker channel is healthy (REST sync stands down), else 0.
     pub channel_connected: Gauge,
     /// Cleanups delivered by the worker channel, by outcome (`ack` or the release reason).
@@ -96,6 +98,7 @@ impl Metrics {
             docker_errors: Family::default(),
             queued_reports: Gauge::default(),
             gc_removed: Counter::default(),
+            gc_images_removed: Counter::default(),
             channel_connected: Gauge::default(),
             cleanups: Family::default(),
             policy_violations: Family::default(),
@@ -200,6 +203,11 @@ impl Metrics {
             "gc_removed",
             "Finished flow-run containers removed by garbage collection",
             self.gc_removed.clone(),
+        );
+        r.register(
+            "gc_images_removed",
+            "Images removed by image garbage collection (periodic or before a pull)",
+            self.gc_images_removed.clone(),
         );
     }
 
