@@ -209,13 +209,13 @@ fn available_bytes(path: &Path) -> Result<u64, String> {
 }
 
 impl DockerRuntime {
-    /// Every image of the Engine (`GET /images/json`, top-level images: tagged or dangling,
-    /// not the intermediate layers of builds).
+    /// Every image of the Engine (`GET /images/json?all=true`), the intermediate images of
+    /// local builds included, so that which image is built on which can be followed.
     ///
     /// # Errors
     /// [`DockerError::Api`] when the Engine cannot list them.
     pub async fn list_images(&self) -> Result<Vec<LocalImage>, DockerError> {
-        let options = ListImagesOptionsBuilder::default().all(false).build();
+        let options = ListImagesOptionsBuilder::default().all(true).build();
         let summaries =
             self.docker
                 .list_images(Some(options))

@@ -192,11 +192,7 @@ impl fmt::Display for ImageDecision {
         match self.age_from() {
             Some((what, at)) => {
                 let ago = (self.checked_at - at).to_std().unwrap_or_default();
-                write!(
-                    f,
-                    "{what} {} ago)",
-                    humantime::format_duration(rounded(ago))
-                )?;
+                write!(f, "{what} {} ago)", rounded(ago))?;
             }
             None => f.write_str("age unknown)")?,
         }
@@ -208,16 +204,15 @@ impl fmt::Display for ImageDecision {
     }
 }
 
-/// A duration rounded as [`crate::gc`] rounds it: seconds under an hour, minutes under a day,
-/// hours beyond.
-fn rounded(d: Duration) -> Duration {
+/// An age for people: seconds under an hour, minutes under a day, whole days beyond (an
+/// image may be years old, where hours and humantime's 30.44-day months are noise).
+fn rounded(d: Duration) -> String {
     let s = d.as_secs();
-    let unit = match s {
-        0..3600 => 1,
-        3600..86400 => 60,
-        _ => 3600,
-    };
-    Duration::from_secs(s / unit * unit)
+    match s {
+        0..3600 => humantime::format_duration(Duration::from_secs(s)).to_string(),
+        3600..86400 => humantime::format_duration(Duration::from_secs(s / 60 * 60)).to_string(),
+        _ => format!("{}days", s / 86400),
+    }
 }
 
 /// Everything one image collection decided.
@@ -307,8 +302,38 @@ struct Facts<'a> {
     users: &'a HashMap<String, Vec<ImageUser>>,
     referenced: &'a Referenced,
     in_flight: &'a HashSet<String>,
-    /// Parent id → the (id, name) of the images built on it that are still there.
+    /// Image id → the (id, name) of the top-level images built on it (directly or through
+    /// intermediate build images) that are still there.
     children: HashMap<String, Vec<(String, String)>>,
+}
+
+/// The ids of `image`'s ancestors among the listed images, nearest first. Bounded: a cycle
+/// in the Engine's answer must not loop for ever.
+fn ancestors<'a>(image: &'a LocalImage, by_id: &HashMap<&str, &'a LocalImage>) -> Vec<&'a str> {
+    let mut found = Vec::new();
+    let mut parent = image.parent_id.as_str();
+    while let Some(p) = by_id.get(parent) {
+        if found.len() >= by_id.len() || found.contains(&p.id.as_str()) {
+            break;
+        }
+        found.push(p.id.as_str());
+        parent = p.parent_id.as_str();
+    }
+    found
+}
+
+/// The images `docker images` shows (without `-a`): tagged or digested ones, and untagged
+/// ones no image is built on (dangling). The others are intermediate build images, which go
+/// with the last image built on them.
+fn top_level<'a>(all: &'a [LocalImage]) -> Vec<&'a LocalImage> {
+    let parents: HashSet<&str> = all.iter().map(|i| i.parent_id.as_str()).collect();
+    all.iter()
+        .filter(|i| {
+            !i.repo_tags.is_empty()
+                || !i.repo_digests.is_empty()
+                || !parents.contains(i.id.as_str())
+        })
+        .collect()
 }
 
 /// The part of a decision that needs no age: containers, deployments, pulls, children.
@@ -356,22 +381,6 @@ fn keep_for_age(
     (age < older_than).then_some(ImageKeep::TooYoung { older_than })
 }
 
-/// How many of its ancestors are listed too: children are decided before their parents, so
-/// a chain of unused images goes in one collection.
-fn depth(image: &LocalImage, by_id: &HashMap<&str, &LocalImage>) -> usize {
-    let mut depth = 0;
-    let mut parent = image.parent_id.as_str();
-    // Bounded: a cycle in the Engine's answer must not loop for ever.
-    while let Some(p) = by_id.get(parent) {
-        depth += 1;
-        if depth > by_id.len() {
-            break;
-        }
-        parent = p.parent_id.as_str();
-    }
-    depth
-}
-
 /// The decision about one candidate, carried out.
 async fn decide(
     docker: &DockerRuntime,
@@ -405,6 +414,13 @@ async fn decide(
         decision.outcome = match docker.remove_image(image).await {
             Ok(ImageRemoval::Removed) => ImageOutcome::Removed,
             Ok(ImageRemoval::AlreadyGone) => ImageOutcome::Gone,
+            // Build cache no listed image leads to: the Engine keeps the parent for it, and
+            // that is no failure of the collection.
+            Err(e) if e.to_string().contains("dependent child images") => {
+                ImageOutcome::Kept(ImageKeep::Parent {
+                    child: "an untagged build image".into(),
+                })
+            }
             Err(e) => ImageOutcome::Kept(ImageKeep::RemoveFailed(e.to_string())),
         };
     }
@@ -441,19 +457,26 @@ pub async fn collect(
         .iter()
         .map(|i| refs::canonical(i))
         .collect();
-    let mut children: HashMap<String, Vec<(String, String)>> = HashMap::new();
-    for image in images.iter().filter(|i| !i.parent_id.is_empty()) {
-        children
-            .entry(image.parent_id.clone())
-            .or_default()
-            .push((image.id.clone(), image.display_name().to_owned()));
-    }
     let by_id: HashMap<&str, &LocalImage> = images.iter().map(|i| (i.id.as_str(), i)).collect();
-    let mut candidates: Vec<&LocalImage> = images
-        .iter()
+    let top = top_level(&images);
+    let mut children: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    let mut lineage: HashMap<&str, Vec<&str>> = HashMap::new();
+    for image in &top {
+        let up = ancestors(image, &by_id);
+        for ancestor in &up {
+            children
+                .entry((*ancestor).to_owned())
+                .or_default()
+                .push((image.id.clone(), image.display_name().to_owned()));
+        }
+        lineage.insert(image.id.as_str(), up);
+    }
+    let mut candidates: Vec<&LocalImage> = top
+        .into_iter()
         .filter(|i| options.label.as_deref().is_none_or(|l| has_label(i, l)))
         .collect();
-    candidates.sort_by_key(|i| std::cmp::Reverse(depth(i, &by_id)));
+    // Children before their parents, so a chain of unused images goes in one collection.
+    candidates.sort_by_key(|i| std::cmp::Reverse(lineage.get(i.id.as_str()).map_or(0, Vec::len)));
     let mut facts = Facts {
         users: &users,
         referenced: &referenced,
@@ -467,15 +490,18 @@ pub async fn collect(
     };
     for image in candidates {
         let decision = decide(docker, options, image, &facts).await;
-        // A child that went (or would go) no longer holds its parent back.
+        // A child that went (or would go) no longer holds its ancestors back.
         if matches!(
             decision.outcome,
             ImageOutcome::Removed | ImageOutcome::WouldRemove | ImageOutcome::Gone
-        ) && let Some(siblings) = facts.children.get_mut(&image.parent_id)
-        {
-            siblings.retain(|(id, _)| *id != image.id);
-            if siblings.is_empty() {
-                facts.children.remove(&image.parent_id);
+        ) {
+            for ancestor in lineage.get(image.id.as_str()).into_iter().flatten() {
+                if let Some(rest) = facts.children.get_mut(*ancestor) {
+                    rest.retain(|(id, _)| *id != image.id);
+                    if rest.is_empty() {
+                        facts.children.remove(*ancestor);
+                    }
+                }
             }
         }
         report.decisions.push(decision);

@@ -242,7 +242,8 @@ async fn configured_image(
 /// rendering as a run's (`resolve_configuration`) and `--prepull`'s.
 ///
 /// # Errors
-/// The template's error when it cannot be rendered (its runs crash: they use no image).
+/// The template's error when it cannot be rendered (its runs crash: they use no image); a
+/// pool with no template at all is rendered with the default one, as a worker fills it in.
 pub(super) fn image_value(
     template: &Value,
     deployment: Option<&Deployment>,
@@ -253,6 +254,18 @@ pub(super) fn image_value(
         deployment.and_then(|d| deployment_job_variables(&d.raw)),
         flow_run.map(|r| &r.job_variables),
     );
+    // A pool created without a template gets the default one from the first worker that
+    // syncs it (as `sync` does); until then, and for `gc`, that default stands in for it.
+    let default_template;
+    let template = if template
+        .get("job_configuration")
+        .is_some_and(Value::is_object)
+    {
+        template
+    } else {
+        default_template = crate::job::default_base_job_template();
+        &default_template
+    };
     // `{{ $NAME }}` placeholders read the worker's environment, as a run's do.
     let env = |name: &str| std::env::var(name).ok();
     let rendered: Map<String, Value> =

@@ -178,21 +178,41 @@ fn age_is_the_later_of_creation_and_last_tagging() {
 }
 
 #[test]
-fn children_come_before_their_parents() {
+fn ancestors_and_top_level_images() {
     let mut base = image("aaaa", &["base:1"], &[]);
     base.parent_id = "sha256:not-listed".into();
     let mut mid = image("bbbb", &[], &[]);
     mid.parent_id = base.id.clone();
     let mut leaf = image("cccc", &["leaf:1"], &[]);
     leaf.parent_id = mid.id.clone();
-    let mut cycle = image("dddd", &[], &[]);
+    let dangling = image("eeee", &[], &[]);
+    let mut cycle = image("dddd", &["c:1"], &[]);
     cycle.parent_id = cycle.id.clone();
-    let all = [base.clone(), mid.clone(), leaf.clone(), cycle.clone()];
+    let all = [
+        base.clone(),
+        mid.clone(),
+        leaf.clone(),
+        dangling.clone(),
+        cycle.clone(),
+    ];
     let by_id: HashMap<&str, &LocalImage> = all.iter().map(|i| (i.id.as_str(), i)).collect();
-    assert_eq!(depth(&base, &by_id), 0);
-    assert_eq!(depth(&mid, &by_id), 1);
-    assert_eq!(depth(&leaf, &by_id), 2);
-    assert!(depth(&cycle, &by_id) <= all.len() + 1);
+    assert!(ancestors(&base, &by_id).is_empty());
+    assert_eq!(
+        ancestors(&leaf, &by_id),
+        [mid.id.as_str(), base.id.as_str()]
+    );
+    assert_eq!(ancestors(&cycle, &by_id), [cycle.id.as_str()]);
+    // The intermediate build image is not top-level; a dangling image is.
+    let top: Vec<&str> = top_level(&all).iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(
+        top,
+        [
+            base.id.as_str(),
+            leaf.id.as_str(),
+            dangling.id.as_str(),
+            cycle.id.as_str()
+        ]
+    );
 }
 
 #[test]
@@ -220,6 +240,11 @@ fn lines_and_summary() {
     assert_eq!(
         d.to_string(),
         "removed image local/app:1 0123456789ab (created 9days ago)"
+    );
+    d.created = Some(now - chrono::Duration::days(2530) - chrono::Duration::hours(13));
+    assert_eq!(
+        d.to_string(),
+        "removed image local/app:1 0123456789ab (created 2530days ago)"
     );
     d.last_tagged = Some(now - chrono::Duration::hours(2));
     d.outcome = ImageOutcome::Kept(ImageKeep::TooYoung {
@@ -300,5 +325,10 @@ fn the_image_is_rendered_as_a_runs() {
         image_value(&env_template, Some(&dep), None, &none),
         Ok(Some(json!(format!("x/{path}"))))
     );
-    assert!(image_value(&json!({}), Some(&dep), None, &none).is_err());
+    // A pool created without a template: the default one, as the worker's sync fills it in.
+    assert_eq!(
+        image_value(&json!({}), Some(&dep), None, &none),
+        Ok(Some(json!("local/dep:1")))
+    );
+    assert_eq!(image_value(&json!({}), None, None, &none), Ok(None));
 }
