@@ -325,7 +325,7 @@ fn ancestors<'a>(image: &'a LocalImage, by_id: &HashMap<&str, &'a LocalImage>) -
 /// The images `docker images` shows (without `-a`): tagged or digested ones, and untagged
 /// ones no image is built on (dangling). The others are intermediate build images, which go
 /// with the last image built on them.
-fn top_level<'a>(all: &'a [LocalImage]) -> Vec<&'a LocalImage> {
+fn top_level(all: &[LocalImage]) -> Vec<&LocalImage> {
     let parents: HashSet<&str> = all.iter().map(|i| i.parent_id.as_str()).collect();
     all.iter()
         .filter(|i| {
