@@ -194,7 +194,7 @@ fn image_collections(
             crate::image_gc::format_bytes(min_free),
             crate::image_gc::format_bytes(space.available),
         ),
-        Err(e) => tracing::warn!(error = %e, "--min-free-disk cannot be enforced: {e}"),
+        Err(e) => tracing::warn!("--min-free-disk cannot be enforced: {e}"),
     }
     let guard = DiskGuard::new(
         docker.clone(),

@@ -345,6 +345,30 @@ mod tests {
         .unwrap();
     }
 
+    /// The README's example reads, and does what the README says.
+    #[test]
+    fn the_readme_example_reads() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let section = readme
+            .split("## Job override")
+            .nth(1)
+            .expect("a Job override section");
+        let toml = section
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|s| s.split("```").next())
+            .expect("a TOML example");
+        let over = parsed("override.toml", toml).unwrap_or_else(|e| panic!("{e}"));
+        let out = over.apply(obj(json!({"env": {"A": "1"}, "volumes": ["/a:/a"]})));
+        assert_eq!(out["volumes"], json!(["/srv/cache:/cache"]));
+        assert_eq!(out["env"]["A"], json!("1"));
+        assert_eq!(
+            out["container_create_kwargs"]["log_config"]["type"],
+            json!("local")
+        );
+    }
+
     #[test]
     fn debug_shows_keys_not_values() {
         let over = parsed("o.json", r#"{"env": {"TOKEN": "secret-value-1"}}"#).unwrap();
