@@ -204,11 +204,13 @@ pub enum PolicyCommand {
 /// container and no deployment uses.
 #[derive(Debug, Args)]
 pub struct GcArgs {
-    /// Only this work pool's containers. Default: every pool's.
+    /// Only this work pool's containers; with --images, only its deployments keep their
+    /// images. Default: every pool's.
     #[arg(short = 'p', long)]
     pub pool: Option<String>,
 
-    /// Keep containers that finished less than DURATION ago (`30m`, `24h`, `7d`, `0s`).
+    /// Keep containers that finished (and images created or tagged) less than DURATION ago
+    /// (`30m`, `24h`, `7d`, `0s`).
     #[arg(long, value_name = "DURATION")]
     pub older_than: Option<String>,
 

@@ -731,6 +731,115 @@ mod tests {
     }
 
     #[test]
+    fn sizes() {
+        let gib = 1024 * 1024 * 1024;
+        assert_eq!(parse_size("10g"), Ok(10 * gib));
+        assert_eq!(parse_size(" 10GB "), Ok(10 * gib));
+        assert_eq!(parse_size("1.5GiB"), Ok(gib + gib / 2));
+        assert_eq!(parse_size("500m"), Ok(500 * 1024 * 1024));
+        assert_eq!(parse_size("2t"), Ok(2 * 1024 * gib));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("0"), Ok(0));
+        for bad in ["", "g", "lots", "-1g", "1.2.3g", "10q", "1e3"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert!(parse_size("99999999999999t").is_err());
+    }
+
+    /// `--gc-images`, `--gc-image-label`, `--min-free-disk` (and their variables) make the
+    /// worker's image collections; `gc --images` its own, with the pool, the default image
+    /// and the job override it renders deployments with.
+    #[test]
+    fn image_collection_settings() {
+        let base = [("PREFECT_API_URL", "http://x/api")];
+        let s = Settings::from_start_args(&args(&[]), &env(&base)).unwrap();
+        assert_eq!(
+            s.images,
+            ImageGcSettings {
+                periodic: false,
+                label: None,
+                min_free_disk: None
+            }
+        );
+        let s = Settings::from_start_args(
+            &args(&[
+                "--gc-images",
+                "--gc-image-label",
+                "team=data",
+                "--min-free-disk",
+                "10g",
+                "--gc-older-than",
+                "7d",
+                "--default-image",
+                "local/x:1",
+            ]),
+            &env(&base),
+        )
+        .unwrap();
+        assert_eq!(
+            s.images,
+            ImageGcSettings {
+                periodic: true,
+                label: Some("team=data".into()),
+                min_free_disk: Some(10 * 1024 * 1024 * 1024)
+            }
+        );
+        let options = s.image_gc_options();
+        assert_eq!(options.pools, PoolScope::All);
+        assert_eq!(options.older_than, Duration::from_secs(7 * 86_400));
+        assert_eq!(options.default_image, "local/x:1");
+        assert!(!options.dry_run && options.job_override.is_none());
+        let s = Settings::from_start_args(
+            &args(&[]),
+            &env(&[
+                base[0],
+                ("DOCKER_WORKER_GC_IMAGES", "true"),
+                ("DOCKER_WORKER_GC_IMAGE_LABEL", "k"),
+                ("DOCKER_WORKER_MIN_FREE_DISK", "0"),
+            ]),
+        )
+        .unwrap();
+        assert!(s.images.periodic);
+        assert_eq!(s.images.label.as_deref(), Some("k"));
+        assert_eq!(s.images.min_free_disk, None, "0 = off");
+
+        let s = GcSettings::from_gc_args(&gc_args(&[]), &env(&base)).unwrap();
+        assert!(s.images.is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("o.json");
+        std::fs::write(&file, r#"{"image": "local/host:1"}"#).unwrap();
+        let s = GcSettings::from_gc_args(
+            &gc_args(&[
+                "--images",
+                "--pool",
+                "p",
+                "--image-label",
+                "k=v",
+                "--dry-run",
+            ]),
+            &env(&[
+                base[0],
+                ("DOCKER_WORKER_DEFAULT_IMAGE", "local/default:1"),
+                ("DOCKER_WORKER_JOB_OVERRIDE", &file.to_string_lossy()),
+            ]),
+        )
+        .unwrap();
+        let images = s.images.expect("--images");
+        assert_eq!(images.pools, PoolScope::One("p".into()));
+        assert_eq!(images.label.as_deref(), Some("k=v"));
+        assert_eq!(images.default_image, "local/default:1");
+        assert!(images.dry_run);
+        assert_eq!(
+            images.job_override.map(|o| o.source().to_owned()),
+            Some(file.clone())
+        );
+        let e =
+            GcSettings::from_gc_args(&gc_args(&["--images", "--image-label", "=v"]), &env(&base))
+                .unwrap_err();
+        assert!(e.to_string().contains("--image-label"), "{e}");
+    }
+
+    #[test]
     fn gc_settings() {
         let base = [("PREFECT_API_URL", "http://x/api")];
         let s = GcSettings::from_gc_args(&gc_args(&[]), &env(&base)).unwrap();
