@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{DockerSettings, GcSettings, Settings};
 use crate::docker::{DockerRuntime, TlsFiles};
 use crate::gc::Report;
+use crate::image_gc::{DiskGuard, ImageReport};
 use crate::logs::ApiLogs;
 use crate::metrics::Metrics;
 use crate::prefect::PrefectClient;
@@ -70,6 +71,15 @@ pub async fn run(settings: Settings, lifetime: Lifetime) -> anyhow::Result<()> {
         tracing::info!(
             address,
             "rootless Docker: a localhost PREFECT_API_URL reaches flow-run containers as host.docker.internal, mapped to rootlesskit's host loopback address (rootlesskit must run without --disable-host-loopback; otherwise give the worker a PREFECT_API_URL containers can reach)"
+        );
+    }
+
+    let docker = image_collections(&settings, docker, &api, &metrics, &lifetime, &services);
+    if let Some(job_override) = &settings.worker.run_defaults.job_override {
+        tracing::info!(
+            file = %job_override.source().display(),
+            fields = %job_override.fields().collect::<Vec<_>>().join(", "),
+            "job override: merged into every job configuration, over the template, the deployment and the flow run"
         );
     }
 
@@ -170,6 +180,60 @@ fn reporting(
     (reporting, senders)
 }
 
+/// The worker's image collections: `--min-free-disk`'s guard before pulls (the runtime
+/// returned carries it) and `--gc-images` every `--gc-interval` (spawned in `services`, until
+/// the first signal). Both keep the images of every pool's deployments.
+fn image_collections(
+    settings: &Settings,
+    docker: DockerRuntime,
+    api: &Arc<PrefectClient>,
+    metrics: &Arc<Metrics>,
+    lifetime: &Lifetime,
+    services: &TaskTracker,
+) -> DockerRuntime {
+    let options = settings.image_gc_options();
+    if settings.images.periodic {
+        match settings.worker.gc.interval {
+            Some(interval) => {
+                let task = crate::image_gc::run_periodic(
+                    docker.clone(),
+                    Arc::clone(api),
+                    options.clone(),
+                    interval,
+                    Arc::clone(metrics),
+                    lifetime.requested.child_token(),
+                );
+                services.spawn(task);
+            }
+            None => tracing::warn!(
+                "--gc-images collects images at every --gc-interval, and no interval is set: images are collected only before pulls with --min-free-disk"
+            ),
+        }
+    }
+    let Some(min_free) = settings.images.min_free_disk else {
+        return docker;
+    };
+    match docker.data_root_space() {
+        Ok(space) => tracing::info!(
+            data_root = %space.path.display(),
+            available = space.available,
+            min_free_disk = min_free,
+            "--min-free-disk: images are collected before a pull when the Docker Engine's data root has less than {} free (now {})",
+            crate::image_gc::format_bytes(min_free),
+            crate::image_gc::format_bytes(space.available),
+        ),
+        Err(e) => tracing::warn!("--min-free-disk cannot be enforced: {e}"),
+    }
+    let guard = DiskGuard::new(
+        docker.clone(),
+        Arc::clone(api),
+        options,
+        min_free,
+        Arc::clone(metrics),
+    );
+    docker.with_pull_guard(Arc::new(guard))
+}
+
 /// Connects to the Docker Engine the settings name (TLS and registry credentials included).
 async fn connect_docker(settings: &DockerSettings) -> anyhow::Result<DockerRuntime> {
     let tls = settings.tls_cert_dir.as_deref().map(TlsFiles::in_dir);
@@ -181,12 +245,35 @@ async fn connect_docker(settings: &DockerSettings) -> anyhow::Result<DockerRunti
     )
 }
 
-/// `docker-worker gc`: one collection, one line per stopped flow-run container on stdout and a
-/// summary line. Returns the report so the caller can choose the exit code.
+/// What `docker-worker gc` did, for its exit code.
+#[derive(Debug)]
+pub struct GcOutcome {
+    /// The container collection.
+    pub containers: Report,
+    /// The image collection (`--images`); `Some(Err)` when it could not start.
+    pub images: Option<Result<ImageReport, String>>,
+}
+
+impl GcOutcome {
+    /// How many failures kept something (an image collection that could not start is one).
+    pub fn errors(&self) -> usize {
+        self.containers.errors()
+            + match &self.images {
+                Some(Ok(report)) => report.errors(),
+                Some(Err(_)) => 1,
+                None => 0,
+            }
+    }
+}
+
+/// `docker-worker gc`: one container collection, one line per stopped flow-run container on
+/// stdout and a summary line; with `--images`, then one image collection, likewise (and a
+/// `note:` line per deployment whose image could not be told). Containers go first, so the
+/// images only they used can go in the same invocation.
 ///
 /// # Errors
 /// Docker unreachable, the API client cannot be built, or the containers cannot be listed.
-pub async fn gc(settings: GcSettings) -> anyhow::Result<Report> {
+pub async fn gc(settings: GcSettings) -> anyhow::Result<GcOutcome> {
     let api = PrefectClient::new(&settings.api).context("building the Prefect API client")?;
     let docker = connect_docker(&settings.docker).await?;
     let report = crate::gc::collect(&docker, &api, &settings.options, &|_| false).await?;
@@ -194,7 +281,31 @@ pub async fn gc(settings: GcSettings) -> anyhow::Result<Report> {
         println!("{decision}");
     }
     println!("{}", report.summary());
-    Ok(report)
+    let images = match &settings.images {
+        None => None,
+        Some(options) => Some(
+            match crate::image_gc::collect(&docker, &api, options).await {
+                Ok(images) => {
+                    for note in &images.notes {
+                        println!("note: {note}");
+                    }
+                    for decision in &images.decisions {
+                        println!("{decision}");
+                    }
+                    println!("{}", images.summary());
+                    Ok(images)
+                }
+                Err(e) => {
+                    println!("gc images: not run: {e}");
+                    Err(e.to_string())
+                }
+            },
+        ),
+    };
+    Ok(GcOutcome {
+        containers: report,
+        images,
+    })
 }
 
 /// What `docker-worker policy check` found.

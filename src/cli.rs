@@ -29,7 +29,8 @@ pub struct Cli {
 pub enum Command {
     /// Start the worker: poll a work pool and run its flow runs in Docker containers.
     Start(Box<StartArgs>),
-    /// Remove the exited containers of flow runs that are over in Prefect (garbage collection).
+    /// Remove the exited containers of flow runs that are over in Prefect, and with --images
+    /// unused images (garbage collection).
     Gc(GcArgs),
     /// Check a host policy file, and what it would do to a job.
     Policy {
@@ -178,6 +179,25 @@ pub struct StartArgs {
     /// Checked at start; `docker-worker policy check FILE` tries one out.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
+
+    /// Job configuration values of this host (JSON or TOML), merged into every run's rendered
+    /// job configuration: they win over the template, the deployment and the flow run.
+    #[arg(long, value_name = "FILE")]
+    pub job_override: Option<PathBuf>,
+
+    /// With --gc-interval: also remove images no container uses and no deployment of any
+    /// pool uses, created or tagged at least --gc-older-than ago.
+    #[arg(long)]
+    pub gc_images: bool,
+
+    /// Image collections look only at images carrying this label (KEY or KEY=VALUE).
+    #[arg(long, value_name = "LABEL")]
+    pub gc_image_label: Option<String>,
+
+    /// Before a pull, collect images when the Docker Engine's data root has less free space
+    /// than SIZE (`10g`, `500m`); if still short, pull anyway with a warning.
+    #[arg(long, value_name = "SIZE")]
+    pub min_free_disk: Option<String>,
 }
 
 /// `docker-worker policy …`.
@@ -199,20 +219,40 @@ pub enum PolicyCommand {
 ///
 /// Removes containers labelled `io.prefect.flow-run-id` that have exited, finished long enough
 /// ago, and whose flow run is Completed, Failed, Crashed or Cancelled. Never touches running
-/// containers or containers without that label.
+/// containers or containers without that label. With `--images`, then removes images no
+/// container and no deployment uses.
 #[derive(Debug, Args)]
 pub struct GcArgs {
-    /// Only this work pool's containers. Default: every pool's.
+    /// Only this work pool's containers; with --images, only its deployments keep their
+    /// images. Default: every pool's.
     #[arg(short = 'p', long)]
     pub pool: Option<String>,
 
-    /// Keep containers that finished less than DURATION ago (`30m`, `24h`, `7d`, `0s`).
+    /// Keep containers that finished (and images created or tagged) less than DURATION ago
+    /// (`30m`, `24h`, `7d`, `0s`).
     #[arg(long, value_name = "DURATION")]
     pub older_than: Option<String>,
 
     /// Say what would be removed; remove nothing.
     #[arg(long)]
     pub dry_run: bool,
+
+    /// Then remove images no container uses (in any state) and no deployment uses (of
+    /// --pool, else of every pool), created or tagged at least --older-than ago.
+    #[arg(long)]
+    pub images: bool,
+
+    /// With --images: look only at images carrying this label (KEY or KEY=VALUE).
+    #[arg(long, value_name = "LABEL")]
+    pub image_label: Option<String>,
+
+    /// With --images: the image of jobs that name none, as `start --default-image`.
+    #[arg(long, value_name = "IMAGE")]
+    pub default_image: Option<String>,
+
+    /// With --images: the job override file `start` uses (it may set every job's image).
+    #[arg(long, value_name = "FILE")]
+    pub job_override: Option<PathBuf>,
 }
 
 /// The command line with the environment's help added from the table: each flag backed by a

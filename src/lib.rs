@@ -2,7 +2,8 @@
 //!
 //! Boundaries: [`job`] is pure (template → [`job::ContainerSpec`]); [`prefect`] knows HTTP and
 //! nothing of Docker; [`docker`] knows bollard and nothing of Prefect; [`worker`] wires the two,
-//! and so does [`gc`] (removing the containers of finished flow runs). [`guard`] is the host
+//! and so do [`gc`] (removing the containers of finished flow runs) and [`image_gc`]
+//! (removing images no container and no deployment uses). [`guard`] is the host
 //! policy applied to every new run's container.
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ pub mod docker;
 pub mod gc;
 pub mod guard;
 pub mod health;
+pub mod image_gc;
 pub mod job;
 pub mod logs;
 pub mod metrics;

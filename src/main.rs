@@ -3,10 +3,13 @@
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use docker_worker::cli::{self, Command, GcArgs, PolicyCommand, StartArgs};
-use docker_worker::config::{ConfigError, GcSettings, LogFormat, Settings, with_profile};
+use docker_worker::config::{
+    ConfigError, GcSettings, LogFormat, LogSettings, Settings, with_profile,
+};
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -31,11 +34,17 @@ const CAPPED_CRATES: [&str; 9] = [
 
 /// The worker's log filter: `RUST_LOG`-style `target=level` directives (a plain `Targets`
 /// filter: span and field filters are not supported, and not needed by a daemon), with the
-/// capped crates (and their modules) held at info or quieter.
-fn log_targets(log_filter: &str) -> Targets {
-    let user: Targets = log_filter
-        .parse()
-        .unwrap_or_else(|_| Targets::new().with_default(LevelFilter::INFO));
+/// capped crates (and their modules) held at info or quieter. A filter that does not parse is
+/// `info`, and the parse error is returned so it can be logged as a warning once the log is
+/// up: a typo in `RUST_LOG` must not silently change what the worker logs.
+fn log_targets(log_filter: &str) -> (Targets, Option<String>) {
+    let (user, error) = match log_filter.parse::<Targets>() {
+        Ok(user) => (user, None),
+        Err(e) => (
+            Targets::new().with_default(LevelFilter::INFO),
+            Some(e.to_string()),
+        ),
+    };
     let capped = |target: &str| {
         CAPPED_CRATES
             .iter()
@@ -64,18 +73,36 @@ fn log_targets(log_filter: &str) -> Targets {
             .min(LevelFilter::INFO);
         targets = targets.with_target(krate, level);
     }
-    targets
+    (targets, error)
 }
 
-fn init_tracing(log_filter: &str, log_format: LogFormat) {
-    let targets = log_targets(log_filter);
+/// Whether the text log may use ANSI colours: only when stderr is a terminal (not the journal,
+/// a file or `docker logs`), and never with `NO_COLOR` set (<https://no-color.org>).
+fn use_colour(no_color: bool) -> bool {
+    !no_color && std::io::stderr().is_terminal()
+}
+
+/// The stderr log. Records of dependencies that log through the `log` crate (rustls,
+/// tungstenite, bollard, reqwest) reach it too (`tracing-log`, installed by `init`), under
+/// the same filter and caps as tracing's own events.
+fn init_tracing(logging: &LogSettings, log_format: LogFormat) {
+    let (targets, filter_error) = log_targets(&logging.filter);
     let registry = tracing_subscriber::registry().with(targets);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(use_colour(logging.no_color));
     match log_format {
         LogFormat::Text => registry.with(fmt).init(),
         LogFormat::Json => registry
             .with(fmt.json().flatten_event(true).with_current_span(true))
             .init(),
+    }
+    if let Some(error) = filter_error {
+        tracing::warn!(
+            filter = %logging.filter,
+            error = %error,
+            "the log filter (RUST_LOG, else PREFECT_LOGGING_LEVEL) is not valid; logging at info"
+        );
     }
 }
 
@@ -130,14 +157,14 @@ fn gc(args: &GcArgs) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    init_tracing(&settings.log_filter, LogFormat::Text);
+    init_tracing(&settings.logging, LogFormat::Text);
     let runtime = match runtime(&mut tokio::runtime::Builder::new_current_thread()) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
     match runtime.block_on(docker_worker::app::gc(settings)) {
         // Anything kept because of a failure makes the run fail, after the others.
-        Ok(report) if report.errors() > 0 => ExitCode::FAILURE,
+        Ok(outcome) if outcome.errors() > 0 => ExitCode::FAILURE,
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("docker-worker: {e:#}");
@@ -173,7 +200,7 @@ fn start(args: &StartArgs) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    init_tracing(&settings.log_filter, settings.log_format);
+    init_tracing(&settings.logging, settings.log_format);
     let runtime = match runtime(tokio::runtime::Builder::new_multi_thread().worker_threads(2)) {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -202,9 +229,10 @@ mod tests {
 
     #[test]
     fn capped_crates_never_go_below_info() {
-        let t = log_targets(
+        let (t, error) = log_targets(
             "trace,docker_worker=debug,bollard=trace,reqwest::connect=trace,hyper=warn",
         );
+        assert_eq!(error, None);
         assert!(t.would_enable("docker_worker::worker", &Level::DEBUG));
         assert!(t.would_enable("some_crate", &Level::TRACE));
         assert!(!t.would_enable("bollard::docker", &Level::DEBUG));
@@ -219,8 +247,9 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_filter_falls_back_to_info() {
-        let t = log_targets("this is not a filter ===");
+    fn a_bad_filter_falls_back_to_info_and_says_why() {
+        let (t, error) = log_targets("this is not a filter ===");
+        assert!(error.is_some_and(|e| !e.is_empty()));
         assert!(t.would_enable("docker_worker", &Level::INFO));
         assert!(!t.would_enable("docker_worker", &Level::DEBUG));
     }

@@ -88,6 +88,9 @@ pub struct Metrics {
     pub docker_errors: Family<KindLabel, Counter>,
     /// Containers removed by the periodic garbage collection.
     pub gc_removed: PoolCounters,
+    /// Images removed by the worker's image collections (`--gc-images`, `--min-free-disk`):
+    /// the host's, so not per pool.
+    pub gc_images_removed: Counter,
     /// 1 while the pool's worker channel is healthy (REST sync stands down), else 0.
     pub channel_connected: PoolGauges,
     /// Cleanups delivered by the worker channel, by outcome (`ack` or the release reason).
@@ -126,6 +129,7 @@ impl Metrics {
             api_errors: Family::default(),
             docker_errors: Family::default(),
             gc_removed: Family::default(),
+            gc_images_removed: Counter::default(),
             channel_connected: Family::default(),
             cleanups: Family::default(),
             policy_violations: Family::default(),
@@ -237,6 +241,11 @@ impl Metrics {
             "available_memory_bytes",
             "The host's available memory at the last check of --min-free-memory",
             self.available_memory.clone(),
+        );
+        r.register(
+            "gc_images_removed",
+            "Images removed by image garbage collection (periodic or before a pull)",
+            self.gc_images_removed.clone(),
         );
     }
 

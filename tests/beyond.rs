@@ -428,3 +428,78 @@ async fn prepull_fetches_deployment_images_at_start_and_when_deployments_change(
     assert!(inspect_image(&never).is_null());
     assert!(guard.containers().is_empty());
 }
+
+/// `--job-override` (here through `DOCKER_WORKER_JOB_OVERRIDE`, TOML) reaches the container:
+/// the operator's values win over the deployment's and the flow run's, objects (`env`,
+/// `labels`, `container_create_kwargs`) merge key by key, and what nobody overrode stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_override_reaches_the_container_over_deployment_and_flow_run() {
+    require_docker();
+    let server = server();
+    let api = Api::new(server);
+    let pool = unique("override");
+    let guard = ContainerGuard::for_pool(&pool);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("override.toml");
+    std::fs::write(
+        &file,
+        "mem_limit = \"96m\"\n\n[env]\nSHARED = \"operator\"\nHOST_ONLY = \"h\"\n\n\
+         [labels]\n\"dev.docker-worker.override\" = \"host\"\n\n\
+         [container_create_kwargs]\nworking_dir = \"/tmp\"\n",
+    )
+    .unwrap();
+    let worker = WorkerProcess::start(
+        server,
+        &["--pool", &pool],
+        &[("DOCKER_WORKER_JOB_OVERRIDE", file.to_str().unwrap())],
+    );
+    api.wait_for_pool(&pool, Duration::from_secs(60)).await;
+    let dep = api
+        .busybox_deployment(
+            &pool,
+            json!({
+                "command": "true",
+                "mem_limit": "64m",
+                "env": {"SHARED": "deployment", "FROM_DEPLOYMENT": "d", "RUN_WINS": "deployment"},
+                "labels": {"team": "data"},
+                "container_create_kwargs": {"user": "nobody"},
+            }),
+        )
+        .await;
+    let run_id = api
+        .create_flow_run(&dep, json!({"env": {"RUN_WINS": "run", "FROM_RUN": "r"}}))
+        .await;
+    let ids = wait_for_containers(&guard, 1, &worker).await;
+    let info = inspect(&ids[0]);
+    let env: Vec<&str> = info["Config"]["Env"]
+        .as_array()
+        .map(|e| e.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    for expected in [
+        "SHARED=operator",
+        "HOST_ONLY=h",
+        "FROM_DEPLOYMENT=d",
+        "RUN_WINS=run",
+        "FROM_RUN=r",
+    ] {
+        assert!(env.contains(&expected), "{expected} not in {env:?}");
+    }
+    assert!(!env.contains(&"SHARED=deployment"), "{env:?}");
+    let labels = &info["Config"]["Labels"];
+    assert_eq!(labels["dev.docker-worker.override"], "host", "{labels}");
+    assert_eq!(labels["team"], "data", "{labels}");
+    assert_eq!(
+        labels["io.prefect.flow-run-id"],
+        run_id.as_str(),
+        "{labels}"
+    );
+    assert_eq!(info["Config"]["WorkingDir"], "/tmp");
+    assert_eq!(info["Config"]["User"], "nobody");
+    assert_eq!(info["HostConfig"]["Memory"], json!(96 * 1024 * 1024));
+    let log = worker.output();
+    assert!(
+        log.contains("job override: merged into every job configuration")
+            && log.contains("override.toml"),
+        "{log}"
+    );
+}

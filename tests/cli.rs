@@ -166,6 +166,143 @@ fn a_bad_policy_file_exits_64_with_its_line() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/policy.toml: cannot read it"));
 }
 
+/// A job override file that cannot be used stops `start` (and `gc --images`, which renders
+/// with it) with exit 64 naming the file and the problem: unreadable, bad syntax with its
+/// line, an unknown field, a value the job configuration refuses. By flag and by variable.
+#[test]
+fn a_bad_job_override_file_exits_64_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let syntax = write("syntax.toml", "[env]\nA = \"1\"\nB = \n");
+    let unknown = write("unknown.json", r#"{"imgae": "x"}"#);
+    let invalid = write("invalid.json", r#"{"mem_limit": "lots"}"#);
+    for (file, expected) in [
+        ("/no/such/override.json".to_owned(), "cannot read it"),
+        (syntax.clone(), "not valid TOML: TOML parse error at line 3"),
+        (unknown.clone(), "unknown job configuration field `imgae`"),
+        (invalid.clone(), "mem_limit"),
+    ] {
+        let wanted = format!("cannot use job override file {file}: ");
+        for (args, env) in [
+            (
+                vec!["start", "--pool", "p", "--job-override", &file],
+                vec![],
+            ),
+            (
+                vec!["start", "--pool", "p"],
+                vec![("DOCKER_WORKER_JOB_OVERRIDE", file.as_str())],
+            ),
+            (vec!["gc", "--images", "--job-override", &file], vec![]),
+        ] {
+            let out = worker()
+                .args(&args)
+                .env("PREFECT_API_URL", "http://127.0.0.1:9/api")
+                .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+                .envs(env)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+            assert!(
+                err.contains(&wanted) && err.contains(expected),
+                "{args:?}: {err}"
+            );
+        }
+    }
+}
+
+/// 2 is for a command line clap cannot parse; 64 for a value that parses but cannot be used,
+/// whether it came from a flag or from the environment.
+#[test]
+fn unusable_values_exit_64_and_unparsable_command_lines_2() {
+    for (args, env, expected) in [
+        (vec!["--limit", "0"], vec![], "--limit"),
+        (vec!["--log-format", "xml"], vec![], "--log-format"),
+        (
+            vec![],
+            vec![("DOCKER_WORKER_LOG_FORMAT", "xml")],
+            "--log-format",
+        ),
+        (
+            vec![],
+            vec![("PREFECT_WORKER_QUERY_SECONDS", "0")],
+            "PREFECT_WORKER_QUERY_SECONDS",
+        ),
+        (
+            vec![],
+            vec![("PREFECT_WORKER_HEARTBEAT_SECONDS", "0")],
+            "PREFECT_WORKER_HEARTBEAT_SECONDS",
+        ),
+        (vec!["--min-free-disk", "lots"], vec![], "--min-free-disk"),
+        (
+            vec![],
+            vec![("DOCKER_WORKER_MIN_FREE_DISK", "-1g")],
+            "DOCKER_WORKER_MIN_FREE_DISK",
+        ),
+        (vec!["--gc-image-label", "a b"], vec![], "--gc-image-label"),
+    ] {
+        let out = worker()
+            .args(["start", "--pool", "p"])
+            .args(&args)
+            .env("PREFECT_API_URL", "http://127.0.0.1:9/api")
+            .envs(env.clone())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?} {env:?}: {err}");
+        assert!(err.contains(expected), "{args:?} {env:?}: {err}");
+    }
+    let out = worker()
+        .args(["start", "--pool", "p", "--limit", "abc"])
+        .env("PREFECT_API_URL", "http://127.0.0.1:9/api")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value 'abc'"));
+}
+
+/// The text log written to a file (here a pipe, as for the journal or `docker logs`) has no
+/// ANSI escape codes; an invalid `RUST_LOG` is named in a warning and the log is at info; and
+/// `--run-once` exits 0 when its poll failed (the error is in the log). Needs the Docker
+/// daemon (the worker connects to it before the API); the API is a closed port.
+#[test]
+fn the_text_log_off_a_terminal_is_plain_and_a_bad_filter_is_named() {
+    let out = worker()
+        .args(["start", "--pool", "p", "--run-once"])
+        .env("PREFECT_API_URL", "http://127.0.0.1:9/api")
+        .env("PREFECT_CLIENT_MAX_RETRIES", "0")
+        .env("RUST_LOG", "=not=a=filter=")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("could not connect to Docker") && !err.contains("Could not connect"),
+        "this test needs the Docker daemon: {err}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains('\u{1b}'), "escape codes in a file:\n{err:?}");
+    let first = err.lines().next().unwrap_or_default();
+    assert!(
+        first.contains("WARN")
+            && first.contains("the log filter (RUST_LOG, else PREFECT_LOGGING_LEVEL) is not valid; logging at info")
+            && first.contains("=not=a=filter="),
+        "{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains("ERROR") && l.contains("polling for flow runs failed")),
+        "{err}"
+    );
+    assert!(
+        !err.lines().any(|l| l.contains("DEBUG")),
+        "info, not debug:\n{err}"
+    );
+}
+
 #[test]
 fn missing_pool_flag_is_a_usage_error() {
     let out = worker().arg("start").output().unwrap();

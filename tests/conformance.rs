@@ -855,3 +855,21 @@ fn run_with_timeout(mut cmd: Command, timeout: Duration) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+
+/// The docker-py-derived expectations in `src/job/create_kwargs.rs` (create bodies and
+/// docker-py's errors, per `container_create_kwargs`) are what the venv's docker-py and
+/// prefect-docker answer today: the script that regenerates them, in its check mode.
+#[test]
+fn create_kwargs_expectations_are_docker_pys_answers() {
+    let out = Command::new(venv().join("bin/python"))
+        .arg(repo_path("scripts/docker-py-expectations.py"))
+        .output()
+        .expect("run scripts/docker-py-expectations.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "rows differ from docker-py (refresh with `scripts/docker-py-expectations.py --write`):\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("create bodies, "), "{stdout}");
+}

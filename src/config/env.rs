@@ -68,6 +68,26 @@ impl<'a> Env<'a> {
             })
     }
 
+    /// A number of seconds that paces a loop (a poll, a heartbeat, a batch): at least `min`.
+    /// Zero would make the loop spin against the API (or, for a tokio interval, panic), so it
+    /// is a configuration error rather than something the worker quietly rounds up.
+    pub(crate) fn interval(&self, var: &EnvVar, min: Duration) -> Result<Duration, ConfigError> {
+        let value = self.seconds(var)?;
+        if value < min || value.is_zero() {
+            let shown = humantime::format_duration(min);
+            return Err(ConfigError::Invalid {
+                name: var.name.to_owned(),
+                value: self.trimmed(var),
+                reason: if min.is_zero() {
+                    "an interval must be longer than 0 seconds".to_owned()
+                } else {
+                    format!("an interval must be at least {shown}")
+                },
+            });
+        }
+        Ok(value)
+    }
+
     /// A boolean as Prefect's settings accept it (`true`/`false`, `1`/`0`, `yes`/`no`, …).
     pub(crate) fn boolean(&self, var: &EnvVar) -> Result<bool, ConfigError> {
         let text = self.trimmed(var).to_ascii_lowercase();

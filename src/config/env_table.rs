@@ -87,6 +87,13 @@ const fn start(long: &'static str) -> Flag {
     }
 }
 
+const fn gc(long: &'static str) -> Flag {
+    Flag {
+        command: "gc",
+        long,
+    }
+}
+
 use EnvDefault::{Absent, Computed, Value};
 
 fn max_log_size() -> String {
@@ -200,7 +207,14 @@ pub const RUST_LOG: EnvVar = var(
     "RUST_LOG",
     Absent("none"),
     &[],
-    "worker log filter (`target=level` directives); wins over PREFECT_LOGGING_LEVEL",
+    "worker log filter (`target=level` directives); wins over PREFECT_LOGGING_LEVEL; an invalid one is info, with a warning",
+);
+/// Colours of the text log (<https://no-color.org>).
+pub const NO_COLOR: EnvVar = var(
+    "NO_COLOR",
+    Absent("unset"),
+    &[],
+    "set (not empty): no ANSI colours in the text log, even on a terminal (off a terminal there are none)",
 );
 /// Address of `/health` and `/metrics`.
 pub const PREFECT_WORKER_WEBSERVER_HOST: EnvVar = var(
@@ -283,7 +297,7 @@ pub const DOCKER_CLIENT_TIMEOUT: EnvVar = var(
 pub const DOCKER_WORKER_DEFAULT_IMAGE: EnvVar = var(
     "DOCKER_WORKER_DEFAULT_IMAGE",
     Value(DEFAULT_IMAGE),
-    &[start("default-image")],
+    &[start("default-image"), gc("default-image")],
     "image for jobs that name none",
 );
 /// Prometheus metrics.
@@ -381,13 +395,7 @@ pub const DOCKER_WORKER_GC_INTERVAL: EnvVar = var(
 pub const DOCKER_WORKER_GC_OLDER_THAN: EnvVar = var(
     "DOCKER_WORKER_GC_OLDER_THAN",
     Value("24h"),
-    &[
-        start("gc-older-than"),
-        Flag {
-            command: "gc",
-            long: "older-than",
-        },
-    ],
+    &[start("gc-older-than"), gc("older-than")],
     "garbage collection keeps containers that finished less than this long ago",
 );
 /// The host policy file.
@@ -396,6 +404,34 @@ pub const DOCKER_WORKER_POLICY: EnvVar = var(
     Absent("none"),
     &[start("policy")],
     "TOML host policy: what jobs may not ask for, what every container gets",
+);
+/// The operator's job configuration values.
+pub const DOCKER_WORKER_JOB_OVERRIDE: EnvVar = var(
+    "DOCKER_WORKER_JOB_OVERRIDE",
+    Absent("none"),
+    &[start("job-override"), gc("job-override")],
+    "JSON or TOML job configuration values merged into every job, winning over template, deployment and flow run",
+);
+/// Image garbage collection.
+pub const DOCKER_WORKER_GC_IMAGES: EnvVar = var(
+    "DOCKER_WORKER_GC_IMAGES",
+    Value("false"),
+    &[start("gc-images"), gc("images")],
+    "also remove images no container and no deployment uses (start: every --gc-interval)",
+);
+/// The images image garbage collection looks at.
+pub const DOCKER_WORKER_GC_IMAGE_LABEL: EnvVar = var(
+    "DOCKER_WORKER_GC_IMAGE_LABEL",
+    Absent("none: every image"),
+    &[start("gc-image-label"), gc("image-label")],
+    "image garbage collection looks only at images with this label (KEY or KEY=VALUE)",
+);
+/// The free-space guard before pulls.
+pub const DOCKER_WORKER_MIN_FREE_DISK: EnvVar = var(
+    "DOCKER_WORKER_MIN_FREE_DISK",
+    Absent("off"),
+    &[start("min-free-disk")],
+    "collect images before a pull when the Engine's data root has less free space (10g, 500m; 0 = off)",
 );
 
 /// The reconcile pass.
@@ -495,6 +531,7 @@ pub const ENV_VARS: &[&EnvVar] = &[
     &PREFECT_LOGGING_TO_API_BATCH_SIZE,
     &PREFECT_LOGGING_LEVEL,
     &RUST_LOG,
+    &NO_COLOR,
     &PREFECT_WORKER_WEBSERVER_HOST,
     &PREFECT_WORKER_WEBSERVER_PORT,
     &PREFECT_HOME,
@@ -533,6 +570,10 @@ pub const ENV_VARS: &[&EnvVar] = &[
     &DOCKER_WORKER_GPU_DEVICES,
     &DOCKER_WORKER_POOL_LIMITS,
     &DOCKER_WORKER_POLICY,
+    &DOCKER_WORKER_JOB_OVERRIDE,
+    &DOCKER_WORKER_GC_IMAGES,
+    &DOCKER_WORKER_GC_IMAGE_LABEL,
+    &DOCKER_WORKER_MIN_FREE_DISK,
 ];
 
 /// The "Environment:" section of `docker-worker start --help`, one entry per [`ENV_VARS`]

@@ -21,6 +21,7 @@ use url::Url;
 use crate::cli::{GcArgs, StartArgs};
 use crate::gc::GcOptions;
 use crate::health::EndpointSettings;
+use crate::image_gc::{ImageGcOptions, PoolScope};
 use crate::prefect::ClientConfig;
 use env::Env;
 use env_table as var;
@@ -61,6 +62,14 @@ pub enum ConfigError {
     /// The host policy file cannot be used.
     #[error("cannot use policy file {0}")]
     Policy(#[from] crate::guard::PolicyFileError),
+    /// The `--job-override` file cannot be used.
+    #[error("cannot use job override file {path}: {reason}")]
+    JobOverride {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The `--base-job-template` file cannot be used.
     #[error("cannot use base job template {path}: {reason}")]
     BaseJobTemplate {
@@ -97,6 +106,16 @@ impl std::fmt::Debug for DockerSettings {
     }
 }
 
+/// The worker's own log on stderr, for `start` and `gc` alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    /// Level filter (`RUST_LOG` syntax), else `PREFECT_LOGGING_LEVEL` in tracing's words.
+    pub filter: String,
+    /// `NO_COLOR` is set (and not empty): no ANSI colours even on a terminal
+    /// (<https://no-color.org>). Off a terminal there are none anyway.
+    pub no_color: bool,
+}
+
 /// How the worker writes its own log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -121,8 +140,41 @@ pub struct Settings {
     pub endpoints: Option<EndpointSettings>,
     /// Log format on stderr.
     pub log_format: LogFormat,
-    /// Log level filter (`RUST_LOG` syntax).
-    pub log_filter: String,
+    /// The stderr log's filter and colours.
+    pub logging: LogSettings,
+    /// The worker's image collections (periodic, and before pulls).
+    pub images: ImageGcSettings,
+}
+
+/// The worker's image collections: every `--gc-interval` with `--gc-images`, and before a
+/// pull with `--min-free-disk`. Process-wide, not per pool: images belong to the Docker host,
+/// and every pool's deployments keep theirs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageGcSettings {
+    /// Collect images at every `--gc-interval` too (no interval: never).
+    pub periodic: bool,
+    /// Only images carrying this label (`KEY` or `KEY=VALUE`) are looked at.
+    pub label: Option<String>,
+    /// Bytes that should stay free on the Engine's data root; below, a pull is preceded by
+    /// an image collection. `None` = no guard.
+    pub min_free_disk: Option<u64>,
+}
+
+impl Settings {
+    /// What the worker's image collections do: the rules of `gc --images` without `--pool`
+    /// (every pool's deployments keep their images, since workers of other pools may share
+    /// this Docker host), with `--gc-older-than`, the default image and the job override.
+    #[must_use]
+    pub fn image_gc_options(&self) -> ImageGcOptions {
+        ImageGcOptions {
+            pools: PoolScope::All,
+            older_than: self.worker.gc.older_than,
+            dry_run: false,
+            label: self.images.label.clone(),
+            default_image: self.worker.run_defaults.default_image.clone(),
+            job_override: self.worker.run_defaults.job_override.clone(),
+        }
+    }
 }
 
 /// One pool this process serves.
@@ -153,8 +205,10 @@ pub struct GcSettings {
     pub docker: DockerSettings,
     /// What to collect.
     pub options: GcOptions,
-    /// Log level filter (`RUST_LOG` syntax) for the stderr log.
-    pub log_filter: String,
+    /// With `--images`: the image collection that follows the containers'.
+    pub images: Option<ImageGcOptions>,
+    /// The stderr log's filter and colours.
+    pub logging: LogSettings,
 }
 
 /// `PREFECT_WORKER_WEBSERVER_HOST:PREFECT_WORKER_WEBSERVER_PORT`, where `/health` and
@@ -389,6 +443,14 @@ pub fn policy_for_check(
     load_policy(path, &Env::new(env))
 }
 
+/// The stderr log: its filter and whether `NO_COLOR` forbids colours.
+fn logging(env: &Env) -> LogSettings {
+    LogSettings {
+        filter: log_filter(env),
+        no_color: env.non_empty(&var::NO_COLOR).is_some(),
+    }
+}
+
 /// The stderr log filter: `RUST_LOG`, else `PREFECT_LOGGING_LEVEL` in tracing's words.
 fn log_filter(env: &Env) -> String {
     env.non_empty(&var::RUST_LOG).unwrap_or_else(|| {
@@ -403,6 +465,112 @@ fn log_filter(env: &Env) -> String {
             other => other.to_owned(),
         }
     })
+}
+
+/// `--gc-image-label` / `gc --image-label`, else `DOCKER_WORKER_GC_IMAGE_LABEL`: `KEY` or
+/// `KEY=VALUE`, as Docker's `label` filter takes it.
+fn image_label(
+    flag: Option<&str>,
+    flag_name: &str,
+    env: &Env,
+) -> Result<Option<String>, ConfigError> {
+    let (name, text) = match flag {
+        Some(text) => (flag_name, text.to_owned()),
+        None => match env.non_empty(&var::DOCKER_WORKER_GC_IMAGE_LABEL) {
+            Some(text) => (var::DOCKER_WORKER_GC_IMAGE_LABEL.name, text),
+            None => return Ok(None),
+        },
+    };
+    let label = text.trim();
+    let key = label.split_once('=').map_or(label, |(k, _)| k);
+    if key.trim().is_empty() || key.chars().any(char::is_whitespace) {
+        return Err(ConfigError::Invalid {
+            name: name.to_owned(),
+            value: text.clone(),
+            reason: "expected a label as KEY or KEY=VALUE".into(),
+        });
+    }
+    Ok(Some(label.to_owned()))
+}
+
+/// A size such as `10g`, `500M`, `1.5GiB` or `1073741824` (bytes): units `b k m g t`, with or
+/// without `b`/`ib`, in any case, all powers of 1024 as Docker's are.
+///
+/// # Errors
+/// What is expected, when `text` is not such a size.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim().to_ascii_lowercase();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let power = match unit.trim() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 1,
+        "m" | "mb" | "mib" => 2,
+        "g" | "gb" | "gib" => 3,
+        "t" | "tb" | "tib" => 4,
+        _ => return Err("expected a size such as 10g, 500m or 1.5GiB".into()),
+    };
+    let number: f64 = number
+        .parse()
+        .map_err(|_| "expected a size such as 10g, 500m or 1.5GiB".to_owned())?;
+    let bytes = number * 1024f64.powi(power);
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err("the size is too large".into());
+    }
+    // Whole bytes: a fraction of a byte means nothing for free space.
+    Ok(bytes as u64)
+}
+
+/// `--min-free-disk`, else `DOCKER_WORKER_MIN_FREE_DISK`; `0` or unset = no guard.
+fn min_free_disk(args: &StartArgs, env: &Env) -> Result<Option<u64>, ConfigError> {
+    let (name, text) = match &args.min_free_disk {
+        Some(text) => ("--min-free-disk", text.clone()),
+        None => match env.non_empty(&var::DOCKER_WORKER_MIN_FREE_DISK) {
+            Some(text) => (var::DOCKER_WORKER_MIN_FREE_DISK.name, text),
+            None => return Ok(None),
+        },
+    };
+    let bytes = parse_size(&text).map_err(|reason| ConfigError::Invalid {
+        name: name.to_owned(),
+        value: text.clone(),
+        reason,
+    })?;
+    Ok((bytes > 0).then_some(bytes))
+}
+
+/// `--gc-images`, `--gc-image-label`, `--min-free-disk`.
+fn image_gc(args: &StartArgs, env: &Env) -> Result<ImageGcSettings, ConfigError> {
+    Ok(ImageGcSettings {
+        periodic: args.gc_images || env.boolean(&var::DOCKER_WORKER_GC_IMAGES)?,
+        label: image_label(args.gc_image_label.as_deref(), "--gc-image-label", env)?,
+        min_free_disk: min_free_disk(args, env)?,
+    })
+}
+
+/// `gc --images` and what it needs to render the deployments' images as `start` would:
+/// `--default-image` and `--job-override` (else their variables).
+fn gc_images(
+    args: &GcArgs,
+    env: &Env,
+    older_than: std::time::Duration,
+) -> Result<Option<ImageGcOptions>, ConfigError> {
+    if !(args.images || env.boolean(&var::DOCKER_WORKER_GC_IMAGES)?) {
+        return Ok(None);
+    }
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    Ok(Some(ImageGcOptions {
+        pools: args.pool.clone().map_or(PoolScope::All, PoolScope::One),
+        older_than,
+        dry_run: args.dry_run,
+        label: image_label(args.image_label.as_deref(), "--image-label", env)?,
+        default_image: args
+            .default_image
+            .clone()
+            .unwrap_or_else(|| env.text(&var::DOCKER_WORKER_DEFAULT_IMAGE)),
+        job_override: worker::job_override(args.job_override.as_deref(), env, &cwd)?,
+    }))
 }
 
 impl GcSettings {
@@ -431,6 +599,7 @@ impl GcSettings {
             &var::DOCKER_WORKER_GC_OLDER_THAN,
         )?;
         Ok(Self {
+            images: gc_images(args, env, older_than)?,
             api: api_settings(env, None)?,
             docker: docker_settings(env)?,
             options: GcOptions {
@@ -438,7 +607,7 @@ impl GcSettings {
                 older_than,
                 dry_run: args.dry_run,
             },
-            log_filter: log_filter(env),
+            logging: logging(env),
         })
     }
 }
@@ -467,8 +636,9 @@ impl Settings {
         let run_defaults = worker::run_defaults(args, env)?;
         let endpoints = endpoints(args, env, polling.query_interval)?;
         let log_format = log_format(args, env)?;
-        let log_filter = log_filter(env);
+        let logging = logging(env);
         let gc = worker::gc(args, env)?;
+        let images = image_gc(args, env)?;
         let api = api_settings(env, Some(name.clone()))?;
         let worker = WorkerSettings::from_parts(args, name, polling, run_defaults, gc, env)?;
         Ok(Self {
@@ -478,7 +648,8 @@ impl Settings {
             docker: docker_settings(env)?,
             endpoints,
             log_format,
-            log_filter,
+            logging,
+            images,
         })
     }
 }
@@ -674,7 +845,8 @@ mod tests {
         assert!(e.health && !e.metrics);
         assert_eq!(e.unhealthy_after, Duration::from_secs(300));
         assert_eq!(s.log_format, LogFormat::Json);
-        assert_eq!(s.log_filter, "warn");
+        assert_eq!(s.logging.filter, "warn");
+        assert!(!s.logging.no_color);
         let none =
             Settings::from_start_args(&args(&[]), &env(&[("PREFECT_API_URL", "http://x/api")]))
                 .unwrap();
@@ -693,6 +865,115 @@ mod tests {
             crate::cli::Command::Gc(a) => a,
             _ => unreachable!("parsed `gc`"),
         }
+    }
+
+    #[test]
+    fn sizes() {
+        let gib = 1024 * 1024 * 1024;
+        assert_eq!(parse_size("10g"), Ok(10 * gib));
+        assert_eq!(parse_size(" 10GB "), Ok(10 * gib));
+        assert_eq!(parse_size("1.5GiB"), Ok(gib + gib / 2));
+        assert_eq!(parse_size("500m"), Ok(500 * 1024 * 1024));
+        assert_eq!(parse_size("2t"), Ok(2 * 1024 * gib));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("0"), Ok(0));
+        for bad in ["", "g", "lots", "-1g", "1.2.3g", "10q", "1e3"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert!(parse_size("99999999999999t").is_err());
+    }
+
+    /// `--gc-images`, `--gc-image-label`, `--min-free-disk` (and their variables) make the
+    /// worker's image collections; `gc --images` its own, with the pool, the default image
+    /// and the job override it renders deployments with.
+    #[test]
+    fn image_collection_settings() {
+        let base = [("PREFECT_API_URL", "http://x/api")];
+        let s = Settings::from_start_args(&args(&[]), &env(&base)).unwrap();
+        assert_eq!(
+            s.images,
+            ImageGcSettings {
+                periodic: false,
+                label: None,
+                min_free_disk: None
+            }
+        );
+        let s = Settings::from_start_args(
+            &args(&[
+                "--gc-images",
+                "--gc-image-label",
+                "team=data",
+                "--min-free-disk",
+                "10g",
+                "--gc-older-than",
+                "7d",
+                "--default-image",
+                "local/x:1",
+            ]),
+            &env(&base),
+        )
+        .unwrap();
+        assert_eq!(
+            s.images,
+            ImageGcSettings {
+                periodic: true,
+                label: Some("team=data".into()),
+                min_free_disk: Some(10 * 1024 * 1024 * 1024)
+            }
+        );
+        let options = s.image_gc_options();
+        assert_eq!(options.pools, PoolScope::All);
+        assert_eq!(options.older_than, Duration::from_secs(7 * 86_400));
+        assert_eq!(options.default_image, "local/x:1");
+        assert!(!options.dry_run && options.job_override.is_none());
+        let s = Settings::from_start_args(
+            &args(&[]),
+            &env(&[
+                base[0],
+                ("DOCKER_WORKER_GC_IMAGES", "true"),
+                ("DOCKER_WORKER_GC_IMAGE_LABEL", "k"),
+                ("DOCKER_WORKER_MIN_FREE_DISK", "0"),
+            ]),
+        )
+        .unwrap();
+        assert!(s.images.periodic);
+        assert_eq!(s.images.label.as_deref(), Some("k"));
+        assert_eq!(s.images.min_free_disk, None, "0 = off");
+
+        let s = GcSettings::from_gc_args(&gc_args(&[]), &env(&base)).unwrap();
+        assert!(s.images.is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("o.json");
+        std::fs::write(&file, r#"{"image": "local/host:1"}"#).unwrap();
+        let s = GcSettings::from_gc_args(
+            &gc_args(&[
+                "--images",
+                "--pool",
+                "p",
+                "--image-label",
+                "k=v",
+                "--dry-run",
+            ]),
+            &env(&[
+                base[0],
+                ("DOCKER_WORKER_DEFAULT_IMAGE", "local/default:1"),
+                ("DOCKER_WORKER_JOB_OVERRIDE", &file.to_string_lossy()),
+            ]),
+        )
+        .unwrap();
+        let images = s.images.expect("--images");
+        assert_eq!(images.pools, PoolScope::One("p".into()));
+        assert_eq!(images.label.as_deref(), Some("k=v"));
+        assert_eq!(images.default_image, "local/default:1");
+        assert!(images.dry_run);
+        assert_eq!(
+            images.job_override.map(|o| o.source().to_owned()),
+            Some(file.clone())
+        );
+        let e =
+            GcSettings::from_gc_args(&gc_args(&["--images", "--image-label", "=v"]), &env(&base))
+                .unwrap_err();
+        assert!(e.to_string().contains("--image-label"), "{e}");
     }
 
     #[test]
@@ -862,6 +1143,57 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// An interval of 0 would make a loop spin against the API (the log batch interval would
+    /// even panic in tokio): each is a configuration error naming the variable. A heartbeat
+    /// is whole seconds (the Python CLI truncates it), so under one second is refused too.
+    #[test]
+    fn zero_intervals_are_errors() {
+        let base = [("PREFECT_API_URL", "http://x/api")];
+        for (name, value, reason) in [
+            ("PREFECT_WORKER_QUERY_SECONDS", "0", "longer than 0 seconds"),
+            (
+                "PREFECT_WORKER_QUERY_SECONDS",
+                " 0.0 ",
+                "longer than 0 seconds",
+            ),
+            ("PREFECT_WORKER_HEARTBEAT_SECONDS", "0", "at least 1s"),
+            ("PREFECT_WORKER_HEARTBEAT_SECONDS", "0.5", "at least 1s"),
+            (
+                "DOCKER_WORKER_CANCELLATION_POLL_SECONDS",
+                "0",
+                "longer than 0 seconds",
+            ),
+            (
+                "PREFECT_LOGGING_TO_API_BATCH_INTERVAL",
+                "0",
+                "longer than 0 seconds",
+            ),
+        ] {
+            let e =
+                Settings::from_start_args(&args(&[]), &env(&[base[0], (name, value)])).unwrap_err();
+            assert_eq!(
+                e,
+                ConfigError::Invalid {
+                    name: name.into(),
+                    value: value.trim().into(),
+                    reason: format!("an interval must be {reason}"),
+                },
+                "{name}={value}"
+            );
+        }
+        let s = Settings::from_start_args(
+            &args(&[]),
+            &env(&[
+                base[0],
+                ("PREFECT_WORKER_QUERY_SECONDS", "0.05"),
+                ("PREFECT_WORKER_HEARTBEAT_SECONDS", "1.9"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.worker.polling.query_interval, Duration::from_millis(50));
+        assert_eq!(s.worker.polling.heartbeat_interval, Duration::from_secs(1));
     }
 
     /// Values a `Duration` cannot hold are configuration errors (exit 64), not panics.

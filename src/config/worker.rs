@@ -13,6 +13,7 @@ use super::env::Env;
 use super::env_table as var;
 use crate::cli::StartArgs;
 use crate::guard::HostPolicy;
+use crate::job::overrides::JobOverride;
 use crate::logs::LogLimits;
 
 /// Settings of the worker loop.
@@ -130,6 +131,10 @@ pub struct RunDefaults {
     /// The host policy (`--policy`): judges every new run's container before anything is
     /// pulled or created, and adds what it forces; `None` = the reference's behaviour.
     pub policy: Option<Arc<HostPolicy>>,
+    /// The operator's job configuration values (`--job-override`), merged into every
+    /// rendered job configuration, winning over template, deployment and flow run; read and
+    /// checked at start. Its `Debug` shows the file and keys, never values.
+    pub job_override: Option<Arc<JobOverride>>,
 }
 
 /// What the worker reports to Prefect besides states.
@@ -193,6 +198,7 @@ impl fmt::Debug for RunDefaults {
             .field("settings_env", &Names(&self.settings_env))
             .field("cwd", &self.cwd)
             .field("policy", &self.policy)
+            .field("job_override", &self.job_override)
             .finish()
     }
 }
@@ -271,14 +277,18 @@ pub(super) fn polling(args: &StartArgs, env: &Env) -> Result<PollingSettings, Co
         Some(prefetch) => prefetch,
         None => env.seconds(&var::PREFECT_WORKER_PREFETCH_SECONDS)?,
     };
-    // The Python CLI truncates the heartbeat interval to whole seconds.
-    let heartbeat = env.seconds(&var::PREFECT_WORKER_HEARTBEAT_SECONDS)?;
+    // The Python CLI truncates the heartbeat interval to whole seconds, so less than one
+    // second would be a heartbeat every 0 s: refused, as a poll interval of 0 is.
+    let heartbeat = env.interval(
+        &var::PREFECT_WORKER_HEARTBEAT_SECONDS,
+        Duration::from_secs(1),
+    )?;
     Ok(PollingSettings {
         limit: args.limit,
         prefetch,
         run_once: args.run_once,
-        query_interval: env.seconds(&var::PREFECT_WORKER_QUERY_SECONDS)?,
-        heartbeat_interval: Duration::from_secs(heartbeat.as_secs().max(1)),
+        query_interval: env.interval(&var::PREFECT_WORKER_QUERY_SECONDS, Duration::ZERO)?,
+        heartbeat_interval: Duration::from_secs(heartbeat.as_secs()),
         create_pool_if_not_found: !args.no_create_pool_if_not_found,
         base_job_template,
     })
@@ -338,7 +348,10 @@ fn cancellation(args: &StartArgs, env: &Env) -> Result<CancellationSettings, Con
     Ok(CancellationSettings {
         stop_cancelled,
         grace,
-        poll_interval: env.seconds(&var::DOCKER_WORKER_CANCELLATION_POLL_SECONDS)?,
+        poll_interval: env.interval(
+            &var::DOCKER_WORKER_CANCELLATION_POLL_SECONDS,
+            Duration::ZERO,
+        )?,
         events: env.boolean(&var::DOCKER_WORKER_CANCELLATION_EVENTS)?,
     })
 }
@@ -361,15 +374,41 @@ pub(super) fn run_defaults(args: &StartArgs, env: &Env) -> Result<RunDefaults, C
             (k.clone(), value)
         })
         .collect();
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     Ok(RunDefaults {
         default_image: args
             .default_image
             .clone()
             .unwrap_or_else(|| env.text(&var::DOCKER_WORKER_DEFAULT_IMAGE)),
         settings_env,
-        cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
         policy: policy(args, env)?,
+        job_override: job_override(args.job_override.as_deref(), env, &cwd)?,
+        cwd,
     })
+}
+
+/// `--job-override`, else `DOCKER_WORKER_JOB_OVERRIDE`: the file read and checked now (its
+/// syntax, its fields, their values), so a bad one stops the worker (or `gc`) before
+/// anything happens, naming the file and the problem.
+pub(super) fn job_override(
+    flag: Option<&Path>,
+    env: &Env,
+    cwd: &Path,
+) -> Result<Option<Arc<JobOverride>>, ConfigError> {
+    let Some(path) = flag.map(Path::to_path_buf).or_else(|| {
+        env.non_empty(&var::DOCKER_WORKER_JOB_OVERRIDE)
+            .map(PathBuf::from)
+    }) else {
+        return Ok(None);
+    };
+    let unusable = |e: crate::job::overrides::JobOverrideError| ConfigError::JobOverride {
+        path: path.clone(),
+        reason: e.to_string(),
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| unusable(crate::job::overrides::JobOverrideError::Read(e.to_string())))?;
+    let parsed = JobOverride::parse(&path, &text, cwd).map_err(unusable)?;
+    Ok(Some(Arc::new(parsed)))
 }
 
 /// `--policy`, else `DOCKER_WORKER_POLICY`: the file read and checked now, so a bad one stops
@@ -391,7 +430,8 @@ fn policy(args: &StartArgs, env: &Env) -> Result<Option<Arc<HostPolicy>>, Config
 fn reporting(env: &Env) -> Result<ReportingSettings, ConfigError> {
     Ok(ReportingSettings {
         logging_to_api: env.boolean(&var::PREFECT_LOGGING_TO_API_ENABLED)?,
-        log_batch_interval: env.seconds(&var::PREFECT_LOGGING_TO_API_BATCH_INTERVAL)?,
+        log_batch_interval: env
+            .interval(&var::PREFECT_LOGGING_TO_API_BATCH_INTERVAL, Duration::ZERO)?,
         log_limits: log_limits(env)?,
         crash_log_lines: env.count(&var::DOCKER_WORKER_CRASH_LOG_LINES)?,
         resource_accounting: env.boolean(&var::DOCKER_WORKER_RESOURCE_ACCOUNTING)?,

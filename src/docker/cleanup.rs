@@ -33,7 +33,7 @@ pub enum Removal {
 }
 
 /// The Engine's time for "never": `0001-01-01T00:00:00Z`.
-fn engine_time(text: Option<&str>) -> Option<DateTime<Utc>> {
+pub(super) fn engine_time(text: Option<&str>) -> Option<DateTime<Utc>> {
     let time = DateTime::parse_from_rfc3339(text?)
         .ok()?
         .with_timezone(&Utc);

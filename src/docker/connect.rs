@@ -12,6 +12,7 @@ use bollard::Docker;
 
 use super::error::{ConnectCause, DockerError};
 use super::image::PullFailure;
+use super::images::{GuardSlot, InFlight, PullGuard};
 use super::single_flight::SingleFlight;
 
 /// The `DOCKER_HOST` used when none is given, as the Docker CLI's default.
@@ -68,6 +69,13 @@ pub struct DockerRuntime {
     pub(super) pulls: SingleFlight<Result<(), PullFailure>>,
     /// Pulls actually made (not joined), for tests and metrics.
     pub(super) pulls_made: Arc<AtomicU64>,
+    /// The Engine's `DockerRootDir`, from its `info` at connect time (`--min-free-disk`).
+    pub(super) data_root: Option<PathBuf>,
+    /// Images being pulled or created from now, shared by the clones of this runtime, so an
+    /// image collection leaves them alone.
+    pub(super) in_flight: InFlight,
+    /// Run before each pull made (`--min-free-disk`); none by default.
+    pub(super) pull_guard: GuardSlot,
 }
 
 /// The `base_url` the Python worker puts in infrastructure pids, so pids stay comparable.
@@ -149,12 +157,17 @@ impl DockerRuntime {
         let (version, info) = tokio::join!(docker.version(), docker.info());
         let version = version.map_err(connect_error)?;
         // An Engine whose `info` fails still runs containers; it is taken as rootful.
-        let rootless = info.ok().is_some_and(|info| {
+        let info = info.ok();
+        let rootless = info.as_ref().is_some_and(|info| {
             info.security_options
                 .iter()
                 .flatten()
                 .any(|o| o.split(',').any(|part| part == "name=rootless"))
         });
+        let data_root = info
+            .and_then(|info| info.docker_root_dir)
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from);
         let is_podman = version
             .components
             .iter()
@@ -166,6 +179,9 @@ impl DockerRuntime {
             docker_config: None,
             pulls: SingleFlight::default(),
             pulls_made: Arc::default(),
+            data_root,
+            in_flight: InFlight::default(),
+            pull_guard: GuardSlot::default(),
             base_url: base_url_for(&host, tls.is_some()),
             engine_version: version.version.unwrap_or_default(),
             docker,
@@ -178,6 +194,14 @@ impl DockerRuntime {
     #[must_use]
     pub fn with_docker_config(mut self, dir: Option<PathBuf>) -> Self {
         self.docker_config = dir;
+        self
+    }
+
+    /// Runs `guard` before every pull this runtime (and its later clones) makes. A clone
+    /// taken before this call, such as the one the guard itself works with, has no guard.
+    #[must_use]
+    pub fn with_pull_guard(mut self, guard: Arc<dyn PullGuard>) -> Self {
+        self.pull_guard = GuardSlot(Some(guard));
         self
     }
 

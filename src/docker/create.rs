@@ -422,6 +422,9 @@ impl DockerRuntime {
         if !wanted() {
             return Err(DockerError::Withdrawn { stage: "pulled" });
         }
+        // From the pull to the create, nothing but this mark keeps an image collection from
+        // removing the image; after it, the container does.
+        let _in_flight = self.in_flight.enter(&spec.image);
         let pull_duration = self.ensure_image(spec).await?;
         if !wanted() {
             return Err(DockerError::Withdrawn { stage: "created" });

@@ -126,11 +126,16 @@ struct Pull {
     platform: Option<String>,
     /// The runtime's count of pulls made.
     made: Arc<AtomicU64>,
+    /// Run first (`--min-free-disk`: an image collection when the disk is short).
+    guard: Option<Arc<dyn super::images::PullGuard>>,
 }
 
 impl Pull {
     /// Logs in (if asked to), then pulls the image to the end of the Engine's progress stream.
     async fn run(self) -> Result<(), PullFailure> {
+        if let Some(guard) = &self.guard {
+            guard.before_pull(&self.image).await;
+        }
         if let Some(login) = &self.login {
             tracing::info!(registry = %login.registry_url, "Logging into Docker registry...");
             registry_login(&self.docker, login)
@@ -176,6 +181,8 @@ impl DockerRuntime {
         spec: &ContainerSpec,
     ) -> Result<Option<Duration>, DockerError> {
         let started = Instant::now();
+        // Pre-pulls too: an image collection must not remove an image while it arrives.
+        let _in_flight = self.in_flight.enter(&spec.image);
         let pulled = self.ensure_image_inner(spec).await?;
         Ok(pulled.then(|| started.elapsed()))
     }
@@ -289,6 +296,7 @@ impl DockerRuntime {
             image: spec.image.clone(),
             platform: spec.platform.clone(),
             made: Arc::clone(&self.pulls_made),
+            guard: self.pull_guard.0.clone(),
         };
         let (result, started_here) = self
             .pulls

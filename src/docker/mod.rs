@@ -5,7 +5,7 @@
 //! `connect` (opening the Engine), `image` (pull policy, registry login, shared pulls),
 //! `create` (create, networks, start), `watch` (output, exit, Engine restarts), `events`
 //! (past and live container events), `find` (our containers on the host), `stop` (stopping
-//! and removing), `cleanup` (garbage collection) and `usage` (resource accounting). bollard
+//! and removing), `cleanup` and `images` (garbage collection of containers and images) and `usage` (resource accounting). bollard
 //! types never leave this module: its outputs are the plain values re-exported here.
 
 pub mod auth;
@@ -16,6 +16,7 @@ pub mod error;
 mod events;
 mod find;
 mod image;
+pub mod images;
 pub mod proxies;
 pub mod single_flight;
 mod stop;
@@ -28,4 +29,5 @@ pub use create::{CreatedContainer, StartedContainer};
 pub use error::{ConnectCause, DockerError, EngineFailure};
 pub use events::{ContainerEvent, ContainerEventKind};
 pub use find::{FoundContainer, ListedContainer};
+pub use images::{DiskSpace, DiskSpaceError, ImageRemoval, ImageUser, LocalImage, PullGuard};
 pub use watch::ExitStatus;

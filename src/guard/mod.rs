@@ -9,7 +9,7 @@
 //! pulled or created; containers adopted after a restart are not judged again.
 
 pub mod file;
-mod image;
+pub(crate) mod image;
 pub mod paths;
 
 use std::collections::BTreeSet;

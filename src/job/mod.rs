@@ -4,13 +4,15 @@
 //!
 //! Flow: [`render::merge_job_variables`] → [`render::render_job_configuration`] →
 //! [`config::DockerJobConfiguration::from_rendered`] → [`config::DockerJobConfiguration::prepare`]
-//! → [`spec::ContainerSpec`].
+//! → [`spec::ContainerSpec`]; an operator's [`overrides::JobOverride`] is merged in right after
+//! rendering.
 
 pub mod config;
 pub mod create_kwargs;
 pub mod image;
 pub mod labels;
 pub mod memory;
+pub mod overrides;
 pub mod refs;
 pub mod render;
 pub mod slug;

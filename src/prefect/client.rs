@@ -628,6 +628,28 @@ impl PrefectClient {
         }
     }
 
+    /// `POST /work_pools/filter`: every work pool of the server, page by page (image garbage
+    /// collection keeps the images of every pool's deployments).
+    ///
+    /// # Errors
+    /// Any [`ApiError`]; a malformed pool is a [`ApiError::Decode`], since skipping it would
+    /// leave its deployments' images unprotected.
+    pub async fn read_work_pools(&self) -> Result<Vec<WorkPool>, ApiError> {
+        const PAGE: usize = 200;
+        let mut all: Vec<WorkPool> = Vec::new();
+        loop {
+            let body = json!({"offset": all.len(), "limit": PAGE});
+            let page: Vec<WorkPool> = self
+                .call_json(Method::POST, "work_pools/filter", Some(&body))
+                .await?;
+            let done = page.len() < PAGE;
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
+        }
+    }
+
     /// `POST /work_pools/{pool}/workers/filter`: the names of the pool's workers the server
     /// considers online (recent heartbeats).
     ///

@@ -74,6 +74,10 @@ pub(crate) async fn resolve_configuration(
     let rendered = render_job_configuration(inputs.template, &variables, &|name| {
         std::env::var(name).ok()
     })?;
+    let rendered = crate::job::overrides::apply_override(
+        rendered,
+        worker.settings.run_defaults.job_override.as_deref(),
+    );
     let rendered = resolve_references(worker, rendered).await?;
     let config =
         DockerJobConfiguration::from_rendered(&rendered, &worker.settings.run_defaults.cwd)?;
