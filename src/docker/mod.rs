@@ -28,4 +28,4 @@ pub use create::{CreatedContainer, StartedContainer};
 pub use error::{ConnectCause, DockerError, EngineFailure};
 pub use events::{ContainerEvent, ContainerEventKind};
 pub use find::{FoundContainer, ListedContainer};
-pub use watch::ExitStatus;
+pub use watch::{ExitStatus, OutputLine, OutputSink, OutputStream};
