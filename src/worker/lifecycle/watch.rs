@@ -253,6 +253,32 @@ pub(crate) async fn follow(worker: &Arc<Worker>, watched: Watched, guard: RunGua
     finish(worker, &watched, guard, waited, observed).await;
 }
 
+/// Forwards what an adopted forwarding container printed after the API's newest forwarded line
+/// and before it exited while no worker watched, so a restart loses none of its output even
+/// when the container ended meanwhile. The watch of an exited container returns at once; its
+/// exit is reported by the caller, from the inspect.
+pub(crate) async fn forward_remaining(worker: &Worker, watched: &Watched) {
+    if !watched.forward_output {
+        return;
+    }
+    let no_tail = OutputTail::new(0);
+    let output = RunOutput {
+        run_id: &watched.flow_run_id,
+        logs: &worker.out.logs,
+        print: false,
+        forward: true,
+        tail: &no_tail,
+        clock: Mutex::new(watched.clock.clone()),
+    };
+    let forwarding = worker
+        .docker
+        .watch(&watched.container, watched.options, &output);
+    tokio::select! {
+        _ = forwarding => {}
+        () = worker.lifetime.stop.cancelled() => {}
+    }
+}
+
 /// How often an auto-removed container's wait is checked against the Engine's events.
 const GONE_CHECK: Duration = Duration::from_secs(5);
 

@@ -643,8 +643,10 @@ impl FakeRuntime {
     pub fn leave(&self, found: FoundContainer) {
         let id = found.container.id.clone();
         let running = found.running;
+        // An exited one answers a wait at once, with its code.
+        let ended = found.exit_code.filter(|_| !running).map(Plan::Exit);
         self.with(|s| {
-            let (exit, _) = tokio::sync::watch::channel(None);
+            let (exit, _) = tokio::sync::watch::channel(ended);
             let labels = found.labels.clone();
             s.containers.insert(
                 id,

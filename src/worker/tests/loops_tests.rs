@@ -101,6 +101,37 @@ async fn an_adopted_forwarding_container_resumes_after_the_last_line_the_api_has
     assert_eq!(h.api.calls_to("last_log r1").len(), 1);
 }
 
+/// A forwarding container that exited while no worker watched: what it printed after the
+/// API's newest forwarded line is forwarded before the exit is reported.
+#[tokio::test]
+async fn an_exited_forwarding_container_still_has_its_remaining_output_forwarded() {
+    let mut h = Harness::new();
+    h.api.add_run("r1", StateType::Scheduled);
+    h.api.set_externally("r1", StateType::Running);
+    let mut container = found("old1", "r1", "me", false, Some(3));
+    container
+        .labels
+        .insert(crate::job::labels::LOGS_TO_API.into(), "true".into());
+    h.docker.leave(container);
+    let t = |s: i64| chrono::DateTime::from_timestamp(1_800_000_000 + s, 0);
+    h.docker.print(
+        (0..4)
+            .map(|i| (OutputStream::Stderr, t(i), format!("e {i}")))
+            .collect(),
+    );
+    h.api.set_last_log("r1", LastLog::At(t(1).unwrap()));
+    h.worker.reconcile(&pool()).await.expect("adopted");
+    drain(&h).await;
+    assert_eq!(h.api.current("r1").state_type, StateType::Crashed);
+    let forwarded: Vec<String> = h
+        .entries()
+        .into_iter()
+        .filter(|e| e.name == "container.stderr")
+        .map(|e| e.message)
+        .collect();
+    assert_eq!(forwarded, ["e 2", "e 3"]);
+}
+
 #[tokio::test]
 async fn an_offline_workers_exited_container_is_reported_at_once() {
     let mut h = Harness::new();
