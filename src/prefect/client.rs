@@ -946,9 +946,9 @@ impl PrefectClient {
     }
 
     /// The newest log of a flow run written under one of `names` (`POST /logs/filter`, newest
-    /// first): where forwarding of a container's output stands after a restart. A server that
-    /// ignores the name filter (Prefect 2 has none) answers with other logs; then up to
-    /// [`LAST_LOG_SCAN`] of the newest are looked through.
+    /// first, a page at a time): where forwarding of a container's output stands after a
+    /// restart. Prefect's log filter has no name criterion (and refuses unknown ones), so the
+    /// names are checked here, through up to [`LAST_LOG_SCAN`] of the run's newest logs.
     ///
     /// # Errors
     /// Any [`ApiError`].
@@ -957,20 +957,6 @@ impl PrefectClient {
         flow_run_id: &str,
         names: &[&str],
     ) -> Result<LastLog, ApiError> {
-        let filter = json!({
-            "logs": {"flow_run_id": {"any_": [flow_run_id]}, "name": {"any_": names}},
-            "sort": "TIMESTAMP_DESC",
-            "limit": 1,
-        });
-        let newest: Vec<LogRecord> = self
-            .call_json(Method::POST, "logs/filter", Some(&filter))
-            .await?;
-        let Some(first) = newest.into_iter().next() else {
-            return Ok(LastLog::None);
-        };
-        if names.contains(&first.name.as_str()) {
-            return Ok(LastLog::At(first.timestamp));
-        }
         let mut offset = 0;
         while offset < LAST_LOG_SCAN {
             let page = json!({
@@ -994,10 +980,11 @@ impl PrefectClient {
     }
 }
 
-/// A page of logs read while looking for the newest forwarded one without a name filter.
+/// A page of logs read while looking for the newest forwarded one (Prefect's default limit).
 const LAST_LOG_PAGE: usize = 200;
-/// How many of a run's newest logs are looked through for one of ours, at most.
-const LAST_LOG_SCAN: usize = 2_000;
+/// How many of a run's newest logs are looked through for one of ours, at most: the worker's
+/// and the flow's own messages logged after the last forwarded line, with room to spare.
+const LAST_LOG_SCAN: usize = 5_000;
 
 /// A log as `POST /logs/filter` returns it: the two fields a resume needs.
 #[derive(Debug, serde::Deserialize)]
@@ -1013,7 +1000,7 @@ pub enum LastLog {
     At(chrono::DateTime<chrono::Utc>),
     /// The run has none.
     None,
-    /// Not found among the newest [`LAST_LOG_SCAN`] logs of a server without a name filter.
+    /// Not found among the run's newest [`LAST_LOG_SCAN`] logs.
     Unknown,
 }
 
