@@ -346,7 +346,10 @@ impl DockerRuntime {
     }
 
     /// Follows the container's output from where `cursor` says into `output`, line by line,
-    /// until the stream ends; a failure is logged, never fatal to the watch.
+    /// until the stream ends; a failure is logged, never fatal to the watch. When the stream
+    /// ended with the container, the log is read once more from the last line handed on: a
+    /// follow that starts as the container stops can end before the last lines it logged
+    /// (seen with Docker 20.10), and those are handed on then.
     async fn stream_logs(
         &self,
         container: &CreatedContainer,
@@ -354,12 +357,40 @@ impl DockerRuntime {
         cursor: &Mutex<LogCursor>,
         output: Output<'_>,
     ) {
+        if let Err(failure) = self.read_logs(container, cursor, output, true).await {
+            log_stream_failure(container, auto_remove, &failure);
+            return;
+        }
+        match self.read_logs(container, cursor, output, false).await {
+            Ok(0) => {}
+            Ok(missed) => {
+                tracing::debug!(
+                    container = container.display_name(),
+                    missed,
+                    "the log read again after the container's end had lines the follow missed"
+                );
+            }
+            Err(failure) => {
+                tracing::debug!(container = container.display_name(), error = %failure, "could not read the container's log again after its end");
+            }
+        }
+    }
+
+    /// One read of the container's log from where `cursor` says, following it to its end if
+    /// `follow`, each new line handed on and recorded in `cursor`; how many were new.
+    async fn read_logs(
+        &self,
+        container: &CreatedContainer,
+        cursor: &Mutex<LogCursor>,
+        output: Output<'_>,
+        follow: bool,
+    ) -> Result<usize, EngineFailure> {
         let (since, mut skip) = match cursor.lock() {
             Ok(c) => c.resume(),
             Err(_) => (None, Skip::default()),
         };
         let mut options = LogsOptionsBuilder::default()
-            .follow(true)
+            .follow(follow)
             .stdout(true)
             .stderr(true)
             .timestamps(true)
@@ -370,15 +401,18 @@ impl DockerRuntime {
         }
         let mut lines = LineSplitter::default();
         let mut stream = self.docker.logs(&container.id, Some(options));
+        let mut new = 0;
         let mut hand_on = async |line: OutputLine<'_>| {
-            if skip.already_seen(line.timestamp) {
+            if skip.already_seen(line.stream, line.timestamp) {
                 return;
             }
             if let Ok(mut c) = cursor.lock() {
-                c.saw(line.timestamp);
+                c.saw(line.stream, line.timestamp);
             }
+            new += 1;
             output.line(line).await;
         };
+        let mut failed = None;
         while let Some(item) = stream.next().await {
             match item {
                 Ok(chunk) => {
@@ -392,7 +426,7 @@ impl DockerRuntime {
                     }
                 }
                 Err(e) => {
-                    log_stream_failure(container, auto_remove, &EngineFailure::from(e));
+                    failed = Some(EngineFailure::from(e));
                     break;
                 }
             }
@@ -405,72 +439,92 @@ impl DockerRuntime {
             })
             .await;
         }
+        failed.map_or(Ok(new), Err)
     }
 }
 
-/// Where a watch's output stands, so a watch started again after the Engine came back takes
-/// it up just after the last line handed on: from that line's second (`since=` takes whole
-/// seconds), skipping the lines before it and as many lines at its very timestamp as were
-/// already handed on (lines read together share one timestamp).
+/// Where a watch's output stands, so a later read (the watch started again after the Engine
+/// came back, or the read after the container's end) hands on only what is new. Each stream's
+/// lines are in timestamp order (one reader timestamps them as it reads), the two streams
+/// between them not quite; so each stream keeps its own place: a new read starts a second
+/// before the earliest of them (`since=` takes whole seconds) and skips, per stream, the lines
+/// before its last one and as many lines at that very timestamp as were handed on (lines read
+/// together share one timestamp).
 #[derive(Debug)]
 struct LogCursor {
-    /// The first watch's `since` (unix seconds), used until a line was seen.
+    /// The first read's `since` (unix seconds), never gone back past.
     since: Option<i64>,
-    /// The timestamp of the last line handed on, and how many lines had exactly it.
-    last: Option<(DateTime<Utc>, usize)>,
+    /// Per stream (stdout, stderr): the timestamp of the last line handed on, and how many
+    /// lines had exactly it.
+    last: [Option<(DateTime<Utc>, usize)>; 2],
+}
+
+/// The index of a stream in per-stream arrays.
+fn slot(stream: OutputStream) -> usize {
+    match stream {
+        OutputStream::Stdout => 0,
+        OutputStream::Stderr => 1,
+    }
 }
 
 impl LogCursor {
     fn new(since: Option<i64>) -> Self {
-        Self { since, last: None }
-    }
-
-    /// The `since=` of the next logs call and what it must skip.
-    fn resume(&self) -> (Option<i64>, Skip) {
-        match self.last {
-            Some((at, count)) => (
-                Some(at.timestamp()),
-                Skip {
-                    before: Some(at),
-                    at_last: count,
-                },
-            ),
-            None => (self.since, Skip::default()),
+        Self {
+            since,
+            last: [None, None],
         }
     }
 
+    /// The `since=` of the next read and what it must skip.
+    fn resume(&self) -> (Option<i64>, Skip) {
+        let earliest = self
+            .last
+            .iter()
+            .flatten()
+            .map(|(at, _)| at.timestamp())
+            .min();
+        let since = match (earliest, self.since) {
+            (Some(earliest), Some(first)) => Some((earliest - 1).max(first)),
+            (Some(earliest), None) => Some(earliest - 1),
+            (None, first) => first,
+        };
+        (since, Skip { at: self.last })
+    }
+
     /// Records a line handed on.
-    fn saw(&mut self, timestamp: Option<DateTime<Utc>>) {
+    fn saw(&mut self, stream: OutputStream, timestamp: Option<DateTime<Utc>>) {
         let Some(at) = timestamp else { return };
-        self.last = match self.last {
-            Some((last, count)) if last == at => Some((at, count + 1)),
+        let last = &mut self.last[slot(stream)];
+        *last = match *last {
+            Some((previous, count)) if previous == at => Some((at, count + 1)),
             _ => Some((at, 1)),
         };
     }
 }
 
-/// The lines a resumed stream skips: those before `before`, and the first `at_last` at it.
+/// The lines a new read skips, per stream: those before the stream's last handed-on line, and
+/// as many at its timestamp as were handed on.
 #[derive(Debug, Default)]
 struct Skip {
-    before: Option<DateTime<Utc>>,
-    at_last: usize,
+    at: [Option<(DateTime<Utc>, usize)>; 2],
 }
 
 impl Skip {
-    /// Whether a line with this timestamp was handed on by an earlier watch.
-    fn already_seen(&mut self, timestamp: Option<DateTime<Utc>>) -> bool {
-        let (Some(before), Some(at)) = (self.before, timestamp) else {
+    /// Whether a line of `stream` with this timestamp was handed on by an earlier read.
+    fn already_seen(&mut self, stream: OutputStream, timestamp: Option<DateTime<Utc>>) -> bool {
+        let place = &mut self.at[slot(stream)];
+        let (Some((last, count)), Some(at)) = (*place, timestamp) else {
             return false;
         };
-        if at < before {
+        if at < last {
             return true;
         }
-        if at == before && self.at_last > 0 {
-            self.at_last -= 1;
+        if at == last && count > 0 {
+            *place = Some((last, count - 1));
             return true;
         }
-        // Past the resume point: nothing further is skipped.
-        self.before = None;
+        // Past the stream's place: nothing further of it is skipped.
+        *place = None;
         false
     }
 }
@@ -732,26 +786,41 @@ mod tests {
     }
 
     #[test]
-    fn a_second_watch_skips_exactly_the_lines_the_first_handed_on() {
+    fn a_second_read_skips_exactly_the_lines_the_first_handed_on() {
+        use OutputStream::{Stderr, Stdout};
         let t1 = at("2026-01-02T03:04:05.5Z");
         let t2 = at("2026-01-02T03:04:06.5Z");
+        let t0 = at("2026-01-02T03:04:06.4Z");
         let mut cursor = LogCursor::new(Some(100));
         assert_eq!(cursor.resume().0, Some(100));
-        // Three lines read together share t2; two were handed on before the Engine went away.
-        for t in [t1, t2, t2] {
-            cursor.saw(t);
+        // Three stdout lines read together share t2; two were handed on before the read
+        // ended. On stderr one line at t0, logged after them with an earlier timestamp.
+        for (stream, t) in [(Stdout, t1), (Stdout, t2), (Stdout, t2), (Stderr, t0)] {
+            cursor.saw(stream, t);
         }
         let (since, mut skip) = cursor.resume();
+        assert_eq!(since, Some(t0.unwrap().timestamp() - 1));
+        let again = [
+            (Stdout, t1),
+            (Stderr, t0),
+            (Stdout, t2),
+            (Stdout, t2),
+            (Stdout, t2),
+            (Stderr, at("2026-01-02T03:04:06.45Z")),
+            (Stdout, at("2026-01-02T03:04:07Z")),
+            (Stdout, t2),
+        ];
+        let fresh: Vec<bool> = again
+            .iter()
+            .map(|(s, t)| !skip.already_seen(*s, *t))
+            .collect();
+        assert_eq!(fresh, [false, false, false, false, true, true, true, true]);
+        // A stream with nothing handed on skips nothing; a cursor never goes back past the
+        // first read's `since`.
+        let mut cursor = LogCursor::new(Some(t2.unwrap().timestamp()));
+        cursor.saw(Stdout, t2);
+        let (since, mut skip) = cursor.resume();
         assert_eq!(since, Some(t2.unwrap().timestamp()));
-        let again = [t1, t2, t2, t2, at("2026-01-02T03:04:07Z"), t2];
-        let fresh: Vec<bool> = again.iter().map(|t| !skip.already_seen(*t)).collect();
-        assert_eq!(fresh, [false, false, false, true, true, true]);
-    }
-
-    #[test]
-    fn engine_recovery_asks_again_after_half_a_second_doubling_to_two() {
-        let mut backoff = Backoff::new(RECOVERY_BACKOFF_MIN, RECOVERY_BACKOFF_MAX);
-        let delays: Vec<u128> = (0..5).map(|_| backoff.next_delay().as_millis()).collect();
-        assert_eq!(delays, vec![500, 1000, 2000, 2000, 2000]);
+        assert!(!skip.already_seen(Stderr, t1));
     }
 }
