@@ -14,8 +14,8 @@
 //! lack of room: a forwarded line waits until the output held in memory (queued or in a batch
 //! not yet taken) is under [`FORWARD_BUDGET`] bytes, which slows the reading of the
 //! container's log instead. A batch the API could not take (unreachable, 5xx, 429) is kept and
-//! sent again after a pause: the `Retry-After` it asked for, else a doubling backoff from the
-//! batch interval to [`MAX_PAUSE`].
+//! sent again: after the `Retry-After` it asked for; after a 429 without one, a doubling pause
+//! from the batch interval to [`MAX_PAUSE`]; else at the next interval.
 //! Depends on `prefect` (the client) and `metrics` only.
 
 mod clock;
@@ -412,9 +412,18 @@ impl Pause {
                 self.until = None;
                 self.backoff.reset();
             }
-            Some(Held { retry_after }) => {
-                let wait = retry_after.unwrap_or_else(|| self.backoff.next_delay());
-                self.until = Some(Instant::now() + wait);
+            Some(Held {
+                retry_after,
+                rate_limited,
+            }) => {
+                let wait = match retry_after {
+                    Some(asked) => Some(asked),
+                    None if rate_limited => Some(self.backoff.next_delay()),
+                    // Unreachable or failing: the client backed off already; the next tick
+                    // tries again, so logs follow an outage's end within an interval.
+                    None => None,
+                };
+                self.until = wait.map(|wait| Instant::now() + wait);
             }
         }
     }
@@ -425,6 +434,8 @@ impl Pause {
 struct Held {
     /// The API's `Retry-After`.
     retry_after: Option<Duration>,
+    /// It answered 429: back off even when it did not say how long.
+    rate_limited: bool,
 }
 
 /// Sends the batch in chunks. A chunk the API could not take because it is unreachable,
@@ -460,6 +471,7 @@ async fn flush(api: &PrefectClient, batch: &mut Vec<Queued>, limits: LogLimits) 
                 tracing::debug!(error = %e.error, retry_after = ?e.retry_after, queued = batch.len(), "Prefect API could not take flow-run logs now; keeping them queued");
                 return Some(Held {
                     retry_after: e.retry_after,
+                    rate_limited: e.error.status() == Some(429),
                 });
             }
             Err(e) => {
@@ -918,7 +930,8 @@ mod tests {
         assert_eq!(
             held,
             Some(Held {
-                retry_after: Some(Duration::from_secs(1))
+                retry_after: Some(Duration::from_secs(1)),
+                rate_limited: true,
             })
         );
         assert_eq!(batch.len(), 2);
@@ -933,12 +946,15 @@ mod tests {
         assert_eq!(bodies[0][0]["message"], "first");
         assert_eq!(bodies[0][1]["message"], "second");
 
-        // Without a Retry-After the pause doubles from the interval up to its cap.
+        // A 429 without a Retry-After: the pause doubles from the interval up to its cap.
         let mut pause = Pause::new(Duration::from_secs(2));
         let waits: Vec<Duration> = (0..8)
             .map(|_| {
                 let before = Instant::now();
-                pause.after(Some(Held { retry_after: None }));
+                pause.after(Some(Held {
+                    retry_after: None,
+                    rate_limited: true,
+                }));
                 pause.until.unwrap() - before
             })
             .collect();
