@@ -117,6 +117,8 @@ struct Forward {
     budget: Arc<Semaphore>,
     /// The budget's size in permits (bytes), the most one entry may take.
     size: u32,
+    /// How many lines had to wait for room, for the worker's log.
+    waited: Arc<AtomicU64>,
 }
 
 /// A log entry waiting to be sent; a forwarded one holds its share of [`FORWARD_BUDGET`]
@@ -187,6 +189,7 @@ impl ApiLogs {
             tx: forward_tx,
             budget: Arc::new(Semaphore::new(size as usize)),
             size,
+            waited: Arc::new(AtomicU64::new(0)),
         });
         let queues = Queues {
             worker: rx,
@@ -275,12 +278,26 @@ impl ApiLogs {
         let entry = self.entry(flow_run_id, logger, level, message.to_owned(), Some(at));
         match &self.forward {
             Some(forward) => {
-                let bytes = u32::try_from(json_size(&entry)).unwrap_or(u32::MAX);
-                let Ok(permit) = Arc::clone(&forward.budget)
-                    .acquire_many_owned(bytes.clamp(1, forward.size))
-                    .await
-                else {
-                    return;
+                let bytes = u32::try_from(json_size(&entry))
+                    .unwrap_or(u32::MAX)
+                    .clamp(1, forward.size);
+                let budget = Arc::clone(&forward.budget);
+                let permit = match Arc::clone(&budget).try_acquire_many_owned(bytes) {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        let n = forward.waited.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n == 1 || n.is_power_of_two() {
+                            tracing::info!(
+                                waited = n,
+                                budget_bytes = forward.size,
+                                "forwarded container output is at its memory budget; reading containers' logs more slowly until the API takes it"
+                            );
+                        }
+                        let Ok(permit) = budget.acquire_many_owned(bytes).await else {
+                            return;
+                        };
+                        permit
+                    }
                 };
                 let queued = Queued {
                     entry,
