@@ -150,6 +150,13 @@ async fn ten_thousand_lines_survive_a_sigkill_and_restart_once_each_and_in_order
         "the restarted worker adopted the running container:\n{}",
         second.output()
     );
+    assert!(
+        second.output().contains(
+            "forwarding the adopted container's output from just after the last line the API has"
+        ),
+        "the restarted worker resumed from the API's newest line:\n{}",
+        second.output()
+    );
     stop(second).await;
 
     let logs = all_logs(&api, &run).await;
