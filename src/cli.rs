@@ -115,6 +115,11 @@ pub struct StartArgs {
     #[arg(long)]
     pub prepull: bool,
 
+    /// Forward all of every run's container output (stdout and stderr) to the run's logs in
+    /// the Prefect UI, as the job variable `stream_output_to_api` does for one deployment.
+    #[arg(long)]
+    pub logs_to_api: bool,
+
     /// Worker log format on stderr: `text` or `json`.
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,

@@ -8,17 +8,32 @@
 //! Batching follows Prefect's `APILogWorker`: one flush per `PREFECT_LOGGING_TO_API_BATCH_INTERVAL`
 //! (and one at shutdown), lines of several runs in one request, requests within Prefect's
 //! 4 MB batch size, and an entry over 1 MB of JSON cut and marked `... [truncated]`.
+//!
+//! Containers' output forwarded to the API ([`ApiLogs::forward`]) goes through a queue of its
+//! own, so a chatty container cannot crowd out the worker's messages, and is never dropped for
+//! lack of room: a forwarded line waits until the output held in memory (queued or in a batch
+//! not yet taken) is under [`FORWARD_BUDGET`] bytes, which slows the reading of the
+//! container's log instead. A batch the API could not take (unreachable, 5xx, 429) is kept and
+//! sent again: after the `Retry-After` it asked for; after a 429 without one, a doubling pause
+//! from the batch interval to [`MAX_PAUSE`]; else at the next interval.
 //! Depends on `prefect` (the client) and `metrics` only.
+
+mod clock;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use chrono::{DateTime, Utc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use clock::RunClock;
+
+use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 use crate::prefect::{LogEntry, PrefectClient, models::timestamp_now};
 
@@ -30,6 +45,13 @@ const QUEUE_CAPACITY: usize = 10_000;
 const MAX_LOG_SIZE: usize = 1_000_000;
 /// Largest request body (Prefect's `PREFECT_LOGGING_TO_API_BATCH_SIZE` default).
 const BATCH_SIZE: usize = 4_000_000;
+/// Forwarded container output held in memory at most, as JSON bytes, across all runs (raised
+/// to the batch size when that is larger, so a full batch can always be assembled).
+pub const FORWARD_BUDGET: usize = 16 << 20;
+/// Forwarded lines waiting for the sender at most (each also counts against the budget).
+const FORWARD_QUEUE: usize = 1024;
+/// The longest pause between tries of a batch the API could not take, unless it asks longer.
+pub const MAX_PAUSE: Duration = Duration::from_secs(60);
 
 /// Size limits of flow-run logs sent to the API
 /// (`PREFECT_LOGGING_TO_API_MAX_LOG_SIZE` / `_BATCH_SIZE`, Prefect's defaults by default).
@@ -80,9 +102,49 @@ pub enum Level {
 #[derive(Clone)]
 pub struct ApiLogs {
     tx: Option<mpsc::Sender<LogEntry>>,
+    /// Forwarded container output, with its memory budget; `None` for a handle whose lines all
+    /// go to `tx` (a test's queue).
+    forward: Option<Forward>,
     dropped: Arc<AtomicU64>,
     metrics: Option<Arc<Metrics>>,
     limits: LogLimits,
+}
+
+/// The queue of forwarded output and the bytes it may still take.
+#[derive(Clone)]
+struct Forward {
+    tx: mpsc::Sender<Queued>,
+    budget: Arc<Semaphore>,
+    /// The budget's size in permits (bytes), the most one entry may take.
+    size: u32,
+    /// How many lines had to wait for room, for the worker's log.
+    waited: Arc<AtomicU64>,
+}
+
+/// A log entry waiting to be sent; a forwarded one holds its share of [`FORWARD_BUDGET`]
+/// until it is sent (or refused), so the budget counts what is really in memory.
+struct Queued {
+    entry: LogEntry,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Queued {
+    fn plain(entry: LogEntry) -> Self {
+        Self {
+            entry,
+            permit: None,
+        }
+    }
+
+    fn is_forwarded(&self) -> bool {
+        self.permit.is_some()
+    }
+}
+
+impl serde::Serialize for Queued {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.entry.serialize(serializer)
+    }
 }
 
 impl ApiLogs {
@@ -90,6 +152,7 @@ impl ApiLogs {
     pub fn disabled() -> Self {
         Self {
             tx: None,
+            forward: None,
             dropped: Arc::new(AtomicU64::new(0)),
             metrics: None,
             limits: LogLimits::default(),
@@ -105,8 +168,34 @@ impl ApiLogs {
         shutdown: CancellationToken,
         tasks: &TaskTracker,
     ) -> (Self, JoinHandle<()>) {
-        let (logs, rx) = Self::queue(limits, Some(Arc::clone(&metrics)));
-        let handle = tasks.spawn(send_loop(api, rx, interval, limits, metrics, shutdown));
+        let budget = FORWARD_BUDGET.max(limits.batch_size);
+        Self::spawn_with_budget(api, interval, limits, metrics, shutdown, tasks, budget)
+    }
+
+    /// [`Self::spawn`] with forwarded output bounded at `budget` bytes.
+    fn spawn_with_budget(
+        api: Arc<PrefectClient>,
+        interval: Duration,
+        limits: LogLimits,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        tasks: &TaskTracker,
+        budget: usize,
+    ) -> (Self, JoinHandle<()>) {
+        let (mut logs, rx) = Self::queue(limits, Some(Arc::clone(&metrics)));
+        let (forward_tx, forward_rx) = mpsc::channel(FORWARD_QUEUE);
+        let size = u32::try_from(budget).unwrap_or(u32::MAX);
+        logs.forward = Some(Forward {
+            tx: forward_tx,
+            budget: Arc::new(Semaphore::new(size as usize)),
+            size,
+            waited: Arc::new(AtomicU64::new(0)),
+        });
+        let queues = Queues {
+            worker: rx,
+            forwarded: forward_rx,
+        };
+        let handle = tasks.spawn(send_loop(api, queues, interval, limits, metrics, shutdown));
         (logs, handle)
     }
 
@@ -119,6 +208,7 @@ impl ApiLogs {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let logs = Self {
             tx: Some(tx),
+            forward: None,
             dropped: Arc::new(AtomicU64::new(0)),
             metrics,
             limits,
@@ -141,16 +231,23 @@ impl ApiLogs {
     /// Queues `message` for the API only, not the worker's log: for text the worker log
     /// already has, such as container output it printed.
     pub fn to_api(&self, flow_run_id: &str, level: Level, message: impl Into<String>) {
+        self.to_api_at(flow_run_id, LOGGER_NAME, level, message, None);
+    }
+
+    /// [`Self::to_api`] under a logger name of the caller's and at a time of its choosing
+    /// (`None` = now): for lines whose order in the UI, which sorts by timestamp, must be the
+    /// order they were written in. Never waits: when the queue is full the line is dropped,
+    /// counted and warned about.
+    pub fn to_api_at(
+        &self,
+        flow_run_id: &str,
+        logger: &str,
+        level: Level,
+        message: impl Into<String>,
+        at: Option<DateTime<Utc>>,
+    ) {
         let Some(tx) = &self.tx else { return };
-        let mut entry = LogEntry {
-            name: LOGGER_NAME.to_owned(),
-            level: level as u8,
-            message: message.into(),
-            timestamp: timestamp_now(),
-            flow_run_id: Some(flow_run_id.to_owned()),
-            task_run_id: None,
-        };
-        truncate(&mut entry, self.limits.max_log_size);
+        let entry = self.entry(flow_run_id, logger, level, message.into(), at);
         let sent = tx.try_send(entry);
         if let Some(m) = &self.metrics {
             m.queued_reports
@@ -165,6 +262,77 @@ impl ApiLogs {
                 );
             }
         }
+    }
+
+    /// Queues a line of a container's output for the API, waiting while the forwarded output
+    /// in memory is at its budget (back-pressure: the caller reads the container's log more
+    /// slowly). Never dropped for lack of room; lost only if the API refuses its batch (4xx).
+    pub async fn forward(
+        &self,
+        flow_run_id: &str,
+        logger: &str,
+        level: Level,
+        message: &str,
+        at: DateTime<Utc>,
+    ) {
+        let entry = self.entry(flow_run_id, logger, level, message.to_owned(), Some(at));
+        match &self.forward {
+            Some(forward) => {
+                let bytes = u32::try_from(json_size(&entry))
+                    .unwrap_or(u32::MAX)
+                    .clamp(1, forward.size);
+                let budget = Arc::clone(&forward.budget);
+                let permit = match Arc::clone(&budget).try_acquire_many_owned(bytes) {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        let n = forward.waited.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n == 1 || n.is_power_of_two() {
+                            tracing::info!(
+                                waited = n,
+                                budget_bytes = forward.size,
+                                "forwarded container output is at its memory budget; reading containers' logs more slowly until the API takes it"
+                            );
+                        }
+                        let Ok(permit) = budget.acquire_many_owned(bytes).await else {
+                            return;
+                        };
+                        permit
+                    }
+                };
+                let queued = Queued {
+                    entry,
+                    permit: Some(permit),
+                };
+                // Closed only when the sender stopped (shutdown): the line is for the next
+                // worker, which resumes after the last line the API has.
+                let _ = forward.tx.send(queued).await;
+            }
+            None => {
+                if let Some(tx) = &self.tx {
+                    let _ = tx.send(entry).await;
+                }
+            }
+        }
+    }
+
+    fn entry(
+        &self,
+        flow_run_id: &str,
+        logger: &str,
+        level: Level,
+        message: String,
+        at: Option<DateTime<Utc>>,
+    ) -> LogEntry {
+        let mut entry = LogEntry {
+            name: logger.to_owned(),
+            level: level as u8,
+            message,
+            timestamp: at.map_or_else(timestamp_now, format_timestamp),
+            flow_run_id: Some(flow_run_id.to_owned()),
+            task_run_id: None,
+        };
+        truncate(&mut entry, self.limits.max_log_size);
+        entry
     }
 
     /// Shorthand for [`Level::Info`].
@@ -183,46 +351,130 @@ impl ApiLogs {
     }
 }
 
+/// A time as Prefect writes it, to the microsecond it stores (`2026-11-27T22:51:24.111655Z`).
+pub fn format_timestamp(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// What the sender reads from.
+struct Queues {
+    /// The worker's own messages (and crash tails).
+    worker: mpsc::Receiver<LogEntry>,
+    /// Forwarded container output.
+    forwarded: mpsc::Receiver<Queued>,
+}
+
 async fn send_loop(
     api: Arc<PrefectClient>,
-    mut rx: mpsc::Receiver<LogEntry>,
+    mut queues: Queues,
     interval: Duration,
     limits: LogLimits,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut batch: Vec<LogEntry> = Vec::new();
+    let mut batch: Vec<Queued> = Vec::new();
     // The first flush is one interval in, not at once: lines logged together go together.
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pause = Pause::new(interval);
     loop {
         tokio::select! {
-            entry = rx.recv() => match entry {
-                Some(entry) => batch.push(entry),
+            entry = queues.worker.recv() => match entry {
+                Some(entry) => batch.push(Queued::plain(entry)),
                 None => break,
             },
+            Some(queued) = queues.forwarded.recv() => batch.push(queued),
             _ = ticker.tick() => {
-                flush(&api, &mut batch, limits).await;
-                metrics.queued_reports.set(rx.len() as i64);
+                if pause.over() {
+                    let held = flush(&api, &mut batch, limits).await;
+                    pause.after(held);
+                }
+                metrics.queued_reports.set(queues.worker.len() as i64);
             }
             () = shutdown.cancelled() => break,
         }
     }
-    while let Ok(entry) = rx.try_recv() {
-        batch.push(entry);
+    while let Ok(entry) = queues.worker.try_recv() {
+        batch.push(Queued::plain(entry));
+    }
+    while let Ok(queued) = queues.forwarded.try_recv() {
+        batch.push(queued);
     }
     flush(&api, &mut batch, limits).await;
 }
 
-/// Sends the batch in chunks. A chunk the API could not take because it is unreachable stays
-/// queued (in order) for the next tick; the queue is bounded, dropping its oldest lines with a
-/// warning. Other failures drop the chunk (the API refused its content).
-async fn flush(api: &PrefectClient, batch: &mut Vec<LogEntry>, limits: LogLimits) {
-    if batch.len() > QUEUE_CAPACITY {
-        let excess = batch.len() - QUEUE_CAPACITY;
-        batch.drain(..excess);
+/// When the next flush may try again after the API did not take a batch.
+struct Pause {
+    until: Option<Instant>,
+    backoff: Backoff,
+}
+
+impl Pause {
+    fn new(interval: Duration) -> Self {
+        Self {
+            until: None,
+            backoff: Backoff::new(interval, MAX_PAUSE.max(interval)),
+        }
+    }
+
+    fn over(&self) -> bool {
+        self.until.is_none_or(|until| Instant::now() >= until)
+    }
+
+    /// After a flush: `None` when everything went, else the batch was held, with the wait the
+    /// API asked for if it did.
+    fn after(&mut self, held: Option<Held>) {
+        match held {
+            None => {
+                self.until = None;
+                self.backoff.reset();
+            }
+            Some(Held {
+                retry_after,
+                rate_limited,
+            }) => {
+                let wait = match retry_after {
+                    Some(asked) => Some(asked),
+                    None if rate_limited => Some(self.backoff.next_delay()),
+                    // Unreachable or failing: the client backed off already; the next tick
+                    // tries again, so logs follow an outage's end within an interval.
+                    None => None,
+                };
+                self.until = wait.map(|wait| Instant::now() + wait);
+            }
+        }
+    }
+}
+
+/// A flush that stopped with lines still queued, because the API could not take them now.
+#[derive(Debug, PartialEq, Eq)]
+struct Held {
+    /// The API's `Retry-After`.
+    retry_after: Option<Duration>,
+    /// It answered 429: back off even when it did not say how long.
+    rate_limited: bool,
+}
+
+/// Sends the batch in chunks. A chunk the API could not take because it is unreachable,
+/// failing (5xx) or rate-limiting (429) stays queued, in order, for the next try; the worker's
+/// own lines are bounded, dropping their oldest with a warning (forwarded output is bounded by
+/// its budget instead, and never dropped here). Other failures drop the chunk (the API refused
+/// its content), with a warning.
+async fn flush(api: &PrefectClient, batch: &mut Vec<Queued>, limits: LogLimits) -> Option<Held> {
+    let plain = batch.iter().filter(|q| !q.is_forwarded()).count();
+    if plain > QUEUE_CAPACITY {
+        let mut excess = plain - QUEUE_CAPACITY;
+        let dropped = excess;
+        batch.retain(|q| {
+            if excess > 0 && !q.is_forwarded() {
+                excess -= 1;
+                false
+            } else {
+                true
+            }
+        });
         tracing::warn!(
-            dropped = excess,
+            dropped,
             "flow-run log backlog is full during an API outage; dropped the oldest lines"
         );
     }
@@ -232,15 +484,31 @@ async fn flush(api: &PrefectClient, batch: &mut Vec<LogEntry>, limits: LogLimits
             Ok(()) => {
                 batch.drain(..take);
             }
-            Err(e) if e.is_transient() => {
-                tracing::debug!(error = %e, queued = batch.len(), "Prefect API unavailable; keeping flow-run logs queued");
-                return;
+            Err(e) if e.error.is_transient() => {
+                tracing::debug!(error = %e.error, retry_after = ?e.retry_after, queued = batch.len(), "Prefect API could not take flow-run logs now; keeping them queued");
+                return Some(Held {
+                    retry_after: e.retry_after,
+                    rate_limited: e.error.status() == Some(429),
+                });
             }
             Err(e) => {
-                tracing::warn!(error = %e, lines = take, "the Prefect API refused flow-run logs; dropping them");
+                tracing::warn!(error = %e.error, lines = take, "the Prefect API refused flow-run logs; dropping them");
                 batch.drain(..take);
             }
         }
+    }
+    None
+}
+
+impl AsRef<LogEntry> for LogEntry {
+    fn as_ref(&self) -> &LogEntry {
+        self
+    }
+}
+
+impl AsRef<LogEntry> for Queued {
+    fn as_ref(&self) -> &LogEntry {
+        &self.entry
     }
 }
 
@@ -274,10 +542,10 @@ fn truncate(entry: &mut LogEntry, max_log_size: usize) {
 
 /// How many of the queued entries the next request takes: the first, then more while the
 /// batch (each entry's JSON and its separator) is under `max_batch_bytes`.
-fn next_batch_len(batch: &[LogEntry], max_batch_bytes: usize) -> usize {
+fn next_batch_len<T: AsRef<LogEntry>>(batch: &[T], max_batch_bytes: usize) -> usize {
     let mut size = 0;
     let mut take = 0;
-    for entry in batch {
+    for entry in batch.iter().map(AsRef::as_ref) {
         if size >= max_batch_bytes {
             break;
         }
@@ -373,7 +641,7 @@ mod tests {
             1
         );
         assert_eq!(
-            next_batch_len(&[], LogLimits::default().max_batch_bytes()),
+            next_batch_len::<LogEntry>(&[], LogLimits::default().max_batch_bytes()),
             0
         );
     }
@@ -513,8 +781,14 @@ mod tests {
                         .push(serde_json::from_slice(&buf[start..]).unwrap_or(Value::Null));
                 }
                 let body = if status == 201 { "null" } else { "{}" };
+                // A rate limit says when to come back, as Prefect Cloud's does.
+                let retry_after = if status == 429 {
+                    "Retry-After: 1\r\n"
+                } else {
+                    ""
+                };
                 let response = format!(
-                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{retry_after}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 );
                 let _ = sock.write_all(response.as_bytes()).await;
@@ -638,10 +912,10 @@ mod tests {
         assert_eq!(bodies.lock().unwrap()[0][0]["message"], "kept");
 
         let (api, bodies) = stub(vec![422, 201]).await;
-        let mut batch = vec![entry("refused")];
-        flush(&api, &mut batch, LogLimits::default()).await;
+        let mut batch = vec![Queued::plain(entry("refused"))];
+        assert_eq!(flush(&api, &mut batch, LogLimits::default()).await, None);
         assert!(batch.is_empty());
-        batch.push(entry("accepted"));
+        batch.push(Queued::plain(entry("accepted")));
         flush(&api, &mut batch, LogLimits::default()).await;
         let bodies = bodies.lock().unwrap().clone();
         assert_eq!(bodies.len(), 1);
@@ -651,10 +925,142 @@ mod tests {
     #[tokio::test]
     async fn one_flush_splits_a_large_backlog_into_requests_within_the_batch_size() {
         let (api, bodies) = stub(vec![201]).await;
-        let mut batch: Vec<LogEntry> = (0..5).map(|_| entry(&"y".repeat(900_000))).collect();
+        let mut batch: Vec<Queued> = (0..5)
+            .map(|_| Queued::plain(entry(&"y".repeat(900_000))))
+            .collect();
         flush(&api, &mut batch, LogLimits::default()).await;
         let bodies = bodies.lock().unwrap().clone();
         let sizes: Vec<usize> = bodies.iter().map(|b| b.as_array().unwrap().len()).collect();
         assert_eq!(sizes, [4, 1]);
+    }
+
+    /// A 429 is not a refusal: the batch stays queued, the API's `Retry-After` sets the pause,
+    /// and the lines go once it is over; nothing is lost, nothing sent twice.
+    #[tokio::test]
+    async fn a_rate_limited_batch_is_kept_and_sent_after_the_pause_it_asked_for() {
+        let (api, bodies) = stub(vec![429, 201]).await;
+        let mut batch = vec![
+            Queued::plain(entry("first")),
+            Queued::plain(entry("second")),
+        ];
+        let held = flush(&api, &mut batch, LogLimits::default()).await;
+        assert_eq!(
+            held,
+            Some(Held {
+                retry_after: Some(Duration::from_secs(1)),
+                rate_limited: true,
+            })
+        );
+        assert_eq!(batch.len(), 2);
+        let mut pause = Pause::new(Duration::from_millis(100));
+        pause.after(held);
+        assert!(!pause.over(), "the pause the API asked for has not passed");
+        assert_eq!(flush(&api, &mut batch, LogLimits::default()).await, None);
+        pause.after(None);
+        assert!(pause.over());
+        let bodies = bodies.lock().unwrap().clone();
+        assert_eq!(bodies.len(), 1);
+        assert_eq!(bodies[0][0]["message"], "first");
+        assert_eq!(bodies[0][1]["message"], "second");
+
+        // A 429 without a Retry-After: the pause doubles from the interval up to its cap.
+        let mut pause = Pause::new(Duration::from_secs(2));
+        let waits: Vec<Duration> = (0..8)
+            .map(|_| {
+                let before = Instant::now();
+                pause.after(Some(Held {
+                    retry_after: None,
+                    rate_limited: true,
+                }));
+                pause.until.unwrap() - before
+            })
+            .collect();
+        assert!(waits[0] >= Duration::from_secs(2) && waits[1] >= Duration::from_secs(4));
+        assert!(
+            waits
+                .iter()
+                .all(|w| *w <= MAX_PAUSE + Duration::from_millis(50))
+        );
+    }
+
+    /// Forwarded output waits, rather than being dropped, while the API cannot take it and
+    /// what is held reaches the budget; the worker's own messages still queue meanwhile; once
+    /// the API answers, every forwarded line arrives once, in order, at its own timestamp.
+    #[tokio::test]
+    async fn forwarded_output_waits_at_its_budget_and_then_goes_in_order() {
+        use futures_util::FutureExt as _;
+        // Unavailable for the first five tries, then taking everything.
+        let (api, bodies) = stub(vec![503, 503, 503, 503, 503, 201]).await;
+        let shutdown = CancellationToken::new();
+        let (logs, task) = ApiLogs::spawn_with_budget(
+            api,
+            Duration::from_millis(20),
+            LogLimits::default(),
+            Arc::new(Metrics::new()),
+            shutdown.clone(),
+            &TaskTracker::new(),
+            4_000,
+        );
+        let t0 = DateTime::parse_from_rfc3339("2026-01-02T03:04:05.000001Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let at = |i: i64| t0 + chrono::TimeDelta::microseconds(i);
+        let mut sent = 0;
+        // Each entry is about 200 bytes of JSON: about 20 fit in the budget.
+        while sent < 100 {
+            let line = format!("output line {sent:03}");
+            let forward = logs.forward("run-f", "container.stdout", Level::Info, &line, at(sent));
+            if forward.now_or_never().is_none() {
+                break;
+            }
+            sent += 1;
+        }
+        assert!(
+            (5..100).contains(&sent),
+            "forwarding never waited: {sent} lines queued"
+        );
+        // The worker's own messages are not held up by the forwarded output.
+        logs.info("run-f", "a worker message");
+        // The rest wait their turn and go as the API recovers.
+        for i in sent..100 {
+            let line = format!("output line {i:03}");
+            logs.forward("run-f", "container.stdout", Level::Info, &line, at(i))
+                .await;
+        }
+        let forwarded = |bodies: &Mutex<Vec<Value>>| -> Vec<(String, String)> {
+            bodies
+                .lock()
+                .unwrap()
+                .iter()
+                .flat_map(|b| b.as_array().cloned().unwrap_or_default())
+                .filter(|e| e["name"] == "container.stdout")
+                .map(|e| {
+                    (
+                        e["message"].as_str().unwrap_or_default().to_owned(),
+                        e["timestamp"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        };
+        for _ in 0..400 {
+            if forwarded(&bodies).len() >= 100 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        shutdown.cancel();
+        task.await.unwrap();
+        let got = forwarded(&bodies);
+        let expected: Vec<(String, String)> = (0..100)
+            .map(|i| (format!("output line {i:03}"), format_timestamp(at(i))))
+            .collect();
+        assert_eq!(got, expected);
+        let all: Vec<Value> = bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|b| b.as_array().cloned().unwrap_or_default())
+            .collect();
+        assert!(all.iter().any(|e| e["message"] == "a worker message"));
     }
 }

@@ -36,7 +36,12 @@ async fn tls_docker_host_runs_containers_and_the_worker_end_to_end() {
         .await
         .expect("start over TLS");
     let status = docker
-        .watch_container(&started.container, false, false, &|_: &str| {})
+        .watch_container(
+            &started.container,
+            false,
+            false,
+            &|_: docker_worker::docker::OutputLine<'_>| {},
+        )
         .await
         .unwrap();
     assert_eq!(status.code, 3);
@@ -138,7 +143,12 @@ async fn private_registry_pulls_with_job_credentials_or_docker_config() {
     assert!(started.pull_duration.is_some());
     assert_eq!(
         docker
-            .watch_container(&started.container, false, false, &|_: &str| {})
+            .watch_container(
+                &started.container,
+                false,
+                false,
+                &|_: docker_worker::docker::OutputLine<'_>| {}
+            )
             .await
             .unwrap()
             .code,

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use docker_worker::docker::{DockerError, DockerRuntime};
+use docker_worker::docker::{DockerError, DockerRuntime, OutputLine, OutputStream};
 use docker_worker::job::{ContainerSpec, PullPolicy, RegistryCredentials};
 use serde_json::json;
 use support::recorder::{Endpoint, Recorder};
@@ -53,20 +53,43 @@ async fn streams_output_and_reports_the_exit_code() {
         .await
         .expect("start")
         .container;
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let lines = Arc::new(Mutex::new(Vec::new()));
     let sink = {
         let lines = Arc::clone(&lines);
-        move |text: &str| lines.lock().unwrap().push(text.to_owned())
+        move |line: OutputLine<'_>| {
+            lines
+                .lock()
+                .unwrap()
+                .push((line.stream, line.timestamp, line.text.to_owned()));
+        }
     };
     let status = docker
         .watch_container(&container, false, true, &sink)
         .await
         .expect("watch");
     assert_eq!(status.code, 7);
-    let all = lines.lock().unwrap().join("\n");
-    for expected in ["hello from env", "to-stderr", "a\nb"] {
-        assert!(all.contains(expected), "missing {expected:?} in {all:?}");
-    }
+    let lines = lines.lock().unwrap().clone();
+    // Every line once; the Engine orders the two streams only by when it read each, so only
+    // the order within a stream is asserted.
+    let stdout: Vec<&str> = lines
+        .iter()
+        .filter(|(s, _, _)| *s == OutputStream::Stdout)
+        .map(|(_, _, t)| t.as_str())
+        .collect();
+    assert_eq!(stdout, ["hello from env", "a", "b"], "{lines:?}");
+    // One call per line, its stream marked, the Engine's timestamp parsed off the text.
+    let stream_of = |text: &str| lines.iter().find(|(_, _, t)| t == text).map(|l| l.0);
+    assert_eq!(
+        stream_of("to-stderr"),
+        Some(OutputStream::Stderr),
+        "{lines:?}"
+    );
+    assert_eq!(
+        stream_of("hello from env"),
+        Some(OutputStream::Stdout),
+        "{lines:?}"
+    );
+    assert!(lines.iter().all(|(_, at, _)| at.is_some()), "{lines:?}");
 }
 
 #[tokio::test]
@@ -82,14 +105,14 @@ async fn exit_code_is_right_without_streaming() {
         .expect("start")
         .container;
     let status = docker
-        .watch_container(&container, false, false, &|_: &str| {
+        .watch_container(&container, false, false, &|_: OutputLine<'_>| {
             panic!("no output expected")
         })
         .await
         .expect("watch");
     assert_eq!(status.code, 42);
     let status = docker
-        .watch_container(&container, false, false, &|_: &str| {})
+        .watch_container(&container, false, false, &|_: OutputLine<'_>| {})
         .await
         .expect("second watch");
     assert_eq!(
@@ -118,7 +141,7 @@ async fn auto_remove_reports_the_code_and_the_container_is_gone() {
     )
     .await;
     let status = docker
-        .watch_container(&container, true, true, &|_: &str| {})
+        .watch_container(&container, true, true, &|_: OutputLine<'_>| {})
         .await
         .expect("watch");
     assert_eq!(status.code, 5);
@@ -390,7 +413,7 @@ async fn create_options_reach_the_engine() {
     let lines = Arc::new(Mutex::new(String::new()));
     let sink = {
         let lines = Arc::clone(&lines);
-        move |t: &str| lines.lock().unwrap().push_str(&format!("{t}\n"))
+        move |l: OutputLine<'_>| lines.lock().unwrap().push_str(&format!("{}\n", l.text))
     };
     assert_eq!(
         docker

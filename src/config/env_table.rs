@@ -356,6 +356,13 @@ pub const DOCKER_WORKER_CRASH_LOG_LINES: EnvVar = var(
     &[],
     "last output lines of a crashed container sent to the run's logs (0 = none)",
 );
+/// All of containers' output in the UI.
+pub const DOCKER_WORKER_LOGS_TO_API: EnvVar = var(
+    "DOCKER_WORKER_LOGS_TO_API",
+    Value("false"),
+    &[start("logs-to-api")],
+    "forward all of every run's container output to the run's logs",
+);
 /// Memory and CPU of containers.
 pub const DOCKER_WORKER_RESOURCE_ACCOUNTING: EnvVar = var(
     "DOCKER_WORKER_RESOURCE_ACCOUNTING",
@@ -552,6 +559,7 @@ pub const ENV_VARS: &[&EnvVar] = &[
     &DOCKER_WORKER_CANCELLATION_POLL_SECONDS,
     &DOCKER_WORKER_FAST_PICKUP,
     &DOCKER_WORKER_CRASH_LOG_LINES,
+    &DOCKER_WORKER_LOGS_TO_API,
     &DOCKER_WORKER_RESOURCE_ACCOUNTING,
     &DOCKER_WORKER_PREPULL,
     &DOCKER_WORKER_EMIT_EVENTS,

@@ -149,6 +149,9 @@ pub struct ReportingSettings {
     /// How many of a failed container's last output lines are sent as flow-run logs, so a run
     /// that died before its engine connected is explained in the UI (0 = none).
     pub crash_log_lines: usize,
+    /// Forward all of every run's container output to the run's logs (`--logs-to-api`), not
+    /// only the runs whose job asks for it.
+    pub logs_to_api: bool,
     /// Sample each container's memory and CPU and report them when it exits.
     pub resource_accounting: bool,
     /// Emit the worker's and containers' Prefect events over `/events/in`, as the Python
@@ -247,7 +250,7 @@ impl WorkerSettings {
             polling,
             run_defaults,
             gc,
-            reporting: reporting(env)?,
+            reporting: reporting(args, env)?,
             cancellation: cancellation(args, env)?,
             features: features(args, env)?,
             convergence: convergence(args, env)?,
@@ -426,14 +429,15 @@ fn policy(args: &StartArgs, env: &Env) -> Result<Option<Arc<HostPolicy>>, Config
     Ok(Some(Arc::new(policy)))
 }
 
-/// Flow-run logs, crash output, resource accounting and events.
-fn reporting(env: &Env) -> Result<ReportingSettings, ConfigError> {
+/// Flow-run logs, container output, resource accounting and events.
+fn reporting(args: &StartArgs, env: &Env) -> Result<ReportingSettings, ConfigError> {
     Ok(ReportingSettings {
         logging_to_api: env.boolean(&var::PREFECT_LOGGING_TO_API_ENABLED)?,
         log_batch_interval: env
             .interval(&var::PREFECT_LOGGING_TO_API_BATCH_INTERVAL, Duration::ZERO)?,
         log_limits: log_limits(env)?,
         crash_log_lines: env.count(&var::DOCKER_WORKER_CRASH_LOG_LINES)?,
+        logs_to_api: args.logs_to_api || env.boolean(&var::DOCKER_WORKER_LOGS_TO_API)?,
         resource_accounting: env.boolean(&var::DOCKER_WORKER_RESOURCE_ACCOUNTING)?,
         emit_events: env.boolean(&var::DOCKER_WORKER_EMIT_EVENTS)?,
     })

@@ -30,4 +30,4 @@ pub use error::{ConnectCause, DockerError, EngineFailure};
 pub use events::{ContainerEvent, ContainerEventKind};
 pub use find::{FoundContainer, ListedContainer};
 pub use images::{DiskSpace, DiskSpaceError, ImageRemoval, ImageUser, LocalImage, PullGuard};
-pub use watch::ExitStatus;
+pub use watch::{ExitStatus, OutputLine, OutputSink, OutputStream};

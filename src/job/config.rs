@@ -197,7 +197,7 @@ impl Checker<'_> {
 /// # Errors
 /// pydantic's message: "unable to interpret input" for strings and whole numbers it does
 /// not know, the bare message for other types (null, fractions, lists, objects).
-fn parse_lax_bool(value: &Value) -> Result<bool, &'static str> {
+pub(crate) fn parse_lax_bool(value: &Value) -> Result<bool, &'static str> {
     const UNINTERPRETABLE: &str = "Input should be a valid boolean, unable to interpret input";
     const NOT_A_BOOLEAN: &str = "Input should be a valid boolean";
     match value {

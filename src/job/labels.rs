@@ -31,6 +31,10 @@ pub const DEPLOYMENT_UPDATED: &str = "io.prefect.deployment-updated";
 /// adopts the container after a restart still enforces it. This worker's own label, not
 /// Prefect's.
 pub const MAX_RUNTIME: &str = "dev.docker-worker.max-runtime-seconds";
+/// `true` on containers whose output is forwarded to their run's logs (the job variable
+/// `stream_output_to_api` or the worker's `--logs-to-api`), so a worker that adopts the
+/// container after a restart goes on forwarding it. This worker's own label.
+pub const LOGS_TO_API: &str = "dev.docker-worker.logs-to-api";
 
 /// Converts a Prefect-style label key to Docker's reverse-DNS convention: a key with a `/`
 /// has the part before the first `/` reversed on `.`; keys without `/` are unchanged.

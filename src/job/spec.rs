@@ -130,6 +130,23 @@ impl ContainerSpec {
     }
 }
 
+impl ContainerSpec {
+    /// Whether the container's output is forwarded to its run's logs: the decision travels on
+    /// the container as its [`labels::LOGS_TO_API`] label, so a worker adopting it after a
+    /// restart reads it the same way from the container.
+    pub fn forwards_output(&self) -> bool {
+        self.labels
+            .get(labels::LOGS_TO_API)
+            .is_some_and(|v| v == "true")
+    }
+
+    /// Marks the container's output as forwarded (the worker's `--logs-to-api`).
+    pub fn forward_output(&mut self) {
+        self.labels
+            .insert(labels::LOGS_TO_API.to_owned(), "true".to_owned());
+    }
+}
+
 /// Why a valid configuration still cannot become a container.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PrepareError {
@@ -369,6 +386,9 @@ impl DockerJobConfiguration {
                 labels::MAX_RUNTIME.into(),
                 limit.as_secs().max(1).to_string(),
             );
+        }
+        if self.typed.stream_output_to_api == Some(true) {
+            out.insert(labels::LOGS_TO_API.into(), "true".into());
         }
         out
     }

@@ -2,8 +2,8 @@
 //! `gpus`, `shm_size`, `ipc_mode`, `cpus`, `ports`, `platform` — each validated with a message
 //! that says what is accepted, and turned into Engine fields. They compose with
 //! `container_create_kwargs`: a typed option wins over the keyword it overlaps, with a warning.
-//! `max_runtime` is the one typed option that is not an Engine field: the worker stops a run's
-//! container when it has run that long.
+//! `max_runtime` and `stream_output_to_api` are not Engine fields: the worker stops a run's
+//! container when it has run that long, and forwards its output to the run's logs.
 //!
 //! Pure: JSON in, Engine JSON out.
 
@@ -21,6 +21,7 @@ pub const TYPED_FIELDS: &[&str] = &[
     "ports",
     "platform",
     "max_runtime",
+    "stream_output_to_api",
 ];
 
 /// `ExposedPorts` and `PortBindings`, as Engine JSON.
@@ -43,6 +44,8 @@ pub struct TypedOptions {
     pub platform: Option<String>,
     /// The longest a run's container may run before the worker stops it.
     pub max_runtime: Option<std::time::Duration>,
+    /// Forward all of the container's output to the run's logs.
+    pub stream_output_to_api: Option<bool>,
 }
 
 /// A typed option that did not validate: the field and what is wrong with it.
@@ -70,6 +73,7 @@ impl TypedOptions {
         check("ports", &|v| parse_ports(v).map(drop));
         check("platform", &|v| parse_platform(v).map(drop));
         check("max_runtime", &|v| parse_max_runtime(v).map(drop));
+        check("stream_output_to_api", &|v| parse_flag(v).map(drop));
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -82,6 +86,7 @@ impl TypedOptions {
             ports: get("ports").and_then(|v| parse_ports(v).ok()),
             platform: get("platform").and_then(|v| parse_platform(v).ok()),
             max_runtime: get("max_runtime").and_then(|v| parse_max_runtime(v).ok()),
+            stream_output_to_api: get("stream_output_to_api").and_then(|v| parse_flag(v).ok()),
         })
     }
 
@@ -559,6 +564,11 @@ pub fn parse_max_runtime(value: &Value) -> Result<std::time::Duration, String> {
     }
 }
 
+/// A yes/no option, read as the job's other booleans are (pydantic's lax booleans).
+fn parse_flag(value: &Value) -> Result<bool, String> {
+    super::config::parse_lax_bool(value).map_err(str::to_owned)
+}
+
 /// The JSON-schema properties the typed options add to the base job template's variables,
 /// with titles and descriptions for the Prefect UI form.
 pub fn template_variables() -> Map<String, Value> {
@@ -601,6 +611,11 @@ pub fn template_variables() -> Map<String, Value> {
         "title": "Maximum Runtime",
         "description": "The longest the flow run's container may run, in seconds (7200) or as a duration (\"2h\", \"90m\"). At the limit the worker stops the container (SIGTERM, then SIGKILL after its grace period) and marks the run Crashed. Empty = no limit.",
         "anyOf": [{"type": "string"}, {"type": "number"}]
+    }));
+    m.insert("stream_output_to_api".into(), json!({
+        "title": "Stream Output To API",
+        "description": "Send everything the container prints (stdout and stderr, each line with the time Docker logged it) to the flow run's logs, so shell scripts and non-Prefect processes are visible in the UI. Resumes without gaps or duplicates if the worker restarts.",
+        "type": "boolean"
     }));
     m
 }

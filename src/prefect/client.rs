@@ -14,8 +14,7 @@ use tokio::sync::Mutex;
 use url::Url;
 
 use super::models::{
-    Deployment, Flow, FlowRun, LogEntry, OrchestrationResult, State, StateProposal, WorkPool,
-    WorkerStatus,
+    Deployment, Flow, FlowRun, OrchestrationResult, State, StateProposal, WorkPool, WorkerStatus,
 };
 use crate::backoff::Backoff;
 
@@ -373,6 +372,19 @@ impl PrefectClient {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Vec<u8>), ApiError> {
+        self.request_with_headers(method, path, body)
+            .await
+            .map(|(status, _, bytes)| (status, bytes))
+    }
+
+    /// [`Self::request`] with the final answer's headers, for a caller that paces itself by
+    /// them (`Retry-After`).
+    async fn request_with_headers(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, HeaderMap, Vec<u8>), ApiError> {
         let url = self.url(path)?;
         let mutating = method != Method::GET;
         let mut csrf_retried = false;
@@ -422,7 +434,7 @@ impl PrefectClient {
                             continue;
                         }
                     }
-                    return Ok((status, bytes));
+                    return Ok((status, headers, bytes));
                 }
                 Err(source) => {
                     let retryable = source.is_timeout()
@@ -920,19 +932,109 @@ impl PrefectClient {
         .map(|_| ())
     }
 
-    /// `POST /logs/`.
+    /// `POST /logs/`. Entries are anything that serialises as a log entry (the sender keeps
+    /// bookkeeping beside each one).
+    ///
+    /// # Errors
+    /// [`LogsNotTaken`], with the wait the API asked for (`Retry-After` of a 429 or 503 it
+    /// still answered after the client's own retries).
+    pub async fn create_logs<T: serde::Serialize>(&self, logs: &[T]) -> Result<(), LogsNotTaken> {
+        let not_taken = |error| LogsNotTaken {
+            error,
+            retry_after: None,
+        };
+        let body = serde_json::to_value(logs).map_err(|e| {
+            not_taken(ApiError::Decode {
+                path: "logs/".into(),
+                message: e.to_string(),
+            })
+        })?;
+        let (status, headers, bytes) = self
+            .request_with_headers(Method::POST, "logs/", Some(&body))
+            .await
+            .map_err(not_taken)?;
+        if (200..300).contains(&status) {
+            return Ok(());
+        }
+        Err(LogsNotTaken {
+            error: ApiError::Status {
+                method: Method::POST,
+                path: "logs/".into(),
+                status,
+                body: truncate(&String::from_utf8_lossy(&bytes), 1000),
+            },
+            retry_after: retry_after(&headers),
+        })
+    }
+
+    /// The newest log of a flow run written under one of `names` (`POST /logs/filter`, newest
+    /// first, a page at a time): where forwarding of a container's output stands after a
+    /// restart. Prefect's log filter has no name criterion (and refuses unknown ones), so the
+    /// names are checked here, through up to [`LAST_LOG_SCAN`] of the run's newest logs.
     ///
     /// # Errors
     /// Any [`ApiError`].
-    pub async fn create_logs(&self, logs: &[LogEntry]) -> Result<(), ApiError> {
-        let body = serde_json::to_value(logs).map_err(|e| ApiError::Decode {
-            path: "logs/".into(),
-            message: e.to_string(),
-        })?;
-        self.call(Method::POST, "logs/", Some(&body))
-            .await
-            .map(|_| ())
+    pub async fn last_log_named(
+        &self,
+        flow_run_id: &str,
+        names: &[&str],
+    ) -> Result<LastLog, ApiError> {
+        let mut offset = 0;
+        while offset < LAST_LOG_SCAN {
+            let page = json!({
+                "logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                "sort": "TIMESTAMP_DESC",
+                "limit": LAST_LOG_PAGE,
+                "offset": offset,
+            });
+            let logs: Vec<LogRecord> = self
+                .call_json(Method::POST, "logs/filter", Some(&page))
+                .await?;
+            if let Some(ours) = logs.iter().find(|l| names.contains(&l.name.as_str())) {
+                return Ok(LastLog::At(ours.timestamp));
+            }
+            if logs.len() < LAST_LOG_PAGE {
+                return Ok(LastLog::None);
+            }
+            offset += LAST_LOG_PAGE;
+        }
+        Ok(LastLog::Unknown)
     }
+}
+
+/// A page of logs read while looking for the newest forwarded one (Prefect's default limit).
+const LAST_LOG_PAGE: usize = 200;
+/// How many of a run's newest logs are looked through for one of ours, at most: the worker's
+/// and the flow's own messages logged after the last forwarded line, with room to spare.
+const LAST_LOG_SCAN: usize = 5_000;
+
+/// A log as `POST /logs/filter` returns it: the two fields a resume needs.
+#[derive(Debug, serde::Deserialize)]
+struct LogRecord {
+    name: String,
+    timestamp: chrono::DateTime<chrono::Utc>,
+}
+
+/// Where a run's logs under some names stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LastLog {
+    /// The newest is at this time.
+    At(chrono::DateTime<chrono::Utc>),
+    /// The run has none.
+    None,
+    /// Not found among the run's newest [`LAST_LOG_SCAN`] logs.
+    Unknown,
+}
+
+/// A `POST /logs/` that did not go through.
+#[derive(Debug, thiserror::Error)]
+#[error("the Prefect API did not take a batch of flow-run logs")]
+pub struct LogsNotTaken {
+    /// Why.
+    #[source]
+    pub error: ApiError,
+    /// How long the API asked to wait before the next try.
+    pub retry_after: Option<Duration>,
 }
 
 /// The causes under an error, so "builder error" says what failed.

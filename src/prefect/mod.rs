@@ -8,7 +8,7 @@ pub mod models;
 pub mod socket;
 pub mod subscriber;
 
-pub use client::{ApiError, ClientConfig, PrefectClient};
+pub use client::{ApiError, ClientConfig, LastLog, LogsNotTaken, PrefectClient};
 pub use models::{
     Deployment, Flow, FlowRun, LogEntry, OrchestrationResult, SetStateStatus, State, StateProposal,
     StateType, WorkPool, WorkerStatus,

@@ -7,18 +7,31 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
+use crate::docker::OutputStream;
 use crate::docker::usage::ResourceUsage;
 
 /// The longest line a tail keeps: a container printing one endless line cannot make the
 /// worker hold it (and the Prefect UI shows a line this long whole).
 pub(crate) const TAIL_LINE_LIMIT: usize = 4096;
 
+/// One kept line: when (the run clock's stamp), on which stream, what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TailLine {
+    /// Its timestamp in the run's logs, so the UI shows the tail in the order it was printed.
+    pub at: DateTime<Utc>,
+    /// stdout or stderr.
+    pub stream: OutputStream,
+    /// The text, cut at [`TAIL_LINE_LIMIT`] bytes.
+    pub text: String,
+}
+
 /// The last `capacity` lines a container printed, each cut at [`TAIL_LINE_LIMIT`] bytes.
 pub(crate) struct OutputTail {
     capacity: usize,
-    lines: Mutex<VecDeque<String>>,
+    lines: Mutex<VecDeque<TailLine>>,
 }
 
 impl OutputTail {
@@ -36,24 +49,26 @@ impl OutputTail {
         capacity > 0
     }
 
-    /// Adds a chunk of output (one or more lines).
-    pub fn push(&self, chunk: &str) {
+    /// Adds one line.
+    pub fn push(&self, at: DateTime<Utc>, stream: OutputStream, line: &str) {
         if self.capacity == 0 {
             return;
         }
         let Ok(mut lines) = self.lines.lock() else {
             return;
         };
-        for line in chunk.lines() {
-            if lines.len() == self.capacity {
-                lines.pop_front();
-            }
-            lines.push_back(cut(line));
+        if lines.len() == self.capacity {
+            lines.pop_front();
         }
+        lines.push_back(TailLine {
+            at,
+            stream,
+            text: cut(line),
+        });
     }
 
     /// The kept lines, oldest first.
-    pub fn take(&self) -> Vec<String> {
+    pub fn take(&self) -> Vec<TailLine> {
         self.lines
             .lock()
             .map(|mut l| l.drain(..).collect())
@@ -180,24 +195,47 @@ fn mebibytes(bytes: u64) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn an_endless_line_is_cut_with_a_note() {
-        let tail = OutputTail::new(2);
-        tail.push(&"é".repeat(TAIL_LINE_LIMIT));
-        let kept = tail.take();
-        assert!(kept[0].len() < TAIL_LINE_LIMIT + 64, "{}", kept[0].len());
-        assert!(kept[0].ends_with(&format!("… [line cut at {TAIL_LINE_LIMIT} bytes]")));
+    fn texts(lines: &[TailLine]) -> Vec<&str> {
+        lines.iter().map(|l| l.text.as_str()).collect()
     }
 
     #[test]
-    fn tail_keeps_the_last_lines_across_chunks() {
+    fn an_endless_line_is_cut_with_a_note() {
+        let tail = OutputTail::new(2);
+        tail.push(
+            Utc::now(),
+            OutputStream::Stdout,
+            &"é".repeat(TAIL_LINE_LIMIT),
+        );
+        let kept = tail.take();
+        assert!(
+            kept[0].text.len() < TAIL_LINE_LIMIT + 64,
+            "{}",
+            kept[0].text.len()
+        );
+        assert!(
+            kept[0]
+                .text
+                .ends_with(&format!("… [line cut at {TAIL_LINE_LIMIT} bytes]"))
+        );
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines_with_their_stream_and_time() {
         let tail = OutputTail::new(3);
-        tail.push("a\nb");
-        tail.push("c\nd\ne\n");
-        assert_eq!(tail.take(), ["c", "d", "e"]);
+        let t0 = Utc::now();
+        for (i, text) in ["a", "b", "c", "d"].iter().enumerate() {
+            let at = t0 + chrono::TimeDelta::microseconds(i64::try_from(i).unwrap());
+            tail.push(at, OutputStream::Stdout, text);
+        }
+        tail.push(t0, OutputStream::Stderr, "e");
+        let kept = tail.take();
+        assert_eq!(texts(&kept), ["c", "d", "e"]);
+        assert_eq!(kept[0].at, t0 + chrono::TimeDelta::microseconds(2));
+        assert_eq!(kept[2].stream, OutputStream::Stderr);
         assert!(tail.take().is_empty());
         let off = OutputTail::new(0);
-        off.push("x");
+        off.push(t0, OutputStream::Stdout, "x");
         assert!(!OutputTail::keeps_lines(0) && OutputTail::keeps_lines(3));
         assert!(off.take().is_empty());
     }

@@ -18,12 +18,12 @@ use crate::docker::cleanup::{Removal, StoppedContainer};
 use crate::docker::usage::ResourceUsage;
 use crate::docker::{
     ContainerEvent, CreatedContainer, DockerError, DockerRuntime, ExitStatus, FoundContainer,
-    ListedContainer, StartedContainer,
+    ListedContainer, OutputSink, StartedContainer,
 };
 use crate::job::ContainerSpec;
 use crate::prefect::{
-    ApiError, Deployment, Flow, FlowRun, OrchestrationResult, PrefectClient, State, StateProposal,
-    StateType, WorkPool, WorkerStatus,
+    ApiError, Deployment, Flow, FlowRun, LastLog, OrchestrationResult, PrefectClient, State,
+    StateProposal, StateType, WorkPool, WorkerStatus,
 };
 
 /// What the worker asks of the Prefect API.
@@ -104,6 +104,9 @@ pub trait PrefectApi: Send + Sync {
     async fn set_infrastructure_pid(&self, id: &str, pid: &str) -> Result<(), ApiError>;
     /// Labels the run with the worker and pool.
     async fn update_flow_run_labels(&self, id: &str, labels: &Value) -> Result<(), ApiError>;
+    /// The newest of the run's logs under one of `names`: where forwarding of its container's
+    /// output stands.
+    async fn last_log_named(&self, id: &str, names: &[&str]) -> Result<LastLog, ApiError>;
 }
 
 /// How a container is watched.
@@ -142,12 +145,12 @@ pub trait ContainerRuntime: Send + Sync {
         wanted: &(dyn Fn() -> bool + Sync),
         created: &(dyn for<'c> Fn(&'c CreatedContainer) + Sync),
     ) -> Result<StartedContainer, DockerError>;
-    /// Follows the container to its exit.
+    /// Follows the container to its exit, its output (if followed) to `output` line by line.
     async fn watch(
         &self,
         container: &CreatedContainer,
         options: WatchOptions,
-        output: &(dyn for<'s> Fn(&'s str) + Send + Sync),
+        output: &dyn OutputSink,
     ) -> Result<ExitStatus, DockerError>;
     /// SIGTERM, then SIGKILL after `grace`; a container already gone is not an error.
     async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), DockerError>;
@@ -279,6 +282,9 @@ impl PrefectApi for PrefectClient {
     async fn update_flow_run_labels(&self, id: &str, labels: &Value) -> Result<(), ApiError> {
         PrefectClient::update_flow_run_labels(self, id, labels).await
     }
+    async fn last_log_named(&self, id: &str, names: &[&str]) -> Result<LastLog, ApiError> {
+        PrefectClient::last_log_named(self, id, names).await
+    }
 }
 
 #[async_trait]
@@ -310,7 +316,7 @@ impl ContainerRuntime for DockerRuntime {
         &self,
         container: &CreatedContainer,
         options: WatchOptions,
-        output: &(dyn for<'s> Fn(&'s str) + Send + Sync),
+        output: &dyn OutputSink,
     ) -> Result<ExitStatus, DockerError> {
         self.watch_container_since(
             container,

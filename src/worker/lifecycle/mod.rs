@@ -145,6 +145,7 @@ pub(crate) async fn adopt(
                     id,
                     format!("Container '{name}' of flow run '{id}' exited with status code {code} while no worker was watching"),
                 );
+                watch::forward_remaining(worker, &watched).await;
                 let status = crate::docker::ExitStatus {
                     code,
                     oom_killed: found.oom_killed,

@@ -4,12 +4,12 @@
 
 use super::super::Worker;
 use super::super::events;
-use super::super::observe::{Accounting, EventIds};
+use super::super::observe::{Accounting, EventIds, TailLine};
 use super::super::policy::{self, Delivery, Outcome, Report, Tally, Verdict};
 use super::start::emit;
-use super::watch::{Observed, Watched};
+use super::watch::{Observed, Watched, logger_of};
 use crate::docker::ExitStatus;
-use crate::logs::Level;
+use crate::logs::{LOGGER_NAME, Level};
 use crate::prefect::SetStateStatus;
 
 /// Applies the policy to an outcome and carries the verdict out.
@@ -84,25 +84,29 @@ async fn deliver(worker: &Worker, id: &str, report: &Report) {
 }
 
 /// Sends the last lines a crashed container printed as flow-run logs, so the Prefect UI
-/// explains a run that died before its own engine could report anything.
-pub(crate) fn send_crash_tail(worker: &Worker, watched: &Watched, code: i64, tail: &[String]) {
-    if tail.is_empty() {
+/// explains a run that died before its own engine could report anything. Each line carries its
+/// stamp from the run's clock (the Engine's timestamp, strictly increasing) and its stream's
+/// logger name; the announcement is stamped just before the first, so the UI, which sorts by
+/// timestamp, shows it above them and them in the order they were printed.
+pub(crate) fn send_crash_tail(worker: &Worker, watched: &Watched, code: i64, tail: &[TailLine]) {
+    let Some(first) = tail.first() else {
         return;
-    }
+    };
     let id = &watched.flow_run_id;
     let logs = &worker.out.logs;
-    logs.error(
-        id,
-        format!(
-            "Container '{}' exited with status code {code}; its last {} line{} of output follow",
-            watched.container.display_name(),
-            tail.len(),
-            if tail.len() == 1 { "" } else { "s" }
-        ),
+    let announcement = format!(
+        "Container '{}' exited with status code {code}; its last {} line{} of output follow",
+        watched.container.display_name(),
+        tail.len(),
+        if tail.len() == 1 { "" } else { "s" }
     );
+    tracing::error!(flow_run_id = id.as_str(), "{announcement}");
+    let before = first.at - chrono::TimeDelta::microseconds(1);
+    logs.to_api_at(id, LOGGER_NAME, Level::Error, announcement, Some(before));
     for line in tail {
         // Already printed on the worker's stdout when streamed: to the API only.
-        logs.to_api(id, Level::Error, line.clone());
+        let logger = logger_of(line.stream);
+        logs.to_api_at(id, logger, Level::Error, line.text.clone(), Some(line.at));
     }
 }
 

@@ -55,6 +55,10 @@ pub(crate) async fn start(
         deployment,
         flow,
     } = submission;
+    if worker.settings.reporting.logs_to_api {
+        // On the container, so a worker adopting it after a restart goes on forwarding.
+        spec.forward_output();
+    }
     let related = events::run_related(
         &flow_run.raw,
         Some(&flow.raw),
@@ -126,6 +130,7 @@ fn watched(
     pool: &PoolRef,
     events: RunEvents,
 ) -> Watched {
+    let forward_output = spec.forwards_output();
     Watched {
         flow_run_id: flow_run.id.clone(),
         flow_run_name: flow_run.name.clone(),
@@ -135,10 +140,13 @@ fn watched(
         options: WatchOptions {
             auto_remove: spec.auto_remove,
             follow_output: spec.stream_output
+                || forward_output
                 || OutputTail::keeps_lines(worker.settings.reporting.crash_log_lines),
             logs_since: None,
         },
         print_output: spec.stream_output,
+        forward_output,
+        clock: crate::logs::RunClock::new(),
         max_runtime: spec.max_runtime,
         pool: pool.clone(),
         events,

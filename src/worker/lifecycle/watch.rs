@@ -1,24 +1,48 @@
 //! Watching a run's container to its exit — one path for a container this process started
-//! and one it adopted after a restart — while keeping the tail of its output (for a crash
-//! report) and sampling what it costs; then the exit is completed with the Engine's event
-//! facts and reported through the policy. Shutdown stops the watch, never the container.
+//! and one it adopted after a restart — while handling its output (printed, kept as a tail for
+//! a crash report, or forwarded to the run's logs) and sampling what it costs; then the exit is
+//! completed with the Engine's event facts and reported through the policy. Shutdown stops the
+//! watch, never the container.
+//!
+//! Every output line is stamped by the run's [`RunClock`]: the Engine's own timestamp, made
+//! strictly increasing, so the UI (which sorts by timestamp) lists the lines in the order the
+//! Engine logged them. A forwarding run adopted after a restart takes its output up just after
+//! the newest line the API already has for it (see [`Watched::adopted`]).
 
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use serde_json::Value;
 
 use super::super::events::{self, Emitted};
-use super::super::observe::OutputTail;
+use super::super::observe::{OutputTail, TailLine};
 use super::super::policy::{self, Outcome};
 use super::super::ports::WatchOptions;
 use super::super::registry::{RunGuard, StopReason};
 use super::super::{PoolRef, Worker};
 use super::report;
 use crate::docker::usage::ResourceUsage;
-use crate::docker::{CreatedContainer, DockerError, ExitStatus, FoundContainer};
-use crate::prefect::FlowRun;
+use crate::docker::{
+    CreatedContainer, DockerError, ExitStatus, FoundContainer, OutputLine, OutputSink, OutputStream,
+};
+use crate::logs::{ApiLogs, Level, RunClock};
+use crate::prefect::{FlowRun, LastLog};
+
+/// The logger name of a container's stdout lines in the run's logs (forwarded and crash tails).
+pub(crate) const STDOUT_LOGGER: &str = "container.stdout";
+/// The logger name of its stderr lines.
+pub(crate) const STDERR_LOGGER: &str = "container.stderr";
+
+/// The logger name a line of `stream` is sent under: the stream is marked by it, the text is
+/// sent as printed.
+pub(crate) fn logger_of(stream: OutputStream) -> &'static str {
+    match stream {
+        OutputStream::Stdout => STDOUT_LOGGER,
+        OutputStream::Stderr => STDERR_LOGGER,
+    }
+}
 
 /// A run whose container is watched, with only what its exit report needs.
 #[derive(Debug)]
@@ -33,6 +57,10 @@ pub(crate) struct Watched {
     pub options: WatchOptions,
     /// Print its output on the worker's stdout (`stream_output`).
     pub print_output: bool,
+    /// Forward all of its output to the run's logs (`stream_output_to_api`, `--logs-to-api`).
+    pub forward_output: bool,
+    /// Stamps its output lines; for an adopted forwarding run, knows which the API has.
+    pub clock: RunClock,
     /// The longest it may run (from its creation) before the worker stops it.
     pub max_runtime: Option<Duration>,
     pub pool: PoolRef,
@@ -54,8 +82,9 @@ pub(crate) struct RunEvents {
 
 impl Watched {
     /// A container found after a restart: its output from now on only (nothing already
-    /// printed is printed twice), its events related to the run's flow and deployment if they
-    /// can still be read.
+    /// printed is printed twice) — or, when it is forwarded, from just after the newest line
+    /// the API has (see [`resume_forwarding`]); its events related to the run's flow and
+    /// deployment if they can still be read.
     pub async fn adopted(
         worker: &Worker,
         flow_run: &FlowRun,
@@ -75,6 +104,16 @@ impl Watched {
         );
         let mut container_related = related.clone();
         container_related.push(events::worker_related(worker.name()));
+        let forward_output = worker.settings.reporting.logs_to_api
+            || found
+                .labels
+                .get(crate::job::labels::LOGS_TO_API)
+                .is_some_and(|v| v == "true");
+        let (logs_since, clock) = if forward_output {
+            resume_forwarding(worker, &flow_run.id).await
+        } else {
+            (Some(chrono::Utc::now().timestamp()), RunClock::new())
+        };
         Self {
             flow_run_id: flow_run.id.clone(),
             flow_run_name: flow_run.name.clone(),
@@ -84,9 +123,11 @@ impl Watched {
             options: WatchOptions {
                 auto_remove: found.auto_remove,
                 follow_output: true,
-                logs_since: Some(chrono::Utc::now().timestamp()),
+                logs_since,
             },
             print_output: true,
+            forward_output,
+            clock,
             max_runtime: found
                 .labels
                 .get(crate::job::labels::MAX_RUNTIME)
@@ -105,11 +146,43 @@ impl Watched {
     }
 }
 
+/// Where forwarding an adopted container's output takes up (the Engine's `since=` and the
+/// run's clock): the API is asked for the newest line it has of the run's output; the
+/// Engine's log is read again from a second before it and the clock, replaying the stamps,
+/// skips exactly the lines the API has. With none there, from the container's start. When
+/// that cannot be learned, from now, as an adoption without forwarding: lines printed while no
+/// worker watched are then missing, and a warning says so.
+async fn resume_forwarding(worker: &Worker, run_id: &str) -> (Option<i64>, RunClock) {
+    let names = [STDOUT_LOGGER, STDERR_LOGGER];
+    match worker.api.last_log_named(run_id, &names).await {
+        Ok(LastLog::At(newest)) => {
+            tracing::info!(forwarded_until = %newest, "forwarding the adopted container's output from just after the last line the API has");
+            (
+                Some(RunClock::resume_since(newest)),
+                RunClock::resuming(newest),
+            )
+        }
+        Ok(LastLog::None) => (None, RunClock::new()),
+        other => {
+            let why = match other {
+                Err(e) => e.to_string(),
+                _ => "not among the run's newest logs".to_owned(),
+            };
+            worker.out.logs.warn(
+                run_id,
+                format!("Could not learn how far the container's output was forwarded ({why}); forwarding it from now on"),
+            );
+            let now = chrono::Utc::now();
+            (Some(now.timestamp()), RunClock::resuming(now))
+        }
+    }
+}
+
 /// What was seen of a run while it was watched.
 #[derive(Debug, Default)]
 pub(crate) struct Observed {
     /// The last output lines.
-    pub tail: Vec<String>,
+    pub tail: Vec<TailLine>,
     /// Stats samples.
     pub usage: ResourceUsage,
     /// Watch time.
@@ -127,15 +200,21 @@ impl Observed {
 /// container keeps running for the next worker to adopt). A run with a `max_runtime` has its
 /// container stopped when it is over, and the watch goes on to the exit.
 pub(crate) async fn follow(worker: &Arc<Worker>, watched: Watched, guard: RunGuard) {
-    let tail = OutputTail::new(worker.settings.reporting.crash_log_lines);
+    // Forwarded output is in the run's logs already: no tail is kept for a crash report.
+    let tail = OutputTail::new(if watched.forward_output {
+        0
+    } else {
+        worker.settings.reporting.crash_log_lines
+    });
     let usage = Mutex::new(ResourceUsage::default());
     let started = Instant::now();
-    let print = watched.print_output;
-    let output = |text: &str| {
-        if print {
-            print_output(text);
-        }
-        tail.push(text);
+    let output = RunOutput {
+        run_id: &watched.flow_run_id,
+        logs: &worker.out.logs,
+        print: watched.print_output,
+        forward: watched.forward_output,
+        tail: &tail,
+        clock: Mutex::new(watched.clock.clone()),
     };
     let waiting = worker
         .docker
@@ -176,6 +255,32 @@ pub(crate) async fn follow(worker: &Arc<Worker>, watched: Watched, guard: RunGua
         wall: started.elapsed(),
     };
     finish(worker, &watched, guard, waited, observed).await;
+}
+
+/// Forwards what an adopted forwarding container printed after the API's newest forwarded line
+/// and before it exited while no worker watched, so a restart loses none of its output even
+/// when the container ended meanwhile. The watch of an exited container returns at once; its
+/// exit is reported by the caller, from the inspect.
+pub(crate) async fn forward_remaining(worker: &Worker, watched: &Watched) {
+    if !watched.forward_output {
+        return;
+    }
+    let no_tail = OutputTail::new(0);
+    let output = RunOutput {
+        run_id: &watched.flow_run_id,
+        logs: &worker.out.logs,
+        print: false,
+        forward: true,
+        tail: &no_tail,
+        clock: Mutex::new(watched.clock.clone()),
+    };
+    let forwarding = worker
+        .docker
+        .watch(&watched.container, watched.options, &output);
+    tokio::select! {
+        _ = forwarding => {}
+        () = worker.lifetime.stop.cancelled() => {}
+    }
 }
 
 /// How often an auto-removed container's wait is checked against the Engine's events.
@@ -286,7 +391,7 @@ pub(crate) async fn finish(
     let verdict = policy::verdict(&watched.flow_run_id, &outcome);
     report::carry_out(worker, &watched.flow_run_id, &verdict).await;
     if let Outcome::Exited { status, .. } = &outcome {
-        if verdict.send_tail {
+        if verdict.send_tail && !watched.forward_output {
             report::send_crash_tail(worker, watched, status.code, &observed.tail);
         }
         report::emit_exit_events(worker, watched, status);
@@ -338,6 +443,41 @@ async fn with_sampling<T>(
     tokio::select! {
         r = watching => r,
         never = sampling => match never {},
+    }
+}
+
+/// Where a watched run's output lines go, each stamped by the run's clock: the worker's stdout
+/// (`stream_output`), then the run's logs (forwarding, waiting while the forwarded output in
+/// memory is at its budget) or the crash tail. A line the API already has (a resumed
+/// forwarding) goes nowhere.
+struct RunOutput<'a> {
+    run_id: &'a str,
+    logs: &'a ApiLogs,
+    print: bool,
+    forward: bool,
+    tail: &'a OutputTail,
+    clock: Mutex<RunClock>,
+}
+
+#[async_trait]
+impl OutputSink for RunOutput<'_> {
+    async fn line(&self, line: OutputLine<'_>) {
+        let stamp = match self.clock.lock() {
+            Ok(mut clock) => clock.stamp(line.timestamp),
+            Err(_) => Some(line.timestamp.unwrap_or_else(chrono::Utc::now)),
+        };
+        let Some(at) = stamp else { return };
+        if self.print {
+            print_output(line.text);
+        }
+        if self.forward {
+            let logger = logger_of(line.stream);
+            self.logs
+                .forward(self.run_id, logger, Level::Info, line.text, at)
+                .await;
+        } else {
+            self.tail.push(at, line.stream, line.text);
+        }
     }
 }
 

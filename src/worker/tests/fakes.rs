@@ -16,12 +16,12 @@ use crate::docker::cleanup::{Removal, StoppedContainer};
 use crate::docker::usage::ResourceUsage;
 use crate::docker::{
     ContainerEvent, CreatedContainer, DockerError, EngineFailure, ExitStatus, FoundContainer,
-    ListedContainer, StartedContainer,
+    ListedContainer, OutputLine, OutputSink, OutputStream, StartedContainer,
 };
 use crate::job::ContainerSpec;
 use crate::prefect::{
-    ApiError, Deployment, Flow, FlowRun, OrchestrationResult, SetStateStatus, State, StateProposal,
-    StateType, WorkPool, WorkerStatus,
+    ApiError, Deployment, Flow, FlowRun, LastLog, OrchestrationResult, SetStateStatus, State,
+    StateProposal, StateType, WorkPool, WorkerStatus,
 };
 use crate::worker::ports::{ContainerRuntime, PrefectApi, WatchOptions};
 
@@ -59,6 +59,8 @@ struct ApiState {
     /// Every call, in order (`set_state r1 PENDING/Pending force=false`, …).
     calls: Vec<String>,
     next_state: u32,
+    /// The newest forwarded output line of a run, by run (none when unset).
+    last_logs: HashMap<String, LastLog>,
 }
 
 /// What happens around the next claim of a run: states another party sets just before and
@@ -104,6 +106,11 @@ impl FakeApi {
             raw
         });
         FlowRun::from_value(raw).expect("a fake run parses")
+    }
+
+    /// What the API says of the newest forwarded output line of run `id`.
+    pub fn set_last_log(&self, id: &str, last: LastLog) {
+        self.with(|s| s.last_logs.insert(id.into(), last));
     }
 
     /// Adds deployment `d1`; runs added later belong to it.
@@ -521,6 +528,13 @@ impl PrefectApi for FakeApi {
     async fn update_flow_run_labels(&self, id: &str, _labels: &Value) -> Result<(), ApiError> {
         self.call("update_flow_run_labels", format!("labels {id}"))
     }
+    async fn last_log_named(&self, id: &str, names: &[&str]) -> Result<LastLog, ApiError> {
+        self.call(
+            "last_log_named",
+            format!("last_log {id} {}", names.join(",")),
+        )?;
+        Ok(self.with(|s| s.last_logs.get(id).copied().unwrap_or(LastLog::None)))
+    }
 }
 
 /// How a fake container ends.
@@ -558,7 +572,14 @@ struct RuntimeState {
     containers: HashMap<String, FakeContainer>,
     found: Vec<FoundContainer>,
     calls: Vec<String>,
+    /// What every container prints (default: `line 1`, `line 2` at one timestamp).
+    output: Option<Vec<FakeLine>>,
+    /// The options of every watch, in order.
+    watches: Vec<WatchOptions>,
 }
+
+/// A line a fake container prints: its stream, the Engine's timestamp, its text.
+pub type FakeLine = (OutputStream, Option<chrono::DateTime<chrono::Utc>>, String);
 
 struct FakeContainer {
     exit: tokio::sync::watch::Sender<Option<Plan>>,
@@ -588,6 +609,17 @@ impl FakeRuntime {
         self.with(|s| s.plan = Some(plan));
     }
 
+    /// What containers print; a watch hands on the lines at or after its `logs_since`, as the
+    /// Engine does.
+    pub fn print(&self, lines: Vec<FakeLine>) {
+        self.with(|s| s.output = Some(lines));
+    }
+
+    /// The options of every watch so far.
+    pub fn watches(&self) -> Vec<WatchOptions> {
+        self.with(|s| s.watches.clone())
+    }
+
     /// The Engine stops (or starts again) answering pings.
     pub fn set_engine_down(&self, down: bool) {
         self.with(|s| s.engine_down = down);
@@ -612,8 +644,10 @@ impl FakeRuntime {
     pub fn leave(&self, found: FoundContainer) {
         let id = found.container.id.clone();
         let running = found.running;
+        // An exited one answers a wait at once, with its code.
+        let ended = found.exit_code.filter(|_| !running).map(Plan::Exit);
         self.with(|s| {
-            let (exit, _) = tokio::sync::watch::channel(None);
+            let (exit, _) = tokio::sync::watch::channel(ended);
             let labels = found.labels.clone();
             s.containers.insert(
                 id,
@@ -809,15 +843,35 @@ impl ContainerRuntime for FakeRuntime {
     async fn watch(
         &self,
         container: &CreatedContainer,
-        _options: WatchOptions,
-        output: &(dyn for<'s> Fn(&'s str) + Send + Sync),
+        options: WatchOptions,
+        output: &dyn OutputSink,
     ) -> Result<ExitStatus, DockerError> {
         self.record(format!("watch {}", container.id));
+        self.with(|s| s.watches.push(options));
         let rx = self.with(|s| s.containers.get(&container.id).map(|c| c.exit.subscribe()));
         let Some(mut rx) = rx else {
             return Err(lost(&container.id));
         };
-        output("line 1\nline 2");
+        let lines = self.with(|s| s.output.clone()).unwrap_or_else(|| {
+            let at = chrono::DateTime::from_timestamp(1_800_000_000, 0);
+            vec![
+                (OutputStream::Stdout, at, "line 1".to_owned()),
+                (OutputStream::Stdout, at, "line 2".to_owned()),
+            ]
+        });
+        for (stream, timestamp, text) in &lines {
+            let since = options.logs_since.unwrap_or(i64::MIN);
+            if timestamp.is_some_and(|t| t.timestamp() < since) {
+                continue;
+            }
+            output
+                .line(OutputLine {
+                    stream: *stream,
+                    timestamp: *timestamp,
+                    text,
+                })
+                .await;
+        }
         let plan = loop {
             if let Some(plan) = *rx.borrow_and_update() {
                 break plan;

@@ -3,7 +3,7 @@
 
 use super::Harness;
 use super::fakes::{Plan, Race, Step};
-use crate::docker::{ContainerEvent, ContainerEventKind, DockerError};
+use crate::docker::{ContainerEvent, ContainerEventKind, DockerError, OutputStream};
 use crate::prefect::{SetStateStatus, StateType};
 use crate::worker::registry::Phase;
 
@@ -319,6 +319,88 @@ async fn a_non_zero_exit_from_the_wait_is_crashed_with_its_tail() {
         .expect("the tail is announced");
     assert_eq!(logs[announce + 1..announce + 3], ["line 1", "line 2"]);
     assert_eq!(h.metrics.runs_crashed.get(), 1);
+}
+
+/// Tail lines carry the Engine's timestamps made strictly increasing (the fake's two lines share
+/// one) and their stream's logger name; the announcement is stamped just before the first, so
+/// the UI, which sorts by timestamp, shows the announcement and then the lines in order.
+#[tokio::test]
+async fn the_crash_tail_sorts_by_timestamp_in_the_order_it_was_printed() {
+    let mut h = Harness::new();
+    h.docker.plan(Plan::Exit(3));
+    let at = chrono::DateTime::from_timestamp(1_800_000_000, 0);
+    h.docker.print(vec![
+        (OutputStream::Stdout, at, "line 1".into()),
+        (OutputStream::Stdout, at, "line 2".into()),
+        (OutputStream::Stderr, at, "boom".into()),
+    ]);
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.submit(run).await;
+    let mut entries = h.entries();
+    entries.sort_by(|a, b| a.timestamp.cmp(&b.timestamp));
+    let start = entries
+        .iter()
+        .position(|e| e.message.contains("its last 3 lines of output follow"))
+        .expect("the tail is announced");
+    let tail: Vec<(&str, &str, &str)> = entries[start..start + 4]
+        .iter()
+        .map(|e| (e.name.as_str(), e.message.as_str(), &e.timestamp[17..]))
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            ("prefect.flow_runs.worker", tail[0].1, "59.999999Z"),
+            ("container.stdout", "line 1", "00.000000Z"),
+            ("container.stdout", "line 2", "00.000001Z"),
+            ("container.stderr", "boom", "00.000002Z"),
+        ]
+    );
+}
+
+/// A forwarding run (`--logs-to-api`) sends every line as it comes, marked by stream and
+/// stamped in order; its crash sends no tail, the lines being there already.
+#[tokio::test]
+async fn forwarded_output_goes_line_by_line_and_replaces_the_crash_tail() {
+    let mut h = Harness::with(&["--logs-to-api"]);
+    h.docker.plan(Plan::Exit(3));
+    let at = |s: i64, micros: i64| {
+        chrono::DateTime::from_timestamp(s, 0).map(|t| t + chrono::TimeDelta::microseconds(micros))
+    };
+    h.docker.print(vec![
+        (OutputStream::Stdout, at(1_800_000_000, 5), "out 1".into()),
+        (OutputStream::Stderr, at(1_800_000_000, 5), "err 1".into()),
+        (OutputStream::Stdout, at(1_800_000_000, 3), "out 2".into()),
+        (OutputStream::Stdout, at(1_800_000_001, 0), "out 3".into()),
+    ]);
+    let run = h.api.add_run("r1", StateType::Scheduled);
+    h.submit(run).await;
+    assert_eq!(state_of(&h, "r1").0, StateType::Crashed);
+    let entries = h.entries();
+    let output: Vec<(&str, &str, &str)> = entries
+        .iter()
+        .filter(|e| e.name.starts_with("container."))
+        .map(|e| (e.name.as_str(), e.message.as_str(), &e.timestamp[17..]))
+        .collect();
+    assert_eq!(
+        output,
+        [
+            ("container.stdout", "out 1", "00.000005Z"),
+            ("container.stderr", "err 1", "00.000006Z"),
+            ("container.stdout", "out 2", "00.000007Z"),
+            ("container.stdout", "out 3", "01.000000Z"),
+        ]
+    );
+    assert!(
+        entries
+            .iter()
+            .all(|e| e.level == 20 || !e.name.starts_with("container."))
+    );
+    assert!(
+        !entries
+            .iter()
+            .any(|e| e.message.contains("lines of output follow")),
+        "{entries:?}"
+    );
 }
 
 #[tokio::test]

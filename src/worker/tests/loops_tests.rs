@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use super::Harness;
 use super::fakes::{Plan, found};
-use crate::prefect::{StateProposal, StateType};
+use crate::docker::OutputStream;
+use crate::prefect::{LastLog, StateProposal, StateType};
 use crate::worker::ports::PrefectApi as _;
 use crate::worker::registry::Phase;
 
@@ -46,6 +47,89 @@ async fn its_own_running_container_is_watched_again_and_reported() {
         Some(crate::worker::crash_message(2).as_str())
     );
     assert_eq!(h.worker.registry.len(), 0);
+}
+
+/// A forwarding container adopted after a restart: the Engine's log is read again from a
+/// second before the newest line the API has, and exactly the lines after it are forwarded,
+/// with the timestamps the first worker would have given them.
+#[tokio::test]
+async fn an_adopted_forwarding_container_resumes_after_the_last_line_the_api_has() {
+    let mut h = Harness::new();
+    h.api.add_run("r1", StateType::Scheduled);
+    h.api.set_externally("r1", StateType::Running);
+    let mut container = found("old1", "r1", "me", true, None);
+    container
+        .labels
+        .insert(crate::job::labels::LOGS_TO_API.into(), "true".into());
+    h.docker.leave(container);
+    let t = |s: i64, micros: i64| {
+        chrono::DateTime::from_timestamp(1_800_000_000 + s, 0)
+            .map(|t| t + chrono::TimeDelta::microseconds(micros))
+    };
+    // Three lines read together at 10.5 s (stamped .5, .500001, .500002), then two more.
+    let lines = [(0, 0), (10, 500_000), (10, 500_000), (10, 500_000), (12, 0)];
+    h.docker.print(
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, (s, us))| (OutputStream::Stdout, t(*s, *us), format!("n {i}")))
+            .collect(),
+    );
+    // The first worker got as far as the second line of the burst.
+    let newest = t(10, 500_001).unwrap();
+    h.api.set_last_log("r1", LastLog::At(newest));
+    h.worker.reconcile(&pool()).await.expect("adopted");
+    h.docker.exit("old1", 0);
+    drain(&h).await;
+    assert_eq!(
+        h.docker.watches()[0].logs_since,
+        Some(newest.timestamp() - 1)
+    );
+    let forwarded: Vec<(String, String)> = h
+        .entries()
+        .into_iter()
+        .filter(|e| e.name.starts_with("container."))
+        .map(|e| (e.message, e.timestamp))
+        .collect();
+    assert_eq!(
+        forwarded,
+        [
+            ("n 3".to_owned(), "2027-01-15T08:00:10.500002Z".to_owned()),
+            ("n 4".to_owned(), "2027-01-15T08:00:12.000000Z".to_owned()),
+        ]
+    );
+    assert_eq!(h.api.calls_to("last_log r1").len(), 1);
+}
+
+/// A forwarding container that exited while no worker watched: what it printed after the
+/// API's newest forwarded line is forwarded before the exit is reported.
+#[tokio::test]
+async fn an_exited_forwarding_container_still_has_its_remaining_output_forwarded() {
+    let mut h = Harness::new();
+    h.api.add_run("r1", StateType::Scheduled);
+    h.api.set_externally("r1", StateType::Running);
+    let mut container = found("old1", "r1", "me", false, Some(3));
+    container
+        .labels
+        .insert(crate::job::labels::LOGS_TO_API.into(), "true".into());
+    h.docker.leave(container);
+    let t = |s: i64| chrono::DateTime::from_timestamp(1_800_000_000 + s, 0);
+    h.docker.print(
+        (0..4)
+            .map(|i| (OutputStream::Stderr, t(i), format!("e {i}")))
+            .collect(),
+    );
+    h.api.set_last_log("r1", LastLog::At(t(1).unwrap()));
+    h.worker.reconcile(&pool()).await.expect("adopted");
+    drain(&h).await;
+    assert_eq!(h.api.current("r1").state_type, StateType::Crashed);
+    let forwarded: Vec<String> = h
+        .entries()
+        .into_iter()
+        .filter(|e| e.name == "container.stderr")
+        .map(|e| e.message)
+        .collect();
+    assert_eq!(forwarded, ["e 2", "e 3"]);
 }
 
 #[tokio::test]

@@ -106,6 +106,15 @@ impl Harness {
         out
     }
 
+    /// Every flow-run log entry so far (name, timestamp and all).
+    fn entries(&mut self) -> Vec<LogEntry> {
+        let mut out = Vec::new();
+        while let Ok(entry) = self.logs.try_recv() {
+            out.push(entry);
+        }
+        out
+    }
+
     /// The names of every event emitted so far.
     fn emitted(&mut self) -> Vec<String> {
         let mut out = Vec::new();
