@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares everything the test suite talks to, idempotently, on a Debian machine as root:
 #   - a Docker daemon (the running one; dockerd is started if none answers),
+#   - Debian's PostgreSQL binaries (the tests run private clusters of their own),
 #   - a Python venv with the reference Prefect server and worker (pinned), and one with a
 #     Prefect 2.x server (venv-prefect2),
 #   - local images built without any registry pull:
@@ -36,6 +37,10 @@ command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 command -v podman >/dev/null 2>&1 || need_pkgs+=(podman)
 command -v docker-registry >/dev/null 2>&1 || need_pkgs+=(docker-registry)
 command -v htpasswd >/dev/null 2>&1 || need_pkgs+=(apache2-utils)
+# PostgreSQL: the tests start private clusters from its binaries (tests/support/postgres.rs);
+# Debian's default cluster is left as installed (its service is not needed).
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_pkgs+=(postgresql)
+command -v setpriv >/dev/null 2>&1 || need_pkgs+=(util-linux)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -4,6 +4,7 @@
 //! saying what is missing and how to get it; nothing is skipped.
 #![allow(dead_code)]
 
+pub mod postgres;
 pub mod recorder;
 pub mod services;
 pub mod wait;
@@ -95,11 +96,13 @@ pub struct PrefectServer {
     child: Child,
     /// Extra server settings (environment), kept for restarts.
     env: Vec<(String, String)>,
+    /// `sqlite` or `postgres`: the database behind it.
+    pub database: &'static str,
 }
 
-fn http_get_status(port: u16, path: &str) -> Option<u16> {
-    let mut stream =
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
+fn http_get_status(addr: &str, path: &str) -> Option<u16> {
+    let addr: std::net::SocketAddr = addr.parse().ok()?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
     let mut buf = [0u8; 64];
@@ -114,6 +117,10 @@ impl PrefectServer {
             .iter()
             .find(|(k, _)| k == VENV_OVERRIDE)
             .map_or_else(venv, |(_, v)| PathBuf::from(v));
+        let host = env
+            .iter()
+            .find(|(k, _)| k == HOST_OVERRIDE)
+            .map_or("127.0.0.1", |(_, v)| v.as_str());
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -132,7 +139,7 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
                 "server",
                 "start",
                 "--host",
-                "127.0.0.1",
+                host,
                 "--port",
                 &port.to_string(),
             ])
@@ -143,7 +150,7 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
             .env_remove("PREFECT_API_URL")
             .envs(
                 env.iter()
-                    .filter(|(k, _)| k != VENV_OVERRIDE)
+                    .filter(|(k, _)| k != VENV_OVERRIDE && k != HOST_OVERRIDE)
                     .map(|(k, v)| (k, v)),
             )
             .stdout(log_file.try_clone().expect("log fd"))
@@ -163,7 +170,7 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
                         self.log_tail()
                     );
                 }
-                match http_get_status(self.port, "/api/health") {
+                match http_get_status(&self.addr(), "/api/health") {
                     Some(200) => Ok(()),
                     status => Err(format!(
                         "status {status:?}; server log:\n{}",
@@ -179,26 +186,54 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
         Self::start_with_env(&[])
     }
 
-    /// Like [`Self::start`], with extra server settings (`PREFECT_SERVER_…` variables).
+    /// Like [`Self::start`], with extra server settings (`PREFECT_SERVER_…` variables). On
+    /// PostgreSQL when `DW_TEST_DB=postgres` (see [`postgres::use_postgres`]), except for
+    /// another venv's server.
     pub fn start_with_env(env: &[(&str, &str)]) -> Self {
-        let env: Vec<(String, String)> = env
+        let other_venv = env.iter().any(|(k, _)| *k == VENV_OVERRIDE);
+        Self::start_on(postgres::use_postgres() && !other_venv, env)
+    }
+
+    /// A server of the caller's own on a new database of this binary's PostgreSQL cluster,
+    /// whatever `DW_TEST_DB` says.
+    pub fn start_on_postgres(env: &[(&str, &str)]) -> Self {
+        Self::start_on(true, env)
+    }
+
+    fn start_on(on_postgres: bool, env: &[(&str, &str)]) -> Self {
+        let mut env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
+        if on_postgres {
+            env.push((
+                "PREFECT_API_DATABASE_CONNECTION_URL".to_owned(),
+                postgres::cluster().create_database(),
+            ));
+        }
         let port = free_port();
         let home = std::env::temp_dir().join(unique("dw-prefect-home"));
         std::fs::create_dir_all(&home).expect("temp PREFECT_HOME");
         let log = home.join("server.log");
         let child = Self::spawn(&home, port, &log, &env);
+        let host = env
+            .iter()
+            .find(|(k, _)| k == HOST_OVERRIDE)
+            .map_or("127.0.0.1", |(_, v)| v.as_str());
         let mut server = Self {
             port,
-            api_url: format!("http://127.0.0.1:{port}/api"),
+            api_url: format!("http://{host}:{port}/api"),
             home,
             log,
             child,
+            database: if on_postgres { "postgres" } else { "sqlite" },
             env,
         };
         server.wait_healthy();
+        eprintln!(
+            "[support] Prefect server at {} on {}",
+            server.api_url, server.database
+        );
         server
     }
 
@@ -224,7 +259,7 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
         let _ = self.child.wait();
         // The process is gone; give a lingering listener (its workers) a moment to close.
         let _ = within_blocking(Duration::from_secs(30), || {
-            http_get_status(self.port, "/api/health").is_none()
+            http_get_status(&self.addr(), "/api/health").is_none()
         });
     }
 
@@ -232,6 +267,16 @@ kill "$child" 2>/dev/null; sleep 2; kill -9 "$child" 2>/dev/null; wait"#;
     pub fn restart(&mut self) {
         self.child = Self::spawn(&self.home, self.port, &self.log, &self.env);
         self.wait_healthy();
+    }
+
+    /// `host:port` it listens on.
+    pub fn addr(&self) -> String {
+        let host = self
+            .env
+            .iter()
+            .find(|(k, _)| k == HOST_OVERRIDE)
+            .map_or("127.0.0.1", |(_, v)| v.as_str());
+        format!("{host}:{}", self.port)
     }
 
     /// The last lines the server printed.
@@ -253,6 +298,9 @@ impl Drop for PrefectServer {
 
 /// Pseudo-setting naming another venv's `prefect` to start (not passed to the server).
 const VENV_OVERRIDE: &str = "DW_TEST_SERVER_VENV";
+/// Pseudo-setting naming the address the server listens on instead of 127.0.0.1 (a bridge's,
+/// for workers in other network namespaces); not passed to the server.
+pub const HOST_OVERRIDE: &str = "DW_TEST_SERVER_HOST";
 
 /// The one server of this test binary, started on first use.
 pub fn server() -> &'static PrefectServer {
