@@ -3,6 +3,8 @@
 # creates a work pool, a deployment of the `hello` flow (baked into local/prefect-flow:3.9.1)
 # and a flow run, then runs `docker-worker start --run-once` until the flow has finished.
 # Exits 0 when the run is Completed. Uses only this machine (127.0.0.1).
+#   QUICKSTART_DB=postgres   put the server on a private PostgreSQL cluster (Debian's postgresql,
+#                            data in .test-env/quickstart/pg, port QUICKSTART_PG_PORT or 5433)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${QUICKSTART_PORT:-4200}
@@ -16,9 +18,32 @@ cargo build --release --locked
 export PREFECT_API_URL="http://127.0.0.1:$PORT/api"
 
 server_pid=""
-cleanup() { [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null || true; }
+pg_pid=""
+cleanup() {
+  [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null || true
+  [ -n "$pg_pid" ] && kill -INT "$pg_pid" 2>/dev/null || true
+}
 trap cleanup EXIT
+
+# PostgreSQL, as production Prefect runs: a private cluster owned by the `postgres` user.
+start_postgres() {
+  local bin pg_dir=$STATE_DIR/pg pg_port=${QUICKSTART_PG_PORT:-5433}
+  bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  [ -x "$bin/postgres" ] || { echo "PostgreSQL is missing: apt-get install postgresql" >&2; exit 1; }
+  as_pg() { setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"; }
+  install -d -o postgres -g postgres -m 0700 "$pg_dir"
+  [ -f "$pg_dir/data/PG_VERSION" ] || as_pg "$bin/initdb" --auth=trust --username=postgres -D "$pg_dir/data" >/dev/null
+  as_pg "$bin/postgres" -D "$pg_dir/data" -p "$pg_port" -k "$pg_dir" -c listen_addresses=127.0.0.1 \
+    >"$STATE_DIR/postgres.log" 2>&1 &
+  pg_pid=$!
+  for _ in $(seq 1 60); do "$bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break; sleep 1; done
+  "$bin/createdb" -h 127.0.0.1 -p "$pg_port" -U postgres prefect 2>/dev/null || true
+  export PREFECT_API_DATABASE_CONNECTION_URL="postgresql+asyncpg://postgres@127.0.0.1:$pg_port/prefect"
+  echo "PostgreSQL on 127.0.0.1:$pg_port (log: $STATE_DIR/postgres.log)"
+}
+
 if ! curl -fsS "$PREFECT_API_URL/health" >/dev/null 2>&1; then
+  if [ "${QUICKSTART_DB:-sqlite}" = postgres ]; then start_postgres; fi
   echo "starting a Prefect server on 127.0.0.1:$PORT (log: $STATE_DIR/server.log)"
   PREFECT_HOME=$STATE_DIR/home PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_UI_ENABLED=false \
     "$VENV/bin/prefect" server start --host 127.0.0.1 --port "$PORT" >"$STATE_DIR/server.log" 2>&1 &

@@ -264,6 +264,20 @@ fn keep_before_asking(
     (age < older_than).then_some(KeepReason::TooYoung { older_than })
 }
 
+/// What a decision shows as the run's state: its name, else its type, else "no state".
+fn state_label(run: &crate::prefect::FlowRun, type_text: &str) -> String {
+    run.state
+        .as_ref()
+        .and_then(|s| s.name.as_deref())
+        .filter(|n| !n.is_empty())
+        .unwrap_or(if type_text.is_empty() {
+            "no state"
+        } else {
+            type_text
+        })
+        .to_owned()
+}
+
 /// The decision about one stopped container of flow run `flow_run_id`, carried out.
 async fn decide(
     docker: &dyn ContainerRuntime,
@@ -304,18 +318,7 @@ async fn decide(
     let type_text = state_type
         .map(|t| t.as_str().to_owned())
         .unwrap_or_default();
-    decision.state = Some(
-        run.state
-            .as_ref()
-            .and_then(|s| s.name.as_deref())
-            .filter(|n| !n.is_empty())
-            .unwrap_or(if type_text.is_empty() {
-                "no state"
-            } else {
-                &type_text
-            })
-            .to_owned(),
-    );
+    decision.state = Some(state_label(&run, &type_text));
     if !state_type.is_some_and(crate::prefect::StateType::is_final) {
         decision.outcome = Outcome::Kept(KeepReason::RunNotFinal {
             state_type: type_text,

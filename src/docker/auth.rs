@@ -98,6 +98,39 @@ pub async fn credentials_for(image: &str, config_dir: &Path) -> Option<DockerCre
     credentials_for_registry(&registry_of(image), config_dir).await
 }
 
+/// The credentials `docker login` stored inline in `auths` for `registry`: a user and password
+/// (or the base64 `auth` pair, which wins) or an identity token.
+fn from_auths(config: &Value, registry: &str) -> Option<DockerCredentials> {
+    let (key, entry) = config
+        .get("auths")
+        .and_then(Value::as_object)
+        .and_then(|auths| auths.iter().find(|(k, _)| same_registry(k, registry)))?;
+    let field = |name: &str| {
+        entry
+            .get(name)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    let (mut username, mut password) = (
+        field("username").map(str::to_owned),
+        field("password").map(str::to_owned),
+    );
+    if let Some(auth) = field("auth")
+        && let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(auth)
+        && let Some((u, p)) = String::from_utf8_lossy(&decoded).split_once(':')
+    {
+        username = Some(u.to_owned());
+        password = Some(p.to_owned());
+    }
+    (username.is_some() || field("identitytoken").is_some()).then(|| DockerCredentials {
+        username,
+        password,
+        identitytoken: field("identitytoken").map(str::to_owned),
+        serveraddress: Some(key.clone()),
+        ..Default::default()
+    })
+}
+
 /// Credentials stored in `config_dir/config.json` for a registry address (a host, `host:port`
 /// or a URL such as `https://index.docker.io/v1/`), if any.
 pub async fn credentials_for_registry(
@@ -128,37 +161,8 @@ pub async fn credentials_for_registry(
     {
         return from_helper(helper, &server).await;
     }
-    if let Some((key, entry)) = config
-        .get("auths")
-        .and_then(Value::as_object)
-        .and_then(|auths| auths.iter().find(|(k, _)| same_registry(k, &registry)))
-    {
-        let field = |name: &str| {
-            entry
-                .get(name)
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-        };
-        let (mut username, mut password) = (
-            field("username").map(str::to_owned),
-            field("password").map(str::to_owned),
-        );
-        if let Some(auth) = field("auth")
-            && let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(auth)
-            && let Some((u, p)) = String::from_utf8_lossy(&decoded).split_once(':')
-        {
-            username = Some(u.to_owned());
-            password = Some(p.to_owned());
-        }
-        if username.is_some() || field("identitytoken").is_some() {
-            return Some(DockerCredentials {
-                username,
-                password,
-                identitytoken: field("identitytoken").map(str::to_owned),
-                serveraddress: Some(key.clone()),
-                ..Default::default()
-            });
-        }
+    if let Some(credentials) = from_auths(&config, &registry) {
+        return Some(credentials);
     }
     if let Some(store) = config.get("credsStore").and_then(Value::as_str) {
         return from_helper(store, &server).await;
