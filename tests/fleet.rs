@@ -77,18 +77,33 @@ async fn create_runs(
     ids
 }
 
-/// Three hosts of the shared network, each running a worker for `pool` with `args`.
-fn fleet(pool: &str, args: &[&str]) -> Vec<Host> {
+/// Three hosts of the shared network, each running a worker for `pool` with `args`, once every
+/// worker said it started.
+async fn fleet(pool: &str, args: &[&str]) -> Vec<Host> {
     let shared = shared();
-    (1..=3)
-        .map(|i| {
-            let mut host = shared.network.host(&format!("host-{i}"));
-            let mut all = vec!["--pool", pool];
-            all.extend_from_slice(args);
-            host.start_worker(&shared.server.api_url, &all, &[]);
-            host
-        })
-        .collect()
+    let mut hosts = Vec::new();
+    for i in 1..=3 {
+        let mut host = shared.network.host(&format!("host-{i}"));
+        let mut all = vec!["--pool", pool];
+        all.extend_from_slice(args);
+        host.start_worker(&shared.server.api_url, &all, &[]);
+        hosts.push(host);
+    }
+    for host in &hosts {
+        wait_started(host).await;
+    }
+    hosts
+}
+
+/// Waits until the host's current worker says it started.
+async fn wait_started(host: &Host) {
+    let worker = host.worker.as_ref().expect("a worker");
+    worker
+        .wait_for_output(
+            &format!("Worker '{}' started!", host.label),
+            Duration::from_secs(60),
+        )
+        .await;
 }
 
 fn tails(hosts: &[Host]) -> String {
@@ -195,8 +210,8 @@ fn one_container_each(hosts: &[Host], pool: &str, ids: &[String]) -> BTreeMap<St
     shares
 }
 
-/// How many final states of each type the run went through (a run reported twice has two).
-async fn final_states(api: &Api, run_id: &str) -> Vec<String> {
+/// The final states a run went through, as (type, message), oldest first.
+async fn final_states(api: &Api, run_id: &str) -> Vec<(String, String)> {
     let (status, states) = api
         .call(
             reqwest::Method::GET,
@@ -209,18 +224,30 @@ async fn final_states(api: &Api, run_id: &str) -> Vec<String> {
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|s| s["type"].as_str())
-        .filter(|k| is_final(k))
-        .map(str::to_owned)
+        .filter(|s| s["type"].as_str().is_some_and(is_final))
+        .map(|s| {
+            (
+                s["type"].as_str().unwrap_or_default().to_owned(),
+                s["message"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
         .collect()
 }
 
-/// Asserts no run went final twice.
-async fn reported_once(api: &Api, ids: &[String]) {
+/// Asserts no run was reported final twice. A final state put back by a worker after a late
+/// claim displaced it (`[restored by worker …]`, see the README's Reliability) is not a report;
+/// returns how many there were.
+async fn reported_once(api: &Api, ids: &[String]) -> usize {
+    let mut restored = 0;
     for id in ids {
         let finals = final_states(api, id).await;
-        assert_eq!(finals.len(), 1, "run {id} went final {finals:?}");
+        let (put_back, reports): (Vec<_>, Vec<_>) = finals
+            .iter()
+            .partition(|(_, m)| m.contains("[restored by worker"));
+        restored += put_back.len();
+        assert_eq!(reports.len(), 1, "run {id} went final {finals:?}");
     }
+    restored
 }
 
 /// F1: 600 short runs on one pool served by three hosts: each executed exactly once (one
@@ -232,7 +259,7 @@ async fn f1_six_hundred_runs_on_three_hosts_each_once() {
     let api = Api::new(&shared.server);
     let pool = unique("f1");
     let dep = deployment(&api, &pool, "st RUNNING Running && st COMPLETED Completed").await;
-    let hosts = fleet(&pool, &[]);
+    let hosts = fleet(&pool, &[]).await;
     let started = Instant::now();
     let ids = create_runs(&api, &dep, 600, |_| json!({})).await;
     let created = started.elapsed();
@@ -248,10 +275,511 @@ async fn f1_six_hundred_runs_on_three_hosts_each_once() {
         tails(&hosts)
     );
     let shares = one_container_each(&hosts, &pool, &ids);
-    reported_once(&api, &ids).await;
+    let restored = reported_once(&api, &ids).await;
     eprintln!(
-        "F1 figure: 600/600 Completed, each with one container in the fleet, in {:.1} s (runs created over {:.1} s); shares per host: {shares:?}",
+        "F1 figure: 600/600 Completed, each with one container in the fleet and reported once ({restored} restored states, not reports), in {:.1} s (runs created over {:.1} s); shares per host: {shares:?}",
         elapsed.as_secs_f64(),
         created.as_secs_f64()
+    );
+}
+
+/// Runs of `ids` whose container is on `host`.
+fn runs_on(host: &Host, pool: &str, ids: &[String]) -> Vec<String> {
+    let on: std::collections::HashSet<String> = host
+        .containers(pool)
+        .into_iter()
+        .map(|c| c.run_id)
+        .collect();
+    ids.iter().filter(|id| on.contains(*id)).cloned().collect()
+}
+
+/// Running containers of `pool` on `host`.
+fn running_on(host: &Host, pool: &str) -> usize {
+    host.containers(pool)
+        .iter()
+        .filter(|c| c.state == "running")
+        .count()
+}
+
+/// F2: a host lost (dockerd, containerd, containers and worker SIGKILLed at once) while its
+/// runs sleep, booted again 60 s later: every run it had ends in a final state with what its
+/// container really did (killed: 255), the runs it had only claimed run elsewhere, and the other
+/// hosts complete their runs — and new ones — while it is down.
+#[tokio::test(flavor = "multi_thread")]
+async fn f2_lost_host_comes_back_60_s_later() {
+    let shared = shared();
+    let api = Api::new(&shared.server);
+    let pool = unique("f2");
+    let dep = deployment(
+        &api,
+        &pool,
+        "st RUNNING Running && sleep 30 && st COMPLETED Completed",
+    )
+    .await;
+    let mut hosts = fleet(&pool, &[]).await;
+    let first = create_runs(&api, &dep, 30, |_| json!({})).await;
+    eventually(
+        Duration::from_secs(180),
+        "host-3 to run 3 containers",
+        async || {
+            let n = running_on(&hosts[2], &pool);
+            if n >= 3 {
+                Ok(())
+            } else {
+                Err(format!("{n} running\n{}", tails(&hosts)))
+            }
+        },
+    )
+    .await;
+    hosts[2].lose();
+    let lost_at = Instant::now();
+
+    // While it is down, the others finish theirs and take new runs.
+    let second = create_runs(&api, &dep, 10, |_| json!({})).await;
+    let elsewhere: Vec<String> = runs_on(&hosts[0], &pool, &first)
+        .into_iter()
+        .chain(runs_on(&hosts[1], &pool, &first))
+        .chain(second.iter().cloned())
+        .collect();
+    let during = all_final(&api, &elsewhere, Duration::from_secs(240), &hosts[..2]).await;
+    assert!(
+        during.values().all(|(k, _)| k == "COMPLETED"),
+        "the other hosts' runs: {during:?}"
+    );
+    let elsewhere_done = lost_at.elapsed();
+    // Deliberately down for 60 s in all (the outage is what is tested), not a wait.
+    tokio::time::sleep(Duration::from_secs(60).saturating_sub(lost_at.elapsed())).await;
+
+    hosts[2].boot();
+    let booted = Instant::now();
+    // What the reboot left: the containers that were running (killed), and any created but
+    // never started.
+    let left = hosts[2].containers(&pool);
+    let lost: Vec<String> = left
+        .iter()
+        .filter(|c| c.state == "exited")
+        .map(|c| c.run_id.clone())
+        .collect();
+    let never_started = left.iter().filter(|c| c.state == "created").count();
+    assert!(lost.len() >= 3, "host-3 came back with {left:?}");
+    let lost_states = states(&api, &lost).await;
+    assert!(
+        lost_states.values().all(|(k, _)| !is_final(k)),
+        "a run of the lost host went final while nobody could see it: {lost_states:?}"
+    );
+    hosts[2].start_worker(&shared.server.api_url, &["--pool", &pool], &[]);
+    wait_started(&hosts[2]).await;
+    all_final(&api, &lost, Duration::from_secs(300), &hosts).await;
+    let back = booted.elapsed();
+    let all: Vec<String> = first.iter().chain(second.iter()).cloned().collect();
+    let states = all_final(&api, &all, Duration::from_secs(300), &hosts).await;
+    let all_back = booted.elapsed();
+    let rescheduled = hosts[2].worker_output().matches("as rescheduled").count();
+    for id in &all {
+        let (kind, message) = &states[id];
+        if lost.contains(id) {
+            assert!(
+                kind == "CRASHED" && message.contains("non-zero status code 255"),
+                "run {id} of the lost host: {kind} {message}\n{}",
+                tails(&hosts)
+            );
+        } else {
+            assert_eq!(kind, "COMPLETED", "run {id}: {message}\n{}", tails(&hosts));
+        }
+    }
+    let shares = one_container_each(&hosts, &pool, &all);
+    let restored = reported_once(&api, &all).await;
+    eprintln!(
+        "F2 figure ({restored} restored states, not reports): host-3 lost with {} runs in containers ({never_started} created, not started): all Crashed (exit 255) {:.1} s after it booted; {rescheduled} runs it had claimed without a container were rescheduled by its own worker at boot and ran elsewhere or there; all 40 final {:.1} s after the boot; the other {} runs (10 created after the loss) Completed on host-1/host-2 {:.1} s after the loss, while it was down; one container each: {shares:?}; example: {}",
+        lost.len(),
+        back.as_secs_f64(),
+        all_back.as_secs_f64(),
+        elsewhere.len(),
+        elsewhere_done.as_secs_f64(),
+        lost.first().map_or("", |id| states[id].1.as_str())
+    );
+}
+
+/// F3: a host cut off the server for 90 s (its link down at the bridge: packets dropped,
+/// connections hang) while its containers run and exit: every run it had is reported with its
+/// own exit code once the link is back, none twice; the other hosts run runs created during
+/// the partition to the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn f3_partitioned_host_reports_true_exit_codes_after_healing() {
+    let shared = shared();
+    let api = Api::new(&shared.server);
+    let pool = unique("f3");
+    let dep = deployment(&api, &pool, "sleep 20; exit $CODE").await;
+    let hosts = fleet(&pool, &[]).await;
+    let code = |i: usize| 3 + (i % 60);
+    let first = create_runs(
+        &api,
+        &dep,
+        24,
+        |i| json!({"env": {"CODE": code(i).to_string()}}),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(180),
+        "host-3 to run 2 containers",
+        async || {
+            let n = running_on(&hosts[2], &pool);
+            if n >= 2 {
+                Ok(())
+            } else {
+                Err(format!("{n} running\n{}", tails(&hosts)))
+            }
+        },
+    )
+    .await;
+    hosts[2].set_link(false);
+    let cut_at = Instant::now();
+    let second = create_runs(
+        &api,
+        &dep,
+        20,
+        |i| json!({"env": {"CODE": code(24 + i).to_string()}}),
+    )
+    .await;
+    let codes: HashMap<String, usize> = first
+        .iter()
+        .chain(second.iter())
+        .enumerate()
+        .map(|(i, id)| (id.clone(), code(i)))
+        .collect();
+    // The others go on: the runs created during the partition end on host-1 and host-2.
+    let during = all_final(&api, &second, Duration::from_secs(240), &hosts[..2]).await;
+    let others_done = cut_at.elapsed();
+    // Host-3's containers exit while it is cut off; nobody can report them.
+    eventually(
+        Duration::from_secs(120),
+        "host-3's containers to exit during the partition",
+        async || running_on(&hosts[2], &pool) == 0,
+    )
+    .await;
+    // Deliberately cut for 90 s in all (the partition is what is tested), not a wait.
+    tokio::time::sleep(Duration::from_secs(90).saturating_sub(cut_at.elapsed())).await;
+    let cut_off = runs_on(&hosts[2], &pool, &first);
+    let unreported = states(&api, &cut_off).await;
+    assert!(
+        unreported.values().all(|(k, _)| !is_final(k)),
+        "a run of the cut-off host went final during the partition: {unreported:?}"
+    );
+    let (_, workers) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("work_pools/{pool}/workers/filter"),
+            Some(json!({})),
+        )
+        .await;
+    let seen_as: Vec<String> = workers
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            format!(
+                "{}={}",
+                w["name"].as_str().unwrap_or(""),
+                w["status"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    hosts[2].set_link(true);
+    let healed = Instant::now();
+    let all: Vec<String> = first.iter().chain(second.iter()).cloned().collect();
+    all_final(&api, &cut_off, Duration::from_secs(300), &hosts).await;
+    let last_report = healed.elapsed();
+    let states = all_final(&api, &all, Duration::from_secs(300), &hosts).await;
+    let all_done = healed.elapsed();
+    let later = runs_on(&hosts[2], &pool, &all).len() - cut_off.len();
+    for id in &all {
+        let (kind, message) = &states[id];
+        let want = format!("non-zero status code {}.", codes[id]);
+        assert!(
+            kind == "CRASHED" && message.contains(&want),
+            "run {id} (exit {}): {kind} {message}\n{}",
+            codes[id],
+            tails(&hosts)
+        );
+    }
+    let shares = one_container_each(&hosts, &pool, &all);
+    let restored = reported_once(&api, &all).await;
+    eprintln!(
+        "F3 figure ({restored} restored states, not reports): host-3 cut off for 90 s; the {} runs whose containers exited during the partition were reported with their own exit codes {:.1} s after the link came back; {later} runs it had claimed as the link went down were started after it came back; all 44 final and reported once {:.1} s after healing; the 20 runs created during the partition ended on host-1/host-2 {:.1} s after the cut ({} final); workers as the server saw them just before healing: {seen_as:?}; containers per host: {shares:?}",
+        cut_off.len(),
+        last_report.as_secs_f64(),
+        all_done.as_secs_f64(),
+        others_done.as_secs_f64(),
+        during.len(),
+    );
+}
+
+/// F4: a rolling upgrade: each host's worker in turn stopped with SIGTERM and `--drain-timeout
+/// 2m` (it finishes watching its runs) and started again, while 300 runs flow: none lost, none
+/// run twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn f4_rolling_restart_of_every_worker_loses_no_run() {
+    let _heavy = HEAVY.lock().await;
+    let shared = shared();
+    let api = Api::new(&shared.server);
+    let pool = unique("f4");
+    let dep = deployment(
+        &api,
+        &pool,
+        "st RUNNING Running && sleep 5 && st COMPLETED Completed",
+    )
+    .await;
+    let mut hosts = fleet(&pool, &["--drain-timeout", "2m"]).await;
+    let args = ["--pool", pool.as_str(), "--drain-timeout", "2m"];
+    let started = Instant::now();
+    let creator = {
+        let dep = dep.clone();
+        tokio::spawn(async move {
+            let api = Api::new(&shared.server);
+            create_runs(&api, &dep, 300, |_| json!({})).await
+        })
+    };
+    let mut drains = Vec::new();
+    for i in 0..3 {
+        eventually(
+            Duration::from_secs(180),
+            format!("{} to run a container", hosts[i].label),
+            async || running_on(&hosts[i], &pool) >= 1,
+        )
+        .await;
+        let in_flight = running_on(&hosts[i], &pool);
+        let t = Instant::now();
+        let status = hosts[i].stop_worker(Duration::from_secs(150)).await;
+        let drained = t.elapsed();
+        assert!(
+            status.success(),
+            "{} exited {status}\n{}",
+            hosts[i].label,
+            tails(&hosts)
+        );
+        // It watched its runs to the end before leaving.
+        assert_eq!(
+            running_on(&hosts[i], &pool),
+            0,
+            "{} left running containers behind\n{}",
+            hosts[i].label,
+            tails(&hosts)
+        );
+        drains.push((hosts[i].label.clone(), in_flight, drained.as_secs_f64()));
+        hosts[i].start_worker(&shared.server.api_url, &args, &[]);
+        wait_started(&hosts[i]).await;
+    }
+    let ids = creator.await.expect("creating runs");
+    let rolled_while_creating = !ids.is_empty();
+    let states = all_final(&api, &ids, Duration::from_secs(600), &hosts).await;
+    let elapsed = started.elapsed();
+    let lost: Vec<_> = states
+        .iter()
+        .filter(|(_, (k, _))| k != "COMPLETED")
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "runs not Completed: {lost:?}\n{}",
+        tails(&hosts)
+    );
+    let shares = one_container_each(&hosts, &pool, &ids);
+    let restored = reported_once(&api, &ids).await;
+    eprintln!(
+        "F4 figure: 300/300 Completed, 0 lost, 0 run twice ({restored} restored states, not reports), in {:.1} s with every worker restarted in turn (host, containers running at SIGTERM, s to drain and exit): {drains:?}; containers per host: {shares:?} (rolled while runs were created: {rolled_while_creating})",
+        elapsed.as_secs_f64()
+    );
+}
+
+/// A TCP listener on the bridge that accepts connections and never answers: a registry whose
+/// pulls hang.
+struct Blackhole {
+    addr: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Blackhole {
+    fn start(ip: &str) -> Self {
+        let listener = std::net::TcpListener::bind((ip, 0)).expect("bind the blackhole");
+        let addr = listener.local_addr().expect("its address").to_string();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                if stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                held.extend(conn.ok());
+            }
+        });
+        Self { addr, stop }
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(&self.addr);
+    }
+}
+
+/// The container's heartbeat, as the Prefect engine sends it with
+/// `PREFECT_RUNNER_HEARTBEAT_FREQUENCY` set: a `prefect.flow-run.heartbeat` event.
+const HEARTBEAT: &str = r#"hb() { wget -q -O /dev/null --header "Content-Type: application/json" --post-data "[{\"id\":\"$(cat /proc/sys/kernel/random/uuid)\",\"occurred\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\"event\":\"prefect.flow-run.heartbeat\",\"resource\":{\"prefect.resource.id\":\"prefect.flow-run.$PREFECT__FLOW_RUN_ID\"}}]" "$PREFECT_API_URL/events"; }"#;
+
+/// Prefect's documented zombie-run automation: a flow run whose heartbeats stop for 30 s
+/// (without a final state) is set Crashed.
+fn zombie_automation(name: &str) -> Value {
+    json!({
+        "name": name,
+        "trigger": {
+            "type": "event",
+            "posture": "Proactive",
+            "after": ["prefect.flow-run.heartbeat"],
+            "expect": [
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed"
+            ],
+            "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
+            "for_each": ["prefect.resource.id"],
+            "threshold": 1,
+            "within": 30
+        },
+        "actions": [{
+            "type": "change-flow-run-state",
+            "state": "CRASHED",
+            "message": "Flow run marked as crashed: no heartbeat for 30 s"
+        }]
+    })
+}
+
+/// Waits until every run of `ids` is in state `kind`.
+async fn all_in(api: &Api, ids: &[String], kind: &str, timeout: Duration, hosts: &[Host]) {
+    eventually(timeout, format!("{ids:?} to be {kind}"), async || {
+        let states = states(api, ids).await;
+        if ids
+            .iter()
+            .all(|id| states.get(id).is_some_and(|(k, _)| k == kind))
+        {
+            Ok(())
+        } else {
+            Err(format!("{states:?}\n{}", tails(hosts)))
+        }
+    })
+    .await;
+}
+
+/// F5: a host lost for good. The surviving workers' reconcile ends the runs it had claimed but
+/// not started once it has been offline for `--orphan-claim-timeout` (Crashed, not rescheduled:
+/// their container could exist where they cannot see); its Running runs stay Running — no
+/// worker can tell a run on a dead host from a run on a live one it cannot see — until
+/// Prefect's zombie automation ends those that sent heartbeats.
+#[tokio::test(flavor = "multi_thread")]
+async fn f5_host_that_never_comes_back() {
+    let shared = shared();
+    let api = Api::new(&shared.server);
+    let pool = unique("f5");
+    let mut hosts: Vec<Host> = (1..=3)
+        .map(|i| shared.network.host(&format!("host-{i}")))
+        .collect();
+    let automation = unique("zombies");
+    let (status, created) = api
+        .call(
+            reqwest::Method::POST,
+            "automations/",
+            Some(zombie_automation(&automation)),
+        )
+        .await;
+    assert_eq!(status, 201, "create the zombie automation: {created}");
+    let automation_id = created["id"].as_str().expect("automation id").to_owned();
+
+    // Host-3 alone takes the first runs: two that heartbeat, two that do not, two whose pull hangs.
+    hosts[2].start_worker(&shared.server.api_url, &["--pool", &pool], &[]);
+    wait_started(&hosts[2]).await;
+    let beating = deployment(
+        &api,
+        &pool,
+        &format!("{HEARTBEAT}; st RUNNING Running; while :; do hb; sleep 5; done"),
+    )
+    .await;
+    let quiet = deployment(&api, &pool, "st RUNNING Running; sleep 900").await;
+    let beating = create_runs(&api, &beating, 2, |_| json!({})).await;
+    let quiet = create_runs(&api, &quiet, 2, |_| json!({})).await;
+    let running: Vec<String> = beating.iter().chain(quiet.iter()).cloned().collect();
+    all_in(&api, &running, "RUNNING", Duration::from_secs(120), &hosts).await;
+    let hole = Blackhole::start(&shared.network.gateway);
+    let hanging = api
+        .busybox_deployment(
+            &pool,
+            json!({"image": format!("{}/dw/never:1", hole.addr), "image_pull_policy": "Always", "command": "true"}),
+        )
+        .await;
+    let claimed = create_runs(&api, &hanging, 2, |_| json!({})).await;
+    all_in(&api, &claimed, "PENDING", Duration::from_secs(120), &hosts).await;
+    hosts[2].lose();
+    let lost_at = Instant::now();
+
+    let args = [
+        "--pool",
+        pool.as_str(),
+        "--orphan-claim-timeout",
+        "20s",
+        "--reconcile-interval",
+        "5s",
+    ];
+    for host in &mut hosts[..2] {
+        host.start_worker(&shared.server.api_url, &args, &[]);
+        wait_started(host).await;
+    }
+    let ended = all_final(&api, &claimed, Duration::from_secs(240), &hosts).await;
+    let claims_ended = lost_at.elapsed();
+    for (id, (kind, message)) in &ended {
+        assert!(
+            kind == "CRASHED" && message.contains("host-3"),
+            "claimed run {id}: {kind} {message}\n{}",
+            tails(&hosts)
+        );
+    }
+    let zombies = all_final(&api, &beating, Duration::from_secs(240), &hosts).await;
+    let zombies_ended = lost_at.elapsed();
+    for (id, (kind, message)) in &zombies {
+        assert!(
+            kind == "CRASHED" && message.contains("no heartbeat"),
+            "heartbeating run {id}: {kind} {message}"
+        );
+    }
+    // Four more reconcile passes of each survivor (deliberately watched for 20 s: what is
+    // asserted is that nothing happens).
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let still = states(&api, &quiet).await;
+    assert!(
+        still.values().all(|(k, _)| k == "RUNNING"),
+        "the lost host's quiet runs: {still:?}"
+    );
+    let rerun = containers_by_run(&hosts[..2], &pool);
+    assert!(
+        running
+            .iter()
+            .chain(claimed.iter())
+            .all(|id| !rerun.contains_key(id)),
+        "a run of the lost host ran again elsewhere: {rerun:?}"
+    );
+    let (status, _) = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("automations/{automation_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    eprintln!(
+        "F5 figure: host-3 lost for good with 2 claimed-not-started runs, 2 heartbeating and 2 quiet Running runs; the claims Crashed by a survivor's reconcile {:.1} s after the loss (--orphan-claim-timeout 20s, passes every 5 s): {:?}; the heartbeating runs Crashed by the zombie automation {:.1} s after the loss; the quiet runs still Running {:.1} s after the loss; none ran again",
+        claims_ended.as_secs_f64(),
+        ended.values().next().map(|(_, m)| m.as_str()).unwrap_or(""),
+        zombies_ended.as_secs_f64(),
+        lost_at.elapsed().as_secs_f64()
     );
 }
