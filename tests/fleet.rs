@@ -30,7 +30,13 @@ fn shared() -> &'static Shared {
     SHARED.get_or_init(|| {
         require_docker();
         let network = Network::start();
-        let server = PrefectServer::start_on_postgres(&[(HOST_OVERRIDE, &network.gateway)]);
+        // Five tests' fleets at once exhaust the default pool of 5 + 10 connections (requests
+        // then wait 30 s and fail with 500); a fleet's server gets a bigger one.
+        let server = PrefectServer::start_on_postgres(&[
+            (HOST_OVERRIDE, &network.gateway),
+            ("PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE", "20"),
+            ("PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW", "20"),
+        ]);
         Shared { network, server }
     })
 }
@@ -685,6 +691,14 @@ async fn f5_host_that_never_comes_back() {
     let mut hosts: Vec<Host> = (1..=3)
         .map(|i| shared.network.host(&format!("host-{i}")))
         .collect();
+    // The server installs no automation of its own: without one, nothing ends a zombie run.
+    let (status, existing) = api
+        .call(reqwest::Method::POST, "automations/filter", Some(json!({})))
+        .await;
+    assert!(
+        status == 200 && existing.as_array().is_some_and(Vec::is_empty),
+        "automations on a fresh server: {status} {existing}"
+    );
     let automation = unique("zombies");
     let (status, created) = api
         .call(
