@@ -16,8 +16,9 @@
 //! | a live run whose `infrastructure_pid` names this host's Engine, no such container | Crashed: removed outside the worker |
 //!
 //! A pid of a unix socket (`http+docker://localhost`, as docker-py writes it) reads the same on
-//! every machine, so it names this host's Engine only if the run's claimer is this worker or
-//! a worker whose containers are on this Engine too; otherwise the run is another machine's.
+//! every machine, so it names this host's Engine only if the run's claimer (label, claim
+//! message, or else its history) is this worker or a worker whose containers are on this Engine
+//! too; otherwise the run is another machine's.
 //! | a Pending run with no pid and no container here, claimed by this worker | Rescheduled: the container was never created |
 //! | the same, claimed by a worker offline longer than `--orphan-claim-timeout` | Crashed (or Rescheduled with `--reschedule-orphans`) |
 
@@ -91,6 +92,15 @@ pub(crate) enum Fix {
         /// Who claimed the run, as far as the run says.
         claimer: Option<String>,
     },
+    /// The same for a unix-socket pid whose claimer the run does not say (its label not sent
+    /// yet, a Submitting state): vanished only if its history names a claimer in `here` (this
+    /// worker, or one whose containers are on this Engine); else another machine's run.
+    VanishedIfClaimedHere {
+        run_id: String,
+        container_id: String,
+        /// The workers known to use this Engine, sorted.
+        here: Vec<String>,
+    },
     /// A Pending run with no container recorded and none on this host.
     StaleClaim {
         run_id: String,
@@ -155,17 +165,28 @@ pub(crate) fn plan(snapshot: &Snapshot, base_url: &str, me: &str) -> Vec<Fix> {
             .as_deref()
             .map(InfrastructurePid::parse)
         {
-            Some(Some(pid))
-                if pid.is_on(base_url)
-                    && (!pid.is_machine_local()
-                        || claimer(run).is_some_and(|c| here.contains(c.as_str()))) =>
-            {
-                fixes.push(Fix::Vanished {
+            Some(Some(pid)) if pid.is_on(base_url) => match claimer(run) {
+                claimer if !pid.is_machine_local() => fixes.push(Fix::Vanished {
                     run_id: run.id.clone(),
                     container_id: pid.container_id().to_owned(),
-                    claimer: claimer(run),
-                });
-            }
+                    claimer,
+                }),
+                Some(claimer) if here.contains(claimer.as_str()) => fixes.push(Fix::Vanished {
+                    run_id: run.id.clone(),
+                    container_id: pid.container_id().to_owned(),
+                    claimer: Some(claimer),
+                }),
+                Some(_) => {}
+                None => {
+                    let mut here: Vec<String> = here.iter().map(|w| (*w).to_owned()).collect();
+                    here.sort();
+                    fixes.push(Fix::VanishedIfClaimedHere {
+                        run_id: run.id.clone(),
+                        container_id: pid.container_id().to_owned(),
+                        here,
+                    });
+                }
+            },
             // Another host's container (a socket pid of a worker not seen on this Engine is
             // another machine's), or a pid this worker did not write.
             Some(_) => {}
@@ -186,6 +207,7 @@ fn fix_run(fix: &Fix) -> &str {
         Fix::Adopt { run_id, .. }
         | Fix::CheckOrphan { run_id, .. }
         | Fix::Vanished { run_id, .. }
+        | Fix::VanishedIfClaimedHere { run_id, .. }
         | Fix::StaleClaim { run_id, .. } => run_id,
     }
 }
@@ -310,6 +332,27 @@ impl Worker {
                 claimer,
             } => {
                 if let Some(claimer) = claimer.filter(|c| c != self.name())
+                    && is_online(workers.get(self, &pool.name).await?, &claimer)
+                {
+                    return Ok(());
+                }
+                if let Some(run) = runs.get(&run_id) {
+                    self.report_vanished(run, &container_id).await;
+                }
+            }
+            Fix::VanishedIfClaimedHere {
+                run_id,
+                container_id,
+                here,
+            } => {
+                // One read of the history, only for a run whose claimer nothing else says.
+                let Some(claimer) = self.claimer_from_history(&run_id).await? else {
+                    return Ok(()); // a claim naming no worker: another machine's, perhaps Python's
+                };
+                if !here.contains(&claimer) {
+                    return Ok(()); // another machine's
+                }
+                if claimer != self.name()
                     && is_online(workers.get(self, &pool.name).await?, &claimer)
                 {
                     return Ok(());
@@ -663,6 +706,11 @@ mod tests {
                 },
                 vanished("r1", "c1", "me"),
                 vanished("r4", "c4", "peer"),
+                Fix::VanishedIfClaimedHere {
+                    run_id: "r6".into(),
+                    container_id: "c6".into(),
+                    here: vec!["me".into(), "peer".into()],
+                },
             ]
         );
         assert_eq!(

@@ -196,6 +196,26 @@ async fn a_socket_pid_of_an_offline_worker_not_seen_on_this_engine_is_left_alone
     );
 }
 
+/// C2's case: killed right after recording the pid, before the run's labels were sent; the
+/// claim is in the history only.
+#[tokio::test]
+async fn a_socket_pid_of_its_own_claim_known_from_the_history_only_is_crashed() {
+    let h = Harness::new();
+    claimed_by(&h, "r1", "me").await;
+    h.api.set_externally("r1", StateType::Running);
+    h.api.set_pid("r1", &format!("{HOST}:abc"));
+    claimed_by(&h, "r2", "host-3").await;
+    h.api.set_externally("r2", StateType::Running);
+    h.api.set_pid("r2", &format!("{HOST}:def"));
+    h.worker.reconcile(&pool()).await.expect("reconciled");
+    assert_eq!(h.api.current("r1").state_type, StateType::Crashed);
+    assert_eq!(
+        h.api.current("r2").state_type,
+        StateType::Running,
+        "another machine's worker"
+    );
+}
+
 #[tokio::test]
 async fn a_gone_container_of_a_run_another_live_worker_watches_is_left_to_it() {
     let h = Harness::new();
