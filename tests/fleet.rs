@@ -307,6 +307,40 @@ fn running_on(host: &Host, pool: &str) -> usize {
         .count()
 }
 
+/// Creates `first` runs of `deployment`, then six more at a time while `host` runs fewer than
+/// `want` of the pool's containers (three workers compete for every run, so one host may get
+/// few of a batch); returns every run created. `vars(i)` gives the i-th run its job variables.
+async fn runs_until_host_busy(
+    api: &Api,
+    deployment: &str,
+    first: usize,
+    host: &Host,
+    pool: &str,
+    want: usize,
+    vars: impl Fn(usize) -> Value,
+) -> Vec<String> {
+    let mut ids = create_runs(api, deployment, first, &vars).await;
+    loop {
+        if within(Duration::from_secs(10), async || {
+            running_on(host, pool) >= want
+        })
+        .await
+        .is_ok()
+        {
+            return ids;
+        }
+        assert!(
+            ids.len() < 120,
+            "{} ran fewer than {want} containers of {} runs:\n{}",
+            host.label,
+            ids.len(),
+            host.worker_tail(40)
+        );
+        let base = ids.len();
+        ids.extend(create_runs(api, deployment, 6, |k| vars(base + k)).await);
+    }
+}
+
 /// F2: a host lost (dockerd, containerd, containers and worker SIGKILLed at once) while its
 /// runs sleep, booted again 60 s later: every run it had ends in a final state with what its
 /// container really did (killed: 255), the runs it had only claimed run elsewhere, and the other
@@ -323,20 +357,7 @@ async fn f2_lost_host_comes_back_60_s_later() {
     )
     .await;
     let mut hosts = fleet(&pool, &[]).await;
-    let first = create_runs(&api, &dep, 30, |_| json!({})).await;
-    eventually(
-        Duration::from_secs(180),
-        "host-3 to run 3 containers",
-        async || {
-            let n = running_on(&hosts[2], &pool);
-            if n >= 3 {
-                Ok(())
-            } else {
-                Err(format!("{n} running\n{}", tails(&hosts)))
-            }
-        },
-    )
-    .await;
+    let first = runs_until_host_busy(&api, &dep, 30, &hosts[2], &pool, 3, |_| json!({})).await;
     hosts[2].lose();
     let lost_at = Instant::now();
 
@@ -396,9 +417,10 @@ async fn f2_lost_host_comes_back_60_s_later() {
     let shares = one_container_each(&hosts, &pool, &all);
     let restored = reported_once(&api, &all).await;
     eprintln!(
-        "F2 figure ({restored} restored states, not reports): host-3 lost with {} runs in containers ({never_started} created, not started): all Crashed (exit 255) {:.1} s after it booted; {rescheduled} runs it had claimed without a container were rescheduled by its own worker at boot and ran elsewhere or there; all 40 final {:.1} s after the boot; the other {} runs (10 created after the loss) Completed on host-1/host-2 {:.1} s after the loss, while it was down; one container each: {shares:?}; example: {}",
+        "F2 figure ({restored} restored states, not reports): host-3 lost with {} runs in containers ({never_started} created, not started): all Crashed (exit 255) {:.1} s after it booted; {rescheduled} runs it had claimed without a container were rescheduled by its own worker at boot and ran elsewhere or there; all {} final {:.1} s after the boot; the other {} runs (10 created after the loss) Completed on host-1/host-2 {:.1} s after the loss, while it was down; one container each: {shares:?}; example: {}",
         lost.len(),
         back.as_secs_f64(),
+        all.len(),
         all_back.as_secs_f64(),
         elsewhere.len(),
         elsewhere_done.as_secs_f64(),
@@ -418,24 +440,14 @@ async fn f3_partitioned_host_reports_true_exit_codes_after_healing() {
     let dep = deployment(&api, &pool, "sleep 20; exit $CODE").await;
     let hosts = fleet(&pool, &[]).await;
     let code = |i: usize| 3 + (i % 60);
-    let first = create_runs(
+    let first = runs_until_host_busy(
         &api,
         &dep,
         24,
+        &hosts[2],
+        &pool,
+        2,
         |i| json!({"env": {"CODE": code(i).to_string()}}),
-    )
-    .await;
-    eventually(
-        Duration::from_secs(180),
-        "host-3 to run 2 containers",
-        async || {
-            let n = running_on(&hosts[2], &pool);
-            if n >= 2 {
-                Ok(())
-            } else {
-                Err(format!("{n} running\n{}", tails(&hosts)))
-            }
-        },
     )
     .await;
     hosts[2].set_link(false);
@@ -444,7 +456,7 @@ async fn f3_partitioned_host_reports_true_exit_codes_after_healing() {
         &api,
         &dep,
         20,
-        |i| json!({"env": {"CODE": code(24 + i).to_string()}}),
+        |i| json!({"env": {"CODE": code(first.len() + i).to_string()}}),
     )
     .await;
     let codes: HashMap<String, usize> = first
@@ -511,9 +523,10 @@ async fn f3_partitioned_host_reports_true_exit_codes_after_healing() {
     let shares = one_container_each(&hosts, &pool, &all);
     let restored = reported_once(&api, &all).await;
     eprintln!(
-        "F3 figure ({restored} restored states, not reports): host-3 cut off for 90 s; the {} runs whose containers exited during the partition were reported with their own exit codes {:.1} s after the link came back; {later} runs it had claimed as the link went down were started after it came back; all 44 final and reported once {:.1} s after healing; the 20 runs created during the partition ended on host-1/host-2 {:.1} s after the cut ({} final); workers as the server saw them just before healing: {seen_as:?}; containers per host: {shares:?}",
+        "F3 figure ({restored} restored states, not reports): host-3 cut off for 90 s; the {} runs whose containers exited during the partition were reported with their own exit codes {:.1} s after the link came back; {later} runs it had claimed as the link went down were started after it came back; all {} final and reported once {:.1} s after healing; the 20 runs created during the partition ended on host-1/host-2 {:.1} s after the cut ({} final); workers as the server saw them just before healing: {seen_as:?}; containers per host: {shares:?}",
         cut_off.len(),
         last_report.as_secs_f64(),
+        all.len(),
         all_done.as_secs_f64(),
         others_done.as_secs_f64(),
         during.len(),
