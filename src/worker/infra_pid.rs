@@ -34,6 +34,19 @@ impl InfrastructurePid {
         self.base_url == base_url
     }
 
+    /// Whether the pid names an Engine only relative to the machine that wrote it — a unix
+    /// socket or named pipe (`http+docker://localhost`, as docker-py names every one), SSH, or
+    /// a loopback address — so the same pid written on two machines means two Engines.
+    pub fn is_machine_local(&self) -> bool {
+        let host = self
+            .base_url
+            .split_once("://")
+            .map_or(self.base_url.as_str(), |(_, rest)| rest);
+        let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        self.base_url.starts_with("http+docker://")
+            || matches!(host, "localhost" | "127.0.0.1" | "[::1]")
+    }
+
     /// The container's id.
     pub fn container_id(&self) -> &str {
         &self.container_id
@@ -62,6 +75,25 @@ mod tests {
         assert!(tcp.is_on("https://10.0.0.2:2376"));
         assert!(!tcp.is_on("http+docker://localhost"));
         assert_eq!(tcp.container_id(), "def");
+    }
+
+    #[test]
+    fn a_socket_or_loopback_engine_is_local_to_its_machine() {
+        for local in [
+            "http+docker://localhost:a",
+            "http+docker://localnpipe:a",
+            "http+docker://ssh:a",
+            "http://127.0.0.1:2375:a",
+            "https://localhost:2376:a",
+            "http://[::1]:2375:a",
+        ] {
+            let pid = InfrastructurePid::parse(local).expect("parsed");
+            assert!(pid.is_machine_local(), "{local}");
+        }
+        for remote in ["https://10.0.0.2:2376:a", "http://docker.internal:2375:a"] {
+            let pid = InfrastructurePid::parse(remote).expect("parsed");
+            assert!(!pid.is_machine_local(), "{remote}");
+        }
     }
 
     #[test]

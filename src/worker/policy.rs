@@ -276,9 +276,15 @@ fn vanished(container: &str, host: &str, cancelling: bool) -> Verdict {
 }
 
 fn orphaned_claim(claimer: &str, offline_for: std::time::Duration, reschedule: bool) -> Verdict {
-    let minutes = offline_for.as_secs() / 60;
+    // A short --orphan-claim-timeout would read "offline for 0 min": seconds below two minutes.
+    let secs = offline_for.as_secs();
+    let how_long = if secs < 120 {
+        format!("{secs} s")
+    } else {
+        format!("{} min", secs / 60)
+    };
     let lead = format!(
-        "Worker '{claimer}' claimed this flow run and has been offline for {minutes} min without recording a container for it"
+        "Worker '{claimer}' claimed this flow run and has been offline for {how_long} without recording a container for it"
     );
     if reschedule {
         return rescheduled(format!("{lead}; rescheduled (--reschedule-orphans)."));
@@ -431,6 +437,24 @@ mod tests {
             report.proposal.state_type,
             report.proposal.message.clone().unwrap_or_default(),
         )
+    }
+
+    #[test]
+    fn an_orphaned_claim_says_how_long_its_worker_was_offline() {
+        let message = |secs| {
+            let outcome = Outcome::OrphanedClaim {
+                claimer: "host-3".into(),
+                offline_for: std::time::Duration::from_secs(secs),
+                reschedule: false,
+            };
+            state_of(&verdict("r", &outcome)).1
+        };
+        assert!(
+            message(25).contains("offline for 25 s without"),
+            "{}",
+            message(25)
+        );
+        assert!(message(1500).contains("offline for 25 min without"));
     }
 
     #[test]

@@ -14,6 +14,11 @@
 //! | a container of a live run, watched by nobody here | adopt it (unless another worker that is online made it) |
 //! | a running container whose run is not live | read the run; final for longer than `--orphan-grace` → stop it |
 //! | a live run whose `infrastructure_pid` names this host's Engine, no such container | Crashed: removed outside the worker |
+//!
+//! A pid of a unix socket (`http+docker://localhost`, as docker-py writes it) reads the same on
+//! every machine, so it names this host's Engine only if the run's claimer (label, claim
+//! message, or else its history) is this worker or a worker whose containers are on this Engine
+//! too; otherwise the run is another machine's.
 //! | a Pending run with no pid and no container here, claimed by this worker | Rescheduled: the container was never created |
 //! | the same, claimed by a worker offline longer than `--orphan-claim-timeout` | Crashed (or Rescheduled with `--reschedule-orphans`) |
 
@@ -87,6 +92,15 @@ pub(crate) enum Fix {
         /// Who claimed the run, as far as the run says.
         claimer: Option<String>,
     },
+    /// The same for a unix-socket pid whose claimer the run does not say (its label not sent
+    /// yet, a Submitting state): vanished only if its history names a claimer in `here` (this
+    /// worker, or one whose containers are on this Engine); else another machine's run.
+    VanishedIfClaimedHere {
+        run_id: String,
+        container_id: String,
+        /// The workers known to use this Engine, sorted.
+        here: Vec<String>,
+    },
     /// A Pending run with no container recorded and none on this host.
     StaleClaim {
         run_id: String,
@@ -102,8 +116,15 @@ fn claimer(run: &FlowRun) -> Option<String> {
         .or_else(|| run.state.as_ref().and_then(claimer_of).map(str::to_owned))
 }
 
-/// The fixes for what one pass saw, on the Engine at `base_url`.
-pub(crate) fn plan(snapshot: &Snapshot, base_url: &str) -> Vec<Fix> {
+/// The fixes for what one pass saw by the worker `me`, on the Engine at `base_url`.
+pub(crate) fn plan(snapshot: &Snapshot, base_url: &str, me: &str) -> Vec<Fix> {
+    // Workers known to use this Engine: this one, and those whose containers are here.
+    let here: HashSet<&str> = snapshot
+        .containers
+        .iter()
+        .filter_map(|c| c.labels.get(labels::WORKER_NAME).map(String::as_str))
+        .chain([me])
+        .collect();
     let live: HashMap<&str, &FlowRun> = snapshot.runs.iter().map(|r| (r.id.as_str(), r)).collect();
     let mut fixes = Vec::new();
     let mut with_container: HashSet<&str> = HashSet::new();
@@ -144,12 +165,30 @@ pub(crate) fn plan(snapshot: &Snapshot, base_url: &str) -> Vec<Fix> {
             .as_deref()
             .map(InfrastructurePid::parse)
         {
-            Some(Some(pid)) if pid.is_on(base_url) => fixes.push(Fix::Vanished {
-                run_id: run.id.clone(),
-                container_id: pid.container_id().to_owned(),
-                claimer: claimer(run),
-            }),
-            // Another host's container, or a pid this worker did not write.
+            Some(Some(pid)) if pid.is_on(base_url) => match claimer(run) {
+                claimer if !pid.is_machine_local() => fixes.push(Fix::Vanished {
+                    run_id: run.id.clone(),
+                    container_id: pid.container_id().to_owned(),
+                    claimer,
+                }),
+                Some(claimer) if here.contains(claimer.as_str()) => fixes.push(Fix::Vanished {
+                    run_id: run.id.clone(),
+                    container_id: pid.container_id().to_owned(),
+                    claimer: Some(claimer),
+                }),
+                Some(_) => {}
+                None => {
+                    let mut here: Vec<String> = here.iter().map(|w| (*w).to_owned()).collect();
+                    here.sort();
+                    fixes.push(Fix::VanishedIfClaimedHere {
+                        run_id: run.id.clone(),
+                        container_id: pid.container_id().to_owned(),
+                        here,
+                    });
+                }
+            },
+            // Another host's container (a socket pid of a worker not seen on this Engine is
+            // another machine's), or a pid this worker did not write.
             Some(_) => {}
             None if run.state_type() == Some(StateType::Pending) => {
                 fixes.push(Fix::StaleClaim {
@@ -168,6 +207,7 @@ fn fix_run(fix: &Fix) -> &str {
         Fix::Adopt { run_id, .. }
         | Fix::CheckOrphan { run_id, .. }
         | Fix::Vanished { run_id, .. }
+        | Fix::VanishedIfClaimedHere { run_id, .. }
         | Fix::StaleClaim { run_id, .. } => run_id,
     }
 }
@@ -244,7 +284,7 @@ impl Worker {
             containers,
             held: self.registry.run_ids().into_iter().collect(),
         };
-        let fixes = plan(&snapshot, self.docker.base_url());
+        let fixes = plan(&snapshot, self.docker.base_url(), self.name());
         let runs: HashMap<String, FlowRun> = snapshot
             .runs
             .into_iter()
@@ -292,6 +332,27 @@ impl Worker {
                 claimer,
             } => {
                 if let Some(claimer) = claimer.filter(|c| c != self.name())
+                    && is_online(workers.get(self, &pool.name).await?, &claimer)
+                {
+                    return Ok(());
+                }
+                if let Some(run) = runs.get(&run_id) {
+                    self.report_vanished(run, &container_id).await;
+                }
+            }
+            Fix::VanishedIfClaimedHere {
+                run_id,
+                container_id,
+                here,
+            } => {
+                // One read of the history, only for a run whose claimer nothing else says.
+                let Some(claimer) = self.claimer_from_history(&run_id).await? else {
+                    return Ok(()); // a claim naming no worker: another machine's, perhaps Python's
+                };
+                if !here.contains(&claimer) {
+                    return Ok(()); // another machine's
+                }
+                if claimer != self.name()
                     && is_online(workers.get(self, &pool.name).await?, &claimer)
                 {
                     return Ok(());
@@ -542,7 +603,7 @@ mod tests {
             held: HashSet::new(),
         };
         assert_eq!(
-            plan(&snapshot, HOST),
+            plan(&snapshot, HOST, "me"),
             [Fix::Adopt {
                 run_id: "r1".into(),
                 container_id: "c1".into(),
@@ -558,7 +619,7 @@ mod tests {
             containers: vec![container("c1", "r1", true), container("c2", "r2", false)],
             held: ["r1".to_owned()].into(),
         };
-        assert!(plan(&snapshot, HOST).is_empty());
+        assert!(plan(&snapshot, HOST, "me").is_empty());
     }
 
     #[test]
@@ -569,7 +630,7 @@ mod tests {
             held: ["r2".to_owned()].into(),
         };
         assert_eq!(
-            plan(&snapshot, HOST),
+            plan(&snapshot, HOST, "me"),
             [
                 Fix::CheckOrphan {
                     run_id: "r1".into(),
@@ -585,17 +646,25 @@ mod tests {
         );
     }
 
+    /// A Running run claimed by `claimer` (its `prefect.worker.name` label), recorded at `pid`.
+    fn claimed_run(id: &str, claimer: Option<&str>, pid: &str) -> FlowRun {
+        FlowRun::from_value(json!({
+            "id": id, "flow_id": "f", "infrastructure_pid": pid,
+            "labels": claimer.map_or(json!({}), |c| json!({"prefect.worker.name": c})),
+            "state": {"id": format!("s-{id}"), "type": "RUNNING", "name": "Running"},
+        }))
+        .expect("run")
+    }
+
     #[test]
     fn a_recorded_container_missing_from_this_host_vanished_but_another_hosts_is_left() {
+        let mut peers = container("c9", "r9", true);
+        peers
+            .labels
+            .insert(labels::WORKER_NAME.to_owned(), "peer".to_owned());
         let snapshot = Snapshot {
             runs: vec![
-                run(
-                    "r1",
-                    "RUNNING",
-                    "Running",
-                    None,
-                    Some("http+docker://localhost:c1"),
-                ),
+                claimed_run("r1", Some("me"), "http+docker://localhost:c1"),
                 run(
                     "r2",
                     "RUNNING",
@@ -610,17 +679,50 @@ mod tests {
                     None,
                     Some("http+docker://localhost:c3"),
                 ),
+                // A worker sharing this Engine (its container is here).
+                claimed_run("r4", Some("peer"), "http+docker://localhost:c4"),
+                // The same socket pid written on other machines: not this Engine's.
+                claimed_run("r5", Some("elsewhere"), "http+docker://localhost:c5"),
+                claimed_run("r6", None, "http+docker://localhost:c6"),
+                // An address that names one Engine is this one whoever claimed the run.
+                claimed_run("r7", Some("elsewhere"), "https://10.0.0.1:2376:c7"),
+                claimed_run("r9", Some("peer"), "http+docker://localhost:c9"),
             ],
-            containers: vec![],
+            containers: vec![peers],
             held: HashSet::new(),
         };
+        let vanished = |run: &str, container: &str, claimer: &str| Fix::Vanished {
+            run_id: run.into(),
+            container_id: container.into(),
+            claimer: Some(claimer.into()),
+        };
         assert_eq!(
-            plan(&snapshot, HOST),
-            [Fix::Vanished {
-                run_id: "r1".into(),
-                container_id: "c1".into(),
-                claimer: None
-            }]
+            plan(&snapshot, HOST, "me"),
+            [
+                Fix::Adopt {
+                    run_id: "r9".into(),
+                    container_id: "c9".into(),
+                    owner: Some("peer".into())
+                },
+                vanished("r1", "c1", "me"),
+                vanished("r4", "c4", "peer"),
+                Fix::VanishedIfClaimedHere {
+                    run_id: "r6".into(),
+                    container_id: "c6".into(),
+                    here: vec!["me".into(), "peer".into()],
+                },
+            ]
+        );
+        assert_eq!(
+            plan(&snapshot, "https://10.0.0.1:2376", "me"),
+            [
+                Fix::Adopt {
+                    run_id: "r9".into(),
+                    container_id: "c9".into(),
+                    owner: Some("peer".into())
+                },
+                vanished("r7", "c7", "elsewhere"),
+            ]
         );
     }
 
@@ -642,7 +744,7 @@ mod tests {
             held: HashSet::new(),
         };
         assert_eq!(
-            plan(&snapshot, HOST),
+            plan(&snapshot, HOST, "me"),
             [
                 Fix::StaleClaim {
                     run_id: "r1".into(),

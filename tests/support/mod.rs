@@ -4,6 +4,7 @@
 //! saying what is missing and how to get it; nothing is skipped.
 #![allow(dead_code)]
 
+pub mod fleet;
 pub mod postgres;
 pub mod recorder;
 pub mod services;
@@ -550,9 +551,25 @@ impl WorkerProcess {
 
     /// [`WorkerProcess::start`] against any API URL (an in-process stub).
     pub fn start_at(api_url: &str, args: &[&str], extra_env: &[(&str, &str)]) -> Self {
+        let cmd = Command::new(env!("CARGO_BIN_EXE_docker-worker"));
+        Self::start_wrapped(cmd, api_url, args, extra_env)
+    }
+
+    /// [`WorkerProcess::start_at`] with the binary run by `wrapper` (a command that execs its
+    /// last arguments, such as `nsenter --net=…`); the binary's path is appended to it, unless
+    /// `wrapper` already is the binary.
+    pub fn start_wrapped(
+        mut cmd: Command,
+        api_url: &str,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> Self {
+        let bin = env!("CARGO_BIN_EXE_docker-worker");
+        if cmd.get_program() != bin {
+            cmd.arg(bin);
+        }
         let log = std::env::temp_dir().join(format!("{}.log", unique("dw-worker")));
         let file = std::fs::File::create(&log).expect("worker log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_docker-worker"));
         cmd.arg("start")
             .args(args)
             .env_clear()

@@ -153,6 +153,7 @@ async fn a_run_whose_container_on_this_host_is_gone_is_crashed() {
     h.api.add_run("r1", StateType::Scheduled);
     h.api.set_externally("r1", StateType::Running);
     h.api.set_pid("r1", &format!("{HOST}:deadbeef0000aaaa"));
+    h.api.set_claim_label("r1", "me");
     h.api.add_run("r2", StateType::Scheduled);
     h.api.set_externally("r2", StateType::Running);
     h.api.set_pid("r2", "https://10.1.2.3:2376:other");
@@ -169,6 +170,49 @@ async fn a_run_whose_container_on_this_host_is_gone_is_crashed() {
         h.api.current("r2").state_type,
         StateType::Running,
         "another host's"
+    );
+}
+
+/// Fleet F2/F3: every worker on a unix socket writes `http+docker://localhost:<id>`, so a
+/// worker offline on another machine (lost, or cut off) must not have its runs Crashed here as
+/// "removed outside the worker": nothing says its container was ever on this Engine.
+#[tokio::test]
+async fn a_socket_pid_of_an_offline_worker_not_seen_on_this_engine_is_left_alone() {
+    let h = Harness::new();
+    h.api.add_run("r1", StateType::Scheduled);
+    h.api.set_externally("r1", StateType::Running);
+    h.api.set_pid("r1", &format!("{HOST}:abc"));
+    h.api.set_claim_label("r1", "host-3");
+    h.api.set_worker("host-3", false, Duration::from_secs(3600));
+    h.api.add_run("r2", StateType::Scheduled);
+    h.api.set_externally("r2", StateType::Running);
+    h.api.set_pid("r2", &format!("{HOST}:def"));
+    h.worker.reconcile(&pool()).await.expect("reconciled");
+    assert_eq!(h.api.current("r1").state_type, StateType::Running);
+    assert_eq!(
+        h.api.current("r2").state_type,
+        StateType::Running,
+        "no claimer known (a Python worker's run)"
+    );
+}
+
+/// C2's case: killed right after recording the pid, before the run's labels were sent; the
+/// claim is in the history only.
+#[tokio::test]
+async fn a_socket_pid_of_its_own_claim_known_from_the_history_only_is_crashed() {
+    let h = Harness::new();
+    claimed_by(&h, "r1", "me").await;
+    h.api.set_externally("r1", StateType::Running);
+    h.api.set_pid("r1", &format!("{HOST}:abc"));
+    claimed_by(&h, "r2", "host-3").await;
+    h.api.set_externally("r2", StateType::Running);
+    h.api.set_pid("r2", &format!("{HOST}:def"));
+    h.worker.reconcile(&pool()).await.expect("reconciled");
+    assert_eq!(h.api.current("r1").state_type, StateType::Crashed);
+    assert_eq!(
+        h.api.current("r2").state_type,
+        StateType::Running,
+        "another machine's worker"
     );
 }
 
