@@ -130,6 +130,14 @@ impl Worker {
     /// Starts a lifecycle task for each run the registry admits, in response order, until the
     /// limit is reached. Returns how many were taken on.
     fn take_on(self: &Arc<Self>, runs: Vec<FlowRun>, pool: &WorkPool) -> usize {
+        if self
+            .settings
+            .polling
+            .limit
+            .is_some_and(|limit| runs.len() >= limit)
+        {
+            self.registry.answer_was_cut();
+        }
         // One copy of the template per poll, shared by its runs.
         let template = Arc::new(pool.base_job_template.clone());
         let mut taken = 0;
