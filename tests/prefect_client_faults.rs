@@ -193,7 +193,7 @@ async fn csrf_token_is_fetched_once_and_sent_on_mutations() {
 async fn malformed_scheduled_runs_are_a_decode_error() {
     let (url, _) = stub(vec![(200, vec![], r#"[{"flow_run":{"name":"no id"}}]"#)]).await;
     let err = client(&url, None)
-        .get_scheduled_flow_runs("pool", &[], chrono::Utc::now())
+        .get_scheduled_flow_runs("pool", &[], chrono::Utc::now(), None)
         .await
         .unwrap_err();
     assert!(
@@ -207,7 +207,7 @@ async fn malformed_scheduled_runs_are_a_decode_error() {
 async fn missing_pool_on_poll_means_no_runs() {
     let (url, seen) = stub(vec![(404, vec![], r#"{"detail":"Work pool not found"}"#)]).await;
     let runs = client(&url, None)
-        .get_scheduled_flow_runs("pool", &["q".into()], chrono::Utc::now())
+        .get_scheduled_flow_runs("pool", &["q".into()], chrono::Utc::now(), None)
         .await
         .unwrap();
     assert!(runs.is_empty());

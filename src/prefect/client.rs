@@ -588,13 +588,17 @@ impl PrefectClient {
         pool: &str,
         work_queue_names: &[String],
         scheduled_before: chrono::DateTime<chrono::Utc>,
+        limit: Option<usize>,
     ) -> Result<Vec<FlowRun>, ApiError> {
         let path = format!("work_pools/{}/get_scheduled_flow_runs", encode(pool));
-        let body = json!({
+        let mut body = json!({
             "work_queue_names": work_queue_names,
             // Python's str(datetime): a space separator and +00:00.
             "scheduled_before": scheduled_before.format("%Y-%m-%d %H:%M:%S%.6f+00:00").to_string(),
         });
+        if let Some(limit) = limit {
+            body["limit"] = json!(limit);
+        }
         let responses: Vec<Value> = match self.call_json(Method::POST, &path, Some(&body)).await {
             Ok(r) => r,
             Err(e) if e.is_not_found() => return Ok(Vec::new()),

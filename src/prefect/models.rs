@@ -265,15 +265,60 @@ pub enum SetStateStatus {
 
 /// The server's answer to `set_state`.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(from = "RawOrchestrationResult")]
 pub struct OrchestrationResult {
     /// ACCEPT, REJECT, ABORT or WAIT.
     pub status: SetStateStatus,
     /// The run's state after the proposal.
-    #[serde(default)]
     pub state: Option<State>,
     /// `reason`, `delay_seconds`, …
-    #[serde(default)]
     pub details: Value,
+    /// That state's `state_details.scheduled_time`. The worker proposes Pending without one;
+    /// the server copies it from the run's Scheduled state only when the run goes Scheduled →
+    /// Pending (its `CopyScheduledTime` rule), so an accepted claim carrying one was made
+    /// from Scheduled.
+    pub scheduled_time: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawOrchestrationResult {
+    status: SetStateStatus,
+    #[serde(default)]
+    state: Option<RawState>,
+    #[serde(default)]
+    details: Value,
+}
+
+#[derive(Deserialize)]
+struct RawState {
+    #[serde(flatten)]
+    state: State,
+    #[serde(default)]
+    state_details: Option<RawStateDetails>,
+}
+
+#[derive(Deserialize)]
+struct RawStateDetails {
+    #[serde(default)]
+    scheduled_time: Option<String>,
+}
+
+impl From<RawOrchestrationResult> for OrchestrationResult {
+    fn from(raw: RawOrchestrationResult) -> Self {
+        let (state, scheduled_time) = match raw.state {
+            Some(s) => (
+                Some(s.state),
+                s.state_details.and_then(|d| d.scheduled_time),
+            ),
+            None => (None, None),
+        };
+        Self {
+            status: raw.status,
+            state,
+            details: raw.details,
+            scheduled_time,
+        }
+    }
 }
 
 impl OrchestrationResult {
@@ -442,6 +487,21 @@ mod tests {
         assert_eq!(r.status, SetStateStatus::Wait);
         assert_eq!(r.delay_seconds(), 3.0);
         assert_eq!(r.reason(), "busy");
+        assert_eq!(r.scheduled_time, None);
+    }
+
+    #[test]
+    fn an_accepted_claim_carries_the_scheduled_time_the_server_copied() {
+        let r: OrchestrationResult = serde_json::from_value(json!({
+            "status": "ACCEPT",
+            "state": {"id": "s2", "type": "PENDING", "name": "Pending", "message": null,
+                      "timestamp": "2026-12-05T00:00:00.000000Z",
+                      "state_details": {"flow_run_id": "r", "scheduled_time": "2026-12-05T00:00:00Z"}},
+            "details": {"type": "accept_details"}
+        }))
+        .unwrap();
+        assert_eq!(r.state_id(), Some("s2"));
+        assert_eq!(r.scheduled_time.as_deref(), Some("2026-12-05T00:00:00Z"));
     }
 
     #[test]

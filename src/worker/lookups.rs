@@ -43,25 +43,28 @@ impl Lookups {
 impl Worker {
     /// A deployment, from the short-lived cache or the API; `None` when it no longer exists.
     pub(crate) async fn deployment(&self, id: &str) -> Result<Option<Arc<Deployment>>, ApiError> {
-        if let Some(d) = self.lookups.deployments.get(id) {
-            return Ok(Some(d));
-        }
-        Ok(self
-            .api
-            .read_deployment(id)
-            .await?
-            .map(|d| self.lookups.deployments.put(id, d)))
+        self.lookups
+            .deployments
+            .get_or_fetch(id, || self.api.read_deployment(id))
+            .await
     }
 
     /// A flow, from the cache or the API (through outages).
     pub(crate) async fn flow(&self, id: &str) -> Result<Arc<Flow>, ApiError> {
-        if let Some(f) = self.lookups.flows.get(id) {
-            return Ok(f);
-        }
         let flow = self
-            .through_outage("read flow", || self.api.read_flow(id))
+            .lookups
+            .flows
+            .get_or_fetch(id, || async {
+                self.through_outage("read flow", || self.api.read_flow(id))
+                    .await
+                    .map(Some)
+            })
             .await?;
-        Ok(self.lookups.flows.put(id, flow))
+        // The fetch never answers "nothing"; a read that found no flow failed above.
+        flow.ok_or_else(|| ApiError::Decode {
+            path: format!("flows/{id}"),
+            message: "no flow".into(),
+        })
     }
 
     /// PATCHes the run's labels in the background (two at a time). The labels only inform

@@ -52,12 +52,14 @@ pub trait PrefectApi: Send + Sync {
         worker: &str,
         interval_seconds: u64,
     ) -> Result<(), ApiError>;
-    /// Runs of the pool due before `scheduled_before`.
+    /// Runs of the pool due before `scheduled_before`, at most `limit` (else the server's
+    /// default, 200).
     async fn get_scheduled_flow_runs(
         &self,
         pool: &str,
         queues: &[String],
         scheduled_before: chrono::DateTime<chrono::Utc>,
+        limit: Option<usize>,
     ) -> Result<Vec<FlowRun>, ApiError>;
     /// Every deployment of the pool.
     async fn pool_deployments(&self, pool: &str) -> Result<Vec<Deployment>, ApiError>;
@@ -218,8 +220,9 @@ impl PrefectApi for PrefectClient {
         pool: &str,
         queues: &[String],
         scheduled_before: chrono::DateTime<chrono::Utc>,
+        limit: Option<usize>,
     ) -> Result<Vec<FlowRun>, ApiError> {
-        PrefectClient::get_scheduled_flow_runs(self, pool, queues, scheduled_before).await
+        PrefectClient::get_scheduled_flow_runs(self, pool, queues, scheduled_before, limit).await
     }
     async fn pool_deployments(&self, pool: &str) -> Result<Vec<Deployment>, ApiError> {
         PrefectClient::pool_deployments(self, pool).await

@@ -152,6 +152,12 @@ impl Registry {
         Admission::Admitted(self.guard(run_id))
     }
 
+    /// A poll's answer was cut at the limit it asked for, so due runs may have been left
+    /// behind: the next freed slot polls at once, as when `admit` refused one.
+    pub fn answer_was_cut(&self) {
+        self.lock().saturated = true;
+    }
+
     /// Takes on a run whose container already exists (adoption after a restart) in `phase`,
     /// whatever the limit: the container runs whether or not a slot is free, and it holds one
     /// until it is reported. `None` when the run is already held.
@@ -389,6 +395,11 @@ mod tests {
         drop(b);
         assert!(registry.poll_wanted().now_or_never().is_some());
         assert!(registry.poll_wanted().now_or_never().is_none(), "once");
+        // An answer cut at the limit asked for counts as saturation too.
+        let d = admitted(&registry, "d");
+        registry.answer_was_cut();
+        drop(d);
+        assert!(registry.poll_wanted().now_or_never().is_some());
     }
 
     #[test]

@@ -1,8 +1,17 @@
 //! The claim: a run becomes this worker's by the server accepting its Pending proposal. Before
-//! it, the run's deployment must still exist and the run must still be Scheduled (the poll's
-//! snapshot may be stale); after it, the claim is checked against the run's state history,
-//! because a server on SQLite under load was seen to accept a second worker's Pending proposal
-//! made from a stale poll, even after the first worker had finished the run.
+//! it, the run's deployment must still exist (and, when the poll's snapshot is not fresh, the
+//! run must still be Scheduled).
+//!
+//! The server refuses Pending from Pending, Running, Cancelling and Cancelled, and judges each
+//! proposal on the run's current state, read under a row lock (`SELECT … FOR UPDATE` on
+//! PostgreSQL, a write transaction on SQLite): of two workers claiming one Scheduled run, one
+//! wins. But it accepts Pending out of Completed (without persisted result), Failed and
+//! Crashed: a worker claiming from a stale poll after another had run the run to its end would
+//! run it again (seen on SQLite under load, R4). So an accepted claim must show it was made
+//! from Scheduled: the server's answer does when it carries the scheduled time Prefect copies
+//! only on a Scheduled → Pending transition; otherwise the claim is checked against the run's
+//! state history (the state before it must be Scheduled and it must be the newest; a displaced
+//! final state is put back).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,10 +101,20 @@ pub(crate) async fn check_deployment(worker: &Worker, flow_run: &FlowRun) -> Dep
     }
 }
 
+/// A poll's answer younger than this is claimed from as it is, without reading the run
+/// again: the server refuses Pending from Pending, Running and Cancelling, and a run another
+/// worker claimed, ran and ended in between is caught by the claim check (which puts its final
+/// state back). Older snapshots (a run that waited for its deployment through an outage) are
+/// read first, to spare such a run the detour.
+const FRESH_SNAPSHOT: Duration = Duration::from_secs(1);
+
 /// Proposes Pending until the server answers ACCEPT, REJECT or ABORT, and checks an accepted
-/// claim. Every outcome but [`Claim::Claimed`] is logged to the run here.
-pub(crate) async fn claim(worker: &Worker, id: &str) -> Claim {
-    if let Some(state) = no_longer_scheduled(worker, id).await {
+/// claim. `snapshot_age`: how long ago the poll answered with this run. Every outcome but
+/// [`Claim::Claimed`] is logged to the run here.
+pub(crate) async fn claim(worker: &Worker, id: &str, snapshot_age: Duration) -> Claim {
+    if snapshot_age >= FRESH_SNAPSHOT
+        && let Some(state) = no_longer_scheduled(worker, id).await
+    {
         return Claim::NotScheduled(state);
     }
     loop {
@@ -112,6 +131,7 @@ pub(crate) async fn claim(worker: &Worker, id: &str) -> Claim {
             }
         };
         match answer(worker, id, &result) {
+            Answer::Accepted if result.scheduled_time.is_some() => return Claim::Claimed,
             Answer::Accepted => {
                 return match result.state_id() {
                     Some(ours) => check_claim(worker, id, ours).await,

@@ -49,10 +49,13 @@ async fn submit_steps(
     template: &Value,
 ) {
     let id = flow_run.id.as_str();
+    // The task starts as the poll answers: the snapshot's age is counted from here.
+    let polled_at = Instant::now();
     worker.out.logs.info(
         id,
         format!("Worker '{}' submitting flow run '{id}'", worker.name()),
     );
+    prefetch_flow(worker, &flow_run.flow_id);
     let deployment = match claim::check_deployment(worker, &flow_run).await {
         DeploymentCheck::Found(deployment) => deployment,
         DeploymentCheck::Gone { deployment_id } => {
@@ -60,7 +63,7 @@ async fn submit_steps(
         }
         DeploymentCheck::Unreadable => return,
     };
-    if claim::claim(worker, id).await != Claim::Claimed {
+    if claim::claim(worker, id, polled_at.elapsed()).await != Claim::Claimed {
         return;
     }
     guard.claimed();
@@ -89,6 +92,16 @@ async fn submit_steps(
             tracing::info!("worker stopping before the run's container was created");
         }
     }
+}
+
+/// Reads the run's flow into the cache while the deployment is read and the run claimed, so
+/// the claimed run does not wait for it (a failed read is tried again when it is needed).
+fn prefetch_flow(worker: &Arc<Worker>, flow_id: &str) {
+    let reader = Arc::clone(worker);
+    let flow_id = flow_id.to_owned();
+    worker.tasks.spawn(async move {
+        let _ = reader.flow(&flow_id).await;
+    });
 }
 
 async fn submit_failed(worker: &Worker, flow_run: &FlowRun, error: SubmitError) {

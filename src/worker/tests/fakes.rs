@@ -158,6 +158,7 @@ impl FakeApi {
                 timestamp: None,
             }),
             details: json!({"reason": "scripted", "delay_seconds": 0.0}),
+            scheduled_time: None,
         };
         self.with(|s| s.answers.entry(id.into()).or_default().push_back(result));
     }
@@ -182,10 +183,13 @@ impl FakeApi {
                 }
             });
         }
+        // A race is a claim the server accepted out of another state than Scheduled (or
+        // listed out of its commit order): it copies no scheduled time.
         OrchestrationResult {
             status: SetStateStatus::Accept,
             state: Some(ours),
             details: json!({}),
+            scheduled_time: None,
         }
     }
 
@@ -303,6 +307,7 @@ impl FakeApi {
                 status: SetStateStatus::Abort,
                 state: current,
                 details: json!({"reason": format!("cannot go from {from:?}")}),
+                scheduled_time: None,
             };
         }
         let state = self.record_state(
@@ -311,10 +316,15 @@ impl FakeApi {
             &proposal.name,
             proposal.message.clone(),
         );
+        // Prefect's CopyScheduledTime: only Scheduled → Pending carries the scheduled time.
+        let scheduled_time = (from == Some(StateType::Scheduled)
+            && proposal.state_type == StateType::Pending)
+            .then(|| "2026-01-01T00:00:00Z".to_owned());
         OrchestrationResult {
             status: SetStateStatus::Accept,
             state: Some(state),
             details: json!({}),
+            scheduled_time,
         }
     }
 }
@@ -386,6 +396,7 @@ impl PrefectApi for FakeApi {
         pool: &str,
         _queues: &[String],
         _before: chrono::DateTime<chrono::Utc>,
+        _limit: Option<usize>,
     ) -> Result<Vec<FlowRun>, ApiError> {
         self.call("get_scheduled_flow_runs", format!("poll {pool}"))?;
         let raws: Vec<Value> = self.with(|s| {

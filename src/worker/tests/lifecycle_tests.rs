@@ -5,7 +5,9 @@ use super::Harness;
 use super::fakes::{Plan, Race, Step};
 use crate::docker::{ContainerEvent, ContainerEventKind, DockerError, OutputStream};
 use crate::prefect::{SetStateStatus, StateType};
+use crate::worker::lifecycle::claim::{self, Claim};
 use crate::worker::registry::Phase;
+use std::time::Duration;
 
 fn state_of(h: &Harness, id: &str) -> (StateType, String) {
     let state = h.api.current(id);
@@ -52,14 +54,39 @@ async fn a_clean_run_is_claimed_submitted_watched_and_left_to_its_engine() {
 }
 
 #[tokio::test]
-async fn a_run_no_longer_scheduled_is_not_claimed() {
+async fn a_run_another_worker_claimed_since_a_fresh_poll_is_refused_by_the_server() {
     let h = Harness::new();
     let run = h.api.add_run("r1", StateType::Scheduled);
     h.api.set_externally("r1", StateType::Pending); // another worker's claim
     h.submit(run).await;
-    assert!(h.api.calls_to("set_state").is_empty());
+    // A fresh poll's run is proposed at once; the server refuses Pending from Pending.
+    assert!(h.api.calls_to("read_flow_run").is_empty());
+    assert_eq!(h.api.calls_to("set_state r1 PENDING/Pending").len(), 1);
+    assert!(h.api.calls_to("set_state r1 PENDING/Submitting").is_empty());
     assert!(h.docker.calls().is_empty());
     assert_eq!(h.worker.registry.len(), 0);
+}
+
+#[tokio::test]
+async fn a_stale_poll_s_run_no_longer_scheduled_is_not_proposed() {
+    let h = Harness::new();
+    h.api.add_run("r1", StateType::Scheduled);
+    h.api.set_externally("r1", StateType::Pending); // another worker's claim
+    let claim = claim::claim(&h.worker, "r1", Duration::from_secs(5)).await;
+    assert_eq!(claim, Claim::NotScheduled(Some(StateType::Pending)));
+    assert_eq!(h.api.calls_to("read_flow_run r1").len(), 1);
+    assert!(h.api.calls_to("set_state").is_empty());
+}
+
+#[tokio::test]
+async fn a_claim_the_server_made_from_scheduled_is_not_read_back() {
+    let h = Harness::new();
+    h.api.add_run("r1", StateType::Scheduled);
+    let claim = claim::claim(&h.worker, "r1", Duration::ZERO).await;
+    assert_eq!(claim, Claim::Claimed);
+    // The answer carries the scheduled time the server copies only from Scheduled: no read
+    // of the run before, nor of its history after.
+    assert_eq!(h.api.calls(), ["set_state r1 PENDING/Pending force=false"]);
 }
 
 #[tokio::test]
