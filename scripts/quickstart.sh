@@ -33,7 +33,10 @@ start_postgres() {
   as_pg() { setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"; }
   install -d -o postgres -g postgres -m 0700 "$pg_dir"
   [ -f "$pg_dir/data/PG_VERSION" ] || as_pg "$bin/initdb" --auth=trust --username=postgres -D "$pg_dir/data" >/dev/null
-  as_pg "$bin/postgres" -D "$pg_dir/data" -p "$pg_port" -k "$pg_dir" -c listen_addresses=127.0.0.1 \
+  # setpriv itself in the background (not the function, whose subshell would be $!), so the
+  # PID the clean-up signals is the server's own.
+  setpriv --reuid=postgres --regid=postgres --init-groups -- \
+    "$bin/postgres" -D "$pg_dir/data" -p "$pg_port" -k "$pg_dir" -c listen_addresses=127.0.0.1 \
     >"$STATE_DIR/postgres.log" 2>&1 &
   pg_pid=$!
   for _ in $(seq 1 60); do "$bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break; sleep 1; done
