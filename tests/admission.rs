@@ -39,26 +39,6 @@ async fn count_runs(api: &Api, pool: &str, state: &str) -> u64 {
     body.as_u64().unwrap_or_default()
 }
 
-/// A Prometheus sample `name{pool="…"}` (or any other label set given whole).
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
-async fn scrape(port: &str) -> String {
-    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn with_200_runs_due_at_most_n_creates_are_ever_in_flight() {
     require_docker();
@@ -260,19 +240,19 @@ async fn short_of_memory_no_run_is_claimed_and_another_worker_takes_it() {
     // Three more polls that saw the run and left it: it stays Scheduled.
     let polls = format!("docker_worker_poll_duration_seconds_count{{pool=\"{pool}\"}}");
     let seen = eventually(RUN_TIMEOUT, "/metrics to answer", async || {
-        sample(&scrape(&port).await, &polls)
+        metric_sample(&scrape_metrics(&port).await, &polls)
     })
     .await;
     let metrics = eventually(RUN_TIMEOUT, "three more polls", async || {
-        let metrics = scrape(&port).await;
-        match sample(&metrics, &polls) {
+        let metrics = scrape_metrics(&port).await;
+        match metric_sample(&metrics, &polls) {
             Some(n) if n >= seen + 3.0 => Ok(metrics),
             _ => Err(metrics),
         }
     })
     .await;
     assert_eq!(run_state(&api.read_flow_run(&run).await).0, "SCHEDULED");
-    let available = sample(&metrics, "docker_worker_available_memory_bytes").unwrap_or(0.0);
+    let available = metric_sample(&metrics, "docker_worker_available_memory_bytes").unwrap_or(0.0);
     assert!(available > 0.0, "{metrics}");
     assert!(!short.output().contains(&run), "{}", short.output());
     // A worker without the floor takes it.

@@ -28,11 +28,7 @@ async fn wait_for_http(url: &str, timeout: Duration) {
 
 /// The value of `name{pool="<pool>"}` in a scrape.
 fn sample(metrics: &str, name: &str, pool: &str) -> Option<f64> {
-    let series = format!("{name}{{pool=\"{pool}\"}} ");
-    metrics.lines().find_map(|line| {
-        let value = line.strip_prefix(&series)?;
-        value.trim().parse().ok()
-    })
+    metric_sample(metrics, &format!("{name}{{pool=\"{pool}\"}}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -28,25 +28,6 @@ async fn pool_with_env(api: &Api, pool: &str, which: &str) {
     assert_eq!(status, 201, "{body}");
 }
 
-async fn scrape(port: &str) -> String {
-    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body")
-}
-
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 fn polls(pool: &str) -> String {
     format!("docker_worker_poll_duration_seconds_count{{pool=\"{pool}\"}}")
 }
@@ -137,16 +118,16 @@ async fn two_pools_with_their_own_templates_and_limits_in_one_process() {
     )
     .await;
     // Three more polls of each pool later, neither took more.
-    let metrics = scrape(&port).await;
+    let metrics = scrape_metrics(&port).await;
     let seen = (
-        sample(&metrics, &polls(&a)).unwrap_or(0.0),
-        sample(&metrics, &polls(&b)).unwrap_or(0.0),
+        metric_sample(&metrics, &polls(&a)).unwrap_or(0.0),
+        metric_sample(&metrics, &polls(&b)).unwrap_or(0.0),
     );
     eventually(RUN_TIMEOUT, "three more polls of each pool", async || {
-        let metrics = scrape(&port).await;
+        let metrics = scrape_metrics(&port).await;
         let now = (
-            sample(&metrics, &polls(&a)).unwrap_or(0.0),
-            sample(&metrics, &polls(&b)).unwrap_or(0.0),
+            metric_sample(&metrics, &polls(&a)).unwrap_or(0.0),
+            metric_sample(&metrics, &polls(&b)).unwrap_or(0.0),
         );
         if now.0 >= seen.0 + 3.0 && now.1 >= seen.1 + 3.0 {
             Ok(())
@@ -195,11 +176,15 @@ async fn two_pools_with_their_own_templates_and_limits_in_one_process() {
         }
     })
     .await;
-    let metrics = scrape(&port).await;
+    let metrics = scrape_metrics(&port).await;
     for pool in [&a, &b] {
         for family in ["flow_runs_claimed_total", "flow_runs_crashed_total"] {
             let series = format!("docker_worker_{family}{{pool=\"{pool}\"}}");
-            assert_eq!(sample(&metrics, &series), Some(3.0), "{series}:\n{metrics}");
+            assert_eq!(
+                metric_sample(&metrics, &series),
+                Some(3.0),
+                "{series}:\n{metrics}"
+            );
         }
     }
 }

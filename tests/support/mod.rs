@@ -791,3 +791,24 @@ pub fn run_ok(cmd: &mut Command) -> String {
 pub fn repo_path(rel: &str) -> PathBuf {
     repo_root().join(Path::new(rel))
 }
+
+/// The `/metrics` page of the worker's health listener on 127.0.0.1:`port`.
+pub async fn scrape_metrics(port: &str) -> String {
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body")
+}
+
+/// A Prometheus sample `name{pool="…"}` (or any other label set given whole) in a scrape.
+pub fn metric_sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}

@@ -45,19 +45,22 @@ fn bin_dir() -> PathBuf {
     root.join(major.to_string()).join("bin")
 }
 
+/// setpriv's arguments that make what follows run as `postgres`.
+const AS_POSTGRES: [&str; 4] = [
+    "--reuid=postgres",
+    "--regid=postgres",
+    "--init-groups",
+    "--",
+];
+
 /// Runs `cmd` as the `postgres` user without a login session (setpriv execs in place, so the
 /// PID we hold is the server's own).
 fn as_postgres(program: &Path) -> Command {
     let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--reuid=postgres",
-        "--regid=postgres",
-        "--init-groups",
-        "--",
-    ])
-    .arg(program)
-    .env_remove("PGDATA")
-    .env("HOME", "/tmp");
+    cmd.args(AS_POSTGRES)
+        .arg(program)
+        .env_remove("PGDATA")
+        .env("HOME", "/tmp");
     cmd
 }
 
@@ -104,12 +107,7 @@ kill -INT "$child" 2>/dev/null; sleep 5; kill -9 "$child" 2>/dev/null; wait"#;
             .arg("sh")
             .arg(std::process::id().to_string())
             .arg("setpriv")
-            .args([
-                "--reuid=postgres",
-                "--regid=postgres",
-                "--init-groups",
-                "--",
-            ])
+            .args(AS_POSTGRES)
             .arg(bin.join("postgres"))
             .arg("-D")
             .arg(&data)
